@@ -1,0 +1,233 @@
+"""The ``circuit-atlas`` command: one subcommand group per stage.
+
+Imports stay inside the commands so that ``--help`` never loads torch or dask.
+Errors derived from :class:`CircuitAtlasError` print as one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from circuit_atlas._version import __version__
+from circuit_atlas.errors import CircuitAtlasError
+
+LAKE_ENV = "CIRCUIT_ATLAS_LAKE"
+
+
+class _Group(click.Group):
+    """Turns our errors into a one-line message instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CircuitAtlasError as e:
+            raise click.ClickException(str(e)) from e
+
+
+lake_option = click.option(
+    "--lake",
+    "lake_path",
+    envvar=LAKE_ENV,
+    default="lake",
+    show_default=True,
+    show_envvar=True,
+    help="Lake root: a local folder or an fsspec URL.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="circuit-atlas")
+def cli() -> None:
+    """Build a circuit atlas of an LLM's MLP neurons.
+
+    Stages: import prompts, compute attribution graphs, reduce them with Dask into
+    edge and neuron tables, analyse, cluster and label. Everything lives in one
+    lake of Parquet files (--lake, or the CIRCUIT_ATLAS_LAKE variable).
+    """
+
+
+# lake ------------------------------------------------------------------------------
+
+
+@cli.group(cls=_Group)
+def lake() -> None:
+    """Create, inspect and clean a lake."""
+
+
+@lake.command("init")
+@lake_option
+def lake_init(lake_path: str) -> None:
+    """Create a lake (or check that one exists) at --lake."""
+    from circuit_atlas.lake import Lake
+
+    opened = Lake.init(lake_path)
+    click.echo(f"lake ready at {opened.url}")
+
+
+@lake.command("info")
+@lake_option
+@json_option
+def lake_info(lake_path: str, as_json: bool) -> None:
+    """Corpora, models, shards, graphs, rows and bytes in a lake."""
+    from rich.table import Table
+
+    from circuit_atlas.lake import Lake
+
+    info = Lake(lake_path).info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    console = _console()
+    console.print(f"[bold]lake[/] {info['lake']}  (format {info['format_version']}, "
+                  f"{info['created_by']})")
+    corpora = Table("corpus", "prompts", "files", "bytes", title="prompt corpora",
+                    title_justify="left")
+    for name, c in info["corpora"].items():
+        corpora.add_row(name, str(c["prompts"]), str(c["files"]), _human_bytes(c["bytes"]))
+    console.print(corpora if info["corpora"] else "no corpora yet: `circuit-atlas prompts import`")
+    if info["models"]:
+        graphs = Table("model", "corpus", "shards", "graphs", "nodes", "edges", "bytes",
+                       title="attribution graphs", title_justify="left")
+        for entry in info["models"].values():
+            for corpus, c in entry["corpora"].items():
+                graphs.add_row(entry["model"], corpus, str(c["shards"]), str(c["graphs"]),
+                               str(c["nodes"]), str(c["edges"]), _human_bytes(c["bytes"]))
+        console.print(graphs)
+    else:
+        console.print("no graphs yet")
+    for model, corpora_tables in info["tables"].items():
+        for corpus, names in corpora_tables.items():
+            console.print(f"tables of {model} / {corpus}: {', '.join(names)}")
+    if info["uncommitted_shards"]:
+        console.print(f"[yellow]{info['uncommitted_shards']} uncommitted shard(s)[/] "
+                      "(in progress, or debris: `circuit-atlas lake cleanup`)")
+
+
+@lake.command("cleanup")
+@lake_option
+@click.option("--min-age", type=float, default=3600.0, show_default=True,
+              help="Seconds an uncommitted shard must be unchanged before it counts as debris "
+                   "(writers on other nodes may still be busy). Shards whose writer on this "
+                   "host is dead go regardless. 0 removes all debris.")
+@click.option("--dry-run", is_flag=True, help="List what would be removed, remove nothing.")
+def lake_cleanup(lake_path: str, min_age: float, dry_run: bool) -> None:
+    """Remove uncommitted shards and temporary files left by killed jobs."""
+    from circuit_atlas.lake import Lake
+
+    report = Lake(lake_path).cleanup(min_age_s=min_age, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for path in report.removed:
+        click.echo(f"{verb} {path}")
+    for path in report.in_progress:
+        click.echo(f"kept (writer alive or recent) {path}")
+    click.echo(f"{verb} {len(report.removed)} item(s); kept {len(report.in_progress)} in progress")
+
+
+# prompts ---------------------------------------------------------------------------
+
+
+@cli.group(cls=_Group)
+def prompts() -> None:
+    """Import and list prompt corpora."""
+
+
+@prompts.command("import")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--corpus", required=True, help="Corpus name, e.g. medical.")
+@lake_option
+@click.option("--format", "fmt", type=click.Choice(["json", "jsonl", "yaml", "csv", "parquet",
+                                                    "txt"]),
+              help="File format; by default from the suffix.")
+@click.option("--domain", help="Domain for prompts whose record has none.")
+@click.option("--text-field", help="Key or column holding the prompt (default: prompt, then text).")
+def prompts_import(files: tuple[str, ...], corpus: str, lake_path: str, fmt: str | None,
+                   domain: str | None, text_field: str | None) -> None:
+    """Import prompt FILES into a corpus (creating the lake if the folder is new).
+
+    Accepts JSON, JSONL, YAML (a list of strings, or of mappings with a `prompt` or
+    `text` key and optional `domain` and other fields), CSV, Parquet and plain text
+    (one prompt per line). Ids are content hashes: importing twice adds nothing.
+    """
+    import os
+
+    from circuit_atlas.lake import Lake, read_prompt_file
+
+    # Parse every file before writing anything: a bad file leaves the lake untouched.
+    parsed = [(f, read_prompt_file(f, fmt, text_field)) for f in files]
+    opened = Lake.init(lake_path)
+    for f, records in parsed:
+        r = opened.import_prompts(records, corpus, source=os.path.basename(f), domain=domain)
+        click.echo(f"{f}: {r.added} new prompt(s) in corpus {corpus!r}, "
+                   f"{r.already_present} already there, {r.duplicates_in_input} repeated in file")
+
+
+@prompts.command("list")
+@lake_option
+@click.option("--corpus", help="Show the prompts of this corpus (default: list corpora).")
+@click.option("--limit", type=int, default=20, show_default=True, help="Prompts to show; 0 = all.")
+@json_option
+def prompts_list(lake_path: str, corpus: str | None, limit: int, as_json: bool) -> None:
+    """List corpora with their sizes, or the prompts of one corpus."""
+    from circuit_atlas.lake import Lake
+
+    opened = Lake(lake_path)
+    if corpus is None:
+        info = opened.info()["corpora"]
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+        else:
+            for name, c in info.items():
+                click.echo(f"{name}\t{c['prompts']} prompts")
+        return
+    frame = opened.scan("prompts", corpus=opened.check_corpus(corpus)).sort("prompt_id")
+    if limit:
+        frame = frame.head(limit)
+    rows = frame.select("prompt_id", "domain", "source", "text").collect().to_dicts()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    from rich.table import Table
+
+    table = Table("prompt_id", "domain", "text", title=f"corpus {corpus}", title_justify="left")
+    for row in rows:
+        table.add_row(row["prompt_id"], row["domain"] or "", row["text"])
+    _console().print(table)
+
+
+# demo ------------------------------------------------------------------------------
+
+
+@cli.command()
+@lake_option
+def demo(lake_path: str) -> None:
+    """Run the pipeline on the built-in demo corpora (medical vs. general prompts)."""
+    from circuit_atlas.demo import run_demo
+
+    run_demo(lake_path, _console())
+
+
+def main() -> None:
+    cli(prog_name="circuit-atlas")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

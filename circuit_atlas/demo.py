@@ -1,0 +1,36 @@
+"""``circuit-atlas demo``: the whole pipeline on the built-in demo corpora.
+
+The demo corpora are short completion prompts written for this project: a medical
+corpus and a general baseline (the comparison the seeds made between a medical
+corpus and general web text). Each stage of the pipeline adds its step here.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+
+DEMO_CORPORA = ("medical", "general")
+
+
+def demo_corpus_file(name: str) -> Path:
+    """The packaged JSONL file of a demo corpus."""
+    return Path(str(resources.files("circuit_atlas") / "data" / "demo" / f"{name}.jsonl"))
+
+
+def run_demo(lake_path: str, console: Console | None = None) -> None:
+    from circuit_atlas.lake import Lake, read_prompt_file
+
+    console = console or Console()
+    lake = Lake.init(lake_path)
+    console.rule(f"[bold]circuit-atlas demo[/] - lake at {lake.url}")
+    for corpus in DEMO_CORPORA:
+        path = demo_corpus_file(corpus)
+        report = lake.import_prompts(read_prompt_file(path), corpus, source=f"demo:{path.name}")
+        console.print(f"[green]prompts[/] corpus {corpus!r}: {report.added} new, "
+                      f"{report.already_present} already imported")
+    for name, c in lake.info()["corpora"].items():
+        console.print(f"  {name}: {c['prompts']} prompts")
+    console.print(f"next: circuit-atlas lake info --lake {lake.url}")

@@ -1,0 +1,314 @@
+"""The ``Lake``: a root (local path or fsspec URL) and everything read or written under it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from circuit_atlas._version import __version__
+from circuit_atlas.errors import LakeError
+from circuit_atlas.lake import layout
+from circuit_atlas.lake.ids import prompt_id
+from circuit_atlas.lake.prompt_files import Record, meta_json
+from circuit_atlas.lake.schemas import PROMPTS, TableSpec, spec
+from circuit_atlas.lake.shards import (
+    CleanupReport,
+    Shard,
+    ShardWriter,
+    cleanup,
+    list_shards,
+    uncommitted_shard_dirs,
+    write_json_atomic,
+)
+from circuit_atlas.lake.validate import check_file, conform
+
+if TYPE_CHECKING:
+    import polars as pl
+
+FORMAT_NAME = "circuit-atlas-lake"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    corpus: str
+    added: int
+    already_present: int
+    duplicates_in_input: int
+    file: str | None
+
+
+class Lake:
+    """A circuit-atlas lake. ``Lake(path)`` opens an existing one; ``Lake.init(path)`` creates.
+
+    ``path`` is a local folder or any fsspec URL (``s3://bucket/atlas``, ``memory://x``).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = False) -> None:
+        self.url = os.fspath(path)
+        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.root = root.rstrip("/")
+        marker = self.path(layout.LAKE_FILE)
+        if not self.fs.exists(marker):
+            if not create:
+                raise LakeError(
+                    f"{self.url}: not a circuit-atlas lake (no {layout.LAKE_FILE}); "
+                    f"create one with: circuit-atlas lake init --lake {self.url}"
+                )
+            if self.fs.exists(self.root) and self.fs.ls(self.root):
+                raise LakeError(
+                    f"{self.url}: folder exists and is not empty, but is not a lake "
+                    f"(no {layout.LAKE_FILE}); choose a new or empty folder"
+                )
+            self.fs.makedirs(self.root, exist_ok=True)
+            write_json_atomic(
+                self.fs,
+                marker,
+                {
+                    "format": FORMAT_NAME,
+                    "format_version": FORMAT_VERSION,
+                    "created_by": f"circuit-atlas {__version__}",
+                    "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                },
+            )
+        self.meta = self._read_marker(marker)
+
+    @classmethod
+    def init(cls, path: str | os.PathLike) -> Lake:
+        """Open the lake at ``path``, creating it (and ``_lake.json``) if needed."""
+        return cls(path, create=True)
+
+    def _read_marker(self, marker: str) -> dict[str, Any]:
+        try:
+            with self.fs.open(marker, "rb") as f:
+                meta = json.loads(f.read())
+        except (OSError, ValueError) as e:
+            raise LakeError(f"{marker}: unreadable lake marker: {e}") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise LakeError(f"{marker}: not a circuit-atlas lake marker")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise LakeError(
+                f"{marker}: lake format version {meta.get('format_version')}, "
+                f"this circuit-atlas {__version__} reads version {FORMAT_VERSION}"
+            )
+        return meta
+
+    def path(self, rel: str) -> str:
+        """The filesystem path of ``rel`` (a layout path) under the root."""
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def __repr__(self) -> str:
+        return f"Lake({self.url!r})"
+
+    # prompts ---------------------------------------------------------------------
+
+    def corpora(self) -> list[str]:
+        """Names of the corpora that hold prompts."""
+        return sorted(
+            layout.partition_values(p)["corpus"]
+            for p in self.fs.glob(self.path(f"{layout.PROMPTS}/corpus=*"))
+            if self._prompt_files(layout.partition_values(p)["corpus"])
+        )
+
+    def _prompt_files(self, corpus: str) -> list[str]:
+        return sorted(self.fs.glob(self.path(f"{layout.prompts_dir(corpus)}/part-*.parquet")))
+
+    def check_corpus(self, corpus: str) -> str:
+        """``corpus`` if it holds prompts, else a LakeError listing the corpora."""
+        layout.check_name("corpus", corpus)
+        if not self._prompt_files(corpus):
+            known = ", ".join(self.corpora()) or "none yet; add some with `prompts import`"
+            raise LakeError(f"unknown corpus {corpus!r} in lake {self.url} (corpora: {known})")
+        return corpus
+
+    def import_prompts(
+        self, records: Iterable[Record], corpus: str, source: str | None = None,
+        domain: str | None = None,
+    ) -> ImportReport:
+        """Add the prompts of ``records`` that ``corpus`` does not hold yet.
+
+        Ids are content hashes, so importing the same prompts again adds nothing.
+        ``domain`` fills in records that have none. The new prompts land as one
+        Parquet part, written to a temporary name and renamed.
+        """
+        layout.check_name("corpus", corpus)
+        existing = self._existing_prompt_ids(corpus)
+        rows: dict[str, dict[str, Any]] = {}
+        seen: set[str] = set()
+        n_in, dup_in = 0, 0
+        for record in records:
+            n_in += 1
+            pid = prompt_id(record["text"])
+            if pid in seen:
+                dup_in += 1
+                continue
+            seen.add(pid)
+            if pid in existing:
+                continue
+            rows[pid] = {
+                "prompt_id": pid,
+                "text": record["text"],
+                "domain": record.get("domain") or domain,
+                "source": source,
+                "meta": meta_json(record.get("meta")),
+            }
+        already = n_in - dup_in - len(rows)
+        if rows:
+            table = conform(pa.Table.from_pylist(list(rows.values())), PROMPTS, source or corpus)
+            part = self.path(layout.prompts_part(corpus, uuid.uuid4().hex[:16]))
+            tmp = layout.tmp_name(part, uuid.uuid4().hex[:8])
+            self.fs.makedirs(part.rsplit("/", 1)[0], exist_ok=True)
+            with self.fs.open(tmp, "wb") as f:
+                pq.write_table(table, f, compression="zstd")
+            self.fs.mv(tmp, part)
+        return ImportReport(corpus, len(rows), already, dup_in, source)
+
+    def _existing_prompt_ids(self, corpus: str) -> set[str]:
+        files = self._prompt_files(corpus)
+        if not files:
+            return set()
+        return set(self._dataset(PROMPTS, files).to_table(columns=["prompt_id"])
+                   .column("prompt_id").to_pylist())
+
+    # graph shards ----------------------------------------------------------------
+
+    def open_shard(
+        self, model: str, corpus: str, params: dict[str, Any], model_revision: str | None = None,
+    ) -> ShardWriter:
+        """A writer for a new graph shard; see :class:`ShardWriter`."""
+        return ShardWriter(self, model, corpus, params, model_revision)
+
+    def shards(self, model: str | None = None, corpus: str | None = None) -> list[Shard]:
+        """Committed graph shards, optionally of one model and/or corpus."""
+        return list_shards(self, model, corpus)
+
+    def models(self) -> list[str]:
+        """Model keys (partition values) with at least one committed shard."""
+        return sorted({s.model for s in self.shards()})
+
+    def committed_prompt_ids(self, model: str, corpus: str, params_hash: str) -> set[str]:
+        """Prompt ids whose graphs are committed for (model, corpus, params): a rerun skips them."""
+        return {
+            pid
+            for s in self.shards(model, corpus)
+            if s.params_hash == params_hash
+            for pid in s.prompt_ids
+        }
+
+    def cleanup(self, min_age_s: float = 3600.0, dry_run: bool = False) -> CleanupReport:
+        """Remove debris of uncommitted shards and imports; see :func:`shards.cleanup`."""
+        return cleanup(self, min_age_s=min_age_s, dry_run=dry_run)
+
+    # readers ---------------------------------------------------------------------
+
+    def files(self, table: str, model: str | None = None, corpus: str | None = None,
+              validate: bool = True) -> list[str]:
+        """The committed Parquet files of a lake table, each checked against its schema."""
+        t_spec = spec(table)
+        if t_spec is PROMPTS:
+            corpora = [self.check_corpus(corpus)] if corpus else self.corpora()
+            files = [f for c in corpora for f in self._prompt_files(c)]
+        else:
+            files = [s.file(table) for s in self.shards(model, corpus)]
+        if validate:
+            for f in files:
+                check_file(f, t_spec, self.fs)
+        return files
+
+    def _dataset(self, t_spec: TableSpec, files: list[str]) -> ds.Dataset:
+        base = self.path(layout.PROMPTS if t_spec is PROMPTS else layout.GRAPHS)
+        return ds.dataset(
+            files,
+            schema=t_spec.dataset_schema,
+            format="parquet",
+            filesystem=self.fs,
+            partitioning=ds.partitioning(t_spec.partitioning_schema, flavor="hive"),
+            partition_base_dir=base,
+        )
+
+    def dataset(self, table: str, model: str | None = None, corpus: str | None = None
+                ) -> ds.Dataset:
+        """A pyarrow dataset over the committed files of ``table``, partitions as columns."""
+        return self._dataset(spec(table), self.files(table, model, corpus))
+
+    def scan(self, table: str, model: str | None = None, corpus: str | None = None
+             ) -> pl.LazyFrame:
+        """A polars LazyFrame over the committed files of ``table``, partitions as columns."""
+        import polars as pl
+
+        t_spec = spec(table)
+        files = self.files(table, model, corpus)
+        if not files:
+            return pl.from_arrow(t_spec.dataset_schema.empty_table()).lazy()
+        if not isinstance(self.fs, LocalFileSystem):
+            return pl.scan_pyarrow_dataset(self._dataset(t_spec, files))
+        return pl.scan_parquet(
+            files,
+            schema=pl.Schema(pl.from_arrow(t_spec.schema.empty_table()).schema),
+            hive_partitioning=True,
+            hive_schema={p: pl.String for p in t_spec.partitions},
+        )
+
+    def read(self, table: str, model: str | None = None, corpus: str | None = None
+             ) -> pa.Table:
+        """The whole of ``table`` (small tables only) as a pyarrow Table."""
+        dataset = self.dataset(table, model, corpus)
+        try:
+            return dataset.to_table()
+        except (pa.ArrowException, OSError) as e:
+            raise LakeError(f"{self.url}: cannot read {table}: {e}") from e
+
+    # summary ---------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """Corpora, models, shards, graphs, rows and bytes: what ``lake info`` prints."""
+        corpora = {}
+        for c in self.corpora():
+            files = self._prompt_files(c)
+            corpora[c] = {
+                "prompts": sum(pq.read_metadata(f, filesystem=self.fs).num_rows for f in files),
+                "files": len(files),
+                "bytes": sum(self.fs.size(f) for f in files),
+            }
+        models: dict[str, dict[str, Any]] = {}
+        for s in self.shards():
+            entry = models.setdefault(s.model, {"model": s.commit["model"], "corpora": {}})
+            c = entry["corpora"].setdefault(
+                s.corpus, {"shards": 0, "graphs": 0, "nodes": 0, "edges": 0, "bytes": 0}
+            )
+            c["shards"] += 1
+            c["graphs"] += s.rows["graphs"]
+            c["nodes"] += s.rows["nodes"]
+            c["edges"] += s.rows["edges"]
+            c["bytes"] += sum(s.commit["bytes"].values())
+        return {
+            "lake": self.url,
+            "format_version": self.meta["format_version"],
+            "created_by": self.meta.get("created_by"),
+            "corpora": corpora,
+            "models": models,
+            "uncommitted_shards": len(uncommitted_shard_dirs(self)),
+            "tables": self.derived_tables(),
+        }
+
+    def derived_tables(self) -> dict[str, dict[str, list[str]]]:
+        """{model: {corpus: [table, ...]}} of the derived tables under ``tables/``."""
+        out: dict[str, dict[str, list[str]]] = {}
+        for p in sorted(self.fs.glob(self.path(f"{layout.TABLES}/model=*/corpus=*/*"))):
+            parts = layout.partition_values(p[len(self.root):])
+            name = p.rsplit("/", 1)[-1]
+            if name.startswith((".", "_")):
+                continue
+            out.setdefault(parts["model"], {}).setdefault(parts["corpus"], []).append(name)
+        return out

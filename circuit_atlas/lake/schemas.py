@@ -1,0 +1,161 @@
+"""The lake's tables, declared once: pyarrow schemas with a version each.
+
+Every writer passes these schemas and every reader checks files against them.
+Types are narrow on purpose (int16 layers, int32 indices and positions, float32
+weights): edge tables hold hundreds of millions of rows.
+
+Node identity is ``(layer, index)`` everywhere:
+
+* MLP neurons: ``layer`` in ``0 .. n_layers-1``, ``index`` = neuron number;
+* embedding nodes: ``layer = EMBEDDING_LAYER (-1)``, ``index`` = token id;
+* logit nodes: ``layer = n_layers`` (see :func:`logit_layer`), ``index`` = token id;
+* the remainder of a layer at a position (all neurons of that layer outside a
+  graph's candidate set, summed): ``index = REMAINDER_INDEX (-1)``.
+
+``L12/N345`` is a display format over this identity, never a storage format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from circuit_atlas.errors import LakeError
+
+EMBEDDING_LAYER = -1
+REMAINDER_INDEX = -1
+
+# Keys of the Parquet key-value metadata that tag a file with its table.
+META_TABLE = b"circuit_atlas.table"
+META_VERSION = b"circuit_atlas.schema_version"
+
+
+def logit_layer(n_layers: int) -> int:
+    """The layer number of logit nodes for a model with ``n_layers`` blocks."""
+    return n_layers
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A lake table: its name, the schema of its files, and that schema's version.
+
+    ``partitions`` are the hive partition columns the readers add (they are in the
+    path, not in the files).
+    """
+
+    name: str
+    version: int
+    fields: tuple[pa.Field, ...]
+    partitions: tuple[str, ...]
+    doc: str
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The schema of the table's files, tagged with name and version."""
+        return pa.schema(
+            list(self.fields),
+            metadata={META_TABLE: self.name.encode(), META_VERSION: str(self.version).encode()},
+        )
+
+    @property
+    def partitioning_schema(self) -> pa.Schema:
+        return pa.schema([(p, pa.string()) for p in self.partitions])
+
+    @property
+    def dataset_schema(self) -> pa.Schema:
+        """File columns followed by partition columns: what a reader returns."""
+        return pa.schema(list(self.fields) + list(self.partitioning_schema))
+
+
+def _f(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable)
+
+
+PROMPTS = TableSpec(
+    name="prompts",
+    version=1,
+    fields=(
+        _f("prompt_id", pa.string()),
+        _f("text", pa.string()),
+        _f("domain", pa.string(), nullable=True),
+        _f("source", pa.string(), nullable=True),
+        _f("meta", pa.string(), nullable=True),
+    ),
+    partitions=("corpus",),
+    doc="""One row per prompt of a corpus.
+prompt_id: 16 hex digits of the SHA-256 of the UTF-8 text (stable: re-importing adds nothing).
+text: the prompt, byte-identical to what was imported.
+domain: optional label of the prompt's domain (e.g. "medical").
+source: the file (or "demo") the prompt was imported from.
+meta: any further fields of the imported record, as a JSON object.""",
+)
+
+GRAPHS = TableSpec(
+    name="graphs",
+    version=1,
+    fields=(
+        _f("graph_id", pa.int64()),
+        _f("prompt_id", pa.string()),
+        _f("n_tokens", pa.int32()),
+        _f("input_tokens", pa.list_(pa.int32())),
+        _f("target_tokens", pa.list_(pa.int32())),
+        _f("target_probs", pa.list_(pa.float32())),
+        _f("params_hash", pa.string()),
+    ),
+    partitions=("model", "corpus", "shard"),
+    doc="""One row per attribution graph (one prompt under one model and parameter set).
+graph_id: stable 64-bit id of (model, prompt_id, params_hash); nodes and edges refer to it.
+n_tokens: prompt length in tokens; input_tokens: the token ids, position 0 first.
+target_tokens / target_probs: the logit targets at the last position and their probabilities.
+params_hash: hash of the attribution parameters (see the shard's _COMMIT.json for the values).""",
+)
+
+NODES = TableSpec(
+    name="nodes",
+    version=1,
+    fields=(
+        _f("graph_id", pa.int64()),
+        _f("layer", pa.int16()),
+        _f("index", pa.int32()),
+        _f("position", pa.int32()),
+        _f("activation", pa.float32()),
+        _f("score", pa.float32()),
+    ),
+    partitions=("model", "corpus", "shard"),
+    doc="""One row per node of a graph: a neuron (or embedding, logit, remainder) at a position.
+(layer, index): node identity, see the module docstring; position: token position.
+activation: the neuron's activation there (embedding: 1; logit: its probability).
+score: the node's influence/relevance in the graph.""",
+)
+
+EDGES = TableSpec(
+    name="edges",
+    version=1,
+    fields=(
+        _f("graph_id", pa.int64()),
+        _f("src_layer", pa.int16()),
+        _f("src_index", pa.int32()),
+        _f("src_pos", pa.int32()),
+        _f("tgt_layer", pa.int16()),
+        _f("tgt_index", pa.int32()),
+        _f("tgt_pos", pa.int32()),
+        _f("weight", pa.float32()),
+    ),
+    partitions=("model", "corpus", "shard"),
+    doc="""One row per edge of a graph, from a source node to a target node (ids as in nodes).
+weight: the linearised contribution source_activation * d(target)/d(source).""",
+)
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in (PROMPTS, GRAPHS, NODES, EDGES)}
+
+# The tables a graph shard holds, written together and committed together.
+SHARD_TABLES: tuple[str, ...] = ("graphs", "nodes", "edges")
+
+
+def spec(name: str) -> TableSpec:
+    """The spec of a lake table by name, with a clear error for unknown names."""
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise LakeError(f"unknown lake table {name!r}; known tables: {', '.join(TABLES)}") from None

@@ -1,0 +1,101 @@
+"""The CLI: help everywhere, no heavy imports for --help, one-line errors, the demo."""
+
+import json
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from circuit_atlas.cli import cli
+
+
+def all_commands(group: click.Group, prefix=()):
+    for name, command in group.commands.items():
+        yield (*prefix, name), command
+        if isinstance(command, click.Group):
+            yield from all_commands(command, (*prefix, name))
+
+
+@pytest.mark.parametrize("path", [p for p, _ in all_commands(cli)], ids=" ".join)
+def test_every_command_has_help(path):
+    command = dict(all_commands(cli))[path]
+    assert command.help and command.help.strip(), f"{' '.join(path)} has no help text"
+    result = CliRunner().invoke(cli, [*path, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name != "help":
+            assert param.help, f"option {param.opts} of {' '.join(path)} has no help"
+
+
+def test_help_imports_neither_torch_nor_dask():
+    code = ("import sys; from circuit_atlas.cli import cli; import circuit_atlas.lake\n"
+            "try:\n    cli(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'dask', 'distributed', 'transformers') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path):
+    runner = CliRunner()
+    lake = str(tmp_path / "demo-lake")
+    result = runner.invoke(cli, ["demo", "--lake", lake])
+    assert result.exit_code == 0, result.output
+    info = runner.invoke(cli, ["lake", "info", "--lake", lake])
+    assert info.exit_code == 0 and "medical" in info.output and "general" in info.output
+    data = json.loads(runner.invoke(cli, ["lake", "info", "--lake", lake, "--json"]).output)
+    assert data["corpora"]["medical"]["prompts"] >= 30
+    assert data["corpora"]["general"]["prompts"] >= 30
+    # the demo is re-runnable and adds nothing the second time
+    assert runner.invoke(cli, ["demo", "--lake", lake]).exit_code == 0
+    again = json.loads(runner.invoke(cli, ["lake", "info", "--lake", lake, "--json"]).output)
+    assert again["corpora"] == data["corpora"]
+    listed = runner.invoke(cli, ["prompts", "list", "--lake", lake, "--corpus", "medical",
+                                 "--limit", "0", "--json"])
+    rows = json.loads(listed.output)
+    assert len(rows) == data["corpora"]["medical"]["prompts"]
+    assert all(r["domain"] == "medical" for r in rows)
+
+
+def test_lake_from_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIRCUIT_ATLAS_LAKE", str(tmp_path / "envlake"))
+    result = CliRunner().invoke(cli, ["lake", "init"])
+    assert result.exit_code == 0 and (tmp_path / "envlake" / "_lake.json").exists()
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["lake", "info", "--lake", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: {tmp_path}: not a circuit-atlas lake (no _lake.json); "
+        f"create one with: circuit-atlas lake init --lake {tmp_path}"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- [unclosed\n")
+    good = tmp_path / "good.txt"
+    good.write_text("fine prompt\n")
+    lake = str(tmp_path / "l")
+    result = runner.invoke(cli, ["prompts", "import", str(good), str(bad), "--corpus", "c",
+                                 "--lake", lake])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{bad}: not valid YAML" in result.output
+    # a bad file in the batch leaves the lake untouched
+    assert not (tmp_path / "l").exists()
+    runner.invoke(cli, ["lake", "init", "--lake", lake])
+    result = runner.invoke(cli, ["prompts", "list", "--lake", lake, "--corpus", "nope"])
+    assert result.exit_code == 1 and "unknown corpus 'nope'" in result.output
+
+
+def test_cleanup_command(tmp_path):
+    from circuit_atlas.lake import Lake
+
+    lake = Lake.init(tmp_path / "l")
+    writer = lake.open_shard("m", "c", params={})
+    result = CliRunner().invoke(cli, ["lake", "cleanup", "--lake", lake.url, "--min-age", "0",
+                                      "--dry-run"])
+    assert result.exit_code == 0 and "would remove" in result.output
+    assert (tmp_path / "l" / writer.dir).exists()
+    result = CliRunner().invoke(cli, ["lake", "cleanup", "--lake", lake.url, "--min-age", "0"])
+    assert "removed 1 item(s)" in result.output and not (tmp_path / "l" / writer.dir).exists()
