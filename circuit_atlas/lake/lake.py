@@ -228,12 +228,18 @@ class Lake:
 
     def _dataset(self, t_spec: TableSpec, files: list[str]) -> ds.Dataset:
         base = self.path(layout.PROMPTS if t_spec is PROMPTS else layout.GRAPHS)
+        values = [layout.partition_values(f[len(base):]) for f in files]
+        dictionaries = {
+            p: pa.array(sorted({v[p] for v in values}), pa.string()) for p in t_spec.partitions
+        }
         return ds.dataset(
             files,
             schema=t_spec.dataset_schema,
             format="parquet",
             filesystem=self.fs,
-            partitioning=ds.partitioning(t_spec.partitioning_schema, flavor="hive"),
+            partitioning=ds.partitioning(
+                t_spec.partitioning_schema, flavor="hive", dictionaries=dictionaries
+            ),
             partition_base_dir=base,
         )
 
@@ -260,12 +266,12 @@ class Lake:
             hive_schema={p: pl.String for p in t_spec.partitions},
         )
 
-    def read(self, table: str, model: str | None = None, corpus: str | None = None
-             ) -> pa.Table:
-        """The whole of ``table`` (small tables only) as a pyarrow Table."""
+    def read(self, table: str, model: str | None = None, corpus: str | None = None,
+             columns: list[str] | None = None) -> pa.Table:
+        """``table`` (or some of its columns) in memory as a pyarrow Table."""
         dataset = self.dataset(table, model, corpus)
         try:
-            return dataset.to_table()
+            return dataset.to_table(columns=columns)
         except (pa.ArrowException, OSError) as e:
             raise LakeError(f"{self.url}: cannot read {table}: {e}") from e
 
