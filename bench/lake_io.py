@@ -54,6 +54,7 @@ def shard_tables(rng: np.random.Generator, first: int, n: int, edges_per_graph: 
         "position": rng.integers(0, 12, k).astype(np.int32),
         "activation": rng.normal(size=k).astype(np.float32),
         "score": rng.normal(size=k).astype(np.float32),
+        "influence": rng.random(k).astype(np.float32),
     }, schema=NODES.schema)
     return {"graphs": graphs, "nodes": nodes, "edges": edges}
 

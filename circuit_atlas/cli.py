@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import click
@@ -213,16 +214,107 @@ def prompts_list(lake_path: str, corpus: str | None, limit: int, as_json: bool) 
     _console().print(table)
 
 
+# compute ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--model", "model_spec", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+              show_default=True,
+              help="Hub id (from the local cache), local folder, GGUF file, or 'smollm2' "
+                   "for the embedded default.")
+@click.option("--corpus", required=True, help="Corpus whose prompts to attribute.")
+@lake_option
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
+              help="Model and attribution precision.")
+@click.option("--candidates", default=500, show_default=True,
+              help="Neurons kept as nodes: the top ones by |relevance|.")
+@click.option("--last-positions", type=int, default=None,
+              help="Only take candidates from the last K positions.")
+@click.option("--max-logits", default=10, show_default=True, help="At most this many logits.")
+@click.option("--logit-prob", default=0.95, show_default=True,
+              help="Add logit targets until their probabilities sum to this.")
+@click.option("--no-prune", is_flag=True, help="Keep the complete, unpruned graph.")
+@click.option("--node-threshold", default=0.8, show_default=True,
+              help="Share of influence the kept nodes carry.")
+@click.option("--edge-threshold", default=0.98, show_default=True,
+              help="Share of influence the kept edges carry.")
+@click.option("--max-tokens", default=256, show_default=True, help="Truncate prompts to this.")
+@click.option("--shard-size", default=32, show_default=True, help="Graphs per committed shard.")
+@click.option("--batch-rows", default=256, show_default=True,
+              help="Targets replayed together in one batch (memory vs. speed).")
+@click.option("--limit", type=int, default=None, help="Only the first N prompts (by id).")
+def graphs(model_spec: str, corpus: str, lake_path: str, device: str, dtype: str,
+           candidates: int, last_positions: int | None, max_logits: int, logit_prob: float,
+           no_prune: bool, node_threshold: float, edge_threshold: float, max_tokens: int,
+           shard_size: int, batch_rows: int, limit: int | None) -> None:
+    """Compute RelP attribution graphs for a corpus and commit them to the lake.
+
+    Prompts whose graphs are already committed for the same model and parameters
+    are skipped, so a killed run resumes where it stopped.
+    """
+    from circuit_atlas.compute.attribution import AttributionParams
+    from circuit_atlas.lake import Lake
+
+    params = AttributionParams(
+        max_logits=max_logits, logit_prob=logit_prob, candidates=candidates,
+        last_positions=last_positions, prune=not no_prune, node_threshold=node_threshold,
+        edge_threshold=edge_threshold)
+    opened = Lake(lake_path)
+    opened.check_corpus(corpus)
+    compute_graphs(opened, model_spec, corpus, params, device=device, dtype=dtype,
+                   max_tokens=max_tokens, shard_size=shard_size, batch_rows=batch_rows,
+                   limit=limit, console=_console())
+
+
+def compute_graphs(lake, model_spec: str, corpus: str, params, console, device: str = "cpu",
+                   dtype: str = "float32", **kwargs):
+    """Load the model and run the graph job with a progress bar (graphs/s)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from circuit_atlas.compute.graphs import run_graphs
+    from circuit_atlas.compute.models import load_model
+
+    with console.status(f"loading {model_spec} ..."):
+        model = load_model(model_spec, device=device, dtype=dtype)
+    columns = (TextColumn("[bold]graphs[/] {task.description}"), BarColumn(),
+               MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(corpus, total=None, rate="")
+        start = time.perf_counter()
+
+        def tick(n: int, total: int) -> None:
+            progress.update(task, total=total, advance=n)
+            done = progress.tasks[task].completed
+            progress.update(task, rate=f"{done / (time.perf_counter() - start):.2f} graphs/s")
+
+        report = run_graphs(lake, model, corpus, params, on_graph=tick, **kwargs)
+    console.print(f"[green]graphs[/] {corpus}: {report.computed} computed, "
+                  f"{report.skipped} already committed, {report.shards} shard(s), "
+                  f"{report.seconds:.1f} s (model {model.name}, params {report.params_hash})")
+    return report
+
+
 # demo ------------------------------------------------------------------------------
 
 
 @cli.command()
 @lake_option
-def demo(lake_path: str) -> None:
-    """Run the pipeline on the built-in demo corpora (medical vs. general prompts)."""
+@click.option("--limit", type=int, default=None,
+              help="Only the first N prompts of each corpus, for a quick look.")
+def demo(lake_path: str, limit: int | None) -> None:
+    """Run the pipeline on the built-in demo corpora (medical vs. general prompts)
+    with the embedded SmolLM2 model on the CPU."""
     from circuit_atlas.demo import run_demo
 
-    run_demo(lake_path, _console())
+    run_demo(lake_path, _console(), limit=limit)
 
 
 def main() -> None:

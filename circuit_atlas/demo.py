@@ -20,7 +20,8 @@ def demo_corpus_file(name: str) -> Path:
     return Path(str(resources.files("circuit_atlas") / "data" / "demo" / f"{name}.jsonl"))
 
 
-def run_demo(lake_path: str, console: Console | None = None) -> None:
+def run_demo(lake_path: str, console: Console | None = None, model: str = "smollm2",
+             limit: int | None = None) -> None:
     from circuit_atlas.lake import Lake, read_prompt_file
 
     console = console or Console()
@@ -31,6 +32,9 @@ def run_demo(lake_path: str, console: Console | None = None) -> None:
         report = lake.import_prompts(read_prompt_file(path), corpus, source=f"demo:{path.name}")
         console.print(f"[green]prompts[/] corpus {corpus!r}: {report.added} new, "
                       f"{report.already_present} already imported")
-    for name, c in lake.info()["corpora"].items():
-        console.print(f"  {name}: {c['prompts']} prompts")
+    from circuit_atlas.cli import compute_graphs
+    from circuit_atlas.compute.attribution import AttributionParams
+
+    for corpus in DEMO_CORPORA:
+        compute_graphs(lake, model, corpus, AttributionParams(), console, limit=limit)
     console.print(f"next: circuit-atlas lake info --lake {lake.url}")

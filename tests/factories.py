@@ -38,6 +38,7 @@ def graph_tables(
             "position": rng.integers(0, n_tok, n_nodes).astype(np.int32),
             "activation": rng.normal(size=n_nodes).astype(np.float32),
             "score": rng.normal(size=n_nodes).astype(np.float32),
+            "influence": rng.random(n_nodes).astype(np.float32),
         })
         n_edges = int(rng.integers(0, max_edges))
         edges.append({
@@ -79,3 +80,27 @@ def write_shard(lake: Lake, corpus: str, prompts: list[str], seed: int = 0,
 
 def prompts_of(n: int, tag: str = "p") -> list[str]:
     return [f"{tag} prompt number {i}" for i in range(n)]
+
+
+def tiny_llama(seed: int = 0, dtype=None, n_layers: int = 3, d: int = 32, heads: int = 4,
+               kv_heads: int = 2, neurons: int = 48, vocab: int = 64, family: str = "llama"):
+    """A tiny random gated-MLP decoder built in memory (no download), in ``dtype``.
+
+    Norm weights are randomised too, so a bug that ignores them cannot hide.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        family, vocab_size=vocab, hidden_size=d, intermediate_size=neurons,
+        num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-6)
+    model = AutoModelForCausalLM.from_config(config).to(dtype or torch.float64)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.3 if "embed" in name else 0.15)
+    return model.eval().requires_grad_(False)

@@ -41,7 +41,7 @@ def test_help_imports_neither_torch_nor_dask():
 def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path):
     runner = CliRunner()
     lake = str(tmp_path / "demo-lake")
-    result = runner.invoke(cli, ["demo", "--lake", lake])
+    result = runner.invoke(cli, ["demo", "--lake", lake, "--limit", "2"])
     assert result.exit_code == 0, result.output
     info = runner.invoke(cli, ["lake", "info", "--lake", lake])
     assert info.exit_code == 0 and "medical" in info.output and "general" in info.output
@@ -49,7 +49,7 @@ def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path):
     assert data["corpora"]["medical"]["prompts"] >= 30
     assert data["corpora"]["general"]["prompts"] >= 30
     # the demo is re-runnable and adds nothing the second time
-    assert runner.invoke(cli, ["demo", "--lake", lake]).exit_code == 0
+    assert runner.invoke(cli, ["demo", "--lake", lake, "--limit", "2"]).exit_code == 0
     again = json.loads(runner.invoke(cli, ["lake", "info", "--lake", lake, "--json"]).output)
     assert again["corpora"] == data["corpora"]
     listed = runner.invoke(cli, ["prompts", "list", "--lake", lake, "--corpus", "medical",

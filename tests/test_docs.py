@@ -43,6 +43,6 @@ def test_readme_tour_runs(tmp_path):
 
 def test_readme_python_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert CliRunner().invoke(cli, ["demo", "--lake", "demo-lake"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["demo", "--lake", "demo-lake", "--limit", "1"]).exit_code == 0
     for block in blocks("python"):
         exec(compile(block, "README.md", "exec"), {})

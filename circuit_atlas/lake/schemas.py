@@ -123,12 +123,14 @@ NODES = TableSpec(
         _f("position", pa.int32()),
         _f("activation", pa.float32()),
         _f("score", pa.float32()),
+        _f("influence", pa.float32()),
     ),
     partitions=("model", "corpus", "shard"),
     doc="""One row per node of a graph: a neuron (or embedding, logit, remainder) at a position.
 (layer, index): node identity, see the module docstring; position: token position.
-activation: the neuron's activation there (embedding: 1; logit: its probability).
-score: the node's influence/relevance in the graph.""",
+activation: the neuron's activation there (embedding: 1; logit: its probability; remainder: 0).
+score: RelP relevance, activation * d(probability-weighted logit reads)/d(activation).
+influence: share of the graph's path weight from this node to the logits (used to prune).""",
 )
 
 EDGES = TableSpec(

