@@ -268,9 +268,9 @@ def graphs(model_spec: str, corpus: str, lake_path: str, device: str, dtype: str
                    limit=limit, console=_console())
 
 
-def compute_graphs(lake, model_spec: str, corpus: str, params, console, device: str = "cpu",
+def compute_graphs(lake, model_spec, corpus: str, params, console, device: str = "cpu",
                    dtype: str = "float32", **kwargs):
-    """Load the model and run the graph job with a progress bar (graphs/s)."""
+    """Run the graph job with a progress bar (graphs/s); ``model_spec`` may be loaded."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -282,8 +282,11 @@ def compute_graphs(lake, model_spec: str, corpus: str, params, console, device: 
     from circuit_atlas.compute.graphs import run_graphs
     from circuit_atlas.compute.models import load_model
 
-    with console.status(f"loading {model_spec} ..."):
-        model = load_model(model_spec, device=device, dtype=dtype)
+    if isinstance(model_spec, str):
+        with console.status(f"loading {model_spec} ..."):
+            model = load_model(model_spec, device=device, dtype=dtype)
+    else:
+        model = model_spec
     columns = (TextColumn("[bold]graphs[/] {task.description}"), BarColumn(),
                MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
@@ -300,6 +303,35 @@ def compute_graphs(lake, model_spec: str, corpus: str, params, console, device: 
                   f"{report.skipped} already committed, {report.shards} shard(s), "
                   f"{report.seconds:.1f} s (model {model.name}, params {report.params_hash})")
     return report
+
+
+@cli.command("export-graph")
+@lake_option
+@click.option("--corpus", required=True, help="Corpus of the prompt.")
+@click.option("--model", "model_spec", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+              show_default=True, help="Model whose graph to export (and whose tokenizer decodes).")
+@click.option("--prompt-id", help="The prompt's id (see `prompts list`).")
+@click.option("--text", help="Or the prompt's text.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Output file (default: <corpus>-<prompt id>.json).")
+def export_graph(lake_path: str, corpus: str, model_spec: str, prompt_id: str | None,
+                 text: str | None, output: str | None) -> None:
+    """Write one stored graph as circuit-tracer / Neuronpedia graph JSON."""
+    from circuit_atlas.compute.export import graph_json
+    from circuit_atlas.compute.models import load_tokenizer, resolve
+    from circuit_atlas.lake import Lake
+    from circuit_atlas.lake import prompt_id as hash_prompt
+
+    if (prompt_id is None) == (text is None):
+        raise click.UsageError("give exactly one of --prompt-id and --text")
+    pid = prompt_id or hash_prompt(text)
+    tokenizer = load_tokenizer(model_spec)
+    data = graph_json(Lake(lake_path), resolve(model_spec)[0], corpus, pid,
+                      lambda t: tokenizer.decode([t]))
+    output = output or f"{corpus}-{pid}.json"
+    with open(output, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False)
+    click.echo(f"wrote {output}: {len(data['nodes'])} nodes, {len(data['links'])} links")
 
 
 # demo ------------------------------------------------------------------------------

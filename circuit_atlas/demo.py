@@ -34,7 +34,10 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
                       f"{report.already_present} already imported")
     from circuit_atlas.cli import compute_graphs
     from circuit_atlas.compute.attribution import AttributionParams
+    from circuit_atlas.compute.models import load_model
 
+    with console.status(f"loading {model} ..."):
+        loaded = load_model(model)
     for corpus in DEMO_CORPORA:
-        compute_graphs(lake, model, corpus, AttributionParams(), console, limit=limit)
+        compute_graphs(lake, loaded, corpus, AttributionParams(), console, limit=limit)
     console.print(f"next: circuit-atlas lake info --lake {lake.url}")

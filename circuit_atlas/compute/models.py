@@ -123,11 +123,24 @@ def resolve(spec: str) -> tuple[str, Path | str, str | None]:
     return spec, spec, None
 
 
+def load_tokenizer(spec: str = DEFAULT_MODEL) -> Any:
+    """Only the tokenizer of a model (to decode tokens without loading weights)."""
+    from transformers import AutoTokenizer
+
+    _, source, _ = resolve(spec)
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except OSError as e:
+        raise CircuitAtlasError(f"no tokenizer for model {spec!r}: {e}") from e
+
+
 def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32"
                ) -> LoadedModel:
     """Load a model for attribution. ``spec``: hub id, folder, GGUF file, or "smollm2"."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress display covers the wait
     if dtype not in DTYPES:
         raise CircuitAtlasError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     name, source, revision = resolve(spec)

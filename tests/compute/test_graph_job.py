@@ -66,3 +66,33 @@ def test_graphs_command(lake):
     assert "1 computed" in result.output
     result = CliRunner().invoke(cli, ["graphs", "--corpus", "nope", "--lake", lake.url])
     assert result.exit_code == 1 and "unknown corpus 'nope'" in result.output
+
+
+def test_export_graph_json(lake, tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(cli, ["graphs", "--corpus", "c", "--lake", lake.url, "--candidates",
+                               "40"]).exit_code == 0
+    out = tmp_path / "g.json"
+    result = runner.invoke(cli, ["export-graph", "--corpus", "c", "--lake", lake.url,
+                                 "--text", PROMPTS[0], "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["metadata"]["prompt"] == PROMPTS[0]
+    assert "".join(data["metadata"]["prompt_tokens"]) == PROMPTS[0]
+    ids = {n["node_id"] for n in data["nodes"]}
+    assert len(ids) == len(data["nodes"])
+    assert all(link["source"] in ids and link["target"] in ids for link in data["links"])
+    logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
+    assert any(n["is_target_logit"] and "Paris" in n["clerp"] for n in logits)
+    assert all(n["layer"] == "31" for n in logits)
+    emb = [n for n in data["nodes"] if n["feature_type"] == "embedding"]
+    assert len(emb) == len(data["metadata"]["prompt_tokens"])
+    stored = lake.scan("edges").collect()
+    graph_ids = lake.scan("graphs").collect().filter(pl.col("prompt_id") == prompt_id(PROMPTS[0]))
+    assert len(data["links"]) == stored.filter(
+        pl.col("graph_id") == graph_ids["graph_id"][0]).height
+    result = runner.invoke(cli, ["export-graph", "--corpus", "c", "--lake", lake.url,
+                                 "--prompt-id", "0123456789abcdef"])
+    assert result.exit_code == 1 and "no graph for prompt 0123456789abcdef" in result.output

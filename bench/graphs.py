@@ -1,0 +1,95 @@
+"""Attribution graph speed: graphs per minute on SmolLM2 (CPU) for the demo corpus, with
+the time per phase, and a Llama-3.1-8B-shaped model with random weights on a GPU.
+
+    .venv/bin/python bench/graphs.py                       # SmolLM2, CPU, demo corpus
+    .venv/bin/python bench/graphs.py --limit 10 --candidates 500
+    python bench/graphs.py --model llama8b --device cuda --dtype bfloat16   # on a GPU
+
+The 8B shape is built from its config on the device (no download): 32 layers,
+4096 wide, 14336 neurons per layer, 32 heads / 8 KV heads, vocab 128256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from circuit_atlas.compute.adapters import adapter_for  # noqa: E402
+from circuit_atlas.compute.attribution import AttributionParams, attribute  # noqa: E402
+from circuit_atlas.compute.prune import prune  # noqa: E402
+
+
+def llama8b(device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=8192, rope_theta=500000.0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", help="smollm2 (embedded) or llama8b")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--candidates", type=int, default=500)
+    ap.add_argument("--limit", type=int, default=20, help="prompts of the demo corpus")
+    ap.add_argument("--tokens", type=int, default=64, help="prompt length for llama8b")
+    ap.add_argument("--batch-rows", type=int, default=256)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    params = AttributionParams(candidates=args.candidates)
+
+    if args.model == "llama8b":
+        adapter = adapter_for(llama8b(args.device, dtype))
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 128256, (1, args.tokens), generator=gen).to(args.device)
+                   for _ in range(args.limit)]
+    else:
+        from circuit_atlas.compute.models import load_model
+        from circuit_atlas.demo import demo_corpus_file
+        from circuit_atlas.lake import read_prompt_file
+
+        model = load_model(args.model, device=args.device, dtype=args.dtype)
+        adapter = model.adapter
+        texts = [r["text"] for r in read_prompt_file(demo_corpus_file("medical"))][:args.limit]
+        prompts = [model.tokenizer(t, return_tensors="pt").input_ids.to(args.device)
+                   for t in texts]
+
+    attribute(adapter, prompts[0], params, args.batch_rows)  # warm-up
+    phases: dict[str, list[float]] = {}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    t0 = time.perf_counter()
+    for ids in prompts:
+        sync()
+        g = attribute(adapter, ids, params, args.batch_rows)
+        sync()
+        t = time.perf_counter()
+        prune(g, params.node_threshold, params.edge_threshold)
+        g.timings["prune"] = time.perf_counter() - t
+        for k, v in g.timings.items():
+            phases.setdefault(k, []).append(v)
+    total = time.perf_counter() - t0
+    n = len(prompts)
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores, device {args.device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"model {args.model} ({adapter.n_layers} layers x {adapter.n_neurons} neurons), "
+          f"{args.dtype}, {args.candidates} candidates, {n} prompts "
+          f"(mean {statistics.mean(p.shape[1] for p in prompts):.1f} tokens)")
+    for k, v in phases.items():
+        print(f"  {k:>18}: {statistics.mean(v):.3f} s per graph")
+    print(f"total {total / n:.3f} s per graph = {60 * n / total:.1f} graphs per minute")
+
+
+if __name__ == "__main__":
+    main()
