@@ -334,6 +334,90 @@ def export_graph(lake_path: str, corpus: str, model_spec: str, prompt_id: str | 
     click.echo(f"wrote {output}: {len(data['nodes'])} nodes, {len(data['links'])} links")
 
 
+# etl -------------------------------------------------------------------------------
+
+
+def cluster_options(f):
+    """The cluster choice every Dask command shares (SLURM flags override the
+    jobqueue.slurm section of the Dask config)."""
+    options = [
+        click.option("--cluster", default="local", show_default=True,
+                     help="'local' (a LocalCluster sized to this machine), 'slurm' "
+                          "(dask-jobqueue), or a scheduler address tcp://host:port."),
+        click.option("--workers", type=int, help="Local workers (default: one per core)."),
+        click.option("--worker-memory", help="Memory limit per local worker, e.g. 2GB."),
+        click.option("--queue", "--partition", "queue", help="SLURM partition."),
+        click.option("--account", help="SLURM account."),
+        click.option("--cores", type=int, help="Cores per SLURM job."),
+        click.option("--memory", help="Memory per SLURM job, e.g. 24GB."),
+        click.option("--walltime", help="SLURM walltime, e.g. 01:00:00."),
+        click.option("--jobs", type=int, help="SLURM jobs to start (default 1)."),
+        click.option("--job-extra-directive", "job_extra_directives", multiple=True,
+                     help="Extra #SBATCH line, e.g. --gres=gpu:1 (repeatable)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _client(cluster: str, workers, worker_memory, queue, account, cores, memory, walltime,
+            jobs, job_extra_directives):
+    from circuit_atlas.etl.clusters import dask_client
+
+    return dask_client(cluster, n_workers=workers, memory_limit=worker_memory, jobs=jobs,
+                       queue=queue, account=account, cores=cores, memory=memory,
+                       walltime=walltime, echo=click.echo,
+                       job_extra_directives=list(job_extra_directives) or None)
+
+
+@cli.command()
+@lake_option
+@click.option("--corpus", "corpora", multiple=True, required=True,
+              help="Corpus to reduce; repeat to reduce several together.")
+@click.option("--model", "model_spec", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+              show_default=True, help="Model whose graphs to reduce.")
+@click.option("--min-count", default=1, show_default=True,
+              help="Publish only edges seen at least this often (the seeds used 3).")
+@click.option("--top-k", default=10, show_default=True, help="Token associations per neuron.")
+@click.option("--chunk", default=16, show_default=True,
+              help="Shards folded per task (bounds the memory of one task).")
+@cluster_options
+def reduce(lake_path: str, corpora: tuple[str, ...], model_spec: str, min_count: int,
+           top_k: int, chunk: int, **cluster: Any) -> None:
+    """Reduce committed graphs into the edges, neurons, neuron_tokens and neuron_corpora
+    tables. A rerun folds only the shards committed since."""
+    from circuit_atlas.lake import Lake
+
+    opened = Lake(lake_path)
+    reduce_tables(opened, model_spec, list(corpora), _console(), min_count=min_count,
+                  top_k=top_k, chunk=chunk, cluster=cluster)
+
+
+def reduce_tables(lake, model_spec: str, corpora: list[str], console, cluster=None, **kwargs):
+    """Run the reduce with a progress bar on the chosen cluster (local by default)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from circuit_atlas.compute.models import ALIASES
+    from circuit_atlas.etl.reduce import reduce_lake
+
+    model = ALIASES.get(model_spec, model_spec)
+    cluster = cluster or {"cluster": "local", **dict.fromkeys(
+        ("workers", "worker_memory", "queue", "account", "cores", "memory", "walltime",
+         "jobs"))}
+    cluster.setdefault("job_extra_directives", ())
+    with _client(**cluster) as client, Progress(
+            TextColumn("[bold]reduce[/]"), BarColumn(), MofNCompleteColumn(),
+            console=console) as progress:
+        task = progress.add_task("reduce", total=None)
+        report = reduce_lake(lake, model, corpora, client, on_progress=lambda d, t:
+                             progress.update(task, completed=d, total=t), **kwargs)
+    what = "from scratch" if report.from_scratch else f"{report.new_shards} new shard(s)"
+    tables = ", ".join(f"{t} {n:,} rows" for t, n in report.rows.items()) or "unchanged"
+    console.print(f"[green]reduce[/] {report.corpus}: {report.shards} shard(s), {what}; "
+                  f"{tables}; {report.seconds:.1f} s")
+    return report
+
+
 # demo ------------------------------------------------------------------------------
 
 

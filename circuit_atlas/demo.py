@@ -40,4 +40,7 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
         loaded = load_model(model)
     for corpus in DEMO_CORPORA:
         compute_graphs(lake, loaded, corpus, AttributionParams(), console, limit=limit)
+    from circuit_atlas.cli import reduce_tables
+
+    reduce_tables(lake, loaded.name, list(DEMO_CORPORA), console)
     console.print(f"next: circuit-atlas lake info --lake {lake.url}")

@@ -14,7 +14,7 @@ PARAMS = {"max_logits": 10, "candidates": 50}
 
 def graph_tables(
     rng: np.random.Generator, prompts: list[str], model: str = MODEL,
-    params: dict = PARAMS, max_nodes: int = 30, max_edges: int = 80,
+    params: dict = PARAMS, max_nodes: int = 30, max_edges: int = 80, neurons: int = 2000,
 ) -> dict[str, pa.Table]:
     """Random but schema-valid graphs/nodes/edges tables for ``prompts``."""
     ph = params_hash(params)
@@ -34,7 +34,7 @@ def graph_tables(
         nodes.append({
             "graph_id": np.full(n_nodes, gid, np.int64),
             "layer": rng.integers(-1, N_LAYERS + 1, n_nodes).astype(np.int16),
-            "index": rng.integers(-1, 2000, n_nodes).astype(np.int32),
+            "index": rng.integers(-1, neurons, n_nodes).astype(np.int32),
             "position": rng.integers(0, n_tok, n_nodes).astype(np.int32),
             "activation": rng.normal(size=n_nodes).astype(np.float32),
             "score": rng.normal(size=n_nodes).astype(np.float32),
@@ -44,10 +44,10 @@ def graph_tables(
         edges.append({
             "graph_id": np.full(n_edges, gid, np.int64),
             "src_layer": rng.integers(-1, N_LAYERS, n_edges).astype(np.int16),
-            "src_index": rng.integers(0, 2000, n_edges).astype(np.int32),
+            "src_index": rng.integers(-1, neurons, n_edges).astype(np.int32),
             "src_pos": rng.integers(0, n_tok, n_edges).astype(np.int32),
             "tgt_layer": rng.integers(0, N_LAYERS + 1, n_edges).astype(np.int16),
-            "tgt_index": rng.integers(0, 2000, n_edges).astype(np.int32),
+            "tgt_index": rng.integers(0, neurons, n_edges).astype(np.int32),
             "tgt_pos": rng.integers(0, n_tok, n_edges).astype(np.int32),
             "weight": rng.normal(size=n_edges).astype(np.float32),
         })
@@ -69,9 +69,9 @@ def graph_tables(
 
 
 def write_shard(lake: Lake, corpus: str, prompts: list[str], seed: int = 0,
-                model: str = MODEL, params: dict = PARAMS):
+                model: str = MODEL, params: dict = PARAMS, neurons: int = 2000):
     """Commit one shard of random graphs for ``prompts``; returns (Shard, tables)."""
-    tables = graph_tables(np.random.default_rng(seed), prompts, model, params)
+    tables = graph_tables(np.random.default_rng(seed), prompts, model, params, neurons=neurons)
     with lake.open_shard(model, corpus, params=params, model_revision="r1") as shard:
         for name, table in tables.items():
             shard.write(name, table)

@@ -19,9 +19,10 @@ from fsspec.implementations.local import LocalFileSystem
 from circuit_atlas._version import __version__
 from circuit_atlas.errors import LakeError
 from circuit_atlas.lake import layout
+from circuit_atlas.lake.derived import TableVersion, read_manifest, table_files
 from circuit_atlas.lake.ids import prompt_id
 from circuit_atlas.lake.prompt_files import Record, meta_json
-from circuit_atlas.lake.schemas import PROMPTS, TableSpec, spec
+from circuit_atlas.lake.schemas import DERIVED, PROMPTS, TableSpec, spec
 from circuit_atlas.lake.shards import (
     CleanupReport,
     Shard,
@@ -227,8 +228,11 @@ class Lake:
         return files
 
     def _dataset(self, t_spec: TableSpec, files: list[str]) -> ds.Dataset:
-        base = self.path(layout.PROMPTS if t_spec is PROMPTS else layout.GRAPHS)
+        base = self._base(t_spec)
         values = [layout.partition_values(f[len(base):]) for f in files]
+        if DERIVED.get(t_spec.name) is t_spec:  # tables/model=/corpus=/<name>/v-*/<file>
+            return ds.dataset(files, schema=t_spec.schema, format="parquet",
+                              filesystem=self.fs)
         dictionaries = {
             p: pa.array(sorted({v[p] for v in values}), pa.string()) for p in t_spec.partitions
         }
@@ -248,15 +252,44 @@ class Lake:
         """A pyarrow dataset over the committed files of ``table``, partitions as columns."""
         return self._dataset(spec(table), self.files(table, model, corpus))
 
+    def _base(self, t_spec: TableSpec) -> str:
+        if DERIVED.get(t_spec.name) is t_spec:
+            return self.path(layout.TABLES)
+        return self.path(layout.PROMPTS if t_spec is PROMPTS else layout.GRAPHS)
+
     def scan(self, table: str, model: str | None = None, corpus: str | None = None
              ) -> pl.LazyFrame:
         """A polars LazyFrame over the committed files of ``table``, partitions as columns."""
+        return self._scan(spec(table), self.files(table, model, corpus))
+
+    def table(self, name: str, model: str | None = None, corpus: str | None = None
+              ) -> pl.LazyFrame:
+        """A derived table (``edges``, ``neurons``, ...) as a polars LazyFrame, with
+        ``model`` and ``corpus`` as columns: ``lake.table("neurons").collect()``."""
+        if name not in DERIVED:
+            raise LakeError(f"unknown derived table {name!r}; known: {', '.join(DERIVED)}")
+        files = table_files(self, name, model, corpus)
+        if not files:
+            raise LakeError(f"lake {self.url} has no {name} table"
+                            + (f" for model {model!r}" if model else "")
+                            + (f" and corpus {corpus!r}" if corpus else "")
+                            + "; build it with: circuit-atlas reduce")
+        return self._scan(DERIVED[name], files)
+
+    def new_table_version(self, model: str, corpus: str, name: str) -> TableVersion:
+        """Start a new version of a derived table; see :class:`derived.TableVersion`."""
+        return TableVersion(self, model, corpus, name)
+
+    def table_manifest(self, model: str, corpus: str, name: str) -> dict[str, Any] | None:
+        """What the current version of a derived table was built from, or None."""
+        return read_manifest(self, model, corpus, name)
+
+    def _scan(self, t_spec: TableSpec, files: list[str]) -> pl.LazyFrame:
         import polars as pl
 
-        t_spec = spec(table)
-        files = self.files(table, model, corpus)
         if not files:
-            return pl.from_arrow(t_spec.dataset_schema.empty_table()).lazy()
+            return pl.from_arrow(t_spec.dataset_schema.empty_table()).lazy().with_columns(
+                pl.col(p).cast(pl.String) for p in t_spec.partitions)
         if not isinstance(self.fs, LocalFileSystem):
             return pl.scan_pyarrow_dataset(self._dataset(t_spec, files))
         return pl.scan_parquet(
@@ -311,10 +344,9 @@ class Lake:
     def derived_tables(self) -> dict[str, dict[str, list[str]]]:
         """{model: {corpus: [table, ...]}} of the derived tables under ``tables/``."""
         out: dict[str, dict[str, list[str]]] = {}
-        for p in sorted(self.fs.glob(self.path(f"{layout.TABLES}/model=*/corpus=*/*"))):
+        pattern = self.path(f"{layout.TABLES}/model=*/corpus=*/*/_MANIFEST.json")
+        for p in sorted(self.fs.glob(pattern)):
             parts = layout.partition_values(p[len(self.root):])
-            name = p.rsplit("/", 1)[-1]
-            if name.startswith((".", "_")):
-                continue
+            name = p.rsplit("/", 2)[-2]
             out.setdefault(parts["model"], {}).setdefault(parts["corpus"], []).append(name)
         return out

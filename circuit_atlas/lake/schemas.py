@@ -153,6 +153,68 @@ weight: the linearised contribution source_activation * d(target)/d(source).""",
 
 TABLES: dict[str, TableSpec] = {t.name: t for t in (PROMPTS, GRAPHS, NODES, EDGES)}
 
+# Derived tables, under tables/model=<m>/corpus=<c>/<name>/ (see lake.derived).
+_DERIVED = ("model", "corpus")
+
+EDGE_STATS = TableSpec(
+    name="edges",
+    version=1,
+    fields=(
+        _f("src_layer", pa.int16()), _f("src_index", pa.int32()), _f("tgt_layer", pa.int16()),
+        _f("tgt_index", pa.int32()), _f("count", pa.int64()), _f("graph_count", pa.int64()),
+        _f("weight_sum", pa.float64()), _f("weight_abs_sum", pa.float64()),
+        _f("weight_sq_sum", pa.float64()), _f("weight_min", pa.float32()),
+        _f("weight_max", pa.float32()), _f("mean_weight", pa.float64()),
+        _f("mean_abs_weight", pa.float64()),
+    ),
+    partitions=_DERIVED,
+    doc="""One row per (src_layer, src_index, tgt_layer, tgt_index) over all graphs reduced.
+count: edge rows (position-level observations); graph_count: distinct graphs;
+weight_sum / weight_abs_sum / weight_sq_sum / weight_min / weight_max over those rows;
+mean_weight = weight_sum / count; mean_abs_weight = weight_abs_sum / count.
+One file per source layer (src_layer-NN.parquet), sorted by the four node-id columns.""",
+)
+
+NEURON_STATS = TableSpec(
+    name="neurons",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("index", pa.int32()), _f("graph_count", pa.int64()),
+        _f("position_count", pa.int64()), _f("activation_mean", pa.float64()),
+        _f("activation_max", pa.float32()), _f("activation_sq_sum", pa.float64()),
+        _f("score_mean", pa.float64()), _f("score_abs_mean", pa.float64()),
+        _f("score_max", pa.float32()), _f("score_sq_sum", pa.float64()),
+    ),
+    partitions=_DERIVED,
+    doc="""One row per node identity (layer, index) seen in any graph (remainders excluded;
+embeddings at layer -1 and logits at layer n_layers included).
+graph_count: distinct graphs; position_count: node rows; activation_* and score_*
+(relevance): mean over node rows, max, sum of squares; score_abs_mean: mean |score|.""",
+)
+
+NEURON_CORPORA = TableSpec(
+    name="neuron_corpora",
+    version=1,
+    fields=(_f("layer", pa.int16()), _f("index", pa.int32()), _f("corpus_name", pa.string()),
+            _f("graph_count", pa.int64())),
+    partitions=_DERIVED,
+    doc="""Per (layer, index) and reduced corpus: the number of that corpus's graphs it is in.""",
+)
+
+NEURON_TOKENS = TableSpec(
+    name="neuron_tokens",
+    version=1,
+    fields=(_f("layer", pa.int16()), _f("index", pa.int32()), _f("kind", pa.string()),
+            _f("rank", pa.int16()), _f("token_id", pa.int32()), _f("count", pa.int64())),
+    partitions=_DERIVED,
+    doc="""Token associations, top-k per (layer, index, kind), rank 0 first.
+kind "input": the prompt token at the neuron's positions (count: node rows);
+kind "output": the top predicted token of the graphs it is in (count: graphs).""",
+)
+
+DERIVED: dict[str, TableSpec] = {
+    t.name: t for t in (EDGE_STATS, NEURON_STATS, NEURON_CORPORA, NEURON_TOKENS)}
+
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "nodes", "edges")
 

@@ -77,7 +77,8 @@ def new_shard_name() -> str:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    # microseconds: the reduce folds shards in commit order, and ties must be rare
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
 
 def write_json_atomic(fs, path: str, value: dict[str, Any]) -> None:

@@ -1,0 +1,224 @@
+"""The reduce on a Dask cluster: committed graph shards to the ``edges`` and ``neurons``
+tables (and ``neuron_corpora``, ``neuron_tokens``). A thin wrapper around
+:mod:`edge_reduce` and :mod:`neuron_reduce`:
+
+1. one task per shard computes its partial aggregates (a shard holds whole graphs,
+   so nothing is shuffled);
+2. per source layer, a chain of tasks folds the shards' partials in commit order,
+   ``chunk`` shards at a time, so no task holds more than one layer's state and a
+   chunk of partials;
+3. per layer, a task finalises and writes the published part and the unfiltered
+   state; the neuron tables go the same way with one chain each;
+4. the client publishes each table's manifest, which records the shards folded in,
+   in order, the parameters, and the state files.
+
+A second reduce folds only the shards committed since onto the stored state; the
+result is bit-for-bit what a reduce from scratch gives (see :mod:`fold`), as long as
+the shards' commit times order them as they were committed (one clock, or clocks in
+sync; otherwise sums may differ in the last bit). A lost worker's tasks are
+recomputed from the lake by Dask.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.etl import edge_reduce as er
+from circuit_atlas.etl import neuron_reduce as nr
+from circuit_atlas.etl.fold import Merge, fold
+from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake
+from circuit_atlas.lake.schemas import EDGE_STATS, NEURON_CORPORA, NEURON_STATS, NEURON_TOKENS
+from circuit_atlas.lake.validate import check_file
+
+EDGE_COLUMNS = ["graph_id", "src_layer", "src_index", "tgt_layer", "tgt_index", "weight"]
+NODE_COLUMNS = ["graph_id", "layer", "index", "position", "activation", "score"]
+MERGES = {"edges": er.EDGE_MERGE, "neurons": nr.STATS_MERGE, "neuron_tokens": nr.COUNT_MERGE,
+          "neuron_corpora": nr.COUNT_MERGE}
+STATE = "_state"
+
+
+@dataclass
+class ReduceReport:
+    corpus: str
+    shards: int
+    new_shards: int
+    from_scratch: bool
+    rows: dict[str, int]
+    seconds: float
+
+
+def _read(lake: Lake, path: str, spec, columns: list[str]) -> pa.Table:
+    check_file(path, spec, lake.fs)
+    try:
+        return pq.read_table(path, columns=columns, filesystem=lake.fs)
+    except (pa.ArrowException, OSError) as e:
+        raise CircuitAtlasError(f"{path}: cannot read shard file: {e}") from e
+
+
+def shard_task(lake: Lake, shard_path: str, corpus_id: int) -> dict[str, Any]:
+    """Partials of one shard: edges split by source layer, and the neuron partials."""
+    edges = er.shard_partial(_read(lake, f"{shard_path}/edges.parquet", EDGES, EDGE_COLUMNS))
+    layers = er.src_layer_of(edges.column("key").to_numpy())
+    by_layer = {}
+    if edges.num_rows:  # sorted by key, so each layer is one slice
+        bounds = [0, *((layers[1:] != layers[:-1]).nonzero()[0] + 1), edges.num_rows]
+        by_layer = {int(layers[a]): edges.slice(a, b - a) for a, b in zip(bounds, bounds[1:],
+                                                                         strict=False)}
+    stats, tokens = nr.shard_partials(
+        _read(lake, f"{shard_path}/nodes.parquet", NODES, NODE_COLUMNS),
+        _read(lake, f"{shard_path}/graphs.parquet", GRAPHS,
+              ["graph_id", "input_tokens", "target_tokens"]))
+    return {"edges": by_layer, "neurons": stats, "neuron_tokens": tokens,
+            "neuron_corpora": nr.corpus_partial(stats, corpus_id)}
+
+
+def pick(result: dict[str, Any], table: str, layer: int | None = None) -> pa.Table:
+    part = result[table]
+    if layer is None:
+        return part
+    return part.get(layer, er.PARTIAL_SCHEMA.empty_table())
+
+
+def layers_of(result: dict[str, Any]) -> list[int]:
+    return list(result["edges"])
+
+
+def fold_task(merge: Merge, state: pa.Table | None, *parts: pa.Table) -> pa.Table:
+    return fold([state, *parts] if state is not None else list(parts), merge)
+
+
+def read_state(lake: Lake, path: str) -> pa.Table:
+    with lake.fs.open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+def finish_task(version, table: str, name: str, state: pa.Table, params: dict[str, Any]
+                ) -> tuple[list[str], str, int]:
+    """Write the published part and the state; returns (part files, state file, rows)."""
+    if table == "edges":
+        out, spec = er.finalize(state, params["min_count"]), EDGE_STATS
+    elif table == "neurons":
+        out, spec = nr.finalize_neurons(state), NEURON_STATS
+    elif table == "neuron_tokens":
+        out, spec = nr.finalize_tokens(state, params["top_k"]), NEURON_TOKENS
+    else:
+        out, spec = nr.finalize_corpora(state, params["corpora"]), NEURON_CORPORA
+    state_file = version.write(f"{STATE}/{name}", state)
+    return [version.write(name, out, spec)], state_file, out.num_rows
+
+
+def ordered_shards(lake: Lake, model: str, corpora: list[str]):
+    """Committed shards of (model, corpora) in commit order: the order of the fold."""
+    shards = [s for c in corpora for s in lake.shards(model, c)]
+    return sorted(shards, key=lambda s: (s.commit["committed_at"], s.corpus, s.shard))
+
+
+def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_count: int = 1,
+                top_k: int = 10, chunk: int = 16,
+                on_progress: Callable[[int, int], None] | None = None) -> ReduceReport:
+    """Reduce the committed shards of ``model`` over ``corpora`` into the derived tables.
+
+    Several corpora reduce into one table set under ``corpus=<c1>+<c2>``.
+    """
+    from distributed import as_completed
+
+    t0 = time.perf_counter()
+    corpora = sorted(set(corpora))
+    corpus_key = "+".join(corpora)
+    if min_count < 1:
+        raise CircuitAtlasError(f"--min-count must be at least 1, got {min_count}")
+    params = {"min_count": min_count, "top_k": top_k, "corpora": corpora}
+    shards = ordered_shards(lake, model, corpora)
+    missing = sorted(set(corpora) - {s.corpus for s in shards})
+    if missing:
+        held = sorted({f"{s.commit['model']} / {s.corpus}" for s in lake.shards()})
+        raise CircuitAtlasError(
+            f"no committed graphs of model {model!r} for corpus {', '.join(missing)} in "
+            f"{lake.url} (graphs held: {'; '.join(held) or 'none'}); "
+            "run `circuit-atlas graphs` first")
+    ids = [f"{s.corpus}/{s.shard}" for s in shards]
+    manifests = {t: lake.table_manifest(model, corpus_key, t) for t in MERGES}
+    old = _reusable(manifests, params, ids)
+    new = [s for s, i in zip(shards, ids, strict=True) if old is None or i not in old]
+    fold_order = (old or []) + [f"{s.corpus}/{s.shard}" for s in new]
+    versions = {t: lake.new_table_version(model, corpus_key, t) for t in MERGES}
+    if not new:
+        return ReduceReport(corpus_key, len(shards), 0, False, {}, time.perf_counter() - t0)
+
+    results = client.map(shard_task, [lake] * len(new), [s.path for s in new],
+                         [corpora.index(s.corpus) for s in new], pure=False)
+    layer_lists = client.gather(client.map(layers_of, results))
+    layers = sorted({layer for ls in layer_lists for layer in ls}
+                    | {_layer_of(n) for n in _state_names(manifests["edges"], old)})
+    jobs: list[tuple[str, str, Any]] = []  # (table, part name, final state future)
+    for table, merge in MERGES.items():
+        for layer in (layers if table == "edges" else [None]):
+            name = f"src_layer-{layer:03d}.parquet" if table == "edges" else f"{table}.parquet"
+            state = None
+            if old is not None and name in _state_names(manifests[table], old):
+                state = client.submit(read_state, lake, _state_path(
+                    lake, model, corpus_key, table, manifests[table], name), pure=False)
+            parts = client.map(pick, results, [table] * len(results),
+                               [layer] * len(results)) if table == "edges" else client.map(
+                pick, results, [table] * len(results))
+            for i in range(0, len(parts), chunk):
+                state = client.submit(fold_task, merge, state, *parts[i:i + chunk], pure=False)
+            jobs.append((table, name, state))
+    finishes = [client.submit(finish_task, versions[t], t, name, state, params, pure=False)
+                for t, name, state in jobs]
+    total = len(results) + len(finishes)
+    for done, _ in enumerate(as_completed([*results, *finishes]), start=1):
+        if on_progress:
+            on_progress(done, total)
+    written = client.gather(finishes)
+    rows: dict[str, int] = {}
+    for table in MERGES:
+        mine = [w for (t, _, _), w in zip(jobs, written, strict=True) if t == table]
+        rows[table] = sum(w[2] for w in mine)
+        versions[table].publish(
+            [f for w in mine for f in w[0]],
+            {"shards": fold_order, "params": params,
+             "state": sorted(w[1] for w in mine), "model": model})
+    return ReduceReport(corpus_key, len(shards), len(new), old is None, rows,
+                        time.perf_counter() - t0)
+
+
+def _layer_of(name: str) -> int:
+    return int(name.removeprefix("src_layer-").removesuffix(".parquet"))
+
+
+def _reusable(manifests: dict[str, Any], params: dict[str, Any], ids: list[str]
+              ) -> list[str] | None:
+    """The shards the stored tables hold, if they can be extended; None: start over."""
+    records = list(manifests.values())
+    if any(r is None for r in records):
+        return None
+    inputs = [r["inputs"] for r in records]
+    first = inputs[0]["shards"]
+    if any(i["shards"] != first or i["params"] != params for i in inputs):
+        return None
+    if not set(first) <= set(ids):  # a shard was removed: the state cannot lose it
+        return None
+    return first
+
+
+def _state_names(manifest: dict[str, Any] | None, old: list[str] | None) -> list[str]:
+    if manifest is None or old is None:
+        return []
+    return [f.rsplit("/", 1)[-1] for f in manifest["inputs"]["state"]]
+
+
+def _state_path(lake: Lake, model: str, corpus: str, table: str, manifest: dict[str, Any],
+                name: str) -> str:
+    from circuit_atlas.lake import layout
+
+    base = lake.path(layout.table_dir(layout.model_key(model), corpus, table))
+    (rel,) = [f for f in manifest["inputs"]["state"] if f.endswith(f"/{name}")]
+    return f"{base}/{rel}"

@@ -1,0 +1,112 @@
+"""Derived tables: versioned, published atomically, with a record of their inputs.
+
+    tables/model=<m>/corpus=<c>/<table>/_MANIFEST.json      written last (renamed into place)
+    tables/model=<m>/corpus=<c>/<table>/v-<id>/<file>.parquet
+
+A run writes a complete new version directory (any process may write its parts)
+and then replaces ``_MANIFEST.json``, which names the version, its files and what
+it was built from (shards, parameters). Readers follow the manifest, so they see
+the old table or the new one, never a mix. Older versions are removed after the
+switch; a version directory that no manifest names is debris.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from circuit_atlas._version import __version__
+from circuit_atlas.errors import LakeError
+from circuit_atlas.lake import layout
+from circuit_atlas.lake.schemas import DERIVED, TableSpec
+from circuit_atlas.lake.shards import write_json_atomic
+from circuit_atlas.lake.validate import check_file, conform
+
+if TYPE_CHECKING:
+    from circuit_atlas.lake.lake import Lake
+
+MANIFEST = "_MANIFEST.json"
+MANIFEST_FORMAT = "circuit-atlas-table"
+
+
+def derived_spec(name: str) -> TableSpec | None:
+    return DERIVED.get(name)
+
+
+class TableVersion:
+    """A new version of a derived table being written. Picklable: parts may be written
+    by Dask workers; :meth:`publish` (on the client) makes it the current version."""
+
+    def __init__(self, lake: Lake, model: str, corpus: str, table: str) -> None:
+        self.lake, self.model, self.corpus, self.table = lake, model, corpus, table
+        self.dir = layout.table_dir(layout.model_key(model), corpus, table)
+        self.version = f"v-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+    def write(self, name: str, data: pa.Table, spec: TableSpec | None = None) -> str:
+        """Write one part file (``name``, e.g. "src_layer-05.parquet"); returns its path."""
+        path = self.lake.path(f"{self.dir}/{self.version}/{name}")
+        if spec is not None:
+            data = conform(data, spec, origin=path)
+        self.lake.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with self.lake.fs.open(path, "wb") as f:
+            pq.write_table(data, f, compression="zstd", row_group_size=1 << 20)
+        return f"{self.version}/{name}"
+
+    def publish(self, files: list[str], inputs: dict[str, Any]) -> dict[str, Any]:
+        """Switch readers to this version (manifest renamed into place), drop older ones."""
+        record = {
+            "format": MANIFEST_FORMAT, "table": self.table, "version": self.version,
+            "files": sorted(files), "inputs": inputs, "code_version": __version__,
+            "published_at": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
+        }
+        spec = derived_spec(self.table)
+        if spec is not None:
+            record["schema_version"] = spec.version
+        write_json_atomic(self.lake.fs, self.lake.path(f"{self.dir}/{MANIFEST}"), record)
+        for old in self.lake.fs.glob(self.lake.path(f"{self.dir}/v-*")):
+            if not old.endswith(f"/{self.version}"):
+                self.lake.fs.rm(old, recursive=True)
+        return record
+
+
+def read_manifest(lake: Lake, model: str, corpus: str, table: str) -> dict[str, Any] | None:
+    path = lake.path(f"{layout.table_dir(layout.model_key(model), corpus, table)}/{MANIFEST}")
+    if not lake.fs.exists(path):
+        return None
+    try:
+        with lake.fs.open(path, "rb") as f:
+            record = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise LakeError(f"{path}: unreadable table manifest: {e}") from e
+    if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT:
+        raise LakeError(f"{path}: not a circuit-atlas table manifest")
+    spec = derived_spec(table)
+    if spec is not None and record.get("schema_version") != spec.version:
+        raise LakeError(f"{path}: {table} schema version {record.get('schema_version')}, "
+                        f"this circuit-atlas reads version {spec.version}")
+    return record
+
+
+def table_files(lake: Lake, table: str, model: str | None = None, corpus: str | None = None,
+                validate: bool = True) -> list[str]:
+    """The current files of a derived table across (model, corpus) partitions."""
+    m = layout.model_key(model) if model else "*"
+    c = layout.check_name("corpus", corpus) if corpus else "*"
+    files = []
+    name = layout.check_name("table", table)
+    pattern = lake.path(f"{layout.TABLES}/model={m}/corpus={c}/{name}/{MANIFEST}")
+    for manifest in sorted(lake.fs.glob(pattern)):
+        parts = layout.partition_values(manifest[len(lake.root):])
+        record = read_manifest(lake, parts["model"], parts["corpus"], table)
+        base = manifest.rsplit("/", 1)[0]
+        files.extend(f"{base}/{f}" for f in record["files"])
+    spec = derived_spec(table)
+    if validate and spec is not None:
+        for f in files:
+            check_file(f, spec, lake.fs)
+    return files

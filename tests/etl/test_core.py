@@ -1,0 +1,76 @@
+"""The pure reduce functions against DuckDB, over random inputs (hypothesis)."""
+
+import numpy as np
+import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from circuit_atlas.etl.edge_reduce import EDGE_MERGE, finalize, pack, shard_partial, unpack
+from circuit_atlas.etl.fold import fold
+from circuit_atlas.lake import EDGES
+from tests.etl.oracle import assert_same, edge_oracle
+
+
+def random_edges(rng, n_graphs, rows_per_graph, n_neurons, first_graph=0, shuffle=False):
+    n = n_graphs * rows_per_graph
+    graph = np.repeat(np.arange(first_graph, first_graph + n_graphs), rows_per_graph)
+    t = {
+        "graph_id": graph.astype(np.int64),
+        "src_layer": rng.integers(-1, 3, n).astype(np.int16),
+        "src_index": rng.integers(-1, n_neurons, n).astype(np.int32),
+        "src_pos": rng.integers(0, 4, n).astype(np.int32),
+        "tgt_layer": rng.integers(0, 4, n).astype(np.int16),
+        "tgt_index": rng.integers(0, n_neurons, n).astype(np.int32),
+        "tgt_pos": rng.integers(0, 4, n).astype(np.int32),
+        "weight": (rng.normal(size=n) * 10.0 ** rng.integers(-7, 4, n)).astype(np.float32),
+    }
+    if shuffle:  # rows of a graph interleaved with other graphs' rows
+        order = rng.permutation(n)
+        t = {k: v[order] for k, v in t.items()}
+    return pa.table(t, schema=EDGES.schema)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), shards=st.integers(1, 5), graphs=st.integers(0, 6),
+       rows=st.integers(0, 40), neurons=st.integers(1, 6), shuffle=st.booleans(),
+       min_count=st.integers(1, 3))
+def test_partials_and_fold_equal_duckdb(seed, shards, graphs, rows, neurons, shuffle, min_count):
+    rng = np.random.default_rng(seed)
+    tables = [random_edges(rng, graphs, rows, neurons, first_graph=100 * s, shuffle=shuffle)
+              for s in range(shards)]
+    ours = finalize(fold([shard_partial(t) for t in tables], EDGE_MERGE), min_count)
+    assert_same(ours, edge_oracle(pa.concat_tables(tables), min_count))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), shards=st.integers(2, 9), split=st.data())
+def test_folding_onto_a_state_is_bitwise_equal_to_scratch(seed, shards, split):
+    rng = np.random.default_rng(seed)
+    partials = [shard_partial(random_edges(rng, 3, 30, 3, first_graph=10 * s))
+                for s in range(shards)]
+    scratch = fold(partials, EDGE_MERGE)
+    cut = sorted(split.draw(st.sets(st.integers(1, shards - 1), max_size=3)))
+    state = None
+    for a, b in zip([0, *cut], [*cut, shards], strict=True):
+        state = fold(([state] if state is not None else []) + partials[a:b], EDGE_MERGE)
+    assert state.equals(scratch)  # exact, not approximate
+
+
+def test_pack_round_trip_and_order():
+    rng = np.random.default_rng(0)
+    cols = (rng.integers(-1, 80, 1000), rng.integers(-1, 200000, 1000),
+            rng.integers(-1, 81, 1000), rng.integers(-1, 200000, 1000))
+    key = pack(*cols)
+    for got, want in zip(unpack(key), cols, strict=True):
+        assert np.array_equal(got, want)
+    order = np.lexsort(cols[::-1])
+    assert np.array_equal(np.sort(key), key[order])
+
+
+def test_out_of_range_ids_are_refused():
+    import pytest
+
+    from circuit_atlas import CircuitAtlasError
+
+    with pytest.raises(CircuitAtlasError, match="edge index out of range"):
+        pack([0], [5_000_000], [1], [0])

@@ -1,0 +1,151 @@
+"""The reduce on a real LocalCluster, against DuckDB over the same committed files."""
+
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from circuit_atlas import CircuitAtlasError
+from circuit_atlas.cli import cli
+from circuit_atlas.etl.reduce import reduce_lake
+from circuit_atlas.lake import Lake, LakeError
+from tests.etl.oracle import assert_same, edge_oracle, neuron_oracle
+from tests.factories import MODEL, prompts_of, write_shard
+
+KEY = ["src_layer", "src_index", "tgt_layer", "tgt_index"]
+
+
+def make_lake(path, shards=3, corpus="c", start=0):
+    lake = Lake.init(path)
+    for s in range(start, start + shards):
+        write_shard(lake, corpus, prompts_of(5 + s, f"{corpus}{s}"), seed=s, neurons=6)
+    return lake
+
+
+def published(lake, table):
+    return lake.table(table).drop("model", "corpus").collect().to_arrow()
+
+
+def test_reduce_equals_duckdb(tmp_path, client):
+    lake = make_lake(tmp_path / "l", shards=4)
+    report = reduce_lake(lake, MODEL, ["c"], client)
+    assert report.from_scratch and report.new_shards == 4
+    raw_edges, raw_nodes = lake.read("edges"), lake.read("nodes")
+    edges = published(lake, "edges")
+    assert_same(edges.select(edge_oracle(raw_edges).column_names), edge_oracle(raw_edges))
+    count = edges.column("count").to_numpy()
+    np.testing.assert_allclose(edges.column("mean_weight").to_numpy(),
+                               edges.column("weight_sum").to_numpy() / count)
+    neurons = published(lake, "neurons")
+    assert_same(neurons.select(neuron_oracle(raw_nodes).column_names), neuron_oracle(raw_nodes))
+
+
+def test_several_corpora_and_token_associations(tmp_path, client):
+    lake = make_lake(tmp_path / "l", shards=2, corpus="med")
+    for s in range(2):
+        write_shard(lake, "gen", prompts_of(4, f"gen{s}"), seed=10 + s, neurons=6)
+    reduce_lake(lake, MODEL, ["med", "gen"], client, top_k=3)
+    assert lake.derived_tables()[MODEL.replace("/", "--")] == {
+        "gen+med": ["edges", "neuron_corpora", "neuron_tokens", "neurons"]}
+    corpora = lake.table("neuron_corpora").collect()
+    neurons = lake.table("neurons").collect()
+    by_corpus = corpora.group_by("layer", "index").agg(total=pa_sum("graph_count"))
+    joined = neurons.join(by_corpus, on=["layer", "index"])
+    assert (joined["graph_count"] == joined["total"]).all()
+    assert set(corpora["corpus_name"]) == {"med", "gen"}
+    tokens = lake.table("neuron_tokens").collect()
+    assert tokens.group_by("layer", "index", "kind").len()["len"].max() <= 3
+    # oracle for the input-token association of one neuron: count its rows per token
+    nodes, graphs = lake.read("nodes").to_pylist(), {
+        g["graph_id"]: g for g in lake.read("graphs").to_pylist()}
+    row = tokens.filter(tokens["kind"] == "input").sort("count", descending=True).row(
+        0, named=True)
+    counts: dict[int, int] = {}
+    for n in nodes:
+        if (n["layer"], n["index"]) == (row["layer"], row["index"]):
+            toks = graphs[n["graph_id"]]["input_tokens"]
+            t = toks[min(n["position"], len(toks) - 1)]
+            counts[t] = counts.get(t, 0) + 1
+    assert counts[row["token_id"]] == row["count"] == max(counts.values())
+
+
+def pa_sum(name):
+    import polars as pl
+
+    return pl.col(name).sum()
+
+
+def table_bytes(lake, table):
+    files = sorted(lake.fs.glob(lake.path(f"tables/*/*/{table}/v-*/*.parquet")))
+    return [open(f, "rb").read() for f in files]  # noqa: SIM115
+
+
+@pytest.mark.parametrize("min_count", [1, 2])
+def test_incremental_equals_scratch_byte_for_byte(tmp_path, client, min_count):
+    lake = make_lake(tmp_path / "inc", shards=3)
+    reduce_lake(lake, MODEL, ["c"], client, min_count=min_count)
+    for s in range(3, 5):
+        write_shard(lake, "c", prompts_of(5 + s, f"c{s}"), seed=s, neurons=6)
+    again = reduce_lake(lake, MODEL, ["c"], client, min_count=min_count)
+    assert not again.from_scratch and again.new_shards == 2
+    scratch_lake = Lake.init(tmp_path / "scratch")
+    shutil.copytree(lake.path("graphs"), scratch_lake.path("graphs"))
+    assert reduce_lake(scratch_lake, MODEL, ["c"], client, min_count=min_count).from_scratch
+    for table in ("edges", "neurons", "neuron_tokens", "neuron_corpora"):
+        assert table_bytes(lake, table) == table_bytes(scratch_lake, table), table
+    edges = published(lake, "edges")
+    assert edges.num_rows > 100 and edges.column("count").to_numpy().min() >= min_count
+    assert_same(published(lake, "edges").select(edge_oracle(lake.read("edges")).column_names),
+                edge_oracle(lake.read("edges"), min_count))
+    # changed parameters start over instead of mixing
+    assert reduce_lake(lake, MODEL, ["c"], client, min_count=min_count + 1).from_scratch
+
+
+def test_a_killed_worker_does_not_change_the_result(tmp_path, client):
+    lake = make_lake(tmp_path / "l", shards=6)
+    pids = list(client.run(os.getpid).values())
+    killed = []
+
+    def kill_one(done, total):
+        if done == 3 and not killed:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    reduce_lake(lake, MODEL, ["c"], client, chunk=2, on_progress=kill_one)
+    assert killed
+    client.wait_for_workers(2, timeout=60)
+    raw = lake.read("edges")
+    assert_same(published(lake, "edges").select(edge_oracle(raw).column_names), edge_oracle(raw))
+
+
+def test_bad_shards(tmp_path, client):
+    lake = make_lake(tmp_path / "l", shards=2)
+    lake.open_shard(MODEL, "c", params={})  # uncommitted: ignored
+    reduce_lake(lake, MODEL, ["c"], client)
+    raw = lake.read("edges")
+    assert published(lake, "edges").num_rows == edge_oracle(raw).num_rows
+    shard = lake.shards()[0]
+    with open(shard.file("edges"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(LakeError, match=r"edges.parquet: not a readable Parquet file"):
+        reduce_lake(lake, MODEL, ["c"], client, min_count=2)
+    with pytest.raises(CircuitAtlasError, match="no committed graphs of model 'other'"):
+        reduce_lake(lake, "other", ["c"], client)
+    with pytest.raises(CircuitAtlasError, match="for corpus nope .*graphs held: "
+                                                "test-org/tiny-llama / c"):
+        reduce_lake(lake, MODEL, ["nope"], client)
+
+
+def test_reduce_command(tmp_path):
+    lake = make_lake(tmp_path / "l", shards=2)
+    result = CliRunner().invoke(cli, ["reduce", "--lake", lake.url, "--corpus", "c",
+                                      "--model", MODEL, "--workers", "1", "--min-count", "2"])
+    assert result.exit_code == 0, result.output
+    assert "dashboard http" in result.output and "from scratch" in result.output
+    edges = lake.table("edges").collect()
+    assert edges.height == edge_oracle(lake.read("edges"), 2).num_rows > 0
+    info = CliRunner().invoke(cli, ["lake", "info", "--lake", lake.url])
+    assert "edges" in info.output and "neurons" in info.output
