@@ -379,7 +379,7 @@ def _client(cluster: str, workers, worker_memory, queue, account, cores, memory,
 @click.option("--min-count", default=1, show_default=True,
               help="Publish only edges seen at least this often (the seeds used 3).")
 @click.option("--top-k", default=10, show_default=True, help="Token associations per neuron.")
-@click.option("--chunk", default=16, show_default=True,
+@click.option("--chunk", default=64, show_default=True,
               help="Shards folded per task (bounds the memory of one task).")
 @cluster_options
 def reduce(lake_path: str, corpora: tuple[str, ...], model_spec: str, min_count: int,

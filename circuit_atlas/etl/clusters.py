@@ -1,7 +1,7 @@
 """One way to get a Dask client for every command: local, an address, or SLURM.
 
-* ``None`` or ``"local"``: a ``LocalCluster`` sized to this machine (one
-  single-threaded worker process per core, memory split between them);
+* ``None`` or ``"local"``: a ``LocalCluster`` sized to this machine: one worker
+  process per core (``n_workers`` to change), cores and memory split between them;
 * ``"slurm"``: a ``dask_jobqueue.SLURMCluster``; its settings come from the
   ``jobqueue.slurm`` section of the Dask config (YAML in ``~/.config/dask`` or
   ``DASK_JOBQUEUE__SLURM__*`` variables), and keyword arguments override them,
@@ -29,9 +29,10 @@ def local_cluster_kwargs(n_workers: int | None = None, memory_limit: str | None 
                          ) -> dict[str, Any]:
     import psutil
 
-    n = n_workers or os.cpu_count() or 1
+    cores = os.cpu_count() or 1
+    n = n_workers or cores
     memory = memory_limit or f"{int(psutil.virtual_memory().total * 0.8 / n / 2**20)}MiB"
-    return {"n_workers": n, "threads_per_worker": 1, "memory_limit": memory,
+    return {"n_workers": n, "threads_per_worker": max(1, cores // n), "memory_limit": memory,
             "processes": True, "dashboard_address": ":0"}
 
 

@@ -67,10 +67,13 @@ def shard_task(lake: Lake, shard_path: str, corpus_id: int) -> dict[str, Any]:
     edges = er.shard_partial(_read(lake, f"{shard_path}/edges.parquet", EDGES, EDGE_COLUMNS))
     layers = er.src_layer_of(edges.column("key").to_numpy())
     by_layer = {}
-    if edges.num_rows:  # sorted by key, so each layer is one slice
+    if edges.num_rows:  # sorted by key, so each layer is one run; copied, not sliced:
+        # Dask sizes a slice by its parent's buffers and would spill them needlessly
         bounds = [0, *((layers[1:] != layers[:-1]).nonzero()[0] + 1), edges.num_rows]
-        by_layer = {int(layers[a]): edges.slice(a, b - a) for a, b in zip(bounds, bounds[1:],
-                                                                         strict=False)}
+        cols = {n: edges.column(n).to_numpy() for n in edges.column_names}
+        by_layer = {int(layers[a]): pa.table({n: c[a:b].copy() for n, c in cols.items()},
+                                             schema=edges.schema)
+                    for a, b in zip(bounds, bounds[1:], strict=False)}
     stats, tokens = nr.shard_partials(
         _read(lake, f"{shard_path}/nodes.parquet", NODES, NODE_COLUMNS),
         _read(lake, f"{shard_path}/graphs.parquet", GRAPHS,
@@ -94,14 +97,23 @@ def fold_task(merge: Merge, state: pa.Table | None, *parts: pa.Table) -> pa.Tabl
     return fold([state, *parts] if state is not None else list(parts), merge)
 
 
-def read_state(lake: Lake, path: str) -> pa.Table:
+def read_state(lake: Lake, path: str, table: str) -> pa.Table:
     with lake.fs.open(path, "rb") as f:
-        return pq.read_table(f)
+        data = pq.read_table(f)
+    if table == "edges" and "src_layer" in data.column_names:  # the published table itself
+        key = er.pack(*(data.column(c).to_numpy() for c in (
+            "src_layer", "src_index", "tgt_layer", "tgt_index")))
+        data = pa.table({"key": key, **{n: data.column(n) for n in er.PARTIAL_SCHEMA.names[1:]}},
+                        schema=er.PARTIAL_SCHEMA)
+    return data
 
 
 def finish_task(version, table: str, name: str, state: pa.Table, params: dict[str, Any]
                 ) -> tuple[list[str], str, int]:
-    """Write the published part and the state; returns (part files, state file, rows)."""
+    """Write the published part and the state; returns (part files, state file, rows).
+
+    With min_count 1 the published edge part holds the whole state (keys unpacked),
+    so it is its own state file."""
     if table == "edges":
         out, spec = er.finalize(state, params["min_count"]), EDGE_STATS
     elif table == "neurons":
@@ -110,8 +122,11 @@ def finish_task(version, table: str, name: str, state: pa.Table, params: dict[st
         out, spec = nr.finalize_tokens(state, params["top_k"]), NEURON_TOKENS
     else:
         out, spec = nr.finalize_corpora(state, params["corpora"]), NEURON_CORPORA
-    state_file = version.write(f"{STATE}/{name}", state)
-    return [version.write(name, out, spec)], state_file, out.num_rows
+    part = version.write(name, out, spec)
+    if table == "edges" and params["min_count"] == 1:
+        return [part], part, out.num_rows
+    state_file = version.write(f"{STATE}/{name}", state, compression="lz4")  # read back only
+    return [part], state_file, out.num_rows
 
 
 def ordered_shards(lake: Lake, model: str, corpora: list[str]):
@@ -121,7 +136,7 @@ def ordered_shards(lake: Lake, model: str, corpora: list[str]):
 
 
 def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_count: int = 1,
-                top_k: int = 10, chunk: int = 16,
+                top_k: int = 10, chunk: int = 64,
                 on_progress: Callable[[int, int], None] | None = None) -> ReduceReport:
     """Reduce the committed shards of ``model`` over ``corpora`` into the derived tables.
 
@@ -164,7 +179,7 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
             state = None
             if old is not None and name in _state_names(manifests[table], old):
                 state = client.submit(read_state, lake, _state_path(
-                    lake, model, corpus_key, table, manifests[table], name), pure=False)
+                    lake, model, corpus_key, table, manifests[table], name), table, pure=False)
             parts = client.map(pick, results, [table] * len(results),
                                [layer] * len(results)) if table == "edges" else client.map(
                 pick, results, [table] * len(results))

@@ -13,7 +13,6 @@ switch; a version directory that no manifest names is debris.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +22,8 @@ import pyarrow.parquet as pq
 from circuit_atlas._version import __version__
 from circuit_atlas.errors import LakeError
 from circuit_atlas.lake import layout
+from circuit_atlas.lake.records import read_record, write_json_atomic
 from circuit_atlas.lake.schemas import DERIVED, TableSpec
-from circuit_atlas.lake.shards import write_json_atomic
 from circuit_atlas.lake.validate import check_file, conform
 
 if TYPE_CHECKING:
@@ -47,14 +46,15 @@ class TableVersion:
         self.dir = layout.table_dir(layout.model_key(model), corpus, table)
         self.version = f"v-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
 
-    def write(self, name: str, data: pa.Table, spec: TableSpec | None = None) -> str:
+    def write(self, name: str, data: pa.Table, spec: TableSpec | None = None,
+              compression: str = "zstd") -> str:
         """Write one part file (``name``, e.g. "src_layer-05.parquet"); returns its path."""
         path = self.lake.path(f"{self.dir}/{self.version}/{name}")
         if spec is not None:
             data = conform(data, spec, origin=path)
         self.lake.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with self.lake.fs.open(path, "wb") as f:
-            pq.write_table(data, f, compression="zstd", row_group_size=1 << 20)
+            pq.write_table(data, f, compression=compression, row_group_size=1 << 20)
         return f"{self.version}/{name}"
 
     def publish(self, files: list[str], inputs: dict[str, Any]) -> dict[str, Any]:
@@ -78,13 +78,7 @@ def read_manifest(lake: Lake, model: str, corpus: str, table: str) -> dict[str, 
     path = lake.path(f"{layout.table_dir(layout.model_key(model), corpus, table)}/{MANIFEST}")
     if not lake.fs.exists(path):
         return None
-    try:
-        with lake.fs.open(path, "rb") as f:
-            record = json.loads(f.read())
-    except (OSError, ValueError) as e:
-        raise LakeError(f"{path}: unreadable table manifest: {e}") from e
-    if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT:
-        raise LakeError(f"{path}: not a circuit-atlas table manifest")
+    record = read_record(lake.fs, path, MANIFEST_FORMAT, "table manifest")
     spec = derived_spec(table)
     if spec is not None and record.get("schema_version") != spec.version:
         raise LakeError(f"{path}: {table} schema version {record.get('schema_version')}, "

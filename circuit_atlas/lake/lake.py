@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import uuid
 from collections.abc import Iterable
@@ -22,6 +21,7 @@ from circuit_atlas.lake import layout
 from circuit_atlas.lake.derived import TableVersion, read_manifest, table_files
 from circuit_atlas.lake.ids import prompt_id
 from circuit_atlas.lake.prompt_files import Record, meta_json
+from circuit_atlas.lake.records import read_record, write_json_atomic
 from circuit_atlas.lake.schemas import DERIVED, PROMPTS, TableSpec, spec
 from circuit_atlas.lake.shards import (
     CleanupReport,
@@ -30,7 +30,6 @@ from circuit_atlas.lake.shards import (
     cleanup,
     list_shards,
     uncommitted_shard_dirs,
-    write_json_atomic,
 )
 from circuit_atlas.lake.validate import check_file, conform
 
@@ -91,13 +90,7 @@ class Lake:
         return cls(path, create=True)
 
     def _read_marker(self, marker: str) -> dict[str, Any]:
-        try:
-            with self.fs.open(marker, "rb") as f:
-                meta = json.loads(f.read())
-        except (OSError, ValueError) as e:
-            raise LakeError(f"{marker}: unreadable lake marker: {e}") from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise LakeError(f"{marker}: not a circuit-atlas lake marker")
+        meta = read_record(self.fs, marker, FORMAT_NAME, "lake marker")
         if meta.get("format_version") != FORMAT_VERSION:
             raise LakeError(
                 f"{marker}: lake format version {meta.get('format_version')}, "

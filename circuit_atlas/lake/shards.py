@@ -35,6 +35,7 @@ from circuit_atlas._version import __version__
 from circuit_atlas.errors import LakeError
 from circuit_atlas.lake import layout
 from circuit_atlas.lake.ids import params_hash as hash_params
+from circuit_atlas.lake.records import read_record, write_json_atomic
 from circuit_atlas.lake.schemas import SHARD_TABLES, spec
 from circuit_atlas.lake.validate import conform
 
@@ -79,14 +80,6 @@ def new_shard_name() -> str:
 def _now() -> str:
     # microseconds: the reduce folds shards in commit order, and ties must be rare
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
-
-
-def write_json_atomic(fs, path: str, value: dict[str, Any]) -> None:
-    """Write JSON to a temporary sibling and rename it into place."""
-    tmp = layout.tmp_name(path, uuid.uuid4().hex[:8])
-    with fs.open(tmp, "wb") as f:
-        f.write(json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False).encode())
-    fs.mv(tmp, path)
 
 
 @dataclass
@@ -256,13 +249,7 @@ class ShardWriter:
 
 def read_commit(fs, path: str) -> dict[str, Any]:
     """A shard's ``_COMMIT.json``, checked, or a LakeError naming the file."""
-    try:
-        with fs.open(path, "rb") as f:
-            record = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError) as e:
-        raise LakeError(f"{path}: unreadable shard commit record: {e}") from e
-    if not isinstance(record, dict) or record.get("format") != COMMIT_FORMAT:
-        raise LakeError(f"{path}: not a circuit-atlas shard commit record")
+    record = read_record(fs, path, COMMIT_FORMAT, "shard commit record")
     for table, version in record.get("schema_versions", {}).items():
         if table in SHARD_TABLES and version != spec(table).version:
             raise LakeError(
