@@ -214,6 +214,45 @@ def prompts_list(lake_path: str, corpus: str | None, limit: int, as_json: bool) 
     _console().print(table)
 
 
+# clusters --------------------------------------------------------------------------
+
+
+def cluster_options(f=None, *, default: str = "local"):
+    """The cluster choice every Dask command shares (SLURM flags override the
+    jobqueue.slurm section of the Dask config)."""
+    if f is None:
+        return lambda g: cluster_options(g, default=default)
+    extra = " 'none' runs in this process." if default == "none" else ""
+    options = [
+        click.option("--cluster", default=default, show_default=True,
+                     help="'local' (a LocalCluster sized to this machine), 'slurm' "
+                          "(dask-jobqueue), or a scheduler address tcp://host:port." + extra),
+        click.option("--workers", type=int, help="Local workers (default: one per core)."),
+        click.option("--worker-memory", help="Memory limit per local worker, e.g. 2GB."),
+        click.option("--queue", "--partition", "queue", help="SLURM partition."),
+        click.option("--account", help="SLURM account."),
+        click.option("--cores", type=int, help="Cores per SLURM job."),
+        click.option("--memory", help="Memory per SLURM job, e.g. 24GB."),
+        click.option("--walltime", help="SLURM walltime, e.g. 01:00:00."),
+        click.option("--jobs", type=int, help="SLURM jobs to start (default 1)."),
+        click.option("--job-extra-directive", "job_extra_directives", multiple=True,
+                     help="Extra #SBATCH line, e.g. --gres=gpu:1 (repeatable)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _client(cluster: str, workers, worker_memory, queue, account, cores, memory, walltime,
+            jobs, job_extra_directives):
+    from circuit_atlas.etl.clusters import dask_client
+
+    return dask_client(cluster, n_workers=workers, memory_limit=worker_memory, jobs=jobs,
+                       queue=queue, account=account, cores=cores, memory=memory,
+                       walltime=walltime, echo=click.echo,
+                       job_extra_directives=list(job_extra_directives) or None)
+
+
 # compute ---------------------------------------------------------------------------
 
 
@@ -245,10 +284,11 @@ def prompts_list(lake_path: str, corpus: str | None, limit: int, as_json: bool) 
 @click.option("--batch-rows", default=256, show_default=True,
               help="Targets replayed together in one batch (memory vs. speed).")
 @click.option("--limit", type=int, default=None, help="Only the first N prompts (by id).")
+@cluster_options(default="none")
 def graphs(model_spec: str, corpus: str, lake_path: str, device: str, dtype: str,
            candidates: int, last_positions: int | None, max_logits: int, logit_prob: float,
            no_prune: bool, node_threshold: float, edge_threshold: float, max_tokens: int,
-           shard_size: int, batch_rows: int, limit: int | None) -> None:
+           shard_size: int, batch_rows: int, limit: int | None, **cluster: Any) -> None:
     """Compute RelP attribution graphs for a corpus and commit them to the lake.
 
     Prompts whose graphs are already committed for the same model and parameters
@@ -263,9 +303,16 @@ def graphs(model_spec: str, corpus: str, lake_path: str, device: str, dtype: str
         edge_threshold=edge_threshold)
     opened = Lake(lake_path)
     opened.check_corpus(corpus)
-    compute_graphs(opened, model_spec, corpus, params, device=device, dtype=dtype,
-                   max_tokens=max_tokens, shard_size=shard_size, batch_rows=batch_rows,
-                   limit=limit, console=_console())
+    kwargs = {"max_tokens": max_tokens, "shard_size": shard_size, "batch_rows": batch_rows,
+              "limit": limit}
+    if cluster["cluster"] == "none":
+        compute_graphs(opened, model_spec, corpus, params, device=device, dtype=dtype,
+                       console=_console(), **kwargs)
+        return
+    with _client(**cluster) as client:
+        compute_graphs(opened, model_spec, corpus, params, device=device, dtype=dtype,
+                       console=_console(), client=client, model_spec_for_workers=model_spec,
+                       **kwargs)
 
 
 def compute_graphs(lake, model_spec, corpus: str, params, console, device: str = "cpu",
@@ -298,7 +345,9 @@ def compute_graphs(lake, model_spec, corpus: str, params, console, device: str =
             done = progress.tasks[task].completed
             progress.update(task, rate=f"{done / (time.perf_counter() - start):.2f} graphs/s")
 
-        report = run_graphs(lake, model, corpus, params, on_graph=tick, **kwargs)
+        spec = kwargs.pop("model_spec_for_workers", None)
+        report = run_graphs(lake, model, corpus, params, on_graph=tick, model_spec=spec,
+                            **kwargs)
     console.print(f"[green]graphs[/] {corpus}: {report.computed} computed, "
                   f"{report.skipped} already committed, {report.shards} shard(s), "
                   f"{report.seconds:.1f} s (model {model.name}, params {report.params_hash})")
@@ -335,39 +384,6 @@ def export_graph(lake_path: str, corpus: str, model_spec: str, prompt_id: str | 
 
 
 # etl -------------------------------------------------------------------------------
-
-
-def cluster_options(f):
-    """The cluster choice every Dask command shares (SLURM flags override the
-    jobqueue.slurm section of the Dask config)."""
-    options = [
-        click.option("--cluster", default="local", show_default=True,
-                     help="'local' (a LocalCluster sized to this machine), 'slurm' "
-                          "(dask-jobqueue), or a scheduler address tcp://host:port."),
-        click.option("--workers", type=int, help="Local workers (default: one per core)."),
-        click.option("--worker-memory", help="Memory limit per local worker, e.g. 2GB."),
-        click.option("--queue", "--partition", "queue", help="SLURM partition."),
-        click.option("--account", help="SLURM account."),
-        click.option("--cores", type=int, help="Cores per SLURM job."),
-        click.option("--memory", help="Memory per SLURM job, e.g. 24GB."),
-        click.option("--walltime", help="SLURM walltime, e.g. 01:00:00."),
-        click.option("--jobs", type=int, help="SLURM jobs to start (default 1)."),
-        click.option("--job-extra-directive", "job_extra_directives", multiple=True,
-                     help="Extra #SBATCH line, e.g. --gres=gpu:1 (repeatable)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _client(cluster: str, workers, worker_memory, queue, account, cores, memory, walltime,
-            jobs, job_extra_directives):
-    from circuit_atlas.etl.clusters import dask_client
-
-    return dask_client(cluster, n_workers=workers, memory_limit=worker_memory, jobs=jobs,
-                       queue=queue, account=account, cores=cores, memory=memory,
-                       walltime=walltime, echo=click.echo,
-                       job_extra_directives=list(job_extra_directives) or None)
 
 
 @cli.command()

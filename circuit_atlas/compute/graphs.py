@@ -78,6 +78,40 @@ def tokenize(model: LoadedModel, text: str, max_tokens: int) -> torch.Tensor:
     return ids.to(model.adapter.device)
 
 
+def commit_shard(lake: Lake, model: LoadedModel, corpus: str, prompts: list[tuple[str, str]],
+                 params: AttributionParams, max_tokens: int = MAX_TOKENS, batch_rows: int = 256,
+                 on_graph: Callable[[int, int], None] | None = None, total: int = 0) -> int:
+    """Compute the graphs of ``prompts`` (id, text) and commit them as one shard."""
+    rp = run_params(model, params, max_tokens)
+    phash = params_hash(rp)
+    with lake.open_shard(model.name, corpus, params=rp, model_revision=model.revision) as shard:
+        for pid, text in prompts:
+            raw = attribute(model.adapter, tokenize(model, text, max_tokens), params, batch_rows)
+            tables = graph_tables(raw, graph_id(model.name, pid, phash), pid, phash,
+                                  params.prune, params.node_threshold, params.edge_threshold)
+            for name, table in tables.items():
+                shard.write(name, table)
+            if on_graph:
+                on_graph(1, total)
+    return len(prompts)
+
+
+_WORKER_MODELS: dict[tuple[str, str, str], LoadedModel] = {}
+
+
+def shard_task(lake: Lake, model_spec: str, device: str, dtype: str, corpus: str,
+               prompts: list[tuple[str, str]], params: AttributionParams, max_tokens: int,
+               batch_rows: int) -> int:
+    """A Dask task: one shard of graphs; the model is loaded once per worker process."""
+    from circuit_atlas.compute.models import load_model
+
+    key = (model_spec, device, dtype)
+    if key not in _WORKER_MODELS:
+        _WORKER_MODELS[key] = load_model(model_spec, device=device, dtype=dtype)
+    return commit_shard(lake, _WORKER_MODELS[key], corpus, prompts, params, max_tokens,
+                        batch_rows)
+
+
 @dataclass
 class GraphRunReport:
     model: str
@@ -93,34 +127,40 @@ def run_graphs(
     lake: Lake, model: LoadedModel, corpus: str, params: AttributionParams,
     shard_size: int = 32, limit: int | None = None, max_tokens: int = MAX_TOKENS,
     batch_rows: int = 256, on_graph: Callable[[int, int], None] | None = None,
+    client=None, model_spec: str | None = None,
 ) -> GraphRunReport:
     """Compute and commit the graphs of ``corpus`` not yet in the lake.
 
+    In this process by default; with a Dask ``client``, one task per shard (workers
+    load ``model_spec`` themselves; on a GPU device the tasks ask for a ``GPU``
+    worker resource, so a mixed cluster never runs them on a CPU worker).
     ``on_graph(done, total)`` is called after each graph (for progress bars).
     """
     lake.check_corpus(corpus)
-    rp = run_params(model, params, max_tokens)
-    phash = params_hash(rp)
+    phash = params_hash(run_params(model, params, max_tokens))
     prompts = (lake.scan("prompts", corpus=corpus).select("prompt_id", "text")
                .sort("prompt_id").collect().rows())
     if limit is not None:
         prompts = prompts[:limit]
     done = lake.committed_prompt_ids(model.name, corpus, phash)
     todo = [(pid, text) for pid, text in prompts if pid not in done]
-    t0, shards = time.perf_counter(), 0
-    for start in range(0, len(todo), shard_size):
-        with lake.open_shard(model.name, corpus, params=rp,
-                             model_revision=model.revision) as shard:
-            for pid, text in todo[start:start + shard_size]:
-                raw = attribute(model.adapter, tokenize(model, text, max_tokens), params,
-                                batch_rows)
-                gid = graph_id(model.name, pid, phash)
-                for name, table in graph_tables(raw, gid, pid, phash, params.prune,
-                                                params.node_threshold,
-                                                params.edge_threshold).items():
-                    shard.write(name, table)
-                if on_graph:
-                    on_graph(1, len(todo))
-        shards += 1
+    groups = [todo[i:i + shard_size] for i in range(0, len(todo), shard_size)]
+    t0 = time.perf_counter()
+    if client is None:
+        for group in groups:
+            commit_shard(lake, model, corpus, group, params, max_tokens, batch_rows, on_graph,
+                         len(todo))
+    else:
+        from distributed import as_completed
+
+        device = str(model.adapter.device)
+        dtype = str(model.adapter.dtype).removeprefix("torch.")
+        resources = {"GPU": 1} if device.startswith("cuda") else None
+        futures = [client.submit(shard_task, lake, model_spec or model.name, device, dtype,
+                                 corpus, group, params, max_tokens, batch_rows,
+                                 resources=resources, pure=False) for group in groups]
+        for future in as_completed(futures):
+            if on_graph:
+                on_graph(future.result(), len(todo))
     return GraphRunReport(model.name, corpus, phash, len(todo), len(prompts) - len(todo),
-                          shards, time.perf_counter() - t0)
+                          len(groups), time.perf_counter() - t0)

@@ -96,3 +96,24 @@ def test_export_graph_json(lake, tmp_path):
     result = runner.invoke(cli, ["export-graph", "--corpus", "c", "--lake", lake.url,
                                  "--prompt-id", "0123456789abcdef"])
     assert result.exit_code == 1 and "no graph for prompt 0123456789abcdef" in result.output
+
+
+def test_graph_shards_on_a_dask_cluster(lake, smollm2, client):
+    """One task per shard on real worker processes; the graphs equal in-process ones."""
+    params = AttributionParams(candidates=40, prune=False)  # pruning could flip at a threshold
+    report = run_graphs(lake, smollm2, "c", params, shard_size=2, client=client,
+                        model_spec="smollm2")
+    assert (report.computed, report.shards) == (3, 2)
+    assert len(lake.shards()) == 2
+    key = ["graph_id", "tgt_layer", "tgt_index", "tgt_pos", "src_layer", "src_index", "src_pos"]
+    on_cluster = lake.scan("edges").collect().sort(key)
+    here = Lake.init(lake.path("..") + "/here")
+    here.import_prompts([{"text": t} for t in PROMPTS], "c")
+    run_graphs(here, smollm2, "c", params)
+    local = here.scan("edges").collect().sort(key)
+    assert (on_cluster.select(key) == local.select(key)).to_numpy().all()
+    assert on_cluster.height == local.height
+    np.testing.assert_allclose(on_cluster["weight"].to_numpy(), local["weight"].to_numpy(),
+                               rtol=1e-4, atol=1e-5)
+    assert run_graphs(lake, smollm2, "c", params, client=client, model_spec="smollm2"
+                      ).computed == 0
