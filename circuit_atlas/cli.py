@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any
 
 import click
@@ -243,16 +242,6 @@ def cluster_options(f=None, *, default: str = "local"):
     return f
 
 
-def _client(cluster: str, workers, worker_memory, queue, account, cores, memory, walltime,
-            jobs, job_extra_directives):
-    from circuit_atlas.etl.clusters import dask_client
-
-    return dask_client(cluster, n_workers=workers, memory_limit=worker_memory, jobs=jobs,
-                       queue=queue, account=account, cores=cores, memory=memory,
-                       walltime=walltime, echo=click.echo,
-                       job_extra_directives=list(job_extra_directives) or None)
-
-
 # compute ---------------------------------------------------------------------------
 
 
@@ -296,6 +285,7 @@ def graphs(model_spec: str, corpus: str, lake_path: str, device: str, dtype: str
     """
     from circuit_atlas.compute.attribution import AttributionParams
     from circuit_atlas.lake import Lake
+    from circuit_atlas.pipeline import cluster_client, compute_graphs
 
     params = AttributionParams(
         max_logits=max_logits, logit_prob=logit_prob, candidates=candidates,
@@ -309,49 +299,9 @@ def graphs(model_spec: str, corpus: str, lake_path: str, device: str, dtype: str
         compute_graphs(opened, model_spec, corpus, params, device=device, dtype=dtype,
                        console=_console(), **kwargs)
         return
-    with _client(**cluster) as client:
+    with cluster_client(**cluster, echo=click.echo) as client:
         compute_graphs(opened, model_spec, corpus, params, device=device, dtype=dtype,
-                       console=_console(), client=client, model_spec_for_workers=model_spec,
-                       **kwargs)
-
-
-def compute_graphs(lake, model_spec, corpus: str, params, console, device: str = "cpu",
-                   dtype: str = "float32", **kwargs):
-    """Run the graph job with a progress bar (graphs/s); ``model_spec`` may be loaded."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    from circuit_atlas.compute.graphs import run_graphs
-    from circuit_atlas.compute.models import load_model
-
-    if isinstance(model_spec, str):
-        with console.status(f"loading {model_spec} ..."):
-            model = load_model(model_spec, device=device, dtype=dtype)
-    else:
-        model = model_spec
-    columns = (TextColumn("[bold]graphs[/] {task.description}"), BarColumn(),
-               MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(corpus, total=None, rate="")
-        start = time.perf_counter()
-
-        def tick(n: int, total: int) -> None:
-            progress.update(task, total=total, advance=n)
-            done = progress.tasks[task].completed
-            progress.update(task, rate=f"{done / (time.perf_counter() - start):.2f} graphs/s")
-
-        spec = kwargs.pop("model_spec_for_workers", None)
-        report = run_graphs(lake, model, corpus, params, on_graph=tick, model_spec=spec,
-                            **kwargs)
-    console.print(f"[green]graphs[/] {corpus}: {report.computed} computed, "
-                  f"{report.skipped} already committed, {report.shards} shard(s), "
-                  f"{report.seconds:.1f} s (model {model.name}, params {report.params_hash})")
-    return report
+                       console=_console(), client=client, **kwargs)
 
 
 @cli.command("export-graph")
@@ -403,35 +353,11 @@ def reduce(lake_path: str, corpora: tuple[str, ...], model_spec: str, min_count:
     """Reduce committed graphs into the edges, neurons, neuron_tokens and neuron_corpora
     tables. A rerun folds only the shards committed since."""
     from circuit_atlas.lake import Lake
+    from circuit_atlas.pipeline import reduce_tables
 
     opened = Lake(lake_path)
     reduce_tables(opened, model_spec, list(corpora), _console(), min_count=min_count,
                   top_k=top_k, chunk=chunk, cluster=cluster)
-
-
-def reduce_tables(lake, model_spec: str, corpora: list[str], console, cluster=None, **kwargs):
-    """Run the reduce with a progress bar on the chosen cluster (local by default)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from circuit_atlas.compute.models import ALIASES
-    from circuit_atlas.etl.reduce import reduce_lake
-
-    model = ALIASES.get(model_spec, model_spec)
-    cluster = cluster or {"cluster": "local", **dict.fromkeys(
-        ("workers", "worker_memory", "queue", "account", "cores", "memory", "walltime",
-         "jobs"))}
-    cluster.setdefault("job_extra_directives", ())
-    with _client(**cluster) as client, Progress(
-            TextColumn("[bold]reduce[/]"), BarColumn(), MofNCompleteColumn(),
-            console=console) as progress:
-        task = progress.add_task("reduce", total=None)
-        report = reduce_lake(lake, model, corpora, client, on_progress=lambda d, t:
-                             progress.update(task, completed=d, total=t), **kwargs)
-    what = "from scratch" if report.from_scratch else f"{report.new_shards} new shard(s)"
-    tables = ", ".join(f"{t} {n:,} rows" for t, n in report.rows.items()) or "unchanged"
-    console.print(f"[green]reduce[/] {report.corpus}: {report.shards} shard(s), {what}; "
-                  f"{tables}; {report.seconds:.1f} s")
-    return report
 
 
 # demo ------------------------------------------------------------------------------

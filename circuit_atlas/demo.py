@@ -32,15 +32,13 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
         report = lake.import_prompts(read_prompt_file(path), corpus, source=f"demo:{path.name}")
         console.print(f"[green]prompts[/] corpus {corpus!r}: {report.added} new, "
                       f"{report.already_present} already imported")
-    from circuit_atlas.cli import compute_graphs
     from circuit_atlas.compute.attribution import AttributionParams
     from circuit_atlas.compute.models import load_model
+    from circuit_atlas.pipeline import compute_graphs, reduce_tables
 
     with console.status(f"loading {model} ..."):
         loaded = load_model(model)
     for corpus in DEMO_CORPORA:
         compute_graphs(lake, loaded, corpus, AttributionParams(), console, limit=limit)
-    from circuit_atlas.cli import reduce_tables
-
     reduce_tables(lake, loaded.name, list(DEMO_CORPORA), console)
     console.print(f"next: circuit-atlas lake info --lake {lake.url}")
