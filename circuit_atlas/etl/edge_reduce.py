@@ -10,12 +10,13 @@ every graph, so their sum across graphs means nothing.
 
 Phases:
 
-1. :func:`shard_partial`: one shard's rows to partial aggregates. A shard holds
-   whole graphs, so its distinct-graph counts are final for it and add across
-   shards without a shuffle. The four key columns are packed into one int64.
-2. :func:`fold.fold` with :data:`EDGE_MERGE`: partials of many shards to one
-   state, each key's float sums added in shard order, so a reduce that folds new
-   shards onto a stored state equals a reduce from scratch bit for bit.
+1. :func:`shard_rows`: one shard's rows with the four key columns packed into one
+   int64, split by source layer (no sort by key yet).
+2. :func:`fold_layer`: a layer's rows from many shards, sorted once by key, to
+   partial aggregates per (key, shard) -- a shard holds whole graphs, so its
+   distinct-graph counts add across shards without a shuffle -- then folded with
+   :data:`EDGE_MERGE`: each key's float sums added in shard order, so a reduce that
+   folds new shards onto a stored state equals a reduce from scratch bit for bit.
 3. :func:`finalize`: the state to the published table (min-count filter, means,
    unpacked keys), sorted by key.
 """
@@ -26,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from circuit_atlas.errors import CircuitAtlasError
-from circuit_atlas.etl.fold import Merge, segments
+from circuit_atlas.etl.fold import Merge, fold
 from circuit_atlas.lake.schemas import EDGE_STATS
 
 # key = (src_layer+1) << 52 | (src_index+1) << 30 | (tgt_layer+1) << 22 | (tgt_index+1)
@@ -62,29 +63,57 @@ def src_layer_of(key: np.ndarray) -> np.ndarray:
     return ((key >> 52) & ((1 << _LAYER_BITS) - 1)) - 1
 
 
-def shard_partial(edges: pa.Table) -> pa.Table:
-    """Partial aggregates of one shard's edge rows (whole graphs), sorted by key."""
+RAW_SCHEMA = pa.schema([("key", pa.int64()), ("graph_id", pa.int64()), ("weight", pa.float32())])
+
+
+def shard_rows(edges: pa.Table) -> dict[int, pa.Table]:
+    """One shard's edge rows as (key, graph_id, weight), split by source layer.
+
+    Rows keep their order, except that a shard whose graphs are not in runs is put in
+    graph order first (graph_count relies on each graph's rows being together).
+    """
     col = {n: edges.column(n).to_numpy() for n in (
         "graph_id", "src_layer", "src_index", "tgt_layer", "tgt_index", "weight")}
     keep = col["src_index"] != -1
     if not keep.all():
         col = {n: c[keep] for n, c in col.items()}
-    key = pack(col["src_layer"], col["src_index"], col["tgt_layer"], col["tgt_index"])
     graph = col["graph_id"]
-    # graph_count needs each graph's rows together within a key: a stable sort by key
-    # keeps them so when the shard lists its graphs in runs (as writers do)
     runs = np.flatnonzero(np.r_[True, graph[1:] != graph[:-1]]) if len(graph) else []
-    if len(np.unique(graph[runs])) == len(runs):
-        order = np.argsort(key, kind="stable")
-    else:
-        order = np.lexsort((graph, key))
-    key, graph, w32 = key[order], graph[order], col["weight"][order]
-    starts = segments(key)
-    new_graph = np.r_[True, (key[1:] != key[:-1]) | (graph[1:] != graph[:-1])] if len(key) \
-        else np.zeros(0, bool)
-    w = w32.astype(np.float64)
-    if not len(key):
+    if len(np.unique(graph[runs])) != len(runs):
+        order = np.argsort(graph, kind="stable")
+        col = {n: c[order] for n, c in col.items()}
+    key = pack(col["src_layer"], col["src_index"], col["tgt_layer"], col["tgt_index"])
+    by_layer = np.argsort(col["src_layer"], kind="stable")  # int16: a radix sort
+    layer = col["src_layer"][by_layer]
+    bounds = [0, *(np.flatnonzero(layer[1:] != layer[:-1]) + 1), len(layer)] if len(
+        layer) else [0]
+    key, graph, weight = key[by_layer], col["graph_id"][by_layer], col["weight"][by_layer]
+    # copies, not views: Dask sizes a view by its parent's buffer
+    return {int(layer[a]): pa.table({"key": key[a:b].copy(), "graph_id": graph[a:b].copy(),
+                                     "weight": weight[a:b].copy()}, schema=RAW_SCHEMA)
+            for a, b in zip(bounds, bounds[1:], strict=False)}
+
+
+def layer_partials(pieces: list[pa.Table]) -> pa.Table:
+    """Partial aggregates per (key, piece) of raw rows, pieces in shard order.
+
+    One stable sort by key keeps, within a key, the pieces in order and each piece's
+    rows in order; a (key, piece) partial therefore sums exactly the rows, in the
+    order, that it would summing that shard alone. Sorted by key, then piece.
+    """
+    parts = [p for p in pieces if p.num_rows]
+    if not parts:
         return PARTIAL_SCHEMA.empty_table()
+    t = pa.concat_tables(parts)
+    piece = np.repeat(np.arange(len(parts)), [p.num_rows for p in parts])
+    key = t.column("key").to_numpy()
+    order = np.argsort(key, kind="stable")
+    key, piece = key[order], piece[order]
+    graph, w32 = t.column("graph_id").to_numpy()[order], t.column("weight").to_numpy()[order]
+    new_seg = np.r_[True, (key[1:] != key[:-1]) | (piece[1:] != piece[:-1])]
+    starts = np.flatnonzero(new_seg)
+    new_graph = new_seg | np.r_[True, graph[1:] != graph[:-1]]
+    w = w32.astype(np.float64)
     return pa.table({
         "key": key[starts],
         "count": np.diff(np.r_[starts, len(key)]),
@@ -95,6 +124,14 @@ def shard_partial(edges: pa.Table) -> pa.Table:
         "weight_min": np.minimum.reduceat(w32, starts),
         "weight_max": np.maximum.reduceat(w32, starts),
     }, schema=PARTIAL_SCHEMA)
+
+
+def fold_layer(state: pa.Table | None, pieces: list[pa.Table]) -> pa.Table:
+    """Fold raw pieces (in shard order) onto a layer's state (or start one)."""
+    partials = layer_partials(pieces)
+    if state is None:
+        return fold([partials], EDGE_MERGE, presorted=True)
+    return fold([state, partials], EDGE_MERGE)
 
 
 EDGE_MERGE = Merge(PARTIAL_SCHEMA, float_sums=("weight_sum", "weight_abs_sum", "weight_sq_sum"),

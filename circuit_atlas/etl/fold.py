@@ -34,17 +34,23 @@ def segments(sorted_key: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
 
 
-def fold(partials: list[pa.Table], merge: Merge) -> pa.Table:
-    """Merge partials keyed by ``key``; float sums added per key in list order. Sorted."""
+def fold(partials: list[pa.Table], merge: Merge, presorted: bool = False) -> pa.Table:
+    """Merge the rows of ``partials`` by ``key``: float sums added per key in row order
+    (list order, then order within a table). Sorted by key. ``presorted``: the rows
+    already are (one table, sorted by key), which saves the sort."""
     parts = [p for p in partials if p.num_rows]
     if not parts:
         return merge.schema.empty_table()
-    if len(parts) == 1:
-        return parts[0]
     t = pa.concat_tables(parts)
     key = t.column("key").to_numpy()
-    order = np.argsort(key, kind="stable")  # stable: a key's rows stay in list order
-    key = key[order]
+    if presorted:
+        order = np.arange(len(key))
+    else:
+        order = np.argsort(key, kind="stable")  # stable: a key's rows stay in list order
+        key = key[order]
+    if len(key) == len(segments(key)):  # no key repeats: nothing to merge
+        return pa.Table.from_arrays([t.column(n).take(order) if not presorted else t.column(n)
+                                     for n in merge.schema.names], schema=merge.schema)
     starts = segments(key)
     seg = np.cumsum(np.r_[True, key[1:] != key[:-1]]) - 1
     out: dict[str, np.ndarray] = {"key": key[starts]}

@@ -2,11 +2,11 @@
 tables (and ``neuron_corpora``, ``neuron_tokens``). A thin wrapper around
 :mod:`edge_reduce` and :mod:`neuron_reduce`:
 
-1. one task per shard computes its partial aggregates (a shard holds whole graphs,
-   so nothing is shuffled);
-2. per source layer, a chain of tasks folds the shards' partials in commit order,
-   ``chunk`` shards at a time, so no task holds more than one layer's state and a
-   chunk of partials;
+1. one task per shard splits its edge rows by source layer (keys packed) and
+   computes its neuron partials;
+2. per source layer, a chain of tasks folds the shards' rows in commit order,
+   ``chunk`` shards at a time (each row is sorted once, there), so no task holds
+   more than one layer's state and a chunk of rows;
 3. per layer, a task finalises and writes the published part and the unfiltered
    state; the neuron tables go the same way with one chain each;
 4. the client publishes each table's manifest, which records the shards folded in,
@@ -26,13 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.etl import edge_reduce as er
 from circuit_atlas.etl import neuron_reduce as nr
-from circuit_atlas.etl.fold import Merge, fold
+from circuit_atlas.etl.fold import fold
 from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake
 from circuit_atlas.lake.schemas import EDGE_STATS, NEURON_CORPORA, NEURON_STATS, NEURON_TOKENS
 from circuit_atlas.lake.validate import check_file
@@ -63,17 +64,8 @@ def _read(lake: Lake, path: str, spec, columns: list[str]) -> pa.Table:
 
 
 def shard_task(lake: Lake, shard_path: str, corpus_id: int) -> dict[str, Any]:
-    """Partials of one shard: edges split by source layer, and the neuron partials."""
-    edges = er.shard_partial(_read(lake, f"{shard_path}/edges.parquet", EDGES, EDGE_COLUMNS))
-    layers = er.src_layer_of(edges.column("key").to_numpy())
-    by_layer = {}
-    if edges.num_rows:  # sorted by key, so each layer is one run; copied, not sliced:
-        # Dask sizes a slice by its parent's buffers and would spill them needlessly
-        bounds = [0, *((layers[1:] != layers[:-1]).nonzero()[0] + 1), edges.num_rows]
-        cols = {n: edges.column(n).to_numpy() for n in edges.column_names}
-        by_layer = {int(layers[a]): pa.table({n: c[a:b].copy() for n, c in cols.items()},
-                                             schema=edges.schema)
-                    for a, b in zip(bounds, bounds[1:], strict=False)}
+    """One shard: its edge rows split by source layer, and its neuron partials."""
+    by_layer = er.shard_rows(_read(lake, f"{shard_path}/edges.parquet", EDGES, EDGE_COLUMNS))
     stats, tokens = nr.shard_partials(
         _read(lake, f"{shard_path}/nodes.parquet", NODES, NODE_COLUMNS),
         _read(lake, f"{shard_path}/graphs.parquet", GRAPHS,
@@ -82,51 +74,78 @@ def shard_task(lake: Lake, shard_path: str, corpus_id: int) -> dict[str, Any]:
             "neuron_corpora": nr.corpus_partial(stats, corpus_id)}
 
 
-def pick(result: dict[str, Any], table: str, layer: int | None = None) -> pa.Table:
+def pick(result: dict[str, Any], table: str, layers: list[int] | None = None) -> pa.Table:
+    """A shard's partial of ``table``; for edges, its rows of ``layers`` (in key order)."""
     part = result[table]
-    if layer is None:
+    if layers is None:
         return part
-    return part.get(layer, er.PARTIAL_SCHEMA.empty_table())
+    pieces = [part[layer] for layer in layers if layer in part]
+    return pa.concat_tables(pieces) if pieces else er.RAW_SCHEMA.empty_table()
 
 
 def layers_of(result: dict[str, Any]) -> list[int]:
     return list(result["edges"])
 
 
-def fold_task(merge: Merge, state: pa.Table | None, *parts: pa.Table) -> pa.Table:
-    return fold([state, *parts] if state is not None else list(parts), merge)
+def fold_task(table: str, state: pa.Table | None, *parts: pa.Table) -> pa.Table:
+    if table == "edges":  # raw rows of one source layer
+        return er.fold_layer(state, list(parts))
+    return fold([state, *parts] if state is not None else list(parts), MERGES[table])
 
 
-def read_state(lake: Lake, path: str, table: str) -> pa.Table:
-    with lake.fs.open(path, "rb") as f:
-        data = pq.read_table(f)
-    if table == "edges" and "src_layer" in data.column_names:  # the published table itself
-        key = er.pack(*(data.column(c).to_numpy() for c in (
-            "src_layer", "src_index", "tgt_layer", "tgt_index")))
-        data = pa.table({"key": key, **{n: data.column(n) for n in er.PARTIAL_SCHEMA.names[1:]}},
-                        schema=er.PARTIAL_SCHEMA)
-    return data
+def read_state(lake: Lake, paths: list[str], table: str) -> pa.Table:
+    """The stored state of ``table`` from its files (for edges: some layers, in order)."""
+    parts = []
+    for path in paths:
+        with lake.fs.open(path, "rb") as f:
+            data = pq.read_table(f)
+        if table == "edges" and "src_layer" in data.column_names:  # the published table
+            key = er.pack(*(data.column(c).to_numpy() for c in (
+                "src_layer", "src_index", "tgt_layer", "tgt_index")))
+            data = pa.table({"key": key, **{n: data.column(n)
+                                            for n in er.PARTIAL_SCHEMA.names[1:]}},
+                            schema=er.PARTIAL_SCHEMA)
+        parts.append(data)
+    return pa.concat_tables(parts)
 
 
-def finish_task(version, table: str, name: str, state: pa.Table, params: dict[str, Any]
-                ) -> tuple[list[str], str, int]:
-    """Write the published part and the state; returns (part files, state file, rows).
+def layer_file(layer: int) -> str:
+    return f"src_layer-{layer:03d}.parquet"
 
-    With min_count 1 the published edge part holds the whole state (keys unpacked),
-    so it is its own state file."""
-    if table == "edges":
-        out, spec = er.finalize(state, params["min_count"]), EDGE_STATS
-    elif table == "neurons":
-        out, spec = nr.finalize_neurons(state), NEURON_STATS
-    elif table == "neuron_tokens":
-        out, spec = nr.finalize_tokens(state, params["top_k"]), NEURON_TOKENS
-    else:
-        out, spec = nr.finalize_corpora(state, params["corpora"]), NEURON_CORPORA
-    part = version.write(name, out, spec)
-    if table == "edges" and params["min_count"] == 1:
-        return [part], part, out.num_rows
-    state_file = version.write(f"{STATE}/{name}", state, compression="lz4")  # read back only
-    return [part], state_file, out.num_rows
+
+def _by_layer(state: pa.Table, layers: list[int]) -> dict[int, pa.Table]:
+    """A sorted edge state split into its source layers (each a run of keys)."""
+    src = er.src_layer_of(state.column("key").to_numpy())
+    bounds = np.searchsorted(src, [*layers, layers[-1] + 1])
+    return {layer: state.slice(a, b - a) for layer, a, b in zip(layers, bounds, bounds[1:],
+                                                              strict=False)}
+
+
+def finish_task(version, table: str, layers: list[int] | None, state: pa.Table,
+                params: dict[str, Any]) -> tuple[list[str], list[str], int]:
+    """Write the published parts and the state; returns (part files, state files, rows).
+
+    Edges get one file per source layer. With min_count 1 the published edge part
+    holds the whole state (keys unpacked), so it is its own state file."""
+    if table != "edges":
+        if table == "neurons":
+            out, spec = nr.finalize_neurons(state), NEURON_STATS
+        elif table == "neuron_tokens":
+            out, spec = nr.finalize_tokens(state, params["top_k"]), NEURON_TOKENS
+        else:
+            out, spec = nr.finalize_corpora(state, params["corpora"]), NEURON_CORPORA
+        name = f"{table}.parquet"
+        state_file = version.write(f"{STATE}/{name}", state, compression="lz4")
+        return [version.write(name, out, spec)], [state_file], out.num_rows
+    parts, states, rows = [], [], 0
+    for layer, layer_state in _by_layer(state, layers).items():
+        out = er.finalize(layer_state, params["min_count"])
+        part = version.write(layer_file(layer), out, EDGE_STATS)
+        parts.append(part)
+        rows += out.num_rows
+        states.append(part if params["min_count"] == 1 else version.write(
+            f"{STATE}/{layer_file(layer)}", layer_state, compression="lz4"))
+    return parts, states, rows
 
 
 def ordered_shards(lake: Lake, model: str, corpora: list[str]):
@@ -172,22 +191,24 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     layer_lists = client.gather(client.map(layers_of, results))
     layers = sorted({layer for ls in layer_lists for layer in ls}
                     | {_layer_of(n) for n in _state_names(manifests["edges"], old)})
-    jobs: list[tuple[str, str, Any]] = []  # (table, part name, final state future)
-    for table, merge in MERGES.items():
-        for layer in (layers if table == "edges" else [None]):
-            name = f"src_layer-{layer:03d}.parquet" if table == "edges" else f"{table}.parquet"
-            state = None
-            if old is not None and name in _state_names(manifests[table], old):
-                state = client.submit(read_state, lake, _state_path(
-                    lake, model, corpus_key, table, manifests[table], name), table, pure=False)
+    # layers go to a few buckets (a chain of folds each): fewer, larger tasks
+    n_buckets = max(1, min(len(layers), 2 * len(client.scheduler_info()["workers"])))
+    buckets = [list(b) for b in np.array_split(np.array(layers, int), n_buckets) if len(b)]
+    jobs: list[tuple[str, list[int] | None, Any]] = []  # (table, layers, final state)
+    for table in MERGES:
+        for bucket in (buckets if table == "edges" else [None]):
+            names = [layer_file(x) for x in bucket] if bucket else [f"{table}.parquet"]
+            stored = [n for n in names if n in _state_names(manifests[table], old)]
+            state = client.submit(read_state, lake, [_state_path(
+                lake, model, corpus_key, table, manifests[table], n) for n in stored], table,
+                pure=False) if stored else None
             parts = client.map(pick, results, [table] * len(results),
-                               [layer] * len(results)) if table == "edges" else client.map(
-                pick, results, [table] * len(results))
+                               [bucket] * len(results))
             for i in range(0, len(parts), chunk):
-                state = client.submit(fold_task, merge, state, *parts[i:i + chunk], pure=False)
-            jobs.append((table, name, state))
-    finishes = [client.submit(finish_task, versions[t], t, name, state, params, pure=False)
-                for t, name, state in jobs]
+                state = client.submit(fold_task, table, state, *parts[i:i + chunk], pure=False)
+            jobs.append((table, bucket, state))
+    finishes = [client.submit(finish_task, versions[t], t, bucket, state, params, pure=False)
+                for t, bucket, state in jobs]
     total = len(results) + len(finishes)
     for done, _ in enumerate(as_completed([*results, *finishes]), start=1):
         if on_progress:
@@ -200,7 +221,7 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
         versions[table].publish(
             [f for w in mine for f in w[0]],
             {"shards": fold_order, "params": params,
-             "state": sorted(w[1] for w in mine), "model": model})
+             "state": sorted(f for w in mine for f in w[1]), "model": model})
     return ReduceReport(corpus_key, len(shards), len(new), old is None, rows,
                         time.perf_counter() - t0)
 

@@ -5,8 +5,9 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from circuit_atlas.etl.edge_reduce import EDGE_MERGE, finalize, pack, shard_partial, unpack
-from circuit_atlas.etl.fold import fold
+from circuit_atlas.etl.edge_reduce import PARTIAL_SCHEMA as PARTIAL
+from circuit_atlas.etl.edge_reduce import RAW_SCHEMA as RAW
+from circuit_atlas.etl.edge_reduce import finalize, fold_layer, pack, shard_rows, unpack
 from circuit_atlas.lake import EDGES
 from tests.etl.oracle import assert_same, edge_oracle
 
@@ -38,21 +39,24 @@ def test_partials_and_fold_equal_duckdb(seed, shards, graphs, rows, neurons, shu
     rng = np.random.default_rng(seed)
     tables = [random_edges(rng, graphs, rows, neurons, first_graph=100 * s, shuffle=shuffle)
               for s in range(shards)]
-    ours = finalize(fold([shard_partial(t) for t in tables], EDGE_MERGE), min_count)
+    layers = sorted({layer for t in tables for layer in shard_rows(t)})
+    states = [fold_layer(None, [shard_rows(t).get(layer, RAW.empty_table()) for t in tables])
+              for layer in layers]
+    ours = finalize(pa.concat_tables(states) if states else PARTIAL.empty_table(), min_count)
     assert_same(ours, edge_oracle(pa.concat_tables(tables), min_count))
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), shards=st.integers(2, 9), split=st.data())
+@given(seed=st.integers(0, 2**32 - 1), shards=st.integers(2, 12), split=st.data())
 def test_folding_onto_a_state_is_bitwise_equal_to_scratch(seed, shards, split):
     rng = np.random.default_rng(seed)
-    partials = [shard_partial(random_edges(rng, 3, 30, 3, first_graph=10 * s))
-                for s in range(shards)]
-    scratch = fold(partials, EDGE_MERGE)
+    pieces = [shard_rows(random_edges(rng, 3, 30, 3, first_graph=10 * s)).get(0, RAW.empty_table())
+              for s in range(shards)]
+    scratch = fold_layer(None, pieces)
     cut = sorted(split.draw(st.sets(st.integers(1, shards - 1), max_size=3)))
     state = None
     for a, b in zip([0, *cut], [*cut, shards], strict=True):
-        state = fold(([state] if state is not None else []) + partials[a:b], EDGE_MERGE)
+        state = fold_layer(state, pieces[a:b])
     assert state.equals(scratch)  # exact, not approximate
 
 
