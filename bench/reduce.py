@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -184,6 +185,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="default: one per core")
     ap.add_argument("--worker-memory", default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="DuckDB threads")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="alternate the engines this many times; medians are reported")
     ap.add_argument("--engine", choices=["duckdb", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -194,6 +197,7 @@ def main() -> None:
         return run_ours(lake_path, args.workers, args.worker_memory)
 
     if not os.path.exists(os.path.join(lake_path, "_lake.json")):
+        shutil.rmtree(lake_path + ".tmp", ignore_errors=True)  # an interrupted generation
         t0 = time.perf_counter()
         generate(lake_path + ".tmp", args.graphs, args.per_shard, args.seed)
         os.rename(lake_path + ".tmp", lake_path)
@@ -202,26 +206,30 @@ def main() -> None:
 
     info = Lake(lake_path).info()["models"][MODEL.replace("/", "--")]["corpora"][CORPUS]
     duck_out = tempfile.mkdtemp(prefix="duck-")
+    common = ["--graphs", str(args.graphs), "--per-shard", str(args.per_shard), "--seed",
+              str(args.seed), "--dir", args.dir]
+    duck_argv = ["--engine", "duckdb", "--out", duck_out, "--threads", str(args.threads),
+                 *common]
+    ours_argv = ["--engine", "ours", *common,
+                 *(["--workers", str(args.workers)] if args.workers else []),
+                 *(["--worker-memory", args.worker_memory] if args.worker_memory else [])]
+    runs = []
     try:
-        duck_s, duck_gb = measure(["--engine", "duckdb", "--out", duck_out, "--graphs",
-                                   str(args.graphs), "--per-shard", str(args.per_shard),
-                                   "--seed", str(args.seed), "--dir", args.dir,
-                                   "--threads", str(args.threads)])
-        ours_argv = ["--engine", "ours", "--graphs", str(args.graphs), "--per-shard",
-                     str(args.per_shard), "--seed", str(args.seed), "--dir", args.dir,
-                     *(["--workers", str(args.workers)] if args.workers else [])]
-        if args.worker_memory:
-            ours_argv += ["--worker-memory", args.worker_memory]
-        ours_s, ours_gb = measure(ours_argv)
+        for _ in range(args.repeat):  # alternate: the shared machine's load drifts
+            runs.append((*measure(duck_argv), *measure(ours_argv)))
         unique = compare(lake_path, duck_out)
     finally:
         shutil.rmtree(duck_out, ignore_errors=True)
+    med = [statistics.median(r[i] for r in runs) for i in range(4)]
+    duck_s, duck_gb, ours_s, ours_gb = med
+    ratios = [r[2] / r[0] for r in runs]
     print(json.dumps({
         "machine": f"{platform.node()} {os.cpu_count()} cores", "graphs": info["graphs"],
         "edge_rows": info["edges"], "unique_edges": unique, "shards": info["shards"],
         "duckdb_s": round(duck_s, 2), "duckdb_peak_gb": round(duck_gb, 2),
         "ours_s": round(ours_s, 2), "ours_peak_gb": round(ours_gb, 2),
-        "ratio_ours_to_duckdb": round(ours_s / duck_s, 3),
+        "ratio_ours_to_duckdb": round(statistics.median(ratios), 3),
+        "ratios": [round(r, 3) for r in ratios],
         "workers": args.workers, "worker_memory": args.worker_memory,
     }, indent=1))
 

@@ -4,9 +4,10 @@ tables (and ``neuron_corpora``, ``neuron_tokens``). A thin wrapper around
 
 1. one task per shard splits its edge rows by source layer (keys packed) and
    computes its neuron partials;
-2. per source layer, a chain of tasks folds the shards' rows in commit order,
-   ``chunk`` shards at a time (each row is sorted once, there), so no task holds
-   more than one layer's state and a chunk of rows;
+2. per bucket of source layers, a chain of tasks folds the shards' rows in commit
+   order (each row is sorted once, there). Buckets and chunks are sized from the
+   workers' memory limit (:func:`plan_folds`), so no task holds more than a bucket's
+   state and a budget of rows;
 3. per layer, a task finalises and writes the published part and the unfiltered
    state; the neuron tables go the same way with one chain each;
 4. the client publishes each table's manifest, which records the shards folded in,
@@ -28,13 +29,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.etl import edge_reduce as er
 from circuit_atlas.etl import neuron_reduce as nr
 from circuit_atlas.etl.fold import fold
-from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake
+from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake, graph_id
 from circuit_atlas.lake.schemas import EDGE_STATS, NEURON_CORPORA, NEURON_STATS, NEURON_TOKENS
 from circuit_atlas.lake.validate import check_file
 
@@ -63,13 +65,24 @@ def _read(lake: Lake, path: str, spec, columns: list[str]) -> pa.Table:
         raise CircuitAtlasError(f"{path}: cannot read shard file: {e}") from e
 
 
-def shard_task(lake: Lake, shard_path: str, corpus_id: int) -> dict[str, Any]:
-    """One shard: its edge rows split by source layer, and its neuron partials."""
-    by_layer = er.shard_rows(_read(lake, f"{shard_path}/edges.parquet", EDGES, EDGE_COLUMNS))
+def _without(table: pa.Table, skip: list[int]) -> pa.Table:
+    if not skip:
+        return table
+    return table.filter(pc.invert(pc.is_in(table.column("graph_id"),
+                                           value_set=pa.array(skip, pa.int64()))))
+
+
+def shard_task(lake: Lake, shard_path: str, corpus_id: int, skip: list[int] | None = None
+               ) -> dict[str, Any]:
+    """One shard: its edge rows split by source layer, and its neuron partials.
+    ``skip``: graph ids already counted from an earlier shard."""
+    skip = skip or []
+    by_layer = er.shard_rows(_without(
+        _read(lake, f"{shard_path}/edges.parquet", EDGES, EDGE_COLUMNS), skip))
     stats, tokens = nr.shard_partials(
-        _read(lake, f"{shard_path}/nodes.parquet", NODES, NODE_COLUMNS),
-        _read(lake, f"{shard_path}/graphs.parquet", GRAPHS,
-              ["graph_id", "input_tokens", "target_tokens"]))
+        _without(_read(lake, f"{shard_path}/nodes.parquet", NODES, NODE_COLUMNS), skip),
+        _without(_read(lake, f"{shard_path}/graphs.parquet", GRAPHS,
+                       ["graph_id", "input_tokens", "target_tokens"]), skip))
     return {"edges": by_layer, "neurons": stats, "neuron_tokens": tokens,
             "neuron_corpora": nr.corpus_partial(stats, corpus_id)}
 
@@ -83,8 +96,43 @@ def pick(result: dict[str, Any], table: str, layers: list[int] | None = None) ->
     return pa.concat_tables(pieces) if pieces else er.RAW_SCHEMA.empty_table()
 
 
-def layers_of(result: dict[str, Any]) -> list[int]:
-    return list(result["edges"])
+def layer_rows(result: dict[str, Any]) -> dict[int, int]:
+    return {layer: t.num_rows for layer, t in result["edges"].items()}
+
+
+# Peak bytes per edge row while a fold runs (inputs, their sorted copies, sort
+# indices, float64 temporaries, partial rows, the state): measured ~175, kept loose.
+BYTES_PER_ROW = 300
+# A fold may use this share of its worker's memory limit: the worker also holds shard
+# rows waiting for later folds (Dask spills those) and runs other tasks.
+FOLD_MEMORY_SHARE = 0.25
+
+
+def plan_folds(counts: list[dict[int, int]], layers: list[int], n_workers: int,
+               budget_rows: int, max_shards: int) -> list[tuple[list[int], list[list[int]]]]:
+    """Buckets of layers and, per bucket, chunks of shard indices to fold at a time.
+
+    Enough buckets that one holds at most ``budget_rows`` rows and every worker has
+    work; chunks that add at most ``budget_rows`` rows (and ``max_shards`` shards).
+    """
+    total = {layer: sum(c.get(layer, 0) for c in counts) for layer in layers}
+    n_buckets = max(-(-sum(total.values()) // budget_rows), 2 * n_workers)
+    buckets = [list(b) for b in np.array_split(np.array(layers, int),
+                                               min(len(layers), n_buckets)) if len(b)]
+    plan = []
+    for bucket in buckets:
+        chunks, current, rows = [], [], 0
+        for i, c in enumerate(counts):
+            n = sum(c.get(layer, 0) for layer in bucket)
+            if current and (rows + n > budget_rows or len(current) >= max_shards):
+                chunks.append(current)
+                current, rows = [], 0
+            current.append(i)
+            rows += n
+        if current:
+            chunks.append(current)
+        plan.append((bucket, chunks))
+    return plan
 
 
 def fold_task(table: str, state: pa.Table | None, *parts: pa.Table) -> pa.Table:
@@ -154,6 +202,18 @@ def ordered_shards(lake: Lake, model: str, corpora: list[str]):
     return sorted(shards, key=lambda s: (s.commit["committed_at"], s.corpus, s.shard))
 
 
+def repeated_graphs(shards) -> list[list[int]]:
+    """Per shard, the graph ids an earlier shard already holds (two jobs that computed
+    the same prompts): each graph is counted once, from the first shard that has it."""
+    seen: set[int] = set()
+    out = []
+    for s in shards:
+        ids = [graph_id(s.commit["model"], p, s.params_hash) for p in s.prompt_ids]
+        out.append([g for g in ids if g in seen])
+        seen.update(ids)
+    return out
+
+
 def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_count: int = 1,
                 top_k: int = 10, chunk: int = 64,
                 on_progress: Callable[[int, int], None] | None = None) -> ReduceReport:
@@ -186,17 +246,21 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     if not new:
         return ReduceReport(corpus_key, len(shards), 0, False, {}, time.perf_counter() - t0)
 
+    skips = dict(zip(ids, repeated_graphs(shards), strict=True))
     results = client.map(shard_task, [lake] * len(new), [s.path for s in new],
-                         [corpora.index(s.corpus) for s in new], pure=False)
-    layer_lists = client.gather(client.map(layers_of, results))
-    layers = sorted({layer for ls in layer_lists for layer in ls}
+                         [corpora.index(s.corpus) for s in new],
+                         [skips[f"{s.corpus}/{s.shard}"] for s in new], pure=False)
+    counts = client.gather(client.map(layer_rows, results))
+    layers = sorted({layer for c in counts for layer in c}
                     | {_layer_of(n) for n in _state_names(manifests["edges"], old)})
-    # layers go to a few buckets (a chain of folds each): fewer, larger tasks
-    n_buckets = max(1, min(len(layers), 2 * len(client.scheduler_info()["workers"])))
-    buckets = [list(b) for b in np.array_split(np.array(layers, int), n_buckets) if len(b)]
+    workers = client.scheduler_info()["workers"].values()
+    memory = min((w.get("memory_limit") or 0 for w in workers), default=0) or 4 * 2**30
+    budget = max(10_000, int(memory * FOLD_MEMORY_SHARE / BYTES_PER_ROW))
+    plan = plan_folds(counts, layers, len(workers), budget, chunk)
+    all_shards = [list(range(len(results)))[i:i + chunk] for i in range(0, len(results), chunk)]
     jobs: list[tuple[str, list[int] | None, Any]] = []  # (table, layers, final state)
     for table in MERGES:
-        for bucket in (buckets if table == "edges" else [None]):
+        for bucket, chunks in (plan if table == "edges" else [(None, all_shards)]):
             names = [layer_file(x) for x in bucket] if bucket else [f"{table}.parquet"]
             stored = [n for n in names if n in _state_names(manifests[table], old)]
             state = client.submit(read_state, lake, [_state_path(
@@ -204,8 +268,9 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
                 pure=False) if stored else None
             parts = client.map(pick, results, [table] * len(results),
                                [bucket] * len(results))
-            for i in range(0, len(parts), chunk):
-                state = client.submit(fold_task, table, state, *parts[i:i + chunk], pure=False)
+            for shard_ids in chunks:
+                state = client.submit(fold_task, table, state, *[parts[i] for i in shard_ids],
+                                      pure=False)
             jobs.append((table, bucket, state))
     finishes = [client.submit(finish_task, versions[t], t, bucket, state, params, pure=False)
                 for t, bucket, state in jobs]

@@ -78,3 +78,21 @@ def test_out_of_range_ids_are_refused():
 
     with pytest.raises(CircuitAtlasError, match="edge index out of range"):
         pack([0], [5_000_000], [1], [0])
+
+
+@settings(max_examples=50, deadline=None)
+@given(counts=st.lists(st.dictionaries(st.integers(-1, 5), st.integers(0, 1000), max_size=7),
+                       min_size=1, max_size=30),
+       budget=st.integers(500, 5000), workers=st.integers(1, 4), max_shards=st.integers(1, 9))
+def test_fold_plan_respects_the_budget(counts, budget, workers, max_shards):
+    from circuit_atlas.etl.reduce import plan_folds
+
+    layers = sorted({layer for c in counts for layer in c}) or [0]
+    plan = plan_folds(counts, layers, workers, budget, max_shards)
+    assert [x for bucket, _ in plan for x in bucket] == layers  # each layer once, in order
+    for bucket, chunks in plan:
+        assert [i for chunk in chunks for i in chunk] == list(range(len(counts)))  # in order
+        for chunk in chunks:
+            rows = sum(counts[i].get(x, 0) for i in chunk for x in bucket)
+            assert len(chunk) <= max_shards
+            assert rows <= budget or len(chunk) == 1  # a single shard may exceed it

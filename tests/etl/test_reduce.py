@@ -5,6 +5,8 @@ import shutil
 import signal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -149,3 +151,18 @@ def test_reduce_command(tmp_path):
     assert edges.height == edge_oracle(lake.read("edges"), 2).num_rows > 0
     info = CliRunner().invoke(cli, ["lake", "info", "--lake", lake.url])
     assert "edges" in info.output and "neurons" in info.output
+
+
+def test_a_graph_committed_twice_counts_once(tmp_path, client):
+    """Two jobs that computed the same prompts commit the same graphs in two shards."""
+    lake = make_lake(tmp_path / "l", shards=2)
+    write_shard(lake, "c", prompts_of(5, "c0"), seed=0, neurons=6)  # shard 0 again
+    assert len(lake.shards()) == 3
+    reduce_lake(lake, MODEL, ["c"], client)
+    first_two = pa.concat_tables([pq.read_table(s.file("edges")) for s in sorted(
+        lake.shards(), key=lambda s: s.commit["committed_at"])[:2]])
+    assert_same(published(lake, "edges").select(edge_oracle(first_two).column_names),
+                edge_oracle(first_two))
+    neurons = published(lake, "neurons")
+    assert neurons.column("graph_count").to_numpy().max() <= 5 + 6  # graphs held: 11
+
