@@ -72,32 +72,47 @@ def _without(table: pa.Table, skip: list[int]) -> pa.Table:
                                            value_set=pa.array(skip, pa.int64()))))
 
 
-def shard_task(lake: Lake, shard_path: str, corpus_id: int, skip: list[int] | None = None
+def shard_task(lake: Lake, shard_path: str, corpus_id: int, skip: list[int], scratch
                ) -> dict[str, Any]:
-    """One shard: its edge rows split by source layer, and its neuron partials.
-    ``skip``: graph ids already counted from an earlier shard."""
-    skip = skip or []
+    """One shard: its edge rows split by source layer (one row group per layer) and its
+    neuron partials, written to scratch files; returns where, and the rows per layer.
+    Nothing waits in worker memory for the folds. ``skip``: graph ids already counted
+    from an earlier shard. ``scratch(name)`` gives a path for a scratch file."""
     by_layer = er.shard_rows(_without(
         _read(lake, f"{shard_path}/edges.parquet", EDGES, EDGE_COLUMNS), skip))
     stats, tokens = nr.shard_partials(
         _without(_read(lake, f"{shard_path}/nodes.parquet", NODES, NODE_COLUMNS), skip),
         _without(_read(lake, f"{shard_path}/graphs.parquet", GRAPHS,
                        ["graph_id", "input_tokens", "target_tokens"]), skip))
-    return {"edges": by_layer, "neurons": stats, "neuron_tokens": tokens,
-            "neuron_corpora": nr.corpus_partial(stats, corpus_id)}
+    name = shard_path.rstrip("/").rsplit("/", 2)
+    base = f"{name[-2]}-{name[-1]}".replace("=", "_")
+    paths = {t: scratch(f"{base}.{t}.parquet") for t in MERGES}
+    with lake.fs.open(paths["edges"], "wb") as f, pq.ParquetWriter(
+            f, er.RAW_SCHEMA, compression="lz4") as writer:
+        for rows in by_layer.values():  # one row group per layer, in layer order
+            writer.write_table(rows, row_group_size=max(1, rows.num_rows))
+    for table, data in (("neurons", stats), ("neuron_tokens", tokens),
+                        ("neuron_corpora", nr.corpus_partial(stats, corpus_id))):
+        with lake.fs.open(paths[table], "wb") as f:
+            pq.write_table(data, f, compression="lz4")
+    return {"paths": paths, "groups": {layer: i for i, layer in enumerate(by_layer)},
+            "rows": {layer: t.num_rows for layer, t in by_layer.items()}}
 
 
-def pick(result: dict[str, Any], table: str, layers: list[int] | None = None) -> pa.Table:
-    """A shard's partial of ``table``; for edges, its rows of ``layers`` (in key order)."""
-    part = result[table]
-    if layers is None:
-        return part
-    pieces = [part[layer] for layer in layers if layer in part]
-    return pa.concat_tables(pieces) if pieces else er.RAW_SCHEMA.empty_table()
+def read_part(lake: Lake, result: dict[str, Any], table: str, layers: list[int] | None
+              ) -> pa.Table:
+    """A shard's scratch partial of ``table``; for edges, its rows of ``layers``."""
+    with lake.fs.open(result["paths"][table], "rb") as f:
+        if layers is None:
+            return pq.read_table(f)
+        groups = [result["groups"][x] for x in layers if x in result["groups"]]
+        if not groups:
+            return er.RAW_SCHEMA.empty_table()
+        return pq.ParquetFile(f).read_row_groups(groups)
 
 
 def layer_rows(result: dict[str, Any]) -> dict[int, int]:
-    return {layer: t.num_rows for layer, t in result["edges"].items()}
+    return result["rows"]
 
 
 # Peak bytes per edge row while a fold runs (inputs, their sorted copies, sort
@@ -135,10 +150,13 @@ def plan_folds(counts: list[dict[int, int]], layers: list[int], n_workers: int,
     return plan
 
 
-def fold_task(table: str, state: pa.Table | None, *parts: pa.Table) -> pa.Table:
-    if table == "edges":  # raw rows of one source layer
-        return er.fold_layer(state, list(parts))
-    return fold([state, *parts] if state is not None else list(parts), MERGES[table])
+def fold_task(lake: Lake, table: str, layers: list[int] | None, state: pa.Table | None,
+              *results: dict[str, Any]) -> pa.Table:
+    """Fold the scratch partials of ``results`` (shards, in commit order) onto ``state``."""
+    parts = [read_part(lake, r, table, layers) for r in results]
+    if table == "edges":  # raw rows of some source layers
+        return er.fold_layer(state, parts)
+    return fold([state, *parts] if state is not None else parts, MERGES[table])
 
 
 def read_state(lake: Lake, paths: list[str], table: str) -> pa.Table:
@@ -249,7 +267,8 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     skips = dict(zip(ids, repeated_graphs(shards), strict=True))
     results = client.map(shard_task, [lake] * len(new), [s.path for s in new],
                          [corpora.index(s.corpus) for s in new],
-                         [skips[f"{s.corpus}/{s.shard}"] for s in new], pure=False)
+                         [skips[f"{s.corpus}/{s.shard}"] for s in new],
+                         [versions["edges"].scratch] * len(new), pure=False)
     counts = client.gather(client.map(layer_rows, results))
     layers = sorted({layer for c in counts for layer in c}
                     | {_layer_of(n) for n in _state_names(manifests["edges"], old)})
@@ -266,11 +285,9 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
             state = client.submit(read_state, lake, [_state_path(
                 lake, model, corpus_key, table, manifests[table], n) for n in stored], table,
                 pure=False) if stored else None
-            parts = client.map(pick, results, [table] * len(results),
-                               [bucket] * len(results))
             for shard_ids in chunks:
-                state = client.submit(fold_task, table, state, *[parts[i] for i in shard_ids],
-                                      pure=False)
+                state = client.submit(fold_task, lake, table, bucket, state,
+                                      *[results[i] for i in shard_ids], pure=False)
             jobs.append((table, bucket, state))
     finishes = [client.submit(finish_task, versions[t], t, bucket, state, params, pure=False)
                 for t, bucket, state in jobs]
@@ -279,6 +296,7 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
         if on_progress:
             on_progress(done, total)
     written = client.gather(finishes)
+    versions["edges"].drop_scratch()
     rows: dict[str, int] = {}
     for table in MERGES:
         mine = [w for (t, _, _), w in zip(jobs, written, strict=True) if t == table]

@@ -57,6 +57,17 @@ class TableVersion:
             pq.write_table(data, f, compression=compression, row_group_size=1 << 20)
         return f"{self.version}/{name}"
 
+    def scratch(self, name: str) -> str:
+        """A path for intermediate data of this run, removed by :meth:`drop_scratch`."""
+        path = self.lake.path(f"{self.dir}/{self.version}/_scratch/{name}")
+        self.lake.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        return path
+
+    def drop_scratch(self) -> None:
+        path = self.lake.path(f"{self.dir}/{self.version}/_scratch")
+        if self.lake.fs.exists(path):
+            self.lake.fs.rm(path, recursive=True)
+
     def publish(self, files: list[str], inputs: dict[str, Any]) -> dict[str, Any]:
         """Switch readers to this version (manifest renamed into place), drop older ones."""
         record = {

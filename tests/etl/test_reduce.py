@@ -35,6 +35,7 @@ def test_reduce_equals_duckdb(tmp_path, client):
     lake = make_lake(tmp_path / "l", shards=4)
     report = reduce_lake(lake, MODEL, ["c"], client)
     assert report.from_scratch and report.new_shards == 4
+    assert lake.fs.glob(lake.path("tables/*/*/*/v-*/_scratch")) == []  # removed after use
     raw_edges, raw_nodes = lake.read("edges"), lake.read("nodes")
     edges = published(lake, "edges")
     assert_same(edges.select(edge_oracle(raw_edges).column_names), edge_oracle(raw_edges))
