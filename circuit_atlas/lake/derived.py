@@ -115,3 +115,17 @@ def table_files(lake: Lake, table: str, model: str | None = None, corpus: str | 
         for f in files:
             check_file(f, spec, lake.fs)
     return files
+
+
+def unpublished_versions(lake: Lake) -> list[str]:
+    """Version directories of derived tables that no manifest names: a reduce still
+    running, or one that was killed before it published."""
+    out = []
+    for table_dir in sorted(lake.fs.glob(lake.path(f"{layout.TABLES}/model=*/corpus=*/*"))):
+        manifest = f"{table_dir}/{MANIFEST}"
+        current = None
+        if lake.fs.exists(manifest):
+            current = read_record(lake.fs, manifest, MANIFEST_FORMAT, "table manifest")["version"]
+        out.extend(v for v in sorted(lake.fs.glob(f"{table_dir}/v-*"))
+                   if v.rsplit("/", 1)[-1] != current)
+    return out

@@ -18,7 +18,12 @@ from fsspec.implementations.local import LocalFileSystem
 from circuit_atlas._version import __version__
 from circuit_atlas.errors import LakeError
 from circuit_atlas.lake import layout
-from circuit_atlas.lake.derived import TableVersion, read_manifest, table_files
+from circuit_atlas.lake.derived import (
+    TableVersion,
+    read_manifest,
+    table_files,
+    unpublished_versions,
+)
 from circuit_atlas.lake.ids import prompt_id
 from circuit_atlas.lake.prompt_files import Record, meta_json
 from circuit_atlas.lake.records import read_record, write_json_atomic
@@ -201,8 +206,10 @@ class Lake:
         }
 
     def cleanup(self, min_age_s: float = 3600.0, dry_run: bool = False) -> CleanupReport:
-        """Remove debris of uncommitted shards and imports; see :func:`shards.cleanup`."""
-        return cleanup(self, min_age_s=min_age_s, dry_run=dry_run)
+        """Remove debris of uncommitted shards, imports and unpublished table versions;
+        see :func:`shards.cleanup`."""
+        return cleanup(self, min_age_s=min_age_s, dry_run=dry_run,
+                       unpublished=unpublished_versions(self))
 
     # readers ---------------------------------------------------------------------
 

@@ -336,9 +336,11 @@ def _is_debris(fs, path: str, min_age_s: float, now: float) -> bool:
 
 
 def cleanup(
-    lake: Lake, min_age_s: float = 3600.0, dry_run: bool = False, _now_s: float | None = None
+    lake: Lake, min_age_s: float = 3600.0, dry_run: bool = False, _now_s: float | None = None,
+    unpublished: list[str] = (),
 ) -> CleanupReport:
-    """Remove uncommitted shards and temporary files that no live writer owns.
+    """Remove uncommitted shards, temporary files that no live writer owns, and the
+    ``unpublished`` derived-table versions (a killed reduce) under the same age rule.
 
     A directory whose writer ran on this host and is dead goes at once; others go
     when nothing in them changed for ``min_age_s`` seconds (a writer on another
@@ -349,7 +351,7 @@ def cleanup(
     fs = lake.fs
     now = time.time() if _now_s is None else _now_s
     report = CleanupReport()
-    for shard_path in uncommitted_shard_dirs(lake):
+    for shard_path in [*uncommitted_shard_dirs(lake), *unpublished]:
         if _is_debris(fs, shard_path, min_age_s, now):
             report.removed.append(shard_path)
             if not dry_run:

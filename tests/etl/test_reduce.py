@@ -167,3 +167,17 @@ def test_a_graph_committed_twice_counts_once(tmp_path, client):
     neurons = published(lake, "neurons")
     assert neurons.column("graph_count").to_numpy().max() <= 5 + 6  # graphs held: 11
 
+
+
+def test_cleanup_removes_the_debris_of_a_killed_reduce(tmp_path, client):
+    lake = make_lake(tmp_path / "l", shards=2)
+    reduce_lake(lake, MODEL, ["c"], client)
+    published_files = sorted(lake.fs.find(lake.path("tables")))
+    killed = lake.new_table_version(MODEL, "c", "edges")  # wrote, never published
+    killed.write("src_layer-000.parquet", lake.read("edges").slice(0, 0))
+    killed.scratch("x.parquet")
+    assert lake.cleanup(min_age_s=3600).removed == []  # recent: a reduce may be running
+    report = lake.cleanup(min_age_s=0)
+    assert report.removed == [lake.path(f"{killed.dir}/{killed.version}")]
+    assert sorted(lake.fs.find(lake.path("tables"))) == published_files
+    assert published(lake, "edges").num_rows > 0
