@@ -259,8 +259,9 @@ def attribute(a: Adapter, tokens: torch.Tensor, params: AttributionParams,
     adjacency[rows_idx, :C] = cand_w
     adjacency[rows_idx, C:C + L * T] = rem_w.reshape(len(rows_idx), L * T)
     adjacency[rows_idx, C + L * T:C + L * T + T] = emb_w
-    act = np.array([float(tr.act[layer][0, p, i]) for layer, p, i in cand])
-    rel_c = np.array([float(rel[layer][p, i]) for layer, p, i in cand])
+    at = tuple(torch.as_tensor(cand[:, j], device=a.device) for j in range(3))
+    act = torch.stack(tr.act)[at[0], 0, at[1], at[2]].double().cpu().numpy()  # one gather
+    rel_c = torch.stack(rel)[at].double().cpu().numpy()
     rem_layer, rem_pos = np.divmod(np.arange(L * T), T)
     read_values = np.zeros(n)
     read_values[:C] = act
