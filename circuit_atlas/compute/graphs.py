@@ -16,7 +16,7 @@ import torch
 
 from circuit_atlas.compute.attribution import AttributionParams, RawGraph, attribute
 from circuit_atlas.compute.models import LoadedModel
-from circuit_atlas.compute.prune import prune
+from circuit_atlas.compute.prune import node_influence, prune
 from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake, graph_id, params_hash
 
 MAX_TOKENS = 256
@@ -35,11 +35,7 @@ def graph_tables(raw: RawGraph, gid: int, pid: str, phash: str, prune_graph: boo
     if prune_graph:
         keep, edge_mask, inf = prune(raw, node_threshold, edge_threshold)
     else:
-        from circuit_atlas.compute.prune import influence, normalise
-
-        weights = np.zeros(raw.n_nodes)
-        weights[raw.n_nodes - raw.n_logits:] = raw.targets.probs
-        inf = influence(normalise(raw.adjacency), weights)
+        inf = node_influence(raw)
         keep, edge_mask = np.ones(raw.n_nodes, bool), raw.adjacency != 0
     tgt, src = np.nonzero(edge_mask & (raw.adjacency != 0))
     nodes = np.flatnonzero(keep)

@@ -41,13 +41,24 @@ def threshold_value(scores: np.ndarray, share: float) -> float:
     return float(s[min(i, len(s) - 1)])
 
 
+def logit_weights(graph: RawGraph) -> np.ndarray:
+    """The logits' probabilities on the logit nodes, zero elsewhere."""
+    weights = np.zeros(graph.n_nodes)
+    weights[graph.n_nodes - graph.n_logits:] = graph.targets.probs
+    return weights
+
+
+def node_influence(graph: RawGraph) -> np.ndarray:
+    """Each node's influence on the logits in the complete graph (phase 2)."""
+    return influence(normalise(graph.adjacency), logit_weights(graph))
+
+
 def prune(graph: RawGraph, node_threshold: float, edge_threshold: float
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(node_mask, edge_mask, node_influence) of the pruned graph."""
     n, k, t = graph.n_nodes, graph.n_logits, len(graph.tokens)
-    weights = np.zeros(n)
-    weights[n - k:] = graph.targets.probs
-    node_inf = influence(normalise(graph.adjacency), weights)
+    weights = logit_weights(graph)
+    node_inf = node_influence(graph)
     keep = node_inf >= threshold_value(node_inf, node_threshold)
     keep[n - k - t:] = True  # embeddings and logits
     pruned = graph.adjacency * keep[:, None] * keep[None, :]
