@@ -258,17 +258,16 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     ids = [f"{s.corpus}/{s.shard}" for s in shards]
     manifests = {t: lake.table_manifest(model, corpus_key, t) for t in MERGES}
     old = _reusable(manifests, params, ids)
-    new = [s for s, i in zip(shards, ids, strict=True) if old is None or i not in old]
-    fold_order = (old or []) + [f"{s.corpus}/{s.shard}" for s in new]
-    versions = {t: lake.new_table_version(model, corpus_key, t) for t in MERGES}
-    if not new:
+    fresh = [i for i, sid in enumerate(ids) if old is None or sid not in old]
+    if not fresh:
         return ReduceReport(corpus_key, len(shards), 0, False, {}, time.perf_counter() - t0)
-
-    skips = dict(zip(ids, repeated_graphs(shards), strict=True))
-    results = client.map(shard_task, [lake] * len(new), [s.path for s in new],
-                         [corpora.index(s.corpus) for s in new],
-                         [skips[f"{s.corpus}/{s.shard}"] for s in new],
-                         [versions["edges"].scratch] * len(new), pure=False)
+    fold_order = (old or []) + [ids[i] for i in fresh]
+    versions = {t: lake.new_table_version(model, corpus_key, t) for t in MERGES}
+    skips = repeated_graphs(shards)
+    results = client.map(shard_task, [lake] * len(fresh), [shards[i].path for i in fresh],
+                         [corpora.index(shards[i].corpus) for i in fresh],
+                         [skips[i] for i in fresh],
+                         [versions["edges"].scratch] * len(fresh), pure=False)
     counts = client.gather(client.map(layer_rows, results))
     layers = sorted({layer for c in counts for layer in c}
                     | {_layer_of(n) for n in _state_names(manifests["edges"], old)})
@@ -305,7 +304,7 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
             [f for w in mine for f in w[0]],
             {"shards": fold_order, "params": params,
              "state": sorted(f for w in mine for f in w[1]), "model": model})
-    return ReduceReport(corpus_key, len(shards), len(new), old is None, rows,
+    return ReduceReport(corpus_key, len(shards), len(fresh), old is None, rows,
                         time.perf_counter() - t0)
 
 
