@@ -48,10 +48,10 @@ def fold(partials: list[pa.Table], merge: Merge, presorted: bool = False) -> pa.
     else:
         order = np.argsort(key, kind="stable")  # stable: a key's rows stay in list order
         key = key[order]
-    if len(key) == len(segments(key)):  # no key repeats: nothing to merge
+    starts = segments(key)
+    if len(key) == len(starts):  # no key repeats: nothing to merge
         return pa.Table.from_arrays([t.column(n).take(order) if not presorted else t.column(n)
                                      for n in merge.schema.names], schema=merge.schema)
-    starts = segments(key)
     seg = np.cumsum(np.r_[True, key[1:] != key[:-1]]) - 1
     out: dict[str, np.ndarray] = {"key": key[starts]}
     for names, ufunc in ((merge.int_sums, np.add), (merge.mins, np.minimum),
