@@ -139,9 +139,6 @@ EDGE_MERGE = Merge(PARTIAL_SCHEMA, float_sums=("weight_sum", "weight_abs_sum", "
                    maxs=("weight_max",))
 
 
-EDGE_TABLE_SCHEMA = EDGE_STATS.schema
-
-
 def finalize(state: pa.Table, min_count: int = 1) -> pa.Table:
     """The published edge rows of a state: count >= min_count, means, unpacked keys."""
     count = state.column("count").to_numpy()
@@ -153,4 +150,4 @@ def finalize(state: pa.Table, min_count: int = 1) -> pa.Table:
     return pa.table({
         "src_layer": sl, "src_index": si, "tgt_layer": tl, "tgt_index": ti, **cols,
         "mean_weight": cols["weight_sum"] / n, "mean_abs_weight": cols["weight_abs_sum"] / n,
-    }, schema=EDGE_TABLE_SCHEMA)
+    }, schema=EDGE_STATS.schema)

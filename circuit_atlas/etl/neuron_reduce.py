@@ -103,9 +103,6 @@ def corpus_partial(stats: pa.Table, corpus_id: int) -> pa.Table:
                     schema=COUNT_PARTIAL)
 
 
-NEURON_TABLE_SCHEMA = NEURON_STATS.schema
-
-
 def finalize_neurons(stats: pa.Table) -> pa.Table:
     layer, index = unpack_neuron(stats.column("key").to_numpy())
     n = stats.column("position_count").to_numpy().astype(np.float64)
@@ -116,10 +113,7 @@ def finalize_neurons(stats: pa.Table) -> pa.Table:
         "activation_max": c["activation_max"], "activation_sq_sum": c["activation_sq_sum"],
         "score_mean": c["score_sum"] / n, "score_abs_mean": c["score_abs_sum"] / n,
         "score_max": c["score_max"], "score_sq_sum": c["score_sq_sum"],
-    }, schema=NEURON_TABLE_SCHEMA)
-
-
-CORPORA_TABLE_SCHEMA = NEURON_CORPORA.schema
+    }, schema=NEURON_STATS.schema)
 
 
 def finalize_corpora(counts: pa.Table, corpora: list[str]) -> pa.Table:
@@ -127,10 +121,7 @@ def finalize_corpora(counts: pa.Table, corpora: list[str]) -> pa.Table:
     layer, index = unpack_neuron(key >> 8)
     names = pa.array(corpora, pa.string()).take(pa.array(key & 0xFF))
     return pa.table({"layer": layer, "index": index, "corpus_name": names,
-                     "graph_count": counts.column("count")}, schema=CORPORA_TABLE_SCHEMA)
-
-
-TOKENS_TABLE_SCHEMA = NEURON_TOKENS.schema
+                     "graph_count": counts.column("count")}, schema=NEURON_CORPORA.schema)
 
 
 def finalize_tokens(counts: pa.Table, top_k: int) -> pa.Table:
@@ -148,4 +139,4 @@ def finalize_tokens(counts: pa.Table, top_k: int) -> pa.Table:
     return pa.table({"layer": layer, "index": index, "kind": kinds,
                      "rank": rank[top].astype(np.int16),
                      "token_id": (key[top] & ((1 << 22) - 1)).astype(np.int32),
-                     "count": count[top]}, schema=TOKENS_TABLE_SCHEMA)
+                     "count": count[top]}, schema=NEURON_TOKENS.schema)
