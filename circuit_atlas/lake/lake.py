@@ -114,11 +114,14 @@ class Lake:
 
     def corpora(self) -> list[str]:
         """Names of the corpora that hold prompts."""
-        return sorted(
-            layout.partition_values(p)["corpus"]
-            for p in self.fs.glob(self.path(f"{layout.PROMPTS}/corpus=*"))
-            if self._prompt_files(layout.partition_values(p)["corpus"])
-        )
+        return sorted(self._prompt_files_by_corpus())
+
+    def _prompt_files_by_corpus(self) -> dict[str, list[str]]:
+        """{corpus: its prompt part files}, from one glob."""
+        out: dict[str, list[str]] = {}
+        for f in sorted(self.fs.glob(self.path(f"{layout.PROMPTS}/corpus=*/part-*.parquet"))):
+            out.setdefault(layout.partition_values(f[len(self.root):])["corpus"], []).append(f)
+        return out
 
     def _prompt_files(self, corpus: str) -> list[str]:
         return sorted(self.fs.glob(self.path(f"{layout.prompts_dir(corpus)}/part-*.parquet")))
@@ -218,8 +221,10 @@ class Lake:
         """The committed Parquet files of a lake table, each checked against its schema."""
         t_spec = spec(table)
         if t_spec is PROMPTS:
-            corpora = [self.check_corpus(corpus)] if corpus else self.corpora()
-            files = [f for c in corpora for f in self._prompt_files(c)]
+            if corpus:
+                files = self._prompt_files(self.check_corpus(corpus))
+            else:
+                files = [f for fs in self._prompt_files_by_corpus().values() for f in fs]
         else:
             files = [s.file(table) for s in self.shards(model, corpus)]
         if validate:
@@ -313,8 +318,7 @@ class Lake:
     def info(self) -> dict[str, Any]:
         """Corpora, models, shards, graphs, rows and bytes: what ``lake info`` prints."""
         corpora = {}
-        for c in self.corpora():
-            files = self._prompt_files(c)
+        for c, files in sorted(self._prompt_files_by_corpus().items()):
             corpora[c] = {
                 "prompts": sum(pq.read_metadata(f, filesystem=self.fs).num_rows for f in files),
                 "files": len(files),
