@@ -49,9 +49,9 @@ def _console():
 def _human_bytes(n: int) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            break
         n /= 1000
-    return f"{n} B"
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
