@@ -360,6 +360,79 @@ def reduce(lake_path: str, corpora: tuple[str, ...], model_spec: str, min_count:
                   top_k=top_k, chunk=chunk, cluster=cluster)
 
 
+# clustering ------------------------------------------------------------------------
+
+
+@cli.command("cluster")
+@lake_option
+@click.option("--corpus", "corpora", multiple=True, required=True,
+              help="Corpus of the edges table (repeat for one reduced from several).")
+@click.option("--model", "model_spec", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+              show_default=True, help="Model whose edges table to cluster.")
+@click.option("--method", "methods", multiple=True, default=("infomap",), show_default=True,
+              type=click.Choice(["infomap", "leiden"]), help="Method; repeat for both.")
+@click.option("--min-count", default=5, show_default=True,
+              help="Keep edges seen at least this often (the count column).")
+@click.option("--top-k", type=int, default=None,
+              help="Keep each neuron's K strongest outgoing edges (default: all).")
+@click.option("--weight", default="mean_abs_weight_sq", show_default=True,
+              type=click.Choice(["mean_abs_weight_sq", "mean_abs_weight", "weight_abs_sum",
+                                 "count", "graph_count"]), help="Link weight.")
+@click.option("--include-embeddings", is_flag=True, help="Add embedding (token) nodes.")
+@click.option("--include-logits", is_flag=True, help="Add logit (token) nodes.")
+@click.option("--seed", default=42, show_default=True, help="Random seed (same seed, same result).")
+@click.option("--two-level", is_flag=True, help="One level of modules, no hierarchy.")
+@click.option("--trials", default=1, show_default=True, help="Infomap trials (best kept).")
+@click.option("--markov-time", default=1.0, show_default=True, help="Infomap Markov time.")
+@click.option("--flow-model", default="undirected", show_default=True,
+              type=click.Choice(["undirected", "directed", "undirdir", "outdirdir", "rawdir"]),
+              help="Infomap flow model (see circuit_atlas.clustering.methods for why).")
+@click.option("--objective", default="modularity", show_default=True,
+              type=click.Choice(["modularity", "CPM"]), help="Leiden objective.")
+@click.option("--resolution", default=1.0, show_default=True, help="Leiden resolution.")
+@click.option("--levels", default=2, show_default=True, help="Leiden levels (recursive).")
+@click.option("--report-only", is_flag=True, help="Only print the comparison report.")
+@json_option
+@cluster_options(default="none")
+def cluster_cmd(lake_path: str, corpora: tuple[str, ...], model_spec: str,
+                methods: tuple[str, ...], min_count: int, top_k: int | None, weight: str,
+                include_embeddings: bool, include_logits: bool, seed: int, two_level: bool,
+                trials: int, markov_time: float, flow_model: str, objective: str,
+                resolution: float, levels: int, report_only: bool, as_json: bool,
+                **cluster: Any) -> None:
+    """Cluster the edges table into circuits (Infomap multi-level, or Leiden) and write
+    the cluster_assignments and clusters tables; prints a comparison of the methods."""
+    from circuit_atlas.clustering.network import network_params
+    from circuit_atlas.clustering.run import compare_methods
+    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.lake import Lake
+    from circuit_atlas.lake.layout import corpus_key
+    from circuit_atlas.pipeline import cluster_tables, print_comparison
+
+    opened = Lake(lake_path)
+    console = _console()
+    if report_only:
+        report = compare_methods(opened, model_name(model_spec), corpus_key(corpora))
+        if not as_json:
+            print_comparison(report, console)
+    else:
+        net = network_params(min_count, top_k, weight, include_embeddings, include_logits)
+        params = {"seed": seed, "two_level": two_level, "trials": trials,
+                  "markov_time": markov_time, "flow_model": flow_model,
+                  "objective": objective, "resolution": resolution, "levels": levels}
+        report = cluster_tables(opened, model_spec, list(corpora), list(dict.fromkeys(methods)),
+                                net, params, console if not as_json else _quiet(),
+                                cluster=cluster)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+
+
+def _quiet():
+    from rich.console import Console
+
+    return Console(quiet=True)
+
+
 # demo ------------------------------------------------------------------------------
 
 

@@ -32,13 +32,17 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
         report = lake.import_prompts(read_prompt_file(path), corpus, source=f"demo:{path.name}")
         console.print(f"[green]prompts[/] corpus {corpus!r}: {report.added} new, "
                       f"{report.already_present} already imported")
+    from circuit_atlas.clustering.network import network_params
     from circuit_atlas.compute.attribution import AttributionParams
     from circuit_atlas.compute.models import load_model
-    from circuit_atlas.pipeline import compute_graphs, reduce_tables
+    from circuit_atlas.pipeline import cluster_tables, compute_graphs, reduce_tables
 
     with console.status(f"loading {model} ..."):
         loaded = load_model(model)
     for corpus in DEMO_CORPORA:
         compute_graphs(lake, loaded, corpus, AttributionParams(), console, limit=limit)
     reduce_tables(lake, loaded.name, list(DEMO_CORPORA), console)
+    # a few graphs (--limit) share few edges five times: keep every edge then
+    cluster_tables(lake, loaded.name, list(DEMO_CORPORA), ["infomap", "leiden"],
+                   network_params(min_count=5 if limit is None else 1), {}, console)
     console.print(f"next: circuit-atlas lake info --lake {lake.url}")

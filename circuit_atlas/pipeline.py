@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from circuit_atlas.compute.names import model_name
+
 
 def cluster_client(cluster: str, workers=None, worker_memory=None, queue=None, account=None,
                    cores=None, memory=None, walltime=None, jobs=None, job_extra_directives=(),
@@ -60,10 +62,9 @@ def reduce_tables(lake, model_spec: str, corpora: list[str], console, cluster=No
     """Run the reduce with a progress bar on the chosen cluster (local by default)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from circuit_atlas.compute.models import ALIASES
     from circuit_atlas.etl.reduce import reduce_lake
 
-    model = ALIASES.get(model_spec, model_spec)
+    model = model_name(model_spec)
     cluster = cluster or {"cluster": "local"}
     with cluster_client(**cluster, echo=console.print) as client, Progress(
             TextColumn("[bold]reduce[/]"), BarColumn(), MofNCompleteColumn(),
@@ -76,3 +77,57 @@ def reduce_tables(lake, model_spec: str, corpora: list[str], console, cluster=No
     console.print(f"[green]reduce[/] {report.corpus}: {report.shards} shard(s), {what}; "
                   f"{tables}; {report.seconds:.1f} s")
     return report
+
+
+def cluster_tables(lake, model_spec: str, corpora: list[str], methods: list[str],
+                   net_params: dict, method_params: dict, console, cluster=None):
+    """Cluster the edges table with each method (phase timings shown), then print the
+    comparison report of every method the lake holds for these corpora."""
+    import contextlib
+
+    from circuit_atlas.clustering.methods import method_params as checked
+    from circuit_atlas.clustering.run import cluster_lake, compare_methods
+    from circuit_atlas.lake.layout import corpus_key
+
+    model, corpus = model_name(model_spec), corpus_key(corpora)
+    params = {m: checked(m, **method_params) for m in methods}
+    cluster = cluster or {"cluster": "none"}
+    with contextlib.ExitStack() as stack:
+        client = None
+        if cluster.get("cluster") != "none":
+            client = stack.enter_context(cluster_client(**cluster, echo=console.print))
+        for method in methods:
+            with console.status(f"{method} ...") as status:
+                report = cluster_lake(lake, model, corpus, method, net_params, params[method],
+                                      client, on_phase=lambda p: status.update(p))
+            phases = ", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items())
+            s = report.stats
+            console.print(f"[green]cluster[/] {method} on {report.where}: {report.nodes:,} nodes, "
+                          f"{report.links:,} links (estimated {report.estimate_bytes / 2**20:,.0f}"
+                          f" MiB); {s['top_modules']:,} top modules, {s['levels']} level(s); "
+                          f"{phases}")
+    report = compare_methods(lake, model, corpus)
+    print_comparison(report, console)
+    return report
+
+
+def print_comparison(report: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title="clusterings", caption=(
+        "modules: top-level modules (>=3: of 3 nodes or more); largest: share of nodes in "
+        "the largest; Q: directed modularity of the top modules; savings: Infomap's "
+        "relative codelength savings"))
+    for col in ("method", "nodes", "links", "modules", ">=3", "largest", "levels", "Q",
+                "savings"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for method, s in report["methods"].items():
+        savings = s.get("codelength_savings")
+        table.add_row(method, f"{s['nodes']:,}", f"{s['links']:,}", f"{s['top_modules']:,}",
+                      f"{s['non_trivial_top_modules']:,}", f"{s['largest_share']:.1%}",
+                      str(s["levels"]), f"{s['modularity']:.3f}",
+                      "-" if savings is None else f"{savings:.3f}")
+    console.print(table)
+    for pair in report["nmi"]:
+        console.print(f"NMI {pair['a']} vs {pair['b']} over {pair['nodes']:,} nodes: "
+                      f"top modules {pair['nmi_top']:.3f}, full paths {pair['nmi_path']:.3f}")

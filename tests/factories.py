@@ -10,6 +10,7 @@ from circuit_atlas.lake import Lake, graph_id, params_hash, prompt_id
 MODEL = "test-org/tiny-llama"
 N_LAYERS = 4
 PARAMS = {"max_logits": 10, "candidates": 50}
+SHAPE = {"n_layers": N_LAYERS, "n_neurons": 2000, "d_model": 16, "vocab_size": 1000}
 
 
 def graph_tables(
@@ -72,7 +73,8 @@ def write_shard(lake: Lake, corpus: str, prompts: list[str], seed: int = 0,
                 model: str = MODEL, params: dict = PARAMS, neurons: int = 2000):
     """Commit one shard of random graphs for ``prompts``; returns (Shard, tables)."""
     tables = graph_tables(np.random.default_rng(seed), prompts, model, params, neurons=neurons)
-    with lake.open_shard(model, corpus, params=params, model_revision="r1") as shard:
+    with lake.open_shard(model, corpus, params=params, model_revision="r1",
+                         model_shape=SHAPE) as shard:
         for name, table in tables.items():
             shard.write(name, table)
     return shard.committed, tables
@@ -104,3 +106,50 @@ def tiny_llama(seed: int = 0, dtype=None, n_layers: int = 3, d: int = 32, heads:
             else:
                 p.normal_(0, 0.3 if "embed" in name else 0.15)
     return model.eval().requires_grad_(False)
+
+
+def planted_edges(rng: np.random.Generator, modules: int = 6, size: int = 30,
+                  p_in: float = 0.3, p_out: float = 0.005, n_layers: int = N_LAYERS,
+                  sub_modules: int = 1, p_sub: float = 0.6):
+    """An edges table (EDGE_STATS columns) of a layered directed block model: links only
+    from a lower layer to a higher one, dense inside modules (denser still inside
+    ``sub_modules`` per module), sparse between. Returns (table, module, sub_module)
+    with the planted labels per neuron index."""
+    import polars as pl
+
+    n = modules * size
+    module = np.repeat(np.arange(modules), size)
+    sub = np.tile(np.repeat(np.arange(sub_modules), -(-size // sub_modules))[:size], modules)
+    layer = rng.integers(0, n_layers, n)
+    a, b = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    same = module[a] == module[b]
+    p = np.where(same, np.where(sub[a] == sub[b], p_sub, p_in) if sub_modules > 1 else p_in,
+                 p_out)
+    s, t = np.nonzero((rng.random((n, n)) < p) & (layer[a] < layer[b]))
+    count = rng.integers(5, 40, len(s))
+    mean_abs = rng.uniform(0.05, 0.2, len(s))
+    sign = np.where(rng.random(len(s)) < 0.8, 1.0, -1.0)
+    table = pl.DataFrame({
+        "src_layer": layer[s].astype(np.int16), "src_index": s.astype(np.int32),
+        "tgt_layer": layer[t].astype(np.int16), "tgt_index": t.astype(np.int32),
+        "count": count, "graph_count": count,
+        "weight_sum": sign * mean_abs * count, "weight_abs_sum": mean_abs * count,
+        "weight_sq_sum": mean_abs ** 2 * count,
+        "weight_min": (sign * mean_abs).astype(np.float32),
+        "weight_max": (sign * mean_abs).astype(np.float32),
+        "mean_weight": sign * mean_abs, "mean_abs_weight": mean_abs,
+    })
+    return table, module, sub
+
+
+def write_edge_table(lake: Lake, table, model: str = MODEL, corpus: str = "c",
+                     n_layers: int | None = N_LAYERS) -> None:
+    """Publish ``table`` (a polars frame with EDGE_STATS columns) as the edges table, as
+    a reduce would (manifest with the model shape)."""
+    from circuit_atlas.lake.schemas import EDGE_STATS
+
+    version = lake.new_table_version(model, corpus, "edges")
+    name = version.write("src_layer-all.parquet", table.to_arrow(), EDGE_STATS)
+    shape = {**SHAPE, "n_layers": n_layers} if n_layers is not None else None
+    version.publish([name], {"shards": [], "params": {}, "state": [], "model": model,
+                             "model_shape": shape})

@@ -80,7 +80,8 @@ def commit_shard(lake: Lake, model: LoadedModel, corpus: str, prompts: list[tupl
     """Compute the graphs of ``prompts`` (id, text) and commit them as one shard."""
     rp = run_params(model, params, max_tokens)
     phash = params_hash(rp)
-    with lake.open_shard(model.name, corpus, params=rp, model_revision=model.revision) as shard:
+    with lake.open_shard(model.name, corpus, params=rp, model_revision=model.revision,
+                         model_shape=model.shape) as shard:
         for pid, text in prompts:
             raw = attribute(model.adapter, tokenize(model, text, max_tokens), params, batch_rows)
             tables = graph_tables(raw, graph_id(model.name, pid, phash), pid, phash,

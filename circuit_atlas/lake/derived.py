@@ -68,6 +68,23 @@ class TableVersion:
         if self.lake.fs.exists(path):
             self.lake.fs.rm(path, recursive=True)
 
+    def carry(self, current: dict[str, Any] | None, names: list[str]) -> list[str]:
+        """Copy the files ``names`` of the ``current`` version (its manifest) into this
+        one, so that a table holding parts of separate runs (one file per clustering
+        method) keeps the parts this run does not replace."""
+        if current is None:
+            return []
+        base = self.lake.path(self.dir)
+        out = []
+        for rel in current["files"]:
+            name = rel.rsplit("/", 1)[-1]
+            if name in names:
+                target = f"{base}/{self.version}/{name}"
+                self.lake.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                self.lake.fs.copy(f"{base}/{rel}", target)
+                out.append(f"{self.version}/{name}")
+        return out
+
     def publish(self, files: list[str], inputs: dict[str, Any]) -> dict[str, Any]:
         """Switch readers to this version (manifest renamed into place), drop older ones."""
         record = {

@@ -187,9 +187,12 @@ class Lake:
 
     def open_shard(
         self, model: str, corpus: str, params: dict[str, Any], model_revision: str | None = None,
+        model_shape: dict[str, int] | None = None,
     ) -> ShardWriter:
-        """A writer for a new graph shard; see :class:`ShardWriter`."""
-        return ShardWriter(self, model, corpus, params, model_revision)
+        """A writer for a new graph shard; see :class:`ShardWriter`. ``model_shape``
+        (n_layers, n_neurons, d_model, vocab_size) lets later stages tell logit nodes,
+        whose layer is n_layers, from neurons."""
+        return ShardWriter(self, model, corpus, params, model_revision, model_shape)
 
     def shards(self, model: str | None = None, corpus: str | None = None) -> list[Shard]:
         """Committed graph shards, optionally of one model and/or corpus."""

@@ -71,6 +71,11 @@ def shard_glob(model: str | None = None, corpus: str | None = None) -> str:
     return f"{GRAPHS}/model={m}/corpus={c}/shard=*"
 
 
+def corpus_key(corpora: list[str] | tuple[str, ...]) -> str:
+    """The corpus partition of tables reduced from several corpora together."""
+    return "+".join(sorted({check_name("corpus", c) for c in corpora}))
+
+
 def table_dir(model: str, corpus: str, table: str) -> str:
     return (
         f"{TABLES}/model={check_name('model', model)}/corpus={check_name('corpus', corpus)}"

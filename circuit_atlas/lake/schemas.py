@@ -212,8 +212,45 @@ kind "input": the prompt token at the neuron's positions (count: node rows);
 kind "output": the top predicted token of the graphs it is in (count: graphs).""",
 )
 
+CLUSTER_ASSIGNMENTS = TableSpec(
+    name="cluster_assignments",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("method", pa.string()),
+        _f("cluster_path", pa.string()), _f("top_cluster", pa.int32()),
+        _f("sub_module", pa.int32(), nullable=True),
+        _f("subsub_module", pa.int32(), nullable=True), _f("depth", pa.int16()),
+        _f("flow", pa.float64()),
+    ),
+    partitions=_DERIVED,
+    doc="""One row per clustered node and method (the seeds' columns; neuron = index).
+cluster_path: module ids from the top level down, joined by ":" ("4466:2:1"), 1-based
+and ranked by flow at every level; top_cluster / sub_module / subsub_module: its first
+three ids (null below the node's depth); depth: number of module levels above the node;
+flow: Infomap's stationary flow (Leiden: share of link weight). One file per method.""",
+)
+
+CLUSTERS = TableSpec(
+    name="clusters",
+    version=1,
+    fields=(
+        _f("method", pa.string()), _f("cluster_path", pa.string()), _f("level", pa.int16()),
+        _f("top_cluster", pa.int32()), _f("sub_module", pa.int32(), nullable=True),
+        _f("subsub_module", pa.int32(), nullable=True), _f("size", pa.int64()),
+        _f("layer_min", pa.int16()), _f("layer_max", pa.int16()),
+        _f("median_layer", pa.float64()), _f("flow", pa.float64()),
+        _f("top_members", pa.list_(pa.string())),
+    ),
+    partitions=_DERIVED,
+    doc="""One row per module at every level of every method's hierarchy.
+level: 1 for top modules; size: nodes inside (at any depth); layer_min / layer_max /
+median_layer over them; flow: their summed flow; top_members: up to 10 "L12/N345"
+ids by decreasing flow. A module's children's sizes add up to its size.""",
+)
+
 DERIVED: dict[str, TableSpec] = {
-    t.name: t for t in (EDGE_STATS, NEURON_STATS, NEURON_CORPORA, NEURON_TOKENS)}
+    t.name: t for t in (EDGE_STATS, NEURON_STATS, NEURON_CORPORA, NEURON_TOKENS,
+                        CLUSTER_ASSIGNMENTS, CLUSTERS)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "nodes", "edges")

@@ -110,6 +110,7 @@ class ShardWriter:
     corpus: str
     params: dict[str, Any]
     model_revision: str | None = None
+    model_shape: dict[str, int] | None = None
     shard: str = field(default_factory=new_shard_name)
 
     def __post_init__(self) -> None:
@@ -204,6 +205,7 @@ class ShardWriter:
             "model": self.model,
             "model_key": self.model_key,
             "model_revision": self.model_revision,
+            "model_shape": self.model_shape,
             "corpus": self.corpus,
             "shard": self.shard,
             "code_version": __version__,

@@ -27,6 +27,7 @@ def test_job_writes_valid_graphs_and_resumes(lake, smollm2):
     rest = run_graphs(lake, smollm2, "c", params, shard_size=2)
     assert (rest.computed, rest.skipped) == (1, 2)
     assert run_graphs(lake, smollm2, "c", params).computed == 0
+    assert {s.commit["model_shape"]["n_layers"] for s in lake.shards()} == {30}
     graphs = lake.scan("graphs").collect()
     assert sorted(graphs["prompt_id"]) == sorted(prompt_id(t) for t in PROMPTS)
     nodes, edges = lake.scan("nodes").collect(), lake.scan("edges").collect()

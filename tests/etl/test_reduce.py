@@ -15,7 +15,7 @@ from circuit_atlas.cli import cli
 from circuit_atlas.etl.reduce import reduce_lake
 from circuit_atlas.lake import Lake, LakeError
 from tests.etl.oracle import assert_same, edge_oracle, neuron_oracle
-from tests.factories import MODEL, prompts_of, write_shard
+from tests.factories import MODEL, SHAPE, prompts_of, write_shard
 
 KEY = ["src_layer", "src_index", "tgt_layer", "tgt_index"]
 
@@ -44,6 +44,7 @@ def test_reduce_equals_duckdb(tmp_path, client):
                                edges.column("weight_sum").to_numpy() / count)
     neurons = published(lake, "neurons")
     assert_same(neurons.select(neuron_oracle(raw_nodes).column_names), neuron_oracle(raw_nodes))
+    assert lake.table_manifest(MODEL, "c", "edges")["inputs"]["model_shape"] == SHAPE
 
 
 def test_several_corpora_and_token_associations(tmp_path, client):
