@@ -333,6 +333,85 @@ def export_graph(lake_path: str, corpus: str, model_spec: str, prompt_id: str | 
     click.echo(f"wrote {output}: {len(data['nodes'])} nodes, {len(data['links'])} links")
 
 
+model_option = click.option(
+    "--model", "model_spec", default="HuggingFaceTB/SmolLM2-135M-Instruct", show_default=True,
+    help="Hub id (local cache), folder, GGUF file, or 'smollm2' (embedded).")
+device_option = click.option("--device", default="cpu", show_default=True,
+                             help="torch device, e.g. cuda.")
+
+
+def _load(model_spec: str, device: str, dtype: str, console):
+    from circuit_atlas.compute.models import load_model
+
+    with console.status(f"loading {model_spec} ..."):
+        return load_model(model_spec, device=device, dtype=dtype)
+
+
+@cli.command()
+@lake_option
+@model_option
+@device_option
+@click.option("--k", default=20, show_default=True, help="Tokens per neuron, kind and sign.")
+@click.option("--no-norm", is_flag=True,
+              help="Skip the final/MLP norm weights (the seeds' raw W_U @ W_down formula).")
+@click.option("--dtype", default="bfloat16", show_default=True,
+              type=click.Choice(["bfloat16", "float16", "float32"]),
+              help="Precision of the candidate search (candidates are re-scored in float32).")
+@click.option("--layer", "layers", type=int, multiple=True, help="Only this layer (repeatable).")
+def projections(lake_path: str, model_spec: str, device: str, k: int, no_norm: bool, dtype: str,
+                layers: tuple[int, ...]) -> None:
+    """Static output and input projections of every neuron onto the vocabulary: the
+    projections table (corpus 'static')."""
+    from circuit_atlas.compute.projections import ProjectionParams
+    from circuit_atlas.lake import Lake
+    from circuit_atlas.pipeline import compute_projections
+
+    console = _console()
+    opened = Lake(lake_path)
+    params = ProjectionParams(k=k, norm=not no_norm, dtype=dtype)
+    model = _load(model_spec, device, "float32", console)
+    compute_projections(opened, model, params, console, list(layers) or None)
+
+
+def _neuron_ids(values: tuple[str, ...]) -> list[tuple[int, int]] | None:
+    import re
+
+    out = []
+    for v in values:
+        m = re.fullmatch(r"L?(\d+)[/:]N?(\d+)", v.strip())
+        if not m:
+            raise click.BadParameter(f"{v!r}: write a neuron as L12/N345 or 12:345")
+        out.append((int(m[1]), int(m[2])))
+    return out or None
+
+
+@cli.command()
+@lake_option
+@model_option
+@device_option
+@click.option("--corpus", "corpora", multiple=True, required=True,
+              help="Corpus whose prompts to use (repeat; tables go under corpus=<a>+<b>).")
+@click.option("--neuron", "neurons", multiple=True,
+              help="Evaluate this neuron (L12/N345 or 12:345) on every prompt (repeatable); "
+                   "default: each graph's neurons on its own prompt.")
+@click.option("--limit", type=int, default=None, help="Only the first N prompts (by id).")
+@click.option("--batch", default=256, show_default=True,
+              help="Neurons rerun together from the cached residual.")
+def effects(lake_path: str, model_spec: str, device: str, corpora: tuple[str, ...],
+            neurons: tuple[str, ...], limit: int | None, batch: int) -> None:
+    """Direct and indirect effects of neurons on the prompts' predictions: the effects
+    and neuron_effects (direct effect ratio) tables."""
+    from circuit_atlas.lake import Lake
+    from circuit_atlas.pipeline import compute_effects
+
+    console = _console()
+    opened = Lake(lake_path)
+    wanted = _neuron_ids(neurons)
+    model = _load(model_spec, device, "float32", console)
+    compute_effects(opened, model, list(corpora), console, neurons=wanted, limit=limit,
+                    batch=batch)
+
+
 # etl -------------------------------------------------------------------------------
 
 
@@ -439,7 +518,8 @@ def _quiet():
 @cli.command()
 @lake_option
 @click.option("--limit", type=int, default=None,
-              help="Only the first N prompts of each corpus, for a quick look.")
+              help="Only the first N prompts of each corpus (and the projections of the "
+                   "first and last layers), for a quick look.")
 def demo(lake_path: str, limit: int | None) -> None:
     """Run the pipeline on the built-in demo corpora (medical vs. general prompts)
     with the embedded SmolLM2 model on the CPU."""

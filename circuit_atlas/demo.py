@@ -35,13 +35,25 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     from circuit_atlas.clustering.network import network_params
     from circuit_atlas.compute.attribution import AttributionParams
     from circuit_atlas.compute.models import load_model
-    from circuit_atlas.pipeline import cluster_tables, compute_graphs, reduce_tables
+    from circuit_atlas.compute.projections import ProjectionParams
+    from circuit_atlas.pipeline import (
+        cluster_tables,
+        compute_effects,
+        compute_graphs,
+        compute_projections,
+        reduce_tables,
+    )
 
     with console.status(f"loading {model} ..."):
         loaded = load_model(model)
     for corpus in DEMO_CORPORA:
         compute_graphs(lake, loaded, corpus, AttributionParams(), console, limit=limit)
     reduce_tables(lake, loaded.name, list(DEMO_CORPORA), console)
+    # a quick look (--limit) projects the first and last layers only
+    last = loaded.adapter.n_layers - 1
+    compute_projections(lake, loaded, ProjectionParams(), console,
+                        None if limit is None else [0, last])
+    compute_effects(lake, loaded, list(DEMO_CORPORA), console)
     # a few graphs (--limit) share few edges five times: keep every edge then
     cluster_tables(lake, loaded.name, list(DEMO_CORPORA), ["infomap", "leiden"],
                    network_params(min_count=5 if limit is None else 1), {}, console)

@@ -131,3 +131,48 @@ def print_comparison(report: dict, console) -> None:
     for pair in report["nmi"]:
         console.print(f"NMI {pair['a']} vs {pair['b']} over {pair['nodes']:,} nodes: "
                       f"top modules {pair['nmi_top']:.3f}, full paths {pair['nmi_path']:.3f}")
+
+
+def _bar(console, what: str):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn(f"[bold]{what}[/]"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
+def compute_projections(lake, model, params, console, layers=None):
+    """The projections of a loaded model with a progress bar (layers)."""
+    from circuit_atlas.compute.projections import write_projections
+
+    start = time.perf_counter()
+    with _bar(console, "projections") as progress:
+        task = progress.add_task("layers", total=None)
+        rows = write_projections(lake, model, params, layers, on_layer=lambda d, t:
+                                 progress.update(task, completed=d, total=t))
+    console.print(f"[green]projections[/] {model.name}: {rows:,} rows (top {params.k} per "
+                  f"sign, norm {'on' if params.norm else 'off'}), "
+                  f"{time.perf_counter() - start:.1f} s")
+
+
+def compute_effects(lake, model, corpora: list[str], console, **kwargs):
+    """The effects of a loaded model with a progress bar (prompts)."""
+    from circuit_atlas.compute.effects import write_effects
+
+    start = time.perf_counter()
+    with _bar(console, "effects") as progress:
+        task = progress.add_task("prompts", total=None)
+        counts = write_effects(lake, model, corpora, on_prompt=lambda d, t:
+                               progress.update(task, completed=d, total=t), **kwargs)
+    seconds = time.perf_counter() - start
+    console.print(f"[green]effects[/] {'+'.join(sorted(corpora))}: {counts['effects']:,} "
+                  f"neuron-prompt pairs over {counts['prompts']:,} prompts, "
+                  f"{counts['neuron_effects']:,} neurons summarised, {seconds:.1f} s "
+                  f"({counts['effects'] / seconds:,.0f} pairs/s)")
+    return counts

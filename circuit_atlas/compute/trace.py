@@ -47,11 +47,6 @@ class Trace:
         return (x * adapter.final_norm) @ adapter.unembed.T
 
 
-def _rms_scale(x: torch.Tensor, eps: float, relp: bool) -> torch.Tensor:
-    scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return scale.detach() if relp else scale
-
-
 def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     def half(x: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=-1)
@@ -59,6 +54,59 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + half(q) * sin, k * cos + half(k) * sin
+
+
+def qkv(a: Adapter, blk, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Queries (B, H, T, dh), keys and values (B, KV, T, dh) of normed input ``xn``,
+    q/k-normed and rotated: keys and values are what a KV cache holds."""
+    B, T, _ = xn.shape
+    q = (xn @ blk.q.T).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+    k = (xn @ blk.k.T).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    v = (xn @ blk.v.T).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    if blk.q_norm is not None:
+        q, k = blk.q_norm(q), blk.k_norm(k)
+    q, k = _rotate(q, k, cos, sin)
+    return q, k, v
+
+
+def attention_pattern(a: Adapter, q: torch.Tensor, k: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax pattern (B, H, Tq, Tk); ``mask`` (Tq, Tk) marks the allowed keys."""
+    k = k.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * a.head_dim**-0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1)
+
+
+def attention_output(a: Adapter, blk, pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """What attention adds to the residual, (B, Tq, d)."""
+    B, _, Tq, _ = pattern.shape
+    z = pattern @ v.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
+    return z.transpose(1, 2).reshape(B, Tq, a.n_heads * a.head_dim) @ blk.o.T
+
+
+def cached_attention(a: Adapter, blk, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Attention output (B, 1, d) of B one-position queries q (B, H, 1, dh), each with its
+    own key/value k, v (B, KV, 1, dh), over shared cached earlier positions ``keys``,
+    ``values`` (H, T', dh): one matmul per head, no copy of the cache per row."""
+    B = q.shape[0]
+    group = a.n_heads // a.n_kv_heads
+    scale = a.head_dim**-0.5
+    qh = q[:, :, 0].transpose(0, 1)  # (H, B, dh)
+    kn = k[:, :, 0].repeat_interleave(group, dim=1).transpose(0, 1)
+    vn = v[:, :, 0].repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = torch.cat([qh @ keys.transpose(1, 2), (qh * kn).sum(-1, keepdim=True)], -1)
+    pattern = (scores * scale).softmax(-1)
+    z = pattern[..., :-1] @ values + pattern[..., -1:] * vn  # (H, B, dh)
+    return (z.transpose(0, 1).reshape(B, 1, a.n_heads * a.head_dim)) @ blk.o.T
+
+
+def rms_scale(x: torch.Tensor, eps: float, relp: bool = False) -> torch.Tensor:
+    """1/rms(x) over the last dimension (a constant under RelP's LN-rule)."""
+    scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return scale.detach() if relp else scale
 
 
 def forward(adapter: Adapter, tokens: torch.Tensor, relp: bool = False,
@@ -78,29 +126,20 @@ def forward(adapter: Adapter, tokens: torch.Tensor, relp: bool = False,
     cos, sin = a.rotary(x, positions)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    group = a.n_heads // a.n_kv_heads
     rec: dict[str, list[torch.Tensor]] = {k: [] for k in (
         "attn_scale", "pattern", "resid_mid", "mlp_scale", "gate", "up", "act", "mlp_out")}
     for i, blk in enumerate(a.blocks):
-        s = frozen.attn_scale[i] if frozen else _rms_scale(x, a.eps, relp)
+        s = frozen.attn_scale[i] if frozen else rms_scale(x, a.eps, relp)
         xn = x * s * blk.attn_norm
-        q = (xn @ blk.q.T).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
-        k = (xn @ blk.k.T).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        v = (xn @ blk.v.T).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        if blk.q_norm is not None:
-            q, k = blk.q_norm(q), blk.k_norm(k)
-        q, k = _rotate(q, k, cos, sin)
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * a.head_dim**-0.5
-        pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        q, k, v = qkv(a, blk, xn, cos, sin)
+        pattern = attention_pattern(a, q, k, causal)
         if relp:
             pattern = pattern.detach()
         if frozen:
             pattern = frozen.pattern[i]
-        z = (pattern @ v).transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim)
-        x = x + z @ blk.o.T
+        x = x + attention_output(a, blk, pattern, v)
         mid = x
-        s2 = frozen.mlp_scale[i] if frozen else _rms_scale(x, a.eps, relp)
+        s2 = frozen.mlp_scale[i] if frozen else rms_scale(x, a.eps, relp)
         xm = x * s2 * blk.mlp_norm
         g, u = xm @ blk.gate.T, xm @ blk.up.T
         if relp:
@@ -114,5 +153,5 @@ def forward(adapter: Adapter, tokens: torch.Tensor, relp: bool = False,
                          ("mlp_scale", s2),
                          ("gate", g), ("up", u), ("act", h), ("mlp_out", m)):
             rec[key].append(val)
-    final_scale = frozen.final_scale if frozen else _rms_scale(x, a.eps, relp)
+    final_scale = frozen.final_scale if frozen else rms_scale(x, a.eps, relp)
     return Trace(tokens=tokens, final_scale=final_scale, final_resid=x, **rec)

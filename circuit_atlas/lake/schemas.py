@@ -248,9 +248,70 @@ median_layer over them; flow: their summed flow; top_members: up to 10 "L12/N345
 ids by decreasing flow. A module's children's sizes add up to its size.""",
 )
 
+# Context-free tables of a model (projections) live under this corpus partition.
+STATIC_CORPUS = "static"
+
+PROJECTIONS = TableSpec(
+    name="projections",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("kind", pa.string()),
+        _f("sign", pa.int8()), _f("rank", pa.int16()), _f("token_id", pa.int32()),
+        _f("token", pa.string()), _f("value", pa.float32()),
+        _f("write_norm", pa.float32(), nullable=True),
+    ),
+    partitions=_DERIVED,
+    doc="""Static projections of every neuron (corpus partition "static"), top-k per sign.
+kind "output": the neuron's write vector through the unembedding (sign 1: promoted
+tokens, -1: suppressed); kind "input": SiLU(gate) * up of each token's embedding
+(sign 1: activating, -1: suppressing). rank 0 is the strongest; value: the score;
+write_norm: |W_down[:, neuron]| on output rows (null on input rows). Whether the final
+and MLP norms' weights were applied is in the manifest (params.norm).
+One file per layer (layer-NNN.parquet).""",
+)
+
+EFFECTS = TableSpec(
+    name="effects",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("prompt_id", pa.string()),
+        _f("target_token", pa.int32()), _f("activation", pa.float32()),
+        _f("direct", pa.float32()), _f("indirect", pa.float32()), _f("total", pa.float32()),
+        _f("prob_change", pa.float32()), _f("direct_ratio", pa.float32(), nullable=True),
+        _f("aligned", pa.bool_()),
+    ),
+    partitions=_DERIVED,
+    doc="""Direct and indirect effect of a neuron on a prompt's target token (see
+circuit_atlas.compute.effects), one row per (neuron, prompt).
+activation: the neuron's at the last position; direct / indirect / total: logit effects
+of adding its write vector there; prob_change: the target's probability change under
+the total effect; direct_ratio = |direct| / (|direct| + |indirect|) (null when both
+are 0); aligned: direct and indirect have the same sign.""",
+)
+
+NEURON_EFFECTS = TableSpec(
+    name="neuron_effects",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("prompts", pa.int64()),
+        _f("der_mean", pa.float64(), nullable=True), _f("der_std", pa.float64(), nullable=True),
+        _f("der_median", pa.float64(), nullable=True),
+        _f("der_class", pa.string(), nullable=True),
+        _f("consistency", pa.float64(), nullable=True), _f("aligned_fraction", pa.float64()),
+        _f("direct_mean", pa.float64()), _f("indirect_mean", pa.float64()),
+        _f("total_mean", pa.float64()),
+    ),
+    partitions=_DERIVED,
+    doc="""Per neuron across the prompts of the effects table: direct-ratio mean, std and
+median; der_class: routing-dominant (mean < 0.3), mixed, logit-dominant (> 0.7);
+consistency: share of prompts whose own ratio is in that class; aligned_fraction:
+share with direct and indirect of the same sign; mean logit effects.""",
+)
+
 DERIVED: dict[str, TableSpec] = {
     t.name: t for t in (EDGE_STATS, NEURON_STATS, NEURON_CORPORA, NEURON_TOKENS,
-                        CLUSTER_ASSIGNMENTS, CLUSTERS)}
+                        CLUSTER_ASSIGNMENTS, CLUSTERS, PROJECTIONS, EFFECTS,
+                        NEURON_EFFECTS)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "nodes", "edges")

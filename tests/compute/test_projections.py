@@ -1,0 +1,63 @@
+"""Static projections against a float64 reference computed in full."""
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from circuit_atlas import CircuitAtlasError
+from circuit_atlas.compute.adapters import adapter_for
+from circuit_atlas.compute.projections import ProjectionParams, Projector, project
+from tests.factories import tiny_llama
+
+
+def reference(adapter, layer, norm):
+    """Full vocab x neurons matrices in float64, straight from the formulas."""
+    a, blk = adapter, adapter.blocks[layer]
+    f = torch.float64
+    down, unembed, embed = blk.down.to(f), a.unembed.to(f), a.embed.to(f)
+    if norm:
+        out = unembed @ (a.final_norm.to(f)[:, None] * down)
+        rms = embed * torch.rsqrt(embed.pow(2).mean(-1, keepdim=True) + a.eps)
+        x = rms * blk.mlp_norm.to(f)
+    else:
+        out, x = unembed @ down, embed
+    inp = torch.nn.functional.silu(x @ blk.gate.to(f).T) * (x @ blk.up.to(f).T)
+    return out.T, inp.T  # (N, V)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_top_k_agree_with_float64_reference(norm, dtype):
+    adapter = adapter_for(tiny_llama(seed=1, vocab=400, neurons=40, n_layers=2))
+    k = 6
+    projector = Projector(adapter, ProjectionParams(k=k, norm=norm, dtype=dtype, margin=4))
+    projector.chunk = 16  # several chunks, one partial
+    for layer in range(2):
+        cols = projector.layer(layer)
+        df = pl.DataFrame(cols)
+        for kind, ref in enumerate(reference(adapter, layer, norm)):
+            for sign in (1, -1):
+                got = df.filter((pl.col("kind") == kind) & (pl.col("sign") == sign)).sort(
+                    "neuron", "rank")
+                top = (ref if sign == 1 else -ref).topk(k, dim=1)
+                want_ids = top.indices.numpy().ravel()
+                want_vals = (sign * top.values).numpy().ravel()
+                np.testing.assert_array_equal(got["token_id"].to_numpy(), want_ids)
+                np.testing.assert_allclose(got["value"].to_numpy(), want_vals, rtol=1e-6)
+        norms = df.filter(pl.col("kind") == 0).group_by("neuron").agg(pl.col("write_norm").first())
+        np.testing.assert_allclose(
+            norms.sort("neuron")["write_norm"].to_numpy(),
+            adapter.blocks[layer].down.norm(dim=0).numpy())
+        assert df.filter(pl.col("kind") == 1)["write_norm"].is_nan().all()
+
+
+def test_layers_checked_and_params_validated():
+    adapter = adapter_for(tiny_llama(n_layers=2))
+    with pytest.raises(CircuitAtlasError, match="out of range"):
+        project(adapter, ProjectionParams(), [5])
+    with pytest.raises(CircuitAtlasError, match="k must be"):
+        ProjectionParams(k=0)
+    seen = []
+    project(adapter, ProjectionParams(k=3), None, lambda layer, cols: seen.append(layer))
+    assert seen == [0, 1]
