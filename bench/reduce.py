@@ -20,10 +20,8 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -31,9 +29,11 @@ import pyarrow as pa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODEL, CORPUS = "bench/llama-8b-shaped", "synthetic"
 LAYERS, NEURONS = 32, 14336  # 458,752 neurons, as Llama-3.1-8B
+SHAPE = {"n_layers": LAYERS, "n_neurons": NEURONS, "d_model": 4096, "vocab_size": 128256}
 
 
 def generate(path: str, graphs: int, per_shard: int, seed: int) -> None:
@@ -85,10 +85,25 @@ def generate(path: str, graphs: int, per_shard: int, seed: int) -> None:
             "target_tokens": list(tokens[:, :3]), "target_probs": [[0.5, 0.2, 0.1]] * n_g,
             "params_hash": [ph] * n_g,
         }, schema=GRAPHS.schema)
-        with lake.open_shard(MODEL, CORPUS, params={"synthetic": seed}) as shard:
+        with lake.open_shard(MODEL, CORPUS, params={"synthetic": seed},
+                             model_shape=SHAPE) as shard:
             shard.write("graphs", graphs_t)
             shard.write("nodes", nodes)
             shard.write("edges", edges)
+
+
+def bench_lake(directory: str, graphs: int, per_shard: int, seed: int) -> str:
+    return os.path.join(directory, f"lake3-{graphs}-{per_shard}-{seed}")
+
+
+def ensure_lake(lake_path: str, graphs: int, per_shard: int, seed: int) -> None:
+    """Generate the synthetic lake once (cached under its parameters)."""
+    if not os.path.exists(os.path.join(lake_path, "_lake.json")):
+        shutil.rmtree(lake_path + ".tmp", ignore_errors=True)  # an interrupted generation
+        t0 = time.perf_counter()
+        generate(lake_path + ".tmp", graphs, per_shard, seed)
+        os.rename(lake_path + ".tmp", lake_path)
+        print(f"generated {lake_path} in {time.perf_counter() - t0:.1f} s")
 
 
 def run_duckdb(lake_path: str, out: str, threads: int) -> None:
@@ -127,29 +142,9 @@ def run_ours(lake_path: str, workers: int, worker_memory: str | None) -> None:
 
 def measure(argv: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB, process tree) of this script run with ``argv``."""
-    import psutil
+    from _measure import measure as run
 
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, *argv], cwd=ROOT)
-    peak, p = 0, psutil.Process(proc.pid)
-
-    def sample():
-        nonlocal peak
-        while proc.poll() is None:
-            try:
-                rss = sum(c.memory_info().rss for c in [p, *p.children(recursive=True)])
-                peak = max(peak, rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    proc.wait()
-    sampler.join()
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(argv)} failed with status {proc.returncode}")
-    return time.perf_counter() - t0, peak / 1e9
+    return run(__file__, argv, ROOT)
 
 
 def compare(lake_path: str, duck_out: str) -> int:
@@ -176,12 +171,17 @@ def compare(lake_path: str, duck_out: str) -> int:
     return ours.height
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def lake_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options that name the synthetic lake (shared with bench/cooccurrence.py)."""
     ap.add_argument("--graphs", type=int, default=20000)
     ap.add_argument("--per-shard", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "circuit-atlas-bench"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    lake_arguments(ap)
     ap.add_argument("--workers", type=int, default=None, help="default: one per core")
     ap.add_argument("--worker-memory", default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="DuckDB threads")
@@ -190,18 +190,13 @@ def main() -> None:
     ap.add_argument("--engine", choices=["duckdb", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    lake_path = os.path.join(args.dir, f"lake2-{args.graphs}-{args.per_shard}-{args.seed}")
+    lake_path = bench_lake(args.dir, args.graphs, args.per_shard, args.seed)
     if args.engine == "duckdb":
         return run_duckdb(lake_path, args.out, args.threads)
     if args.engine == "ours":
         return run_ours(lake_path, args.workers, args.worker_memory)
 
-    if not os.path.exists(os.path.join(lake_path, "_lake.json")):
-        shutil.rmtree(lake_path + ".tmp", ignore_errors=True)  # an interrupted generation
-        t0 = time.perf_counter()
-        generate(lake_path + ".tmp", args.graphs, args.per_shard, args.seed)
-        os.rename(lake_path + ".tmp", lake_path)
-        print(f"generated {lake_path} in {time.perf_counter() - t0:.1f} s")
+    ensure_lake(lake_path, args.graphs, args.per_shard, args.seed)
     from circuit_atlas.lake import Lake
 
     info = Lake(lake_path).info()["models"][MODEL.replace("/", "--")]["corpora"][CORPUS]

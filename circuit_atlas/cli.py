@@ -439,6 +439,99 @@ def reduce(lake_path: str, corpora: tuple[str, ...], model_spec: str, min_count:
                   top_k=top_k, chunk=chunk, cluster=cluster)
 
 
+# analysis --------------------------------------------------------------------------
+
+corpora_option = click.option(
+    "--corpus", "corpora", multiple=True, required=True,
+    help="Corpus of the reduced tables (repeat for a joint reduce of several).")
+
+
+@cli.command()
+@lake_option
+@model_option
+@corpora_option
+@click.option("--k", default=20, show_default=True, help="Co-occurring neurons per neuron.")
+@click.option("--min-count", default=2, show_default=True,
+              help="Keep pairs found together in at least this many graphs.")
+@click.option("--max-share", default=0.5, show_default=True,
+              help="Neurons in more than this share of the graphs are hubs, left out.")
+@click.option("--rank-by", default="jaccard", show_default=True,
+              type=click.Choice(["jaccard", "npmi", "joint_count"]), help="Top-k order.")
+@cluster_options
+def cooccurrence(lake_path: str, model_spec: str, corpora: tuple[str, ...], k: int,
+                 min_count: int, max_share: float, rank_by: str, **cluster: Any) -> None:
+    """Neurons that appear in the same graphs: the cooccurrence table (top-k per
+    neuron, with joint count, Jaccard and normalised PMI), on a Dask cluster."""
+    from circuit_atlas.lake import Lake
+    from circuit_atlas.pipeline import cooccurrence_table
+
+    cooccurrence_table(Lake(lake_path), model_spec, list(corpora), _console(), cluster=cluster,
+                       k=k, min_count=min_count, max_share=max_share, rank_by=rank_by)
+
+
+@cli.command()
+@lake_option
+@model_option
+@corpora_option
+@click.option("--domain", required=True, help="The domain corpus (e.g. medical).")
+@click.option("--baseline", required=True, help="The baseline corpus (e.g. general).")
+def specificity(lake_path: str, model_spec: str, corpora: tuple[str, ...], domain: str,
+                baseline: str) -> None:
+    """Domain specificity of every neuron (smoothed score and log odds with a 95%
+    interval) from a joint reduce of the domain and baseline corpora."""
+    from circuit_atlas.analysis.specificity import write_specificity
+    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.lake import Lake
+
+    rows = write_specificity(Lake(lake_path), model_name(model_spec), list(corpora), domain,
+                             baseline)
+    _console().print(f"[green]specificity[/] {domain} against {baseline}: {rows:,} neurons")
+
+
+@cli.command()
+@lake_option
+@model_option
+@corpora_option
+def roles(lake_path: str, model_spec: str, corpora: tuple[str, ...]) -> None:
+    """Circuit role of every neuron with edges (feature detector, relay, integrator,
+    output formatter, inhibitor, other): the roles table."""
+    from circuit_atlas.analysis.roles import write_roles
+    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.lake import Lake
+
+    counts = write_roles(Lake(lake_path), model_name(model_spec), list(corpora))
+    _console().print("[green]roles[/] " + ", ".join(
+        f"{role} {n:,}" for role, n in sorted(counts.items(), key=lambda kv: -kv[1])))
+
+
+@cli.command()
+@click.argument("neuron")
+@lake_option
+@model_option
+@click.option("--corpus", "corpora", multiple=True,
+              help="Corpus of the reduced tables (default: the only reduced set).")
+@click.option("--top", default=10, show_default=True, help="Rows per section.")
+@json_option
+def profile(neuron: str, lake_path: str, model_spec: str, corpora: tuple[str, ...], top: int,
+            as_json: bool) -> None:
+    """Everything the lake knows about one neuron (L12/N345 or 12:345)."""
+    from circuit_atlas.analysis.profile import neuron_profile, parse_neuron
+    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.lake import Lake
+    from circuit_atlas.lake.layout import corpus_key
+    from circuit_atlas.pipeline import print_profile, profile_tokenizer
+
+    layer, index = parse_neuron(neuron)
+    name = model_name(model_spec)
+    found = neuron_profile(Lake(lake_path), name, layer, index,
+                           corpus_key(corpora) if corpora else None, top,
+                           profile_tokenizer(model_spec))
+    if as_json:
+        click.echo(json.dumps(found, indent=1, default=str))
+    else:
+        print_profile(found, _console())
+
+
 # clustering ------------------------------------------------------------------------
 
 

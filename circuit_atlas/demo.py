@@ -32,6 +32,8 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
         report = lake.import_prompts(read_prompt_file(path), corpus, source=f"demo:{path.name}")
         console.print(f"[green]prompts[/] corpus {corpus!r}: {report.added} new, "
                       f"{report.already_present} already imported")
+    from circuit_atlas.analysis.roles import write_roles
+    from circuit_atlas.analysis.specificity import write_specificity
     from circuit_atlas.clustering.network import network_params
     from circuit_atlas.compute.attribution import AttributionParams
     from circuit_atlas.compute.models import load_model
@@ -41,6 +43,7 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
         compute_effects,
         compute_graphs,
         compute_projections,
+        cooccurrence_table,
         reduce_tables,
     )
 
@@ -54,7 +57,17 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     compute_projections(lake, loaded, ProjectionParams(), console,
                         None if limit is None else [0, last])
     compute_effects(lake, loaded, list(DEMO_CORPORA), console)
+    cooccurrence_table(lake, loaded.name, list(DEMO_CORPORA), console)
+    rows = write_specificity(lake, loaded.name, list(DEMO_CORPORA), "medical", "general")
+    console.print(f"[green]specificity[/] medical against general: {rows:,} neurons")
+    counts = write_roles(lake, loaded.name, list(DEMO_CORPORA))
+    console.print("[green]roles[/] " + ", ".join(f"{r} {n:,}" for r, n in sorted(
+        counts.items(), key=lambda kv: -kv[1])))
     # a few graphs (--limit) share few edges five times: keep every edge then
     cluster_tables(lake, loaded.name, list(DEMO_CORPORA), ["infomap", "leiden"],
                    network_params(min_count=5 if limit is None else 1), {}, console)
+    top = lake.table("specificity").sort("log_odds_low", descending=True).head(1).collect()
     console.print(f"next: circuit-atlas lake info --lake {lake.url}")
+    if len(top):
+        console.print(f"      circuit-atlas profile L{top['layer'][0]}/N{top['neuron'][0]} "
+                      f"--lake {lake.url}   (the most medical-specific neuron)")

@@ -176,3 +176,68 @@ def compute_effects(lake, model, corpora: list[str], console, **kwargs):
                   f"{counts['neuron_effects']:,} neurons summarised, {seconds:.1f} s "
                   f"({counts['effects'] / seconds:,.0f} pairs/s)")
     return counts
+
+
+def cooccurrence_table(lake, model_spec: str, corpora: list[str], console, cluster=None,
+                       **kwargs):
+    """The co-occurrence job with a progress bar on the chosen cluster."""
+    from circuit_atlas.analysis.cooccurrence import cooccurrence_lake
+
+    cluster = cluster or {"cluster": "local"}
+    with cluster_client(**cluster, echo=console.print) as client, \
+            _bar(console, "cooccurrence") as progress:
+        task = progress.add_task("tasks", total=None)
+        report = cooccurrence_lake(lake, model_name(model_spec), corpora, client,
+                                   on_progress=lambda d, t: progress.update(
+                                       task, completed=d, total=t), **kwargs)
+    console.print(f"[green]cooccurrence[/] {report.corpus}: {report.graphs:,} graphs, "
+                  f"{report.hubs:,} hub neuron(s) left out, {report.rows:,} rows, "
+                  f"{report.seconds:.1f} s")
+    return report
+
+
+def profile_tokenizer(model_spec: str):
+    """The model's tokenizer to decode token nodes, or None (ids are shown then)."""
+    from circuit_atlas.errors import CircuitAtlasError
+
+    try:
+        from circuit_atlas.compute.models import load_tokenizer
+
+        return load_tokenizer(model_spec)
+    except (CircuitAtlasError, OSError, ValueError):
+        return None
+
+
+def print_profile(profile: dict, console) -> None:
+    """A neuron profile (see analysis.profile) in the terminal."""
+    from rich.table import Table
+
+    a = profile["appearances"]
+    console.rule(f"[bold]{profile['neuron']}[/] - {profile['model']} / {profile['corpus']}")
+    by = ", ".join(f"{c} {n}" for c, n in a.get("by_corpus", {}).items())
+    console.print(f"in {a['graph_count']:,} graphs ({by}), {a['position_count']:,} positions; "
+                  f"activation mean {a['activation_mean']:.3g} max {a['activation_max']:.3g};"
+                  f" relevance mean {a['score_mean']:.3g}")
+    for key, title in (("role", "role"), ("effects", "direct effect ratio"),
+                       ("specificity", "specificity"), ("clusters", "clusters"),
+                       ("labels", "labels")):
+        for row in profile.get(key, []):
+            console.print(f"[bold]{title}[/]: " + ", ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    for key in ("upstream", "downstream", "cooccurring"):
+        rows = profile.get(key)
+        if not rows:
+            continue
+        table = Table(title=key, title_justify="left")
+        for col in rows[0]:
+            table.add_column(col, justify="left" if col == "node" else "right")
+        for r in rows:
+            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()))
+        console.print(table)
+    for kind, rows in profile.get("tokens", {}).items():
+        if rows:
+            console.print(f"[bold]{kind} tokens[/]: " + ", ".join(
+                f"{r['token']} ({r['count']})" for r in rows))
+    for key, rows in profile.get("projections", {}).items():
+        console.print(f"[bold]projection {key}[/]: " + ", ".join(
+            f"{t!r} {v:.3g}" for t, v in rows))

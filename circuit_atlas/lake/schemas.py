@@ -308,10 +308,58 @@ consistency: share of prompts whose own ratio is in that class; aligned_fraction
 share with direct and indirect of the same sign; mean logit effects.""",
 )
 
+COOCCURRENCE = TableSpec(
+    name="cooccurrence",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("other_layer", pa.int16()),
+        _f("other_neuron", pa.int32()), _f("joint_count", pa.int64()), _f("count", pa.int64()),
+        _f("other_count", pa.int64()), _f("jaccard", pa.float64()), _f("npmi", pa.float64()),
+    ),
+    partitions=_DERIVED,
+    doc="""Top-k co-occurring neurons of each neuron (both directions), over graphs.
+joint_count: graphs holding both; count / other_count: graphs holding each;
+jaccard = joint / (count + other_count - joint); npmi: normalised PMI in [-1, 1].
+Hub neurons (in more than max_share of the graphs) are left out; see the manifest.""",
+)
+
+SPECIFICITY = TableSpec(
+    name="specificity",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("domain", pa.string()),
+        _f("baseline", pa.string()), _f("domain_count", pa.int64()),
+        _f("baseline_count", pa.int64()), _f("domain_graphs", pa.int64()),
+        _f("baseline_graphs", pa.int64()), _f("domain_freq", pa.float64()),
+        _f("baseline_freq", pa.float64()), _f("specificity", pa.float64()),
+        _f("log_odds", pa.float64()), _f("log_odds_low", pa.float64()),
+        _f("log_odds_high", pa.float64()),
+    ),
+    partitions=_DERIVED,
+    doc="""Domain specificity of each neuron: a domain corpus against a baseline corpus
+(see circuit_atlas.analysis.specificity). specificity in [0, 1] (0.5: no preference),
+add-one smoothed; log_odds with its 95% interval (low > 0: significant preference).""",
+)
+
+ROLES = TableSpec(
+    name="roles",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("role", pa.string()),
+        _f("in_embed", pa.float64()), _f("in_neuron", pa.float64()), _f("sources", pa.int64()),
+        _f("out_logit", pa.float64()), _f("out_neuron", pa.float64()),
+        _f("targets", pa.int64()), _f("out_negative_share", pa.float64()),
+    ),
+    partitions=_DERIVED,
+    doc="""Circuit role of each neuron with edges: output formatter, feature detector,
+inhibitor, integrator, relay or other (rules in circuit_atlas.analysis.roles), with the
+strengths (summed |weight|) and partner counts the rules read.""",
+)
+
 DERIVED: dict[str, TableSpec] = {
     t.name: t for t in (EDGE_STATS, NEURON_STATS, NEURON_CORPORA, NEURON_TOKENS,
                         CLUSTER_ASSIGNMENTS, CLUSTERS, PROJECTIONS, EFFECTS,
-                        NEURON_EFFECTS)}
+                        NEURON_EFFECTS, COOCCURRENCE, SPECIFICITY, ROLES)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "nodes", "edges")

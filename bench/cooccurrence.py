@@ -1,0 +1,139 @@
+"""Co-occurrence on the reduce benchmark's synthetic lake, against DuckDB, in one run.
+
+    .venv/bin/python bench/cooccurrence.py                 # 20,000 graphs
+    .venv/bin/python bench/cooccurrence.py --graphs 5000
+
+The lake is bench/reduce.py's (generated once, cached) and is reduced first if it has
+no neurons table. Each engine runs in its own subprocess; the parent samples the RSS
+of its process tree. Both compute, over the graphs' MLP-neuron sets, the pairs of
+non-hub neurons (hubs: in more than half of the graphs) found together in at least
+--min-count graphs, and each neuron's top-k by Jaccard (ties: joint count, then the
+other neuron); DuckDB does it as a self-join on graph_id. The parent checks that the
+two tables hold the same rows before printing times, peak memory and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
+
+from _measure import measure  # noqa: E402
+from reduce import CORPUS, LAYERS, MODEL, bench_lake, ensure_lake, lake_arguments  # noqa: E402
+
+
+def run_ours(lake_path: str, k: int, min_count: int, workers: int | None) -> None:
+    from circuit_atlas.analysis.cooccurrence import cooccurrence_lake
+    from circuit_atlas.etl.clusters import dask_client
+    from circuit_atlas.lake import Lake
+
+    with dask_client(n_workers=workers, echo=None) as client:
+        report = cooccurrence_lake(Lake(lake_path), MODEL, [CORPUS], client, k=k,
+                                   min_count=min_count)
+    print(json.dumps({"hubs": report.hubs, "graphs": report.graphs}))
+
+
+def run_duckdb(lake_path: str, out: str, k: int, min_count: int, threads: int) -> None:
+    import duckdb
+
+    from circuit_atlas.lake import Lake
+
+    files = Lake(lake_path).files("nodes", MODEL, CORPUS)
+    con = duckdb.connect()
+    con.execute(f"SET threads = {threads}")
+    con.execute(f"""
+        CREATE TABLE gn AS SELECT DISTINCT graph_id, layer::BIGINT * 4294967296 + "index" AS k
+        FROM read_parquet({files!r}) WHERE layer >= 0 AND layer < {LAYERS} AND "index" >= 0""")
+    (n,) = con.execute("SELECT count(DISTINCT graph_id) FROM gn").fetchone()
+    con.execute("CREATE TABLE cnt AS SELECT k, count(*) AS c FROM gn GROUP BY k")
+    con.execute(f"CREATE TABLE g2 AS SELECT gn.* FROM gn JOIN cnt USING (k) WHERE c <= {n} * 0.5")
+    con.execute(f"""
+        COPY (
+          WITH pairs AS (
+            SELECT a.k AS a, b.k AS b, count(*) AS joint FROM g2 a JOIN g2 b
+            ON a.graph_id = b.graph_id AND a.k <> b.k GROUP BY ALL HAVING joint >= {min_count}),
+          m AS (
+            SELECT a, b, joint, ca.c AS count, cb.c AS other_count,
+                   joint / (ca.c + cb.c - joint) AS jaccard
+            FROM pairs JOIN cnt ca ON ca.k = a JOIN cnt cb ON cb.k = b)
+          SELECT (a // 4294967296)::SMALLINT AS layer, (a % 4294967296)::INTEGER AS neuron,
+                 (b // 4294967296)::SMALLINT AS other_layer,
+                 (b % 4294967296)::INTEGER AS other_neuron, joint AS joint_count, count,
+                 other_count, jaccard
+          FROM m QUALIFY row_number() OVER (
+            PARTITION BY a ORDER BY jaccard DESC, joint DESC, b) <= {k}
+        ) TO '{out}/cooccurrence.parquet' (FORMAT parquet)""")
+
+
+def compare(lake_path: str, out: str) -> int:
+    import polars as pl
+
+    from circuit_atlas.lake import Lake
+
+    cols = ["layer", "neuron", "other_layer", "other_neuron", "joint_count", "count",
+            "other_count"]
+    ours = Lake(lake_path).table("cooccurrence", MODEL, CORPUS).select(cols).collect()
+    duck = pl.read_parquet(f"{out}/cooccurrence.parquet").select(cols).cast(
+        dict(ours.schema))
+    if len(ours) != len(duck) or not ours.sort(cols).equals(duck.sort(cols)):
+        raise SystemExit(f"tables differ: ours {len(ours)} rows, DuckDB {len(duck)}")
+    return len(ours)
+
+
+def ensure_reduced(lake_path: str) -> None:
+    from circuit_atlas.etl.clusters import dask_client
+    from circuit_atlas.etl.reduce import reduce_lake
+    from circuit_atlas.lake import Lake
+
+    lake = Lake(lake_path)
+    if lake.table_manifest(MODEL, CORPUS, "neurons") is None:
+        with dask_client(echo=None) as client:
+            reduce_lake(lake, MODEL, [CORPUS], client)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    lake_arguments(ap)
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--min-count", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="DuckDB threads")
+    ap.add_argument("--engine", choices=["duckdb", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    lake_path = bench_lake(args.dir, args.graphs, args.per_shard, args.seed)
+    if args.engine == "ours":
+        return run_ours(lake_path, args.k, args.min_count, args.workers)
+    if args.engine == "duckdb":
+        return run_duckdb(lake_path, args.out, args.k, args.min_count, args.threads)
+    ensure_lake(lake_path, args.graphs, args.per_shard, args.seed)
+    ensure_reduced(lake_path)
+    out = tempfile.mkdtemp(prefix="duck-co-")
+    common = ["--graphs", str(args.graphs), "--per-shard", str(args.per_shard), "--seed",
+              str(args.seed), "--dir", args.dir, "--k", str(args.k), "--min-count",
+              str(args.min_count)]
+    try:
+        duck_s, duck_gb = measure(__file__, ["--engine", "duckdb", "--out", out, "--threads",
+                                             str(args.threads), *common], ROOT)
+        ours_s, ours_gb = measure(__file__, ["--engine", "ours", *common, *(
+            ["--workers", str(args.workers)] if args.workers else [])], ROOT)
+        rows = compare(lake_path, out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    print(json.dumps({
+        "machine": f"{platform.node()} {os.cpu_count()} cores", "graphs": args.graphs,
+        "rows": rows, "duckdb_s": round(duck_s, 2), "duckdb_peak_gb": round(duck_gb, 2),
+        "ours_s": round(ours_s, 2), "ours_peak_gb": round(ours_gb, 2),
+        "ratio_ours_to_duckdb": round(ours_s / duck_s, 3)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Co-occurrence: which neurons appear in the same graphs, top-k per neuron.
+
+A graph's neuron set is local to its shard, so pairs are counted per shard (a sparse
+``X^T X`` of the shard's graph x neuron incidence) and merged. Output is one row per
+neuron and co-occurring neuron, both directions: ``joint_count`` (graphs holding
+both), ``count`` and ``other_count`` (graphs holding each), ``jaccard`` and the
+normalised PMI ``npmi = log(p_ab / (p_a p_b)) / -log(p_ab)`` (1: always together, 0:
+independent), with ``p = graphs / all graphs``.
+
+**Hub neurons.** A neuron in nearly every graph (the seeds' L1/N2427 was in 200 of
+200) co-occurs with everything: it adds a full row of pairs to every graph's square,
+and its npmi with anyone is ~0. Neurons in more than ``max_share`` (default 0.5) of
+the graphs are therefore left out of pair counting; they keep their counts in the
+``neurons`` table and are listed in the table's manifest (``inputs.hubs``). With hubs
+out, a graph of m neurons adds at most m(m-1) pairs, and the total is bounded by the
+graphs' sizes, not by the hubs.
+
+Memory: each shard's pairs are split into buckets by the first neuron and written to
+scratch; one task per bucket sums its pairs and keeps each neuron's top k, so no task
+holds more than a bucket.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from circuit_atlas.errors import CircuitAtlasError
+
+RANK_BY = ("jaccard", "npmi", "joint_count")
+SHIFT = 1 << 32  # key = layer * SHIFT + index (layer >= 0 here)
+PAIR_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("joint", pa.int64())])
+
+
+def key(layer: pl.Expr | np.ndarray, index: pl.Expr | np.ndarray):
+    """One int64 per neuron (layer, index): ``layer << 32 | index``."""
+    if isinstance(layer, pl.Expr):
+        return layer.cast(pl.Int64) * SHIFT + index.cast(pl.Int64)
+    return (np.asarray(layer, np.int64) << 32) | np.asarray(index, np.int64)
+
+
+def graph_neurons(nodes: pl.DataFrame, n_layers: int, skip: list[int] = ()) -> pl.DataFrame:
+    """(graph_id, key) once per neuron and graph: MLP neurons only (no embeddings,
+    logits or remainders), graphs in ``skip`` (counted from another shard) dropped."""
+    return (nodes.filter((pl.col("layer") >= 0) & (pl.col("layer") < n_layers)
+                         & (pl.col("index") >= 0) & ~pl.col("graph_id").is_in(list(skip)))
+            .select("graph_id", key=key(pl.col("layer"), pl.col("index"))).unique())
+
+
+def pair_counts(members: pl.DataFrame, hubs: np.ndarray) -> pl.DataFrame:
+    """(a, b, joint) for every ordered pair a != b of non-hub neurons sharing a graph."""
+    from scipy import sparse
+
+    members = members.filter(~pl.col("key").is_in(hubs.tolist()))
+    if members.is_empty():
+        return pl.from_arrow(PAIR_SCHEMA.empty_table())
+    graphs, g = np.unique(members["graph_id"].to_numpy(), return_inverse=True)
+    keys, n = np.unique(members["key"].to_numpy(), return_inverse=True)
+    x = sparse.csr_matrix((np.ones(len(g), np.int64), (g, n)), shape=(len(graphs), len(keys)))
+    c = (x.T @ x).tocoo()
+    off = c.row != c.col
+    return pl.DataFrame({"a": keys[c.row[off]], "b": keys[c.col[off]],
+                         "joint": c.data[off].astype(np.int64)})
+
+
+def top_pairs(pairs: pl.DataFrame, counts: pl.DataFrame, n_graphs: int, k: int,
+              min_count: int, rank_by: str) -> pl.DataFrame:
+    """Sum ``pairs`` (a, b, joint), add the metrics, keep each a's top ``k`` by
+    ``rank_by`` (ties: larger joint count, then smaller other neuron)."""
+    summed = pairs.group_by("a", "b").agg(pl.col("joint").sum()).filter(
+        pl.col("joint") >= min_count)
+    ca = counts.rename({"key": "a", "count": "count"})
+    cb = counts.rename({"key": "b", "count": "other_count"})
+    n = float(n_graphs)
+    p_ab = pl.col("joint_count") / n
+    out = (summed.rename({"joint": "joint_count"}).join(ca, on="a").join(cb, on="b")
+           .with_columns(
+               jaccard=pl.col("joint_count") / (pl.col("count") + pl.col("other_count")
+                                                 - pl.col("joint_count")),
+               npmi=pl.when(p_ab < 1).then(
+                   (p_ab / ((pl.col("count") / n) * (pl.col("other_count") / n))).log()
+                   / -p_ab.log()).otherwise(1.0))
+           .sort(["a", rank_by, "joint_count", "b"], descending=[False, True, True, False])
+           .filter(pl.int_range(pl.len()).over("a") < k))
+    return out.select(
+        layer=(pl.col("a") // SHIFT).cast(pl.Int16), neuron=(pl.col("a") % SHIFT).cast(pl.Int32),
+        other_layer=(pl.col("b") // SHIFT).cast(pl.Int16),
+        other_neuron=(pl.col("b") % SHIFT).cast(pl.Int32),
+        joint_count="joint_count", count="count", other_count="other_count",
+        jaccard="jaccard", npmi="npmi")
+
+
+# the Dask job -------------------------------------------------------------------------
+
+
+@dataclass
+class CooccurrenceReport:
+    corpus: str
+    graphs: int
+    hubs: int
+    rows: int
+    seconds: float
+
+
+def _shard_task(lake, shard_path: str, n_layers: int, skip: list[int], hubs: np.ndarray,
+                buckets: int, path: str) -> list[int]:
+    """One shard's pairs, sorted into buckets (one row group each); rows per bucket."""
+    from circuit_atlas.lake import NODES
+    from circuit_atlas.lake.validate import check_file
+
+    f = f"{shard_path}/nodes.parquet"
+    check_file(f, NODES, lake.fs)
+    with lake.fs.open(f, "rb") as fh:
+        nodes = pl.from_arrow(pq.read_table(fh, columns=["graph_id", "layer", "index"]))
+    pairs = pair_counts(graph_neurons(nodes, n_layers, skip), hubs).with_columns(
+        bucket=((pl.col("a") // SHIFT * 1_000_003 + pl.col("a") % SHIFT) % buckets)
+        .cast(pl.Int32)).sort("bucket")
+    sizes = []
+    with lake.fs.open(path, "wb") as fh, pq.ParquetWriter(fh, PAIR_SCHEMA,
+                                                          compression="lz4") as writer:
+        for b in range(buckets):
+            part = pairs.filter(pl.col("bucket") == b).drop("bucket").to_arrow()
+            writer.write_table(part.cast(PAIR_SCHEMA), row_group_size=max(1, part.num_rows))
+            sizes.append(part.num_rows)
+    return sizes
+
+
+def _bucket_task(lake, paths: list[str], bucket: int, counts: pl.DataFrame, n_graphs: int,
+                 k: int, min_count: int, rank_by: str, version, _deps: list) -> tuple[str, int]:
+    from circuit_atlas.lake.schemas import COOCCURRENCE
+
+    frames = []
+    for p in paths:
+        with lake.fs.open(p, "rb") as fh:
+            frames.append(pl.from_arrow(pq.ParquetFile(fh).read_row_group(bucket)))
+    table = top_pairs(pl.concat(frames), counts, n_graphs, k, min_count, rank_by).sort(
+        ["layer", "neuron", rank_by, "joint_count", "other_layer", "other_neuron"],
+        descending=[False, False, True, True, False, False])
+    name = version.write(f"bucket-{bucket:04d}.parquet", table.to_arrow(), COOCCURRENCE)
+    return name, len(table)
+
+
+def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int = 20,
+                      min_count: int = 2, max_share: float = 0.5, rank_by: str = "jaccard",
+                      buckets: int | None = None,
+                      on_progress: Callable[[int, int], None] | None = None
+                      ) -> CooccurrenceReport:
+    """The ``cooccurrence`` table of (model, corpora) on a Dask cluster."""
+    from distributed import as_completed
+
+    from circuit_atlas.analysis.inputs import reduced
+    from circuit_atlas.etl.reduce import repeated_graphs
+    from circuit_atlas.lake import graph_id
+
+    t0 = time.perf_counter()
+    if rank_by not in RANK_BY:
+        raise CircuitAtlasError(f"unknown ranking {rank_by!r}; choose one of {', '.join(RANK_BY)}")
+    if k < 1 or min_count < 1 or not 0 < max_share <= 1:
+        raise CircuitAtlasError("k and min count must be >= 1 and max share in (0, 1]")
+    inputs = reduced(lake, model, corpora)
+    ck, n_layers, shards = inputs.corpus, inputs.n_layers, inputs.shards
+    held = [f"{s.corpus}/{s.shard}" for s in shards]
+    # a graph in two corpora is one graph here
+    n_graphs = len({graph_id(s.commit["model"], p, s.params_hash)
+                    for s in shards for p in s.prompt_ids})
+    neurons = lake.table("neurons", model, ck).filter(
+        (pl.col("layer") >= 0) & (pl.col("layer") < n_layers)).select(
+        key=key(pl.col("layer"), pl.col("index")), count="graph_count").collect()
+    hubs = neurons.filter(pl.col("count") > max_share * n_graphs)["key"].to_numpy()
+    counts = neurons.filter(~pl.col("key").is_in(hubs.tolist()))
+    workers = len(client.scheduler_info(n_workers=-1)["workers"]) or 1
+    buckets = buckets or max(1, min(256, 4 * workers, len(counts) // 1000 + 1))
+    version = lake.new_table_version(model, ck, "cooccurrence")
+    scratch = [version.scratch(f"shard-{i:06d}.parquet") for i in range(len(shards))]
+    skips = repeated_graphs(shards)
+    parts = [client.submit(_shard_task, lake, s.path, n_layers, skip, hubs, buckets, path,
+                           pure=False)
+             for s, skip, path in zip(shards, skips, scratch, strict=True)]
+    counts_f = client.scatter(counts, broadcast=True)
+    finals = [client.submit(_bucket_task, lake, scratch, b, counts_f, n_graphs, k, min_count,
+                            rank_by, version, parts, pure=False) for b in range(buckets)]
+    total = len(parts) + len(finals)
+    for done, _ in enumerate(as_completed([*parts, *finals]), start=1):
+        if on_progress:
+            on_progress(done, total)
+    written = client.gather(finals)
+    version.drop_scratch()
+    hub_ids = [f"L{h >> 32}/N{h & 0xFFFFFFFF}" for h in hubs.tolist()]
+    version.publish([w[0] for w in written], {
+        "shards": held, "graphs": n_graphs, "hubs": hub_ids, "model": model,
+        "params": {"k": k, "min_count": min_count, "max_share": max_share,
+                   "rank_by": rank_by}})
+    return CooccurrenceReport(ck, n_graphs, len(hubs), sum(w[1] for w in written),
+                              time.perf_counter() - t0)

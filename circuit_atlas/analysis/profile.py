@@ -1,0 +1,135 @@
+"""One neuron's profile, gathered from every table the lake holds for it.
+
+What the seeds' ``build_neuron_profile.py`` printed: appearances, upstream sources and
+downstream targets (embedding and logit nodes decoded to text), token associations,
+co-occurring neurons, projections, direct-effect ratio, role, clusters and labels.
+A table the lake does not have is left out of the profile, not shown as empty.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import polars as pl
+
+from circuit_atlas.errors import CircuitAtlasError, LakeError
+from circuit_atlas.lake import Lake
+from circuit_atlas.lake.schemas import STATIC_CORPUS
+
+_ID = re.compile(r"L?(\d+)[/:]N?(\d+)")
+
+
+def parse_neuron(text: str) -> tuple[int, int]:
+    """``L12/N345`` or ``12:345`` -> (12, 345)."""
+    m = _ID.fullmatch(text.strip())
+    if not m:
+        raise CircuitAtlasError(f"{text!r}: write a neuron as L12/N345 or 12:345")
+    return int(m[1]), int(m[2])
+
+
+def default_corpus(lake: Lake, model: str) -> str:
+    """The corpus key of the model's reduced tables, when there is exactly one."""
+    from circuit_atlas.lake.layout import model_key
+
+    keys = sorted(c for c in lake.derived_tables().get(model_key(model), {})
+                  if c != STATIC_CORPUS)
+    if len(keys) != 1:
+        raise CircuitAtlasError(
+            f"the lake holds reduced tables of {model!r} for {len(keys)} corpus sets "
+            f"({', '.join(keys) or 'none'}); say which with --corpus")
+    return keys[0]
+
+
+def _table(lake: Lake, name: str, model: str, corpus: str) -> pl.LazyFrame | None:
+    try:
+        return lake.table(name, model, corpus).drop("model", "corpus")
+    except LakeError:
+        return None
+
+
+class _Names:
+    """Display names of nodes: neurons as L12/N345, token nodes decoded."""
+
+    def __init__(self, tokenizer: Any, n_layers: int | None) -> None:
+        self.tok, self.n_layers = tokenizer, n_layers
+
+    def token(self, token_id: int) -> str:
+        return repr(self.tok.decode([token_id])) if self.tok is not None else f"#{token_id}"
+
+    def node(self, layer: int, index: int) -> str:
+        if layer < 0:
+            return f"emb {self.token(index)}"
+        if self.n_layers is not None and layer >= self.n_layers:
+            return f"logit {self.token(index)}"
+        return f"L{layer}/N{index}"
+
+
+def neuron_profile(lake: Lake, model: str, layer: int, neuron: int, corpus: str | None = None,
+                   top: int = 10, tokenizer: Any = None) -> dict[str, Any]:
+    """The profile of neuron (layer, neuron) as a JSON-ready dict of sections."""
+    corpus = corpus or default_corpus(lake, model)
+    manifest = lake.table_manifest(model, corpus, "neurons")
+    if manifest is None:
+        raise CircuitAtlasError(f"no reduced tables for {model!r} / {corpus!r}; "
+                                "run: circuit-atlas reduce")
+    n_layers = (manifest["inputs"].get("model_shape") or {}).get("n_layers")
+    names = _Names(tokenizer, n_layers)
+    me = (pl.col("layer") == layer)
+    stats = _table(lake, "neurons", model, corpus).filter(
+        me & (pl.col("index") == neuron)).collect()
+    if stats.is_empty():
+        raise CircuitAtlasError(f"L{layer}/N{neuron} is in no graph of {corpus!r}")
+    out: dict[str, Any] = {"neuron": f"L{layer}/N{neuron}", "layer": layer, "index": neuron,
+                           "model": model, "corpus": corpus,
+                           "appearances": stats.drop("layer", "index").to_dicts()[0]}
+    corpora = _table(lake, "neuron_corpora", model, corpus)
+    if corpora is not None:
+        out["appearances"]["by_corpus"] = dict(corpora.filter(
+            me & (pl.col("index") == neuron)).select("corpus_name", "graph_count")
+            .collect().iter_rows())
+    edges = lake.table("edges", model, corpus)
+    cols = ["count", "graph_count", "mean_weight", "mean_abs_weight"]
+    for section, mine, other in (("upstream", "tgt", "src"), ("downstream", "src", "tgt")):
+        rows = (edges.filter((pl.col(f"{mine}_layer") == layer)
+                             & (pl.col(f"{mine}_index") == neuron))
+                .sort("weight_abs_sum", descending=True).head(top).collect())
+        out[section] = [{"node": names.node(r[f"{other}_layer"], r[f"{other}_index"]),
+                         **{c: r[c] for c in cols}} for r in rows.iter_rows(named=True)]
+    tokens = _table(lake, "neuron_tokens", model, corpus)
+    if tokens is not None:
+        rows = tokens.filter(me & (pl.col("index") == neuron)).sort("kind", "rank").collect()
+        out["tokens"] = {kind: [{"token": names.token(r["token_id"]), "count": r["count"]}
+                                for r in rows.filter(pl.col("kind") == kind).iter_rows(
+                                    named=True)] for kind in ("input", "output")}
+    mine = me & (pl.col("neuron") == neuron)
+    co = _table(lake, "cooccurrence", model, corpus)
+    if co is not None:
+        rows = co.filter(mine).sort("jaccard", descending=True).head(top).collect()
+        out["cooccurring"] = [{"node": names.node(r["other_layer"], r["other_neuron"]),
+                               "joint_count": r["joint_count"], "jaccard": r["jaccard"],
+                               "npmi": r["npmi"]} for r in rows.iter_rows(named=True)]
+    proj = _table(lake, "projections", model, STATIC_CORPUS)
+    if proj is not None:
+        rows = proj.filter(mine).sort("kind", "sign", "rank",
+                                      descending=[False, True, False]).collect()
+        out["projections"] = {
+            f"{kind} {'+' if sign > 0 else '-'}": [(r["token"], round(r["value"], 4))
+                                                   for r in rows.filter(
+                (pl.col("kind") == kind) & (pl.col("sign") == sign)).head(top).iter_rows(
+                named=True)] for kind in ("output", "input") for sign in (1, -1)}
+    for section, name in (("effects", "neuron_effects"), ("role", "roles"),
+                          ("specificity", "specificity")):
+        t = _table(lake, name, model, corpus)
+        if t is not None:
+            rows = t.filter(mine).collect()
+            if len(rows):
+                out[section] = rows.drop("layer", "neuron").to_dicts()
+    clusters = _table(lake, "cluster_assignments", model, corpus)
+    if clusters is not None:
+        out["clusters"] = clusters.filter(mine).select(
+            "method", "cluster_path", "depth", "flow").collect().to_dicts()
+    labels = _table(lake, "labels", model, corpus)  # once labeling has run
+    if labels is not None:
+        out["labels"] = labels.filter(mine).collect().to_dicts()
+    return out
