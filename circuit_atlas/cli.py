@@ -532,6 +532,216 @@ def profile(neuron: str, lake_path: str, model_spec: str, corpora: tuple[str, ..
         print_profile(found, _console())
 
 
+# labels ----------------------------------------------------------------------------
+
+
+@cli.group(cls=_Group)
+def labels() -> None:
+    """Neuron labels: import the ones you have."""
+
+
+@labels.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@lake_option
+@model_option
+@corpora_option
+@click.option("--pass", "pass_", default="prior", show_default=True,
+              type=click.Choice(["prior", "output", "input"]),
+              help="What the labels describe; prior: evidence for the output pass.")
+def labels_import(file: str, lake_path: str, model_spec: str, corpora: tuple[str, ...],
+                  pass_: str) -> None:
+    """Add labels from CSV, JSON or JSONL (layer and neuron columns, or an id such as
+    L12/N345; a label; optionally a description) to the labels table."""
+    from circuit_atlas.analysis.labels import import_labels
+    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.lake import Lake
+    from circuit_atlas.lake.layout import corpus_key
+
+    n = import_labels(Lake(lake_path), model_name(model_spec), corpus_key(corpora), file, pass_)
+    _console().print(f"[green]labels[/] {n:,} imported from {file} (pass {pass_})")
+
+
+# use -------------------------------------------------------------------------------
+
+
+@cli.command("sql")
+@click.argument("query")
+@lake_option
+@click.option("--engine", default="polars", show_default=True,
+              type=click.Choice(["polars", "duckdb"]), help="SQL engine.")
+@click.option("--format", "fmt", default="table", show_default=True,
+              type=click.Choice(["table", "csv", "json", "parquet"]), help="Output format.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write to this file (required for parquet).")
+@click.option("--limit", default=50, show_default=True,
+              help="Rows to print in table format (0: all).")
+@click.option("--atlas", is_flag=True,
+              help="Query the atlas tables instead (neurons, edges, clusters, metadata with "
+                   "the seeds' columns, as `export duckdb` writes them).")
+@model_option
+@click.option("--corpus", "corpora", multiple=True,
+              help="With --atlas: corpus of the reduced tables (default: the only set).")
+@click.option("--method", default="infomap", show_default=True,
+              type=click.Choice(["infomap", "leiden"]), help="With --atlas: clustering.")
+def sql_cmd(query: str, lake_path: str, engine: str, fmt: str, output: str | None,
+            limit: int, atlas: bool, model_spec: str, corpora: tuple[str, ...],
+            method: str) -> None:
+    """Run SQL over every table of the lake (derived tables by name; the per-graph
+    tables as prompts, graphs, graph_nodes, graph_edges), or with --atlas over the
+    atlas tables."""
+    import polars as pl
+
+    from circuit_atlas.errors import LakeError
+    from circuit_atlas.lake import Lake
+
+    opened = Lake(lake_path)
+    views = None
+    if atlas:
+        from circuit_atlas.clustering.export import atlas_tables
+
+        views = atlas_tables(opened, *_atlas_key(opened, model_spec, corpora), method)
+    if engine == "polars":
+        df = opened.sql(query, views)
+    else:
+        import duckdb
+
+        try:
+            df = pl.from_arrow(opened.duckdb(views=views).sql(query).arrow())
+        except duckdb.Error as e:
+            raise LakeError(f"SQL: {str(e).strip().splitlines()[0]}") from e
+    _write_frame(df, fmt, output, limit)
+
+
+def _write_frame(df, fmt: str, output: str | None, limit: int) -> None:
+    import polars as pl
+
+    if fmt == "parquet":
+        if not output:
+            raise click.UsageError("--format parquet needs --output FILE")
+        df.write_parquet(output)
+    elif fmt in ("csv", "json"):
+        text = df.write_csv() if fmt == "csv" else df.write_json()
+        if output:
+            with open(output, "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            click.echo(text, nl=False)
+    else:
+        with pl.Config(tbl_rows=limit if limit > 0 else -1, tbl_cols=-1, fmt_str_lengths=60,
+                       tbl_width_chars=200):
+            click.echo(df if not output else "")
+        if output:
+            df.write_csv(output)
+
+
+@cli.command()
+@lake_option
+@json_option
+def tables(lake_path: str, as_json: bool) -> None:
+    """List the lake's tables with their columns and row counts."""
+    import polars as pl
+
+    from circuit_atlas.lake import Lake
+    from circuit_atlas.lake.query import frames
+
+    rows = []
+    for name, lf in frames(Lake(lake_path)).items():
+        schema = lf.collect_schema()
+        n = lf.select(pl.len()).collect().item()
+        rows.append({"table": name, "rows": n,
+                     "columns": [f"{c} {t}" for c, t in schema.items()]})
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    from rich.table import Table
+
+    table = Table("table", "rows", "columns")
+    for r in rows:
+        table.add_row(r["table"], f"{r['rows']:,}", ", ".join(r["columns"]))
+    _console().print(table)
+
+
+@cli.group(cls=_Group)
+def export() -> None:
+    """Export the atlas: a DuckDB file, an HTML view, a network for Gephi."""
+
+
+def _export_options(f):
+    for option in reversed([
+            lake_option, model_option,
+            click.option("--corpus", "corpora", multiple=True,
+                         help="Corpus of the reduced tables (default: the only reduced set)."),
+            click.option("--method", default="infomap", show_default=True,
+                         type=click.Choice(["infomap", "leiden"]),
+                         help="Clustering whose assignments to export.")]):
+        f = option(f)
+    return f
+
+
+def _atlas_key(lake, model_spec: str, corpora: tuple[str, ...]) -> tuple[str, str]:
+    from circuit_atlas.analysis.profile import default_corpus
+    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.lake.layout import corpus_key
+
+    model = model_name(model_spec)
+    return model, corpus_key(corpora) if corpora else default_corpus(lake, model)
+
+
+@export.command("duckdb")
+@click.argument("path", type=click.Path(dir_okay=False))
+@_export_options
+def export_duckdb_cmd(path: str, lake_path: str, model_spec: str, corpora: tuple[str, ...],
+                      method: str) -> None:
+    """One DuckDB file with the neurons, edges, clusters and metadata tables (the
+    seeds' columns): duckdb.connect(PATH) answers the seeds' queries."""
+    from circuit_atlas.clustering.export import export_duckdb
+    from circuit_atlas.lake import Lake
+
+    opened = Lake(lake_path)
+    model, corpus = _atlas_key(opened, model_spec, corpora)
+    counts = export_duckdb(opened, model, corpus, path, method)
+    _console().print(f"[green]export[/] {path}: " + ", ".join(
+        f"{t} {n:,} rows" for t, n in counts.items()))
+
+
+@export.command("html")
+@click.argument("path", type=click.Path(dir_okay=False))
+@_export_options
+@click.option("--links", default=5, show_default=True, help="Strongest links kept per neuron.")
+def export_html_cmd(path: str, lake_path: str, model_spec: str, corpora: tuple[str, ...],
+                    method: str, links: int) -> None:
+    """One self-contained HTML file: the clusters as a constellation to drill into,
+    search by label, links above a threshold. Opens offline in any browser."""
+    from circuit_atlas.clustering.html import export_html
+    from circuit_atlas.lake import Lake
+
+    opened = Lake(lake_path)
+    model, corpus = _atlas_key(opened, model_spec, corpora)
+    counts = export_html(opened, model, corpus, path, method, links_per_neuron=links)
+    _console().print(f"[green]export[/] {path}: {counts['neurons']:,} neurons, "
+                     f"{counts['modules']:,} modules, {counts['links']:,} links")
+
+
+@export.command("network")
+@click.argument("path", type=click.Path(dir_okay=False))
+@_export_options
+@click.option("--format", "fmt", type=click.Choice(["gexf", "graphml"]), default=None,
+              help="Default: from the file name's extension.")
+@click.option("--min-count", default=1, show_default=True, help="Keep edges seen this often.")
+def export_network_cmd(path: str, lake_path: str, model_spec: str, corpora: tuple[str, ...],
+                       method: str, fmt: str | None, min_count: int) -> None:
+    """The neuron network with labels and clusters as node attributes, for Gephi."""
+    from circuit_atlas.clustering.export import export_network
+    from circuit_atlas.lake import Lake
+
+    opened = Lake(lake_path)
+    model, corpus = _atlas_key(opened, model_spec, corpora)
+    counts = export_network(opened, model, corpus, path, fmt or path.rsplit(".", 1)[-1],
+                            method, min_count)
+    _console().print(f"[green]export[/] {path}: {counts['nodes']:,} nodes, "
+                     f"{counts['edges']:,} edges")
+
+
 # clustering ------------------------------------------------------------------------
 
 

@@ -66,8 +66,30 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     # a few graphs (--limit) share few edges five times: keep every edge then
     cluster_tables(lake, loaded.name, list(DEMO_CORPORA), ["infomap", "leiden"],
                    network_params(min_count=5 if limit is None else 1), {}, console)
+    from circuit_atlas.clustering.export import export_duckdb
+    from circuit_atlas.clustering.html import export_html
+
+    key = "+".join(sorted(DEMO_CORPORA))
+    html = lake.path("clusters.html")
+    export_html(lake, loaded.name, key, html)
+    export_duckdb(lake, loaded.name, key, lake.path("atlas.duckdb"))
     top = lake.table("specificity").sort("log_odds_low", descending=True).head(1).collect()
-    console.print(f"next: circuit-atlas lake info --lake {lake.url}")
-    if len(top):
-        console.print(f"      circuit-atlas profile L{top['layer'][0]}/N{top['neuron'][0]} "
-                      f"--lake {lake.url}   (the most medical-specific neuron)")
+    neuron = f"L{top['layer'][0]}/N{top['neuron'][0]}"
+    queries = [
+        "SELECT layer, count(*) AS neurons, avg(der_mean) AS der FROM neuron_effects "
+        "GROUP BY layer ORDER BY layer",
+        "SELECT layer, neuron, domain_count, baseline_count, specificity FROM specificity "
+        "WHERE log_odds_low > 0 ORDER BY log_odds_low DESC LIMIT 10",
+        "SELECT method, count(*) AS modules, max(size) AS largest FROM clusters "
+        "WHERE level = 1 GROUP BY method",
+    ]
+    for q in queries:  # they must work on every demo lake
+        lake.sql(q)
+    console.rule("[bold]the atlas")
+    console.print(f"browser view: {html}", soft_wrap=True)
+    console.print(f"DuckDB file:  {lake.path('atlas.duckdb')}", soft_wrap=True)
+    console.print(f"profile of the most medical-specific neuron: circuit-atlas profile {neuron} "
+                  f"--lake {lake.url}", soft_wrap=True)
+    console.print("SQL, e.g.:")
+    for q in queries:
+        console.print(f'  circuit-atlas sql --lake {lake.url} "{q}"', soft_wrap=True)

@@ -26,23 +26,33 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     assert ci_lines[-1] == setup_test
 
 
-def test_readme_tour_runs(tmp_path):
-    (tour,) = blocks("console")
-    commands = [ln[2:] for ln in tour.splitlines() if ln.startswith("$ ")]
+def run_console(block: str, cwd) -> subprocess.CompletedProcess:
+    """The ``$ `` lines of a console block as one bash script, with the venv on PATH."""
+    commands = [ln[2:] for ln in block.splitlines() if ln.startswith("$ ")]
     assert any(c.startswith("circuit-atlas") for c in commands)
     script = "\n".join(["set -euo pipefail"] + [
         c for c in commands if c != "source .venv/bin/activate"])
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     env.pop("CIRCUIT_ATLAS_LAKE", None)
-    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env,
-                            capture_output=True, text=True)
+    return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True,
+                          text=True)
+
+
+def test_readme_tour_runs(tmp_path):
+    tour = blocks("console")[0]
+    result = run_console(tour, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 new prompt(s)" in result.stdout and "0 new prompt(s)" in result.stdout
     assert "general" in result.stdout
 
 
-def test_readme_python_runs(tmp_path, monkeypatch):
+def test_readme_python_and_atlas_commands_run_on_the_demo_lake(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert CliRunner().invoke(cli, ["demo", "--lake", "demo-lake", "--limit", "1"]).exit_code == 0
+    out = CliRunner().invoke(cli, ["demo", "--lake", "demo-lake", "--limit", "1"])
+    assert out.exit_code == 0, out.output
+    assert "clusters.html" in out.output and "circuit-atlas sql" in out.output
     for block in blocks("python"):
         exec(compile(block, "README.md", "exec"), {})
+    for block in blocks("console")[1:]:  # the commands that use the demo lake
+        result = run_console(block, tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr

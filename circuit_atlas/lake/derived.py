@@ -69,21 +69,13 @@ class TableVersion:
             self.lake.fs.rm(path, recursive=True)
 
     def carry(self, current: dict[str, Any] | None, names: list[str]) -> list[str]:
-        """Copy the files ``names`` of the ``current`` version (its manifest) into this
-        one, so that a table holding parts of separate runs (one file per clustering
-        method) keeps the parts this run does not replace."""
+        """The files ``names`` of the ``current`` version (its manifest), to list in this
+        one: a table whose parts come from separate runs (one file per clustering
+        method, label batches) keeps the parts this run does not replace. Nothing is
+        copied; :meth:`publish` keeps every version directory its files are in."""
         if current is None:
             return []
-        base = self.lake.path(self.dir)
-        out = []
-        for rel in current["files"]:
-            name = rel.rsplit("/", 1)[-1]
-            if name in names:
-                target = f"{base}/{self.version}/{name}"
-                self.lake.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-                self.lake.fs.copy(f"{base}/{rel}", target)
-                out.append(f"{self.version}/{name}")
-        return out
+        return [rel for rel in current["files"] if rel.rsplit("/", 1)[-1] in names]
 
     def publish(self, files: list[str], inputs: dict[str, Any]) -> dict[str, Any]:
         """Switch readers to this version (manifest renamed into place), drop older ones."""
@@ -96,10 +88,16 @@ class TableVersion:
         if spec is not None:
             record["schema_version"] = spec.version
         write_json_atomic(self.lake.fs, self.lake.path(f"{self.dir}/{MANIFEST}"), record)
+        live = _live_versions(record)
         for old in self.lake.fs.glob(self.lake.path(f"{self.dir}/v-*")):
-            if not old.endswith(f"/{self.version}"):
+            if old.rsplit("/", 1)[-1] not in live:
                 self.lake.fs.rm(old, recursive=True)
         return record
+
+
+def _live_versions(record: dict[str, Any]) -> set[str]:
+    """The version directories a manifest's files are in (its own and carried ones)."""
+    return {record["version"], *(f.split("/", 1)[0] for f in record["files"])}
 
 
 def read_manifest(lake: Lake, model: str, corpus: str, table: str) -> dict[str, Any] | None:
@@ -140,9 +138,10 @@ def unpublished_versions(lake: Lake) -> list[str]:
     out = []
     for table_dir in sorted(lake.fs.glob(lake.path(f"{layout.TABLES}/model=*/corpus=*/*"))):
         manifest = f"{table_dir}/{MANIFEST}"
-        current = None
+        live: set[str] = set()
         if lake.fs.exists(manifest):
-            current = read_record(lake.fs, manifest, MANIFEST_FORMAT, "table manifest")["version"]
+            live = _live_versions(read_record(lake.fs, manifest, MANIFEST_FORMAT,
+                                              "table manifest"))
         out.extend(v for v in sorted(lake.fs.glob(f"{table_dir}/v-*"))
-                   if v.rsplit("/", 1)[-1] != current)
+                   if v.rsplit("/", 1)[-1] not in live)
     return out

@@ -316,6 +316,21 @@ class Lake:
         except (pa.ArrowException, OSError) as e:
             raise LakeError(f"{self.url}: cannot read {table}: {e}") from e
 
+    def sql(self, query: str, views: dict | None = None) -> pl.DataFrame:
+        """Run a SQL query (polars SQL) over every table of the lake as a view:
+        ``lake.sql("SELECT layer, count(*) FROM neurons GROUP BY layer")``; ``views``
+        (name: polars frame) replaces them."""
+        from circuit_atlas.lake.query import sql
+
+        return sql(self, query, views)
+
+    def duckdb(self, database: str = ":memory:", views: dict | None = None):
+        """A DuckDB connection with every table of the lake as a view over its files
+        (or ``views``, name: polars frame, instead)."""
+        from circuit_atlas.lake.query import duckdb_connection
+
+        return duckdb_connection(self, database, views)
+
     # summary ---------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:

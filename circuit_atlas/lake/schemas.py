@@ -356,10 +356,29 @@ inhibitor, integrator, relay or other (rules in circuit_atlas.analysis.roles), w
 strengths (summed |weight|) and partner counts the rules read.""",
 )
 
+LABELS = TableSpec(
+    name="labels",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("pass", pa.string()),
+        _f("label", pa.string(), nullable=True), _f("description", pa.string(), nullable=True),
+        _f("type", pa.string(), nullable=True),
+        _f("interpretability", pa.string(), nullable=True), _f("labeler", pa.string()),
+        _f("prompt_hash", pa.string(), nullable=True), _f("status", pa.string()),
+        _f("error", pa.string(), nullable=True), _f("created_at", pa.string()),
+    ),
+    partitions=_DERIVED,
+    doc="""Labels of neurons, appended batch by batch (one file per batch).
+pass: "output" (what it does), "input" (what triggers it) or "prior" (imported, e.g.
+max-activation labels from elsewhere); labeler: the LLM, or "import:<file>";
+prompt_hash: hash of the prompt the label was made from; status "ok" or "failed"
+(error says why; a failed row has no label).""",
+)
+
 DERIVED: dict[str, TableSpec] = {
     t.name: t for t in (EDGE_STATS, NEURON_STATS, NEURON_CORPORA, NEURON_TOKENS,
                         CLUSTER_ASSIGNMENTS, CLUSTERS, PROJECTIONS, EFFECTS,
-                        NEURON_EFFECTS, COOCCURRENCE, SPECIFICITY, ROLES)}
+                        NEURON_EFFECTS, COOCCURRENCE, SPECIFICITY, ROLES, LABELS)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "nodes", "edges")

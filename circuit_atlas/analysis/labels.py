@@ -1,0 +1,104 @@
+"""The ``labels`` table: labels of neurons, appended batch by batch.
+
+Each batch is one file; publishing a batch lists the earlier batches' files again
+(nothing is copied), so a run killed between batches loses nothing published. The
+labels a user already has (``circuit-atlas labels import``) come in as pass "prior".
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from pathlib import Path
+
+import polars as pl
+
+from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.lake import Lake
+from circuit_atlas.lake.schemas import LABELS
+
+PASSES = ("output", "input", "prior")
+
+
+def append_labels(lake: Lake, model: str, corpus: str, rows: pl.DataFrame) -> int:
+    """Publish ``rows`` (LABELS columns) as one more batch of the labels table."""
+    if rows.is_empty():
+        return 0
+    version = lake.new_table_version(model, corpus, "labels")
+    current = lake.table_manifest(model, corpus, "labels")
+    kept = version.carry(current, [f.rsplit("/", 1)[-1] for f in (current or {}).get(
+        "files", [])])
+    name = version.write(f"batch-{uuid.uuid4().hex[:12]}.parquet",
+                         rows.select(LABELS.schema.names).to_arrow(), LABELS)
+    version.publish(kept + [name], {"model": model, "batches": len(kept) + 1})
+    return len(rows)
+
+
+def read_label_file(path: str | Path) -> pl.DataFrame:
+    """Labels from CSV, JSON (a list of objects) or JSONL: a neuron as ``layer`` and
+    ``neuron`` columns or an ``id`` like L12/N345, a ``label`` and optionally a
+    ``description``. Errors name the file and what is missing."""
+    from circuit_atlas.analysis.profile import parse_neuron
+
+    path = Path(path)
+    try:
+        if path.suffix == ".csv":
+            df = pl.read_csv(path, infer_schema_length=0)
+        elif path.suffix == ".jsonl":
+            df = pl.read_ndjson(path, infer_schema_length=None)
+        elif path.suffix == ".json":
+            df = pl.read_json(path, infer_schema_length=None)
+        else:
+            raise CircuitAtlasError(f"{path}: labels must be .csv, .json or .jsonl")
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise CircuitAtlasError(f"{path}: cannot read labels: {str(e).splitlines()[0]}") from e
+    if "label" not in df.columns:
+        raise CircuitAtlasError(f"{path}: no 'label' column (columns: {', '.join(df.columns)})")
+    if {"layer", "neuron"} <= set(df.columns):
+        try:
+            ids = df.select(pl.col("layer").cast(pl.Int16), pl.col("neuron").cast(pl.Int32))
+        except pl.exceptions.PolarsError as e:
+            raise CircuitAtlasError(f"{path}: layer/neuron must be integers") from e
+    elif "id" in df.columns:
+        parsed = [parse_neuron(str(v)) for v in df["id"]]
+        ids = pl.DataFrame({"layer": [p[0] for p in parsed], "neuron": [p[1] for p in parsed]},
+                           schema={"layer": pl.Int16, "neuron": pl.Int32})
+    else:
+        raise CircuitAtlasError(f"{path}: name each neuron with layer and neuron columns, "
+                                "or an id column like L12/N345")
+    description = df["description"].cast(pl.String) if "description" in df.columns else None
+    return ids.with_columns(label=df["label"].cast(pl.String),
+                            description=description if description is not None
+                            else pl.lit(None, pl.String))
+
+
+def import_labels(lake: Lake, model: str, corpus: str, path: str | Path,
+                  pass_: str = "prior") -> int:
+    """Add the labels of a file as one batch (labeler "import:<file name>")."""
+    if pass_ not in PASSES:
+        raise CircuitAtlasError(f"unknown pass {pass_!r}; choose one of {', '.join(PASSES)}")
+    df = read_label_file(path)
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    rows = df.with_columns(
+        **{"pass": pl.lit(pass_)}, type=pl.lit(None, pl.String),
+        interpretability=pl.lit(None, pl.String), labeler=pl.lit(f"import:{Path(path).name}"),
+        prompt_hash=pl.lit(None, pl.String), status=pl.lit("ok"), error=pl.lit(None, pl.String),
+        created_at=pl.lit(now))
+    return append_labels(lake, model, corpus, rows)
+
+
+def current_labels(lake: Lake, model: str, corpus: str, pass_: str | None = None
+                   ) -> pl.DataFrame | None:
+    """The newest ok label per neuron (of one pass, or: output, else prior, else input);
+    None when the lake has no labels."""
+    if lake.table_manifest(model, corpus, "labels") is None:
+        return None
+    df = lake.table("labels", model, corpus).filter(pl.col("status") == "ok").collect()
+    if pass_ is not None:
+        df = df.filter(pl.col("pass") == pass_)
+    order = {"output": 0, "prior": 1, "input": 2}
+    return (df.with_columns(rank=pl.col("pass").replace_strict(order, default=3))
+            .sort(["layer", "neuron", "rank", "created_at"], descending=[False, False, False,
+                                                                          True])
+            .unique(["layer", "neuron"], keep="first", maintain_order=True)
+            .select("layer", "neuron", "pass", "label", "description"))
