@@ -234,8 +234,17 @@ def cluster_options(f=None, *, default: str = "local"):
         click.option("--memory", help="Memory per SLURM job, e.g. 24GB."),
         click.option("--walltime", help="SLURM walltime, e.g. 01:00:00."),
         click.option("--jobs", type=int, help="SLURM jobs to start (default 1)."),
+        click.option("--adapt-min", type=int, help="Adaptive SLURM: at least this many jobs."),
+        click.option("--adapt-max", type=int, help="Adaptive SLURM: at most this many jobs."),
         click.option("--job-extra-directive", "job_extra_directives", multiple=True,
                      help="Extra #SBATCH line, e.g. --gres=gpu:1 (repeatable)."),
+        click.option("--worker-extra-arg", "worker_extra_args", multiple=True,
+                     help="Extra argument of the SLURM worker command (repeatable)."),
+        click.option("--slurm-profile", help="Named SLURM settings: cpu-reduce, gpu-compute, "
+                                             "or yours under circuit-atlas.slurm-profiles."),
+        click.option("--local-directory", help="Worker scratch directory on the nodes."),
+        click.option("--log-directory", help="Where SLURM job logs go."),
+        click.option("--interface", help="Network interface of scheduler and workers, e.g. ib0."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -299,7 +308,8 @@ def graphs(model_spec: str, corpus: str, lake_path: str, device: str, dtype: str
         compute_graphs(opened, model_spec, corpus, params, device=device, dtype=dtype,
                        console=_console(), **kwargs)
         return
-    with cluster_client(**cluster, echo=click.echo) as client:
+    gpus = 1 if device.startswith("cuda") and cluster["cluster"] == "slurm" else 0
+    with cluster_client(**cluster, gpus=gpus, echo=click.echo) as client:
         compute_graphs(opened, model_spec, corpus, params, device=device, dtype=dtype,
                        console=_console(), client=client, **kwargs)
 
@@ -530,6 +540,33 @@ def profile(neuron: str, lake_path: str, model_spec: str, corpora: tuple[str, ..
         click.echo(json.dumps(found, indent=1, default=str))
     else:
         print_profile(found, _console())
+
+
+# slurm -----------------------------------------------------------------------------
+
+
+@cli.group(cls=_Group)
+def slurm() -> None:
+    """SLURM helpers."""
+
+
+@slurm.command("script")
+@cluster_options(default="slurm")
+@click.option("--gpus", default=0, show_default=True,
+              help="GPUs per job (adds --gres=gpu:N and the worker resource GPU=N).")
+def slurm_script(gpus: int, **cluster: Any) -> None:
+    """Print the job script dask-jobqueue would submit for these settings (nothing
+    is submitted), to check it before spending an allocation."""
+    from circuit_atlas.etl.clusters import slurm_cluster
+
+    keys = {"queue": "queue", "account": "account", "cores": "cores", "memory": "memory",
+            "walltime": "walltime", "local_directory": "local_directory",
+            "log_directory": "log_directory", "interface": "interface"}
+    overrides = {k: cluster.get(v) for k, v in keys.items()}
+    overrides["job_extra_directives"] = list(cluster["job_extra_directives"]) or None
+    overrides["worker_extra_args"] = list(cluster["worker_extra_args"]) or None
+    with slurm_cluster(cluster["slurm_profile"], gpus=gpus, **overrides) as sc:
+        click.echo(sc.job_script())
 
 
 # labels ----------------------------------------------------------------------------

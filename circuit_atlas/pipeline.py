@@ -9,14 +9,27 @@ from circuit_atlas.compute.names import model_name
 
 def cluster_client(cluster: str, workers=None, worker_memory=None, queue=None, account=None,
                    cores=None, memory=None, walltime=None, jobs=None, job_extra_directives=(),
-                   echo=print):
+                   adapt_min=None, adapt_max=None, worker_extra_args=(), slurm_profile=None,
+                   local_directory=None, log_directory=None, interface=None, echo=print,
+                   **extra):
     """A Dask client for the cluster options every Dask command shares."""
+    from circuit_atlas.errors import CircuitAtlasError
     from circuit_atlas.etl.clusters import dask_client
 
+    adapt = None
+    if adapt_min is not None or adapt_max is not None:
+        lo = adapt_min if adapt_min is not None else 0
+        hi = adapt_max if adapt_max is not None else max(lo, 1)
+        if hi < max(lo, 1):
+            raise CircuitAtlasError(f"--adapt-max {hi} is below --adapt-min {lo}")
+        adapt = (lo, hi)
     return dask_client(cluster, n_workers=workers, memory_limit=worker_memory, jobs=jobs,
-                       queue=queue, account=account, cores=cores, memory=memory,
-                       walltime=walltime, echo=echo,
-                       job_extra_directives=list(job_extra_directives) or None)
+                       adapt=adapt, queue=queue, account=account, cores=cores, memory=memory,
+                       walltime=walltime, echo=echo, profile=slurm_profile,
+                       job_extra_directives=list(job_extra_directives) or None,
+                       worker_extra_args=list(worker_extra_args) or None,
+                       local_directory=local_directory, log_directory=log_directory,
+                       interface=interface, **extra)
 
 
 def compute_graphs(lake, model_spec, corpus: str, params, console, device: str = "cpu",

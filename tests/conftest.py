@@ -16,3 +16,23 @@ def client():
 
     with dask_client(n_workers=2, memory_limit="2GB", echo=None) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real SLURM controller on this machine: the one running, or the single node
+    scripts/slurm starts (and stops again at the end, by PID)."""
+    import os
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "slurm")
+    if subprocess.run(["bash", script, "status"], capture_output=True).returncode == 0:
+        yield
+        return
+    if os.geteuid() != 0:
+        pytest.skip("no SLURM answers here and starting one needs root (bash scripts/slurm "
+                    "start)")
+    started = subprocess.run(["bash", script, "start"], capture_output=True, text=True)
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield
+    subprocess.run(["bash", script, "stop"], capture_output=True)

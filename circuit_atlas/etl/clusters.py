@@ -4,8 +4,12 @@
   process per core (``n_workers`` to change), cores and memory split between them;
 * ``"slurm"``: a ``dask_jobqueue.SLURMCluster``; its settings come from the
   ``jobqueue.slurm`` section of the Dask config (YAML in ``~/.config/dask`` or
-  ``DASK_JOBQUEUE__SLURM__*`` variables), and keyword arguments override them,
-  exactly as dask-jobqueue users expect;
+  ``DASK_JOBQUEUE__SLURM__*`` variables), then a named profile (``jobqueue.yaml``
+  next to this module ships ``cpu-reduce`` and ``gpu-compute``; add your own under
+  ``circuit-atlas.slurm-profiles``), then keyword arguments, exactly as dask-jobqueue
+  users expect. Before submitting, the partition, cores and memory are checked
+  against ``sinfo``, and a cluster whose workers do not arrive in time is an error
+  that shows the jobs' states, not a hang;
 * anything else: the address of a running scheduler (``tcp://host:8786``).
 
 The dashboard link is printed as soon as the cluster is up.
@@ -23,6 +27,18 @@ from circuit_atlas.errors import CircuitAtlasError
 SLURM_KEYS = ("queue", "account", "cores", "processes", "memory", "walltime",
               "job_extra_directives", "worker_extra_args", "local_directory", "log_directory",
               "interface", "scheduler_options", "death_timeout")
+WAIT_S = 300.0  # for the first worker of a SLURM cluster
+
+
+def _load_profiles() -> None:
+    import dask.config
+    import yaml
+
+    with open(os.path.join(os.path.dirname(__file__), "jobqueue.yaml")) as f:
+        dask.config.update_defaults(yaml.safe_load(f))
+
+
+_load_profiles()
 
 
 def local_cluster_kwargs(n_workers: int | None = None, memory_limit: str | None = None
@@ -39,11 +55,13 @@ def local_cluster_kwargs(n_workers: int | None = None, memory_limit: str | None 
 @contextlib.contextmanager
 def dask_client(cluster: str | None = None, *, n_workers: int | None = None,
                 memory_limit: str | None = None, jobs: int | None = None,
+                adapt: tuple[int, int] | None = None, wait_s: float = WAIT_S,
                 echo: Callable[[str], None] | None = print, **slurm: Any) -> Iterator[Any]:
     """A ``distributed.Client`` for the chosen cluster, closed (with the cluster) on exit.
 
     ``n_workers``/``memory_limit`` size a local cluster (memory per worker, e.g. "2GB");
-    ``jobs`` and the ``SLURM_KEYS`` keywords configure SLURM (None: from the config).
+    ``jobs`` (or ``adapt`` = (min, max) jobs), ``profile`` and the ``SLURM_KEYS``
+    keywords configure SLURM (None: from the config).
     """
     from distributed import Client, LocalCluster
 
@@ -55,9 +73,15 @@ def dask_client(cluster: str | None = None, *, n_workers: int | None = None,
         return
     if cluster == "slurm":
         with slurm_cluster(**slurm) as sc:
-            sc.scale(jobs=jobs or 1)
+            if adapt is not None:
+                sc.adapt(minimum_jobs=adapt[0], maximum_jobs=adapt[1])
+            else:
+                sc.scale(jobs=jobs or 1)
             with Client(sc) as client:
-                _announce(client, f"SLURM cluster ({jobs or 1} job(s))", echo)
+                _wait_for_workers(client, sc, wait_s)
+                what = (f"adaptive {adapt[0]}-{adapt[1]} jobs" if adapt is not None
+                        else f"{jobs or 1} job(s)")
+                _announce(client, f"SLURM cluster ({what})", echo)
                 yield client
         return
     if "://" not in cluster and ":" not in cluster:
@@ -73,19 +97,125 @@ def dask_client(cluster: str | None = None, *, n_workers: int | None = None,
         yield client
 
 
-def slurm_cluster(**overrides: Any):
-    """A ``SLURMCluster`` from the ``jobqueue.slurm`` config, with non-None overrides."""
-    from dask_jobqueue import SLURMCluster
+def slurm_settings(profile: str | None = None, gpus: int = 0, **overrides: Any
+                   ) -> dict[str, Any]:
+    """The SLURMCluster keywords: a named profile's settings, then non-None overrides
+    (what is in neither comes from dask-jobqueue's own ``jobqueue.slurm`` config).
+    ``gpus``: each job asks for that many GPUs (``--gres=gpu:N`` unless a gres/gpus
+    directive is already there) and its worker declares the resource ``GPU=N``, which
+    the GPU stages' tasks require, so no GPU task lands on a CPU worker."""
+    import dask.config
 
     unknown = set(overrides) - set(SLURM_KEYS)
     if unknown:
         raise CircuitAtlasError(f"unknown SLURM setting(s) {', '.join(sorted(unknown))}; "
                                 f"known: {', '.join(SLURM_KEYS)}")
-    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    kwargs: dict[str, Any] = {}
+    if profile is not None:
+        profiles = dask.config.get("circuit-atlas.slurm-profiles", default={}) or {}
+        if profile not in profiles:
+            raise CircuitAtlasError(f"unknown SLURM profile {profile!r}; known: "
+                                    f"{', '.join(sorted(profiles))} (add your own under "
+                                    "circuit-atlas.slurm-profiles in the Dask config)")
+        kwargs.update(profiles[profile])
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    if gpus:
+        import dask.config
+
+        directives = list(kwargs.get("job_extra_directives") or dask.config.get(
+            "jobqueue.slurm.job-extra-directives", default=[]) or [])
+        if not any("gres" in d or "gpus" in d for d in directives):
+            directives.append(f"--gres=gpu:{gpus}")
+        args = list(kwargs.get("worker_extra_args") or dask.config.get(
+            "jobqueue.slurm.worker-extra-args", default=[]) or [])
+        if "--resources" not in args:
+            args += ["--resources", f"GPU={gpus}"]
+        kwargs.update(job_extra_directives=directives, worker_extra_args=args)
+    return kwargs
+
+
+def slurm_cluster(profile: str | None = None, check: bool = True, gpus: int = 0,
+                  **overrides: Any):
+    """A ``SLURMCluster`` from the ``jobqueue.slurm`` config, a profile and overrides,
+    checked against the cluster's partitions first (``check``)."""
+    from dask_jobqueue import SLURMCluster
+
+    kwargs = slurm_settings(profile, gpus, **overrides)
+    if check:
+        preflight(kwargs)
     try:
         return SLURMCluster(**kwargs)
     except ValueError as e:  # dask-jobqueue says which setting is missing, and an example
         raise CircuitAtlasError(f"SLURM cluster: {e}") from e
+
+
+def partitions() -> dict[str, dict[str, Any]] | None:
+    """{partition: {"cpus": max CPUs of a node, "memory_mb": max memory, "default": bool}}
+    from ``sinfo``, or None where there is no sinfo."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %c %m"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (subprocess.SubprocessError, OSError) as e:
+        raise CircuitAtlasError(f"sinfo failed: {e}; is the SLURM controller up?") from e
+    found: dict[str, dict[str, Any]] = {}
+    for line in out.split("\n"):
+        if not line.strip():
+            continue
+        name, cpus, mem = line.split()[:3]
+        default = name.endswith("*")
+        name = name.rstrip("*")
+        entry = found.setdefault(name, {"cpus": 0, "memory_mb": 0, "default": default})
+        entry["cpus"] = max(entry["cpus"], int(cpus.rstrip("+")))
+        entry["memory_mb"] = max(entry["memory_mb"], int(mem.rstrip("+")))
+    return found
+
+
+def preflight(kwargs: dict[str, Any]) -> None:
+    """Refuse at once what SLURM would reject, or leave pending forever: an unknown
+    partition, more cores or memory per job than any node of the partition has."""
+    import dask.config
+    from dask.utils import parse_bytes
+
+    known = partitions()
+    if not known:
+        return
+    queue = kwargs.get("queue") or dask.config.get("jobqueue.slurm.queue", default=None)
+    if queue is None:
+        queue = next((p for p, v in known.items() if v["default"]), None)
+    if queue not in known:
+        raise CircuitAtlasError(f"SLURM partition {queue!r} does not exist here; partitions: "
+                                f"{', '.join(known)} (set --queue/--partition)")
+    node = known[queue]
+    cores = kwargs.get("cores") or dask.config.get("jobqueue.slurm.cores", default=None)
+    if cores and int(cores) > node["cpus"]:
+        raise CircuitAtlasError(f"{cores} cores per job, but the nodes of partition {queue!r}"
+                                f" have at most {node['cpus']}: the job would pend forever")
+    memory = kwargs.get("memory") or dask.config.get("jobqueue.slurm.memory", default=None)
+    if memory and parse_bytes(str(memory)) > node["memory_mb"] * 2**20:
+        raise CircuitAtlasError(f"{memory} per job, but the nodes of partition {queue!r} have "
+                                f"at most {node['memory_mb']} MB")
+
+
+def _wait_for_workers(client: Any, cluster: Any, wait_s: float) -> None:
+    """The first worker, or an error with the jobs' SLURM states (not a silent hang)."""
+    import subprocess
+
+    try:
+        client.wait_for_workers(1, timeout=wait_s)
+    except TimeoutError:
+        ids = [j.job_id for j in cluster.workers.values() if getattr(j, "job_id", None)]
+        states = ""
+        if ids:
+            states = subprocess.run(["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(ids)],
+                                    capture_output=True, text=True).stdout.strip()
+        raise CircuitAtlasError(
+            f"no SLURM worker connected within {wait_s:.0f} s; jobs: "
+            f"{states or 'none submitted'} (see the job logs, --log-directory)") from None
 
 
 def _announce(client: Any, what: str, echo: Callable[[str], None] | None) -> None:

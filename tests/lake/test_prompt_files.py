@@ -22,7 +22,10 @@ def write(path, fmt, texts, domain=None):
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                         encoding="utf-8")
     elif fmt == "yaml":
-        path.write_text(yaml.safe_dump(records, allow_unicode=True), encoding="utf-8")
+        # PyYAML writes YAML's other line breaks (NEL, LS, PS) raw into quoted scalars,
+        # where a reader must fold them to spaces: escape them in that case
+        raw = not any(c in t for t in texts for c in "\x85\u2028\u2029")
+        path.write_text(yaml.safe_dump(records, allow_unicode=raw), encoding="utf-8")
     elif fmt == "csv":
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(records[0]))
