@@ -598,6 +598,82 @@ def labels_import(file: str, lake_path: str, model_spec: str, corpora: tuple[str
     _console().print(f"[green]labels[/] {n:,} imported from {file} (pass {pass_})")
 
 
+@cli.command()
+@lake_option
+@model_option
+@click.option("--corpus", "corpora", multiple=True,
+              help="Corpus of the reduced tables (default: the only reduced set).")
+@click.option("--pass", "passes", multiple=True, default=("output", "input"),
+              show_default=True, type=click.Choice(["output", "input"]),
+              help="Pass(es) to run, in this order.")
+@click.option("--base-url", envvar="OPENAI_BASE_URL", show_envvar=True,
+              help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM).")
+@click.option("--llm", "llm_model", default="gpt-5-mini", show_default=True,
+              help="Model name at the endpoint.")
+@click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True,
+              help="Environment variable holding the API key.")
+@click.option("--concurrency", default=8, show_default=True, help="Requests in flight.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds per request.")
+@click.option("--max-retries", default=5, show_default=True,
+              help="Retries with exponential backoff on 429, 5xx and timeouts.")
+@click.option("--batch", is_flag=True, help="Use the Batch API (a batch per layer).")
+@click.option("--poll", default=30.0, show_default=True, help="Batch polling interval, s.")
+@click.option("--dry-run", is_flag=True,
+              help="No LLM: write every assembled prompt to the label_prompts table.")
+@click.option("--only-failed", is_flag=True, help="Ask again only where a reply failed.")
+@click.option("--layer", "layers", type=int, multiple=True, help="Only this layer (repeatable).")
+@click.option("--per-layer", type=int, help="Only the N neurons of each layer in most graphs.")
+@click.option("--price-in", default=0.0, show_default=True,
+              help="USD per million prompt tokens, for the cost printed at the end.")
+@click.option("--price-out", default=0.0, show_default=True,
+              help="USD per million completion tokens.")
+def label(lake_path: str, model_spec: str, corpora: tuple[str, ...], passes: tuple[str, ...],
+          base_url: str | None, llm_model: str, api_key_env: str, concurrency: int,
+          timeout: float, max_retries: int, batch: bool, poll: float, dry_run: bool,
+          only_failed: bool, layers: tuple[int, ...], per_layer: int | None, price_in: float,
+          price_out: float) -> None:
+    """Label every neuron twice with an LLM: the output pass (what it does; late layers
+    first, showing its targets' labels) and the input pass (what triggers it; early
+    layers first, showing its sources' labels). Resumable: a rerun asks only what is
+    missing or failed."""
+    from circuit_atlas.analysis.labeler import LLMSettings
+    from circuit_atlas.lake import Lake
+    from circuit_atlas.pipeline import label_neurons
+
+    opened = Lake(lake_path)
+    model, corpus = _atlas_key(opened, model_spec, corpora)
+    settings = None if dry_run else LLMSettings(
+        model=llm_model, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
+        timeout=timeout, max_retries=max_retries, price_in=price_in, price_out=price_out,
+        batch=batch, poll_s=poll)
+    label_neurons(opened, model_spec, model, corpus, list(passes), settings, _console(),
+                  layers=list(layers) or None, per_layer=per_layer, only_failed=only_failed)
+
+
+@cli.command()
+@lake_option
+@model_option
+@click.option("--corpus", "corpora", multiple=True,
+              help="Corpus of the reduced tables (default: the only reduced set).")
+@click.option("--pass", "pass_", type=click.Choice(["output", "input"]), default=None,
+              help="Only neurons with this pass's label.")
+def browse(lake_path: str, model_spec: str, corpora: tuple[str, ...], pass_: str | None
+           ) -> None:
+    """Page through labelled neurons with their evidence (n/Enter next, b back,
+    r random, g go to a neuron, l jump to a layer, q quit). No LLM calls."""
+    from circuit_atlas.analysis.browse import browse as run
+    from circuit_atlas.lake import Lake
+    from circuit_atlas.pipeline import profile_tokenizer
+
+    opened = Lake(lake_path)
+    model, corpus = _atlas_key(opened, model_spec, corpora)
+
+    def read(prompt: str) -> str:
+        return click.prompt(prompt, default="", show_default=False, prompt_suffix="")
+
+    run(opened, model, corpus, pass_, read, click.echo, profile_tokenizer(model_spec))
+
+
 # use -------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+import polars as pl
 from rich.console import Console
 
 DEMO_CORPORA = ("medical", "general")
@@ -66,10 +67,18 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     # a few graphs (--limit) share few edges five times: keep every edge then
     cluster_tables(lake, loaded.name, list(DEMO_CORPORA), ["infomap", "leiden"],
                    network_params(min_count=5 if limit is None else 1), {}, console)
+    from circuit_atlas.analysis.labeler import label_lake
     from circuit_atlas.clustering.export import export_duckdb
     from circuit_atlas.clustering.html import export_html
 
     key = "+".join(sorted(DEMO_CORPORA))
+    with console.status("assembling the labeling prompts (dry run, no LLM) ..."):
+        for pass_ in ("output", "input"):
+            label_lake(lake, loaded.name, key, pass_, None, tokenizer=loaded.tokenizer)
+    example = lake.table("label_prompts").filter(pl.col("pass") == "output").sort(
+        "layer", "neuron").tail(1).collect()
+    console.rule("[bold]an output-pass labeling prompt (circuit-atlas label --dry-run)")
+    console.print(example["user_message"][0], soft_wrap=True, markup=False)
     html = lake.path("clusters.html")
     export_html(lake, loaded.name, key, html)
     export_duckdb(lake, loaded.name, key, lake.path("atlas.duckdb"))

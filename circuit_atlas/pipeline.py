@@ -254,3 +254,35 @@ def print_profile(profile: dict, console) -> None:
     for key, rows in profile.get("projections", {}).items():
         console.print(f"[bold]projection {key}[/]: " + ", ".join(
             f"{t!r} {v:.3g}" for t, v in rows))
+
+
+def label_neurons(lake, model_spec: str, model: str, corpus: str, passes: list[str], settings,
+                  console, **kwargs):
+    """Run the labeling passes with a progress bar; tokens and cost at the end."""
+    from circuit_atlas.analysis.labeler import label_lake
+
+    tokenizer = profile_tokenizer(model_spec)
+    reports = []
+    for pass_ in passes:
+        with _bar(console, f"{'prompts' if settings is None else 'label'} {pass_}") as progress:
+            task = progress.add_task(pass_, total=None)
+
+            def tick(layer: int, done: int, total: int, task=task, progress=progress,
+                     pass_=pass_) -> None:
+                progress.update(task, completed=done, total=total,
+                                description=f"{pass_} L{layer}")
+
+            report = label_lake(lake, model, corpus, pass_, settings, tokenizer=tokenizer,
+                                on_progress=tick, **kwargs)
+        reports.append(report)
+        if settings is None:
+            console.print(f"[green]label prompts[/] {pass_}: layers "
+                          f"{report.layers[0]}..{report.layers[-1]} assembled into the "
+                          "label_prompts table (dry run, no LLM)")
+            continue
+        console.print(
+            f"[green]labels[/] {pass_}: {report.ok:,} ok, {report.failed:,} failed, "
+            f"{report.skipped:,} already labelled; {report.prompt_tokens:,} prompt + "
+            f"{report.completion_tokens:,} completion tokens, ${report.cost(settings):.4f}"
+            f"{' (batch price)' if settings.batch else ''}; {report.seconds:.1f} s")
+    return reports

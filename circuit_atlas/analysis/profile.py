@@ -48,7 +48,7 @@ def _table(lake: Lake, name: str, model: str, corpus: str) -> pl.LazyFrame | Non
         return None
 
 
-class _Names:
+class NodeNames:
     """Display names of nodes: neurons as L12/N345, token nodes decoded."""
 
     def __init__(self, tokenizer: Any, n_layers: int | None) -> None:
@@ -74,7 +74,7 @@ def neuron_profile(lake: Lake, model: str, layer: int, neuron: int, corpus: str 
         raise CircuitAtlasError(f"no reduced tables for {model!r} / {corpus!r}; "
                                 "run: circuit-atlas reduce")
     n_layers = (manifest["inputs"].get("model_shape") or {}).get("n_layers")
-    names = _Names(tokenizer, n_layers)
+    names = NodeNames(tokenizer, n_layers)
     me = (pl.col("layer") == layer)
     stats = _table(lake, "neurons", model, corpus).filter(
         me & (pl.col("index") == neuron)).collect()

@@ -375,10 +375,24 @@ prompt_hash: hash of the prompt the label was made from; status "ok" or "failed"
 (error says why; a failed row has no label).""",
 )
 
+LABEL_PROMPTS = TableSpec(
+    name="label_prompts",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("pass", pa.string()),
+        _f("prompt_hash", pa.string()), _f("system_message", pa.string()),
+        _f("user_message", pa.string()),
+    ),
+    partitions=_DERIVED,
+    doc="""The labeling prompts as assembled (circuit-atlas label --dry-run), to run any
+LLM on: system_message and user_message of each neuron and pass. One file per pass.""",
+)
+
 DERIVED: dict[str, TableSpec] = {
     t.name: t for t in (EDGE_STATS, NEURON_STATS, NEURON_CORPORA, NEURON_TOKENS,
                         CLUSTER_ASSIGNMENTS, CLUSTERS, PROJECTIONS, EFFECTS,
-                        NEURON_EFFECTS, COOCCURRENCE, SPECIFICITY, ROLES, LABELS)}
+                        NEURON_EFFECTS, COOCCURRENCE, SPECIFICITY, ROLES, LABELS,
+                        LABEL_PROMPTS)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "nodes", "edges")

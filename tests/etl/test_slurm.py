@@ -84,9 +84,10 @@ def test_graph_job_on_slurm_cpu_workers(tmp_path, slurm, smollm2):
     here = Lake.init(tmp_path / "here")
     here.import_prompts([{"text": t} for t in texts], "c")
     run_graphs(here, smollm2, "c", params)
-    cols = ["graph_id", "src_layer", "src_index", "src_pos", "tgt_layer", "tgt_index", "weight"]
-    a = lake.scan("edges").select(cols).sort(cols[:6]).collect()
-    b = here.scan("edges").select(cols).sort(cols[:6]).collect()
+    cols = ["graph_id", "src_layer", "src_index", "src_pos", "tgt_layer", "tgt_index", "tgt_pos",
+            "weight"]
+    a = lake.scan("edges").select(cols).sort(cols[:7]).collect()
+    b = here.scan("edges").select(cols).sort(cols[:7]).collect()
     assert a.drop("weight").equals(b.drop("weight"))  # the same edges
     # weights to float32 rounding: a one-core worker sums in another order than here
     np.testing.assert_allclose(a["weight"].to_numpy(), b["weight"].to_numpy(), rtol=1e-3,

@@ -1,0 +1,178 @@
+"""Two-pass label-prompt assembly from the atlas tables (no LLM here).
+
+* output pass, late layers to early: a neuron's prompt shows the output labels of
+  its downstream targets, so those must exist first;
+* input pass, early layers to late: a prompt shows the output labels of upstream
+  sources and co-occurring neurons, and the neuron's own output label.
+
+Evidence is read one layer at a time (:func:`layer_evidence`) and is whatever the lake
+holds: projections, effects, specificity, token associations and co-occurrence are
+each optional. :func:`assemble` turns a layer's evidence into chat messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from circuit_atlas.analysis.profile import NodeNames
+from circuit_atlas.analysis.templates import messages
+from circuit_atlas.errors import CircuitAtlasError, LakeError
+from circuit_atlas.lake import Lake
+from circuit_atlas.lake.schemas import STATIC_CORPUS
+
+PASSES = ("output", "input")
+
+
+def layer_order(pass_: str, n_layers: int) -> list[int]:
+    """Output pass: last layer first; input pass: first layer first."""
+    if pass_ not in PASSES:
+        raise CircuitAtlasError(f"unknown pass {pass_!r}; choose output or input")
+    layers = list(range(n_layers))
+    return layers[::-1] if pass_ == "output" else layers
+
+
+def prompt_hash(msgs: list[dict[str, str]]) -> str:
+    return hashlib.sha256(json.dumps(msgs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Atlas:
+    """The tables evidence is read from, opened once."""
+
+    lake: Lake
+    model: str
+    corpus: str
+    n_layers: int
+    names: NodeNames
+    neurons: pl.DataFrame  # layer, neuron, graph_count
+    edges: pl.LazyFrame
+    tables: dict[str, pl.LazyFrame]  # the optional ones that exist
+
+    @classmethod
+    def open(cls, lake: Lake, model: str, corpus: str, tokenizer: Any = None) -> Atlas:
+        manifest = lake.table_manifest(model, corpus, "neurons")
+        if manifest is None:
+            raise CircuitAtlasError(f"no reduced tables for {model!r} / {corpus!r}; "
+                                    "run: circuit-atlas reduce")
+        n_layers = (manifest["inputs"].get("model_shape") or {}).get("n_layers")
+        if n_layers is None:
+            raise CircuitAtlasError("the reduced tables do not record the model's shape; "
+                                    "recompute the graphs with this version")
+        neurons = lake.table("neurons", model, corpus).filter(
+            pl.col("layer").is_between(0, n_layers - 1)).select(
+            "layer", neuron="index", graph_count="graph_count").collect()
+        tables = {}
+        for name, part in (("projections", STATIC_CORPUS), ("neuron_effects", corpus),
+                           ("specificity", corpus), ("neuron_tokens", corpus),
+                           ("cooccurrence", corpus)):
+            with contextlib.suppress(LakeError):
+                tables[name] = lake.table(name, model, part).drop("model", "corpus")
+        return cls(lake, model, corpus, n_layers, NodeNames(tokenizer, n_layers), neurons,
+                   lake.table("edges", model, corpus).drop("model", "corpus"), tables)
+
+
+def _by_neuron(df: pl.DataFrame) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = {}
+    for r in df.iter_rows(named=True):
+        out.setdefault(r["neuron"], []).append(r)
+    return out
+
+
+def _top_per(lf: pl.LazyFrame, key: str, order: str, top: int) -> pl.LazyFrame:
+    return lf.sort([key, order], descending=[False, True]).filter(
+        pl.int_range(pl.len()).over(key) < top)
+
+
+def layer_evidence(atlas: Atlas, pass_: str, layer: int, labels: pl.DataFrame | None,
+                   neurons: list[int] | None = None, top: int = 8) -> dict[int, dict[str, Any]]:
+    """Evidence for the neurons of ``layer`` (all that appear in graphs, or ``neurons``):
+    {neuron: {section: ...}}. ``labels``: (layer, neuron, pass, label) known so far."""
+    base = atlas.neurons.filter(pl.col("layer") == layer)
+    if neurons is not None:
+        base = base.filter(pl.col("neuron").is_in(neurons))
+    ids = base["neuron"].to_list()
+    ev = {n: {"neuron": f"L{layer}/N{n}", "layer": layer, "n_layers": atlas.n_layers,
+              "appearances": c} for n, c in zip(ids, base["graph_count"], strict=True)}
+    if not ids:
+        return ev
+    output_labels = {}
+    if labels is not None:
+        for r in labels.filter(pl.col("pass") == "output").iter_rows(named=True):
+            output_labels[(r["layer"], r["neuron"])] = r["label"]
+    mine = (pl.col("layer") == layer) & pl.col("neuron").is_in(ids)
+    t = atlas.tables
+    if "projections" in t:
+        kind = "output" if pass_ == "output" else "input"
+        rows = t["projections"].filter(mine & (pl.col("kind") == kind) & (pl.col("rank") < top)
+                                       ).sort("neuron", "sign", "rank").collect()
+        keys = ("promoted", "suppressed") if pass_ == "output" else ("activating", "suppressing")
+        for n, rs in _by_neuron(rows).items():
+            ev[n][keys[0]] = [(r["token"], r["value"]) for r in rs if r["sign"] > 0]
+            ev[n][keys[1]] = [(r["token"], r["value"]) for r in rs if r["sign"] < 0]
+    if pass_ == "output":
+        if labels is not None:
+            for r in labels.filter((pl.col("pass") == "prior") & (pl.col("layer") == layer)
+                                   ).iter_rows(named=True):
+                if r["neuron"] in ev:
+                    ev[r["neuron"]].setdefault("prior", []).append(r["label"])
+        if "neuron_effects" in t:
+            for r in t["neuron_effects"].filter(mine & pl.col("der_class").is_not_null()
+                                                ).collect().iter_rows(named=True):
+                ev[r["neuron"]]["der"] = r
+        if "specificity" in t:
+            for r in t["specificity"].filter(mine).collect().iter_rows(named=True):
+                ev[r["neuron"]]["specificity"] = r
+        rows = _top_per(atlas.edges.filter((pl.col("src_layer") == layer)
+                                           & pl.col("src_index").is_in(ids))
+                        .rename({"src_index": "neuron"}), "neuron", "weight_abs_sum", top
+                        ).collect()
+        for n, rs in _by_neuron(rows).items():
+            ev[n]["downstream"] = [_link(atlas, r["tgt_layer"], r["tgt_index"], r, output_labels)
+                                   for r in rs]
+        return ev
+    for n in ids:
+        if (layer, n) in output_labels:
+            ev[n]["output_label"] = output_labels[(layer, n)]
+    rows = _top_per(atlas.edges.filter((pl.col("tgt_layer") == layer)
+                                       & pl.col("tgt_index").is_in(ids))
+                    .rename({"tgt_index": "neuron"}), "neuron", "weight_abs_sum", top).collect()
+    for n, rs in _by_neuron(rows).items():
+        ev[n]["upstream"] = [_link(atlas, r["src_layer"], r["src_index"], r, output_labels)
+                             for r in rs]
+    if "neuron_tokens" in t:
+        rows = t["neuron_tokens"].rename({"index": "neuron"}).filter(
+            mine & (pl.col("kind") == "input") & (pl.col("rank") < top)).sort(
+            "neuron", "rank").collect()
+        for n, rs in _by_neuron(rows).items():
+            ev[n]["input_tokens"] = [(atlas.names.token(r["token_id"]).strip("'\""), r["count"])
+                                     for r in rs]
+    if "cooccurrence" in t:
+        rows = _top_per(t["cooccurrence"].filter(mine), "neuron", "jaccard", top).collect()
+        for n, rs in _by_neuron(rows).items():
+            ev[n]["cooccurring"] = [
+                {"node": f"L{r['other_layer']}/N{r['other_neuron']}", "jaccard": r["jaccard"],
+                 "label": output_labels.get((r["other_layer"], r["other_neuron"]))}
+                for r in rs]
+    return ev
+
+
+def _link(atlas: Atlas, layer: int, index: int, row: dict[str, Any],
+          output_labels: dict[tuple[int, int], str]) -> dict[str, Any]:
+    return {"node": atlas.names.node(layer, index), "weight": row["mean_weight"],
+            "graphs": row["graph_count"], "label": output_labels.get((layer, index))}
+
+
+def assemble(pass_: str, evidence: dict[int, dict[str, Any]]
+             ) -> list[tuple[int, list[dict[str, str]], str]]:
+    """(neuron, chat messages, prompt hash) for each neuron of a layer's evidence."""
+    out = []
+    for n in sorted(evidence):
+        msgs = messages(pass_, evidence[n])
+        out.append((n, msgs, prompt_hash(msgs)))
+    return out

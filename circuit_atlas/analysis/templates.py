@@ -1,0 +1,113 @@
+"""The text of the labeling prompts: the only place it lives.
+
+Evidence arrives as a dict of optional sections; a section the atlas does not have
+(no projections computed, no labels yet) is left out, never printed as "None".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+OUTPUT_TYPES = ("semantic", "lexical", "routing", "formatting", "structural")
+INPUT_TYPES = ("token-pattern", "context", "position", "upstream-gated", "combination")
+INTERPRETABILITY = ("low", "medium", "high")
+DER_MEANING = {"logit-dominant": "it acts mostly through its own effect on the logits",
+               "routing-dominant": "it acts mostly through later neurons",
+               "mixed": "both directly and through later neurons"}
+
+SYSTEM = {
+    "output": (
+        "You are an interpretability researcher labelling the MLP neurons of a language "
+        "model. From the evidence given, say what this neuron DOES when it fires: which "
+        "tokens it promotes or suppresses, which downstream neurons it drives. Be concrete "
+        "and short. Answer in JSON with: label (a few words), description (one or two "
+        "sentences), type (one of: " + ", ".join(OUTPUT_TYPES) + "), interpretability "
+        "(low, medium or high: how clear the evidence is)."),
+    "input": (
+        "You are an interpretability researcher labelling the MLP neurons of a language "
+        "model. From the evidence given, say what TRIGGERS this neuron: which tokens, "
+        "contexts or upstream neurons make it fire. Be concrete and short. Answer in JSON "
+        "with: label (a few words), description (one or two sentences), type (one of: "
+        + ", ".join(INPUT_TYPES) + "), interpretability (low, medium or high)."),
+}
+
+
+def _tokens(rows: list[tuple[str, float]]) -> str:
+    return ", ".join(f"{t!r} ({v:+.3g})" for t, v in rows)
+
+
+def _neighbours(rows: list[dict[str, Any]], verb_pos: str, verb_neg: str) -> list[str]:
+    out = []
+    for r in rows:
+        verb = verb_pos if r["weight"] >= 0 else verb_neg
+        label = f' - "{r["label"]}"' if r.get("label") else ""
+        out.append(f"- {r['node']} ({verb}, weight {r['weight']:+.3g}, "
+                   f"{r['graphs']} graphs){label}")
+    return out
+
+
+def output_prompt(ev: dict[str, Any]) -> str:
+    lines = [f"Neuron {ev['neuron']} (layer {ev['layer']} of {ev['n_layers']})."]
+    if ev.get("appearances") is not None:
+        line = f"It appears in {ev['appearances']} attribution graphs"
+        if ev.get("specificity") is not None:
+            s = ev["specificity"]
+            line += (f"; domain specificity {s['specificity']:.2f} for {s['domain']} "
+                     f"against {s['baseline']}")
+        lines.append(line + ".")
+    if ev.get("prior"):
+        lines.append("Labels from other sources: " + "; ".join(f'"{p}"' for p in ev["prior"]))
+    if ev.get("promoted"):
+        lines.append("Output projection, tokens it promotes: " + _tokens(ev["promoted"]))
+    if ev.get("suppressed"):
+        lines.append("Output projection, tokens it suppresses: " + _tokens(ev["suppressed"]))
+    if ev.get("der") is not None:
+        d = ev["der"]
+        lines.append(f"Direct effect ratio {d['der_mean']:.2f} over {d['prompts']} prompts: "
+                     f"{d['der_class']} ({DER_MEANING[d['der_class']]}).")
+    if ev.get("downstream"):
+        lines.append("Strongest downstream targets:")
+        lines += _neighbours(ev["downstream"], "excites", "inhibits")
+    return "\n".join(lines)
+
+
+def input_prompt(ev: dict[str, Any]) -> str:
+    lines = [f"Neuron {ev['neuron']} (layer {ev['layer']} of {ev['n_layers']})."]
+    if ev.get("output_label"):
+        lines.append(f'Its output label (what it does): "{ev["output_label"]}"')
+    if ev.get("activating"):
+        lines.append("Static input projection, tokens that activate it: "
+                     + _tokens(ev["activating"]))
+    if ev.get("suppressing"):
+        lines.append("Static input projection, tokens that suppress it: "
+                     + _tokens(ev["suppressing"]))
+    if ev.get("upstream"):
+        lines.append("Strongest upstream sources (embedding edges give importance, not sign; "
+                     "trust the static projection for token direction):")
+        lines += _neighbours(ev["upstream"], "excites it", "inhibits it")
+    if ev.get("input_tokens"):
+        lines.append("Tokens at the positions where it fires: " + ", ".join(
+            f"{t!r} ({n})" for t, n in ev["input_tokens"]))
+    if ev.get("cooccurring"):
+        lines.append("Neurons that fire in the same graphs:")
+        lines += [f"- {c['node']} (Jaccard {c['jaccard']:.2f})"
+                  + (f' - "{c["label"]}"' if c.get("label") else "") for c in ev["cooccurring"]]
+    return "\n".join(lines)
+
+
+def messages(pass_: str, ev: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat messages of one neuron's prompt."""
+    body = output_prompt(ev) if pass_ == "output" else input_prompt(ev)
+    return [{"role": "system", "content": SYSTEM[pass_]}, {"role": "user", "content": body}]
+
+
+def cluster_messages(path: str, members: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """A prompt naming a cluster from its members' labels."""
+    listing = "\n".join(f"- {nid}: {label}" for nid, label in members)
+    return [
+        {"role": "system", "content": (
+            "You name circuits of language-model neurons. Given the labels of a cluster's "
+            "members, answer in JSON with: label (a short name for what the cluster does) "
+            "and coherence (a number from 0 to 1: how much the members share one theme).")},
+        {"role": "user", "content": f"Cluster {path}, {len(members)} labelled members:\n"
+                                    f"{listing}"}]

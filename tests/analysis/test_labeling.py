@@ -1,0 +1,207 @@
+"""Labeling over HTTP with the real openai client against tests/llm_server.py: layer
+order, evidence between layers, faults, resume after a kill, the Batch API, the
+dry run and the terminal browser."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from circuit_atlas.analysis.labeler import LLMSettings, label_lake
+from circuit_atlas.cli import cli
+from circuit_atlas.etl.reduce import reduce_lake
+from circuit_atlas.lake import Lake
+from tests.factories import MODEL, N_LAYERS, prompts_of, write_edge_table, write_shard
+from tests.llm_server import LLMServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory, client):
+    """A small reduced lake (4 layers, a few neurons each) to copy per test."""
+    lake = Lake.init(tmp_path_factory.mktemp("lab") / "lake")
+    for s in range(3):
+        write_shard(lake, "c", prompts_of(6, f"s{s}"), seed=s, neurons=5)
+    reduce_lake(lake, MODEL, ["c"], client)
+    # real attribution edges run forward only; the factory's random ones do not
+    forward = lake.table("edges").filter(pl.col("src_layer") < pl.col("tgt_layer")).drop(
+        "model", "corpus").collect()
+    write_edge_table(lake, forward, MODEL, "c")
+    return lake
+
+
+@pytest.fixture
+def lake(reduced, tmp_path):
+    import shutil
+
+    shutil.copytree(reduced.root, tmp_path / "lake")
+    return Lake(tmp_path / "lake")
+
+
+def settings(server, **kw):
+    return LLMSettings(model="fake-llm", base_url=server.url, concurrency=4, timeout=2,
+                       max_retries=2, **kw)
+
+
+def neurons_of(lake):
+    return set(lake.table("neurons").filter(pl.col("layer").is_between(0, N_LAYERS - 1))
+               .select("layer", "index").collect().iter_rows())
+
+
+def ok_labels(lake, pass_=None):
+    df = lake.table("labels").filter(pl.col("status") == "ok").collect()
+    if pass_:
+        df = df.filter(pl.col("pass") == pass_)
+    return df
+
+
+def layer_of(nid: str) -> int:
+    return int(re.match(r"L(\d+)/", nid).group(1))
+
+
+def test_both_passes_in_layer_order_with_neighbour_labels(lake):
+    with LLMServer() as server:
+        for pass_ in ("output", "input"):
+            report = label_lake(lake, MODEL, "c", pass_, settings(server))
+            assert report.failed == 0 and report.ok == len(neurons_of(lake))
+        out_layers = [layer_of(n) for n in server.answered("output")]
+        in_layers = [layer_of(n) for n in server.answered("input")]
+        assert out_layers == sorted(out_layers, reverse=True)  # late to early
+        assert in_layers == sorted(in_layers)  # early to late
+        # an output prompt shows its downstream neurons' output labels, an input prompt
+        # its upstream neurons' output labels (all of the output pass exists by then)
+        edges = lake.table("edges").filter(
+            pl.col("src_layer").is_between(0, N_LAYERS - 1)
+            & pl.col("tgt_layer").is_between(0, N_LAYERS - 1)).collect()
+        # (the factory's random edges also run within and back across layers; real ones
+        # go forward: the pass order guarantees the labels of the later layers for the
+        # output pass, and of every layer for the input pass, which follows it)
+        shown = 0
+        for r in server.requests:
+            me = layer_of(re.search(r"Neuron (L\d+/N\d+)", r["prompt"]).group(1))
+            for other in re.findall(r"- (L\d+/N\d+) \(", r["prompt"]):
+                label = f'"output label of {other}"'
+                if r["pass"] == "input" or layer_of(other) > me:
+                    assert label in r["prompt"], (r["prompt"], other)
+                    shown += r["pass"] == "output"
+            assert "None" not in r["prompt"]
+        assert shown > 0 and len(edges) > 0
+    for pass_ in ("output", "input"):
+        got = set(ok_labels(lake, pass_).select("layer", "neuron").iter_rows())
+        assert got == neurons_of(lake)
+    assert (ok_labels(lake)["labeler"] == "fake-llm").all()
+
+
+def test_faults_are_retried_or_recorded_then_only_failed(lake):
+    ids = sorted(neurons_of(lake))
+    a, b, c, d, e = (f"L{x}/N{y}" for x, y in ids[:5])
+    with LLMServer(hang_s=4) as server:
+        server.faults = {a: ["429", "500"], b: ["hang"], c: ["malformed"],
+                         d: ["invalid", "invalid"], e: ["500"] * 3}
+        report = label_lake(lake, MODEL, "c", "output", settings(server))
+        assert report.failed == 2 and report.ok == len(ids) - 2
+        rows = lake.table("labels").collect()
+        failed = {f"L{r['layer']}/N{r['neuron']}": r["error"]
+                  for r in rows.filter(pl.col("status") == "failed").iter_rows(named=True)}
+        assert set(failed) == {d, e}
+        assert "invalid reply" in failed[d] and "type" in failed[d]
+        assert "InternalServerError" in failed[e]
+        assert rows.filter(pl.col("status") == "failed")["label"].is_null().all()
+        assert report.prompt_tokens > 0
+        n_before = len(server.requests)
+        again = label_lake(lake, MODEL, "c", "output", settings(server), only_failed=True)
+        assert again.ok == 2 and again.skipped == len(ids) - 2
+        assert {r["neuron"] for r in server.requests[n_before:]} == {d, e}
+        # a plain rerun asks nothing: everything has an ok label
+        n_before = len(server.requests)
+        assert label_lake(lake, MODEL, "c", "output", settings(server)).asked == 0
+        assert len(server.requests) == n_before
+
+
+def test_killed_run_resumes_to_the_same_table(lake, reduced, tmp_path):
+    import shutil
+
+    shutil.copytree(reduced.root, tmp_path / "whole")
+    whole = Lake(tmp_path / "whole")
+    with LLMServer() as server:
+        label_lake(whole, MODEL, "c", "output", settings(server))
+        total = len(neurons_of(lake))
+        server.requests.clear()
+        server.delay_s = 0.15
+        script = textwrap.dedent(f"""
+            from circuit_atlas.analysis.labeler import LLMSettings, label_lake
+            from circuit_atlas.lake import Lake
+            label_lake(Lake({str(lake.root)!r}), {MODEL!r}, "c", "output",
+                       LLMSettings(model="fake-llm", base_url={server.url!r}, concurrency=2,
+                                   timeout=5, max_retries=2))
+        """)
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+        deadline = time.time() + 120
+        while len(server.answered()) < total // 2 and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        first = list(server.answered())
+        assert 0 < len(first) < total
+        server.delay_s = 0
+        report = label_lake(lake, MODEL, "c", "output", settings(server))
+        second = server.answered()[len(first):]
+        recorded = {f"L{r['layer']}/N{r['neuron']}" for r in ok_labels(lake).iter_rows(
+            named=True)} - set(second)
+        assert recorded and not recorded & set(second)  # no recorded neuron asked again
+        assert report.skipped == len(recorded)
+    cols = ["layer", "neuron", "pass", "label", "description", "type", "interpretability",
+            "prompt_hash", "status"]
+    resumed = ok_labels(lake).select(cols).sort("layer", "neuron")
+    straight = ok_labels(whole).select(cols).sort("layer", "neuron")
+    assert resumed.equals(straight)
+
+
+def test_batch_api(lake):
+    ids = sorted(neurons_of(lake))
+    with LLMServer() as server:
+        victim = f"L{ids[0][0]}/N{ids[0][1]}"
+        server.faults = {victim: ["invalid"]}  # in the batch: asked again directly
+        report = label_lake(lake, MODEL, "c", "output", settings(server, batch=True,
+                                                                   poll_s=0.01))
+        assert report.ok == len(ids) and report.failed == 0
+        assert len(server.batches) == N_LAYERS
+        assert all(b["status"] == "completed" for b in server.batches.values())
+        assert report.cost(settings(server, batch=True, price_in=1, price_out=1)) == \
+            pytest.approx((report.prompt_tokens + report.completion_tokens) / 2e6)
+
+
+def test_dry_run_cli_and_browser(lake):
+    runner = CliRunner()
+    base = ["--lake", lake.url, "--model", MODEL]
+    out = runner.invoke(cli, ["label", *base, "--dry-run"])
+    assert out.exit_code == 0, out.output
+    prompts = lake.table("label_prompts").collect()
+    assert len(prompts) == 2 * len(neurons_of(lake))
+    assert not prompts["user_message"].str.contains("None").any()
+    assert not prompts["user_message"].str.contains("Output projection").any()  # not computed here
+    with LLMServer() as server:
+        env = {"OPENAI_API_KEY": ""}
+        out = runner.invoke(cli, ["label", *base, "--base-url", server.url, "--llm", "fake",
+                                  "--price-in", "2", "--price-out", "8"], env=env)
+        assert out.exit_code == 0, out.output
+        assert "completion tokens" in out.output and "$" in out.output
+    layer, neuron = sorted(neurons_of(lake))[3]
+    keys = f"n\nb\ng\nL{layer}/N{neuron}\nl\n{N_LAYERS - 1}\nr\nzz\nq\n"
+    out = runner.invoke(cli, ["browse", *base], input=keys)
+    assert out.exit_code == 0, out.output
+    pages = re.findall(r"\[\d+/\d+\] (L\d+/N\d+)", out.output)
+    first, second = sorted(neurons_of(lake))[:2]
+    assert pages[:4] == [f"L{first[0]}/N{first[1]}", f"L{second[0]}/N{second[1]}",
+                         f"L{first[0]}/N{first[1]}", f"L{layer}/N{neuron}"]
+    assert layer_of(pages[4]) == N_LAYERS - 1
+    assert f"OUTPUT: output label of L{layer}/N{neuron}" in out.output
+    assert "evidence (output pass)" in out.output and "n/Enter next" in out.output
