@@ -627,11 +627,15 @@ def labels_import(file: str, lake_path: str, model_spec: str, corpora: tuple[str
               help="USD per million prompt tokens, for the cost printed at the end.")
 @click.option("--price-out", default=0.0, show_default=True,
               help="USD per million completion tokens.")
+@click.option("--no-clusters", is_flag=True,
+              help="Do not name the clusters (done by default when a clustering exists).")
+@click.option("--cluster-method", default="infomap", show_default=True,
+              type=click.Choice(["infomap", "leiden"]), help="Clustering whose modules to name.")
 def label(lake_path: str, model_spec: str, corpora: tuple[str, ...], passes: tuple[str, ...],
           base_url: str | None, llm_model: str, api_key_env: str, concurrency: int,
           timeout: float, max_retries: int, batch: bool, poll: float, dry_run: bool,
           only_failed: bool, layers: tuple[int, ...], per_layer: int | None, price_in: float,
-          price_out: float) -> None:
+          price_out: float, no_clusters: bool, cluster_method: str) -> None:
     """Label every neuron twice with an LLM: the output pass (what it does; late layers
     first, showing its targets' labels) and the input pass (what triggers it; early
     layers first, showing its sources' labels). Resumable: a rerun asks only what is
@@ -646,8 +650,18 @@ def label(lake_path: str, model_spec: str, corpora: tuple[str, ...], passes: tup
         model=llm_model, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
         timeout=timeout, max_retries=max_retries, price_in=price_in, price_out=price_out,
         batch=batch, poll_s=poll)
-    label_neurons(opened, model_spec, model, corpus, list(passes), settings, _console(),
+    console = _console()
+    label_neurons(opened, model_spec, model, corpus, list(passes), settings, console,
                   layers=list(layers) or None, per_layer=per_layer, only_failed=only_failed)
+    if settings is not None and not no_clusters and opened.table_manifest(
+            model, corpus, "cluster_assignments") is not None:
+        from circuit_atlas.analysis.labeler import label_clusters
+
+        with console.status("naming the clusters ..."):
+            report = label_clusters(opened, model, corpus, settings, cluster_method)
+        console.print(f"[green]cluster labels[/] {cluster_method}: {report.ok:,} ok, "
+                      f"{report.failed:,} failed, {report.skipped:,} already named; "
+                      f"${report.cost(settings):.4f}")
 
 
 @cli.command()

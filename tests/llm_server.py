@@ -21,8 +21,12 @@ NEURON = re.compile(r"Neuron (L\d+/N\d+)")
 
 
 def answer(messages: list[dict[str, str]]) -> tuple[str, str, dict[str, Any]]:
-    """(neuron id, pass, label fields) for a labeling prompt."""
+    """(neuron or cluster id, pass, label fields) for a labeling prompt."""
     user = messages[-1]["content"]
+    cluster = re.match(r"Cluster (\S+), (\d+) labelled", user)
+    if cluster:
+        return f"C{cluster.group(1)}", "cluster", {
+            "label": f"cluster {cluster.group(1)} of {cluster.group(2)}", "coherence": 0.75}
     nid = NEURON.search(user).group(1)
     pass_ = "output" if "DOES" in messages[0]["content"] else "input"
     return nid, pass_, {

@@ -56,7 +56,12 @@ class InputLabel(BaseModel):
     interpretability: Literal["low", "medium", "high"]
 
 
-SCHEMAS = {"output": OutputLabel, "input": InputLabel}
+class ClusterLabel(BaseModel):
+    label: str = Field(min_length=1, max_length=200)
+    coherence: float = Field(ge=0, le=1)
+
+
+SCHEMAS = {"output": OutputLabel, "input": InputLabel, "cluster": ClusterLabel}
 
 
 def response_format(pass_: str) -> dict[str, Any]:
@@ -388,3 +393,82 @@ def _write_prompts(lake: Lake, model: str, corpus: str, pass_: str,
                                     "user_message": pl.String})
     name = version.write(f"{pass_}.parquet", df.to_arrow(), LABEL_PROMPTS)
     version.publish(kept + [name], {"model": model})
+
+
+def label_clusters(lake: Lake, model: str, corpus: str, settings: LLMSettings,
+                   method: str = "infomap", max_level: int = 2, min_labelled: int = 3,
+                   members: int = 30) -> LabelReport:
+    """Name each cluster (levels 1..``max_level``) with at least ``min_labelled``
+    output-labelled members from up to ``members`` of their labels (by flow), as
+    Transluce groups neuron descriptions; clusters already named from the same prompt
+    are skipped."""
+    from circuit_atlas.analysis.label_prompts import prompt_hash
+    from circuit_atlas.analysis.templates import cluster_messages
+    from circuit_atlas.lake.schemas import CLUSTER_LABELS
+
+    t0 = time.perf_counter()
+    report = LabelReport("cluster")
+    labels = latest_ok(known_labels(lake, model, corpus))
+    if labels is None or labels.filter(pl.col("pass") == "output").is_empty():
+        raise CircuitAtlasError("no output labels yet: run circuit-atlas label --pass output")
+    if lake.table_manifest(model, corpus, "cluster_assignments") is None:
+        raise CircuitAtlasError("no clustering yet: run circuit-atlas cluster")
+    assigned = lake.table("cluster_assignments", model, corpus).filter(
+        pl.col("method") == method).collect().join(
+        labels.filter(pl.col("pass") == "output").select("layer", "neuron", "label"),
+        on=["layer", "neuron"])
+    todo = []
+    done = set()
+    if lake.table_manifest(model, corpus, "cluster_labels") is not None:
+        done = set(lake.table("cluster_labels", model, corpus).filter(
+            (pl.col("status") == "ok") & (pl.col("labeler") == settings.model)).select(
+            "cluster_path", "prompt_hash").collect().iter_rows())
+    for level in range(1, max_level + 1):
+        with_prefix = assigned.filter(pl.col("depth") >= level).with_columns(
+            prefix=pl.col("cluster_path").str.split(":").list.head(level).list.join(":"))
+        for (path,), group in with_prefix.group_by("prefix", maintain_order=True):
+            if len(group) < min_labelled:
+                continue
+            top = group.sort("flow", descending=True).head(members)
+            msgs = cluster_messages(path, [(f"L{a}/N{b}", c) for a, b, c in zip(
+                top["layer"], top["neuron"], top["label"], strict=True)])
+            h = prompt_hash(msgs)
+            if (path, h) in done:
+                report.skipped += 1
+                continue
+            todo.append((path, msgs, h, len(group)))
+
+    async def run() -> list[dict[str, Any]]:
+        client = settings.client()
+        gate = asyncio.Semaphore(settings.concurrency)
+
+        async def one(path, msgs, h, n):
+            async with gate:
+                parsed, error = await ask(client, settings, "cluster", msgs, report)
+            report.asked += 1
+            report.ok += parsed is not None
+            report.failed += parsed is None
+            return {"method": method, "cluster_path": path,
+                    "label": parsed["label"] if parsed else None,
+                    "coherence": parsed["coherence"] if parsed else None,
+                    "members_labelled": n, "labeler": settings.model, "prompt_hash": h,
+                    "status": "ok" if parsed else "failed", "error": error,
+                    "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")}
+
+        try:
+            return await asyncio.gather(*(one(*t) for t in todo))
+        finally:
+            await client.close()
+
+    rows = asyncio.run(run()) if todo else []
+    if rows:
+        version = lake.new_table_version(model, corpus, "cluster_labels")
+        current = lake.table_manifest(model, corpus, "cluster_labels")
+        kept = version.carry(current, [f.rsplit("/", 1)[-1]
+                                       for f in (current or {}).get("files", [])])
+        df = pl.DataFrame(rows, schema=pl.from_arrow(CLUSTER_LABELS.schema.empty_table()).schema)
+        name = version.write(f"batch-{uuid.uuid4().hex[:12]}.parquet", df.to_arrow(),
+                             CLUSTER_LABELS)
+        version.publish(kept + [name], {"model": model})
+    report.seconds = time.perf_counter() - t0
+    return report

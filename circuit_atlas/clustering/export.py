@@ -99,6 +99,12 @@ def atlas_tables(lake: Lake, model: str, corpus: str, method: str = "infomap"
         clusters = clusters.select("cluster_path", "level", "top_cluster", "sub_module",
                                    "subsub_module", "size", "layer_min", "layer_max",
                                    "median_layer", "flow", "top_members", "method")
+        named = _optional(lake, "cluster_labels", model, corpus)
+        if named is not None:
+            named = (named.filter((pl.col("status") == "ok") & (pl.col("method") == method))
+                     .sort("created_at").unique("cluster_path", keep="last")
+                     .select("cluster_path", "label", "coherence"))
+            clusters = clusters.join(named, on="cluster_path", how="left")
     meta = {
         "model": model, "corpus": corpus, "model_shape": shape,
         "graphs_reduced": len(manifest["inputs"]["shards"]), "reduce": manifest["inputs"][

@@ -50,7 +50,8 @@ def viewer_data(lake: Lake, model: str, corpus: str, method: str = "infomap",
         "modules": [{"path": r["cluster_path"], "level": r["level"], "size": r["size"],
                      "flow": r["flow"], "layer_min": r["layer_min"],
                      "layer_max": r["layer_max"], "median_layer": r["median_layer"],
-                     "top": r["top_members"]} for r in modules.iter_rows(named=True)],
+                     "top": r["top_members"], "label": r.get("label")}
+                    for r in modules.iter_rows(named=True)],
         "neurons": {
             "id": [f"L{a}/N{b}" for a, b in zip(neurons["layer"], neurons["neuron"],
                                                  strict=True)],

@@ -388,11 +388,26 @@ LABEL_PROMPTS = TableSpec(
 LLM on: system_message and user_message of each neuron and pass. One file per pass.""",
 )
 
+CLUSTER_LABELS = TableSpec(
+    name="cluster_labels",
+    version=1,
+    fields=(
+        _f("method", pa.string()), _f("cluster_path", pa.string()),
+        _f("label", pa.string(), nullable=True), _f("coherence", pa.float64(), nullable=True),
+        _f("members_labelled", pa.int64()), _f("labeler", pa.string()),
+        _f("prompt_hash", pa.string()), _f("status", pa.string()),
+        _f("error", pa.string(), nullable=True), _f("created_at", pa.string()),
+    ),
+    partitions=_DERIVED,
+    doc="""A name for each cluster from its members' output labels: label (short name),
+coherence in [0, 1] (how much the members share one theme), as the LLM judged it.""",
+)
+
 DERIVED: dict[str, TableSpec] = {
     t.name: t for t in (EDGE_STATS, NEURON_STATS, NEURON_CORPORA, NEURON_TOKENS,
                         CLUSTER_ASSIGNMENTS, CLUSTERS, PROJECTIONS, EFFECTS,
                         NEURON_EFFECTS, COOCCURRENCE, SPECIFICITY, ROLES, LABELS,
-                        LABEL_PROMPTS)}
+                        LABEL_PROMPTS, CLUSTER_LABELS)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "nodes", "edges")

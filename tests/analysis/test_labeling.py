@@ -205,3 +205,32 @@ def test_dry_run_cli_and_browser(lake):
     assert layer_of(pages[4]) == N_LAYERS - 1
     assert f"OUTPUT: output label of L{layer}/N{neuron}" in out.output
     assert "evidence (output pass)" in out.output and "n/Enter next" in out.output
+
+
+def test_cluster_labels_from_member_labels(lake, tmp_path):
+    from circuit_atlas.analysis.labeler import label_clusters
+    from circuit_atlas.clustering.export import atlas_tables
+    from circuit_atlas.clustering.methods import method_params
+    from circuit_atlas.clustering.network import network_params
+    from circuit_atlas.clustering.run import cluster_lake
+
+    cluster_lake(lake, MODEL, "c", "leiden", network_params(min_count=1),
+                 method_params("leiden", resolution=0.5))
+    with LLMServer() as server:
+        with pytest.raises(Exception, match="no output labels"):
+            label_clusters(lake, MODEL, "c", settings(server), "leiden")
+        label_lake(lake, MODEL, "c", "output", settings(server))
+        report = label_clusters(lake, MODEL, "c", settings(server), "leiden")
+        named = lake.table("cluster_labels").collect()
+        labelled = set(ok_labels(lake, "output").select("layer", "neuron").iter_rows())
+        members = lake.table("cluster_assignments").collect().filter(
+            pl.struct("layer", "neuron").map_elements(lambda r: (r["layer"], r["neuron"])
+                                                      in labelled, return_dtype=pl.Boolean))
+        tops = members.group_by("top_cluster").len().filter(pl.col("len") >= 3)
+        assert report.ok == len(named) >= len(tops) > 0
+        top_named = named.filter(~pl.col("cluster_path").str.contains(":"))
+        assert sorted(int(p) for p in top_named["cluster_path"]) == sorted(tops["top_cluster"])
+        assert (named["coherence"] == 0.75).all()
+        assert label_clusters(lake, MODEL, "c", settings(server), "leiden").asked == 0
+    clusters = atlas_tables(lake, MODEL, "c", "leiden")["clusters"]
+    assert clusters["label"].drop_nulls().len() == len(named)
