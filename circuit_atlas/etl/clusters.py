@@ -119,6 +119,8 @@ def slurm_settings(profile: str | None = None, gpus: int = 0, **overrides: Any
                                     "circuit-atlas.slurm-profiles in the Dask config)")
         kwargs.update(profiles[profile])
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    if kwargs.get("cores") and int(kwargs.get("processes") or 1) > int(kwargs["cores"]):
+        kwargs["processes"] = int(kwargs["cores"])  # fewer cores than a profile's workers
     if gpus:
         import dask.config
 

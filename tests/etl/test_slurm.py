@@ -100,7 +100,7 @@ def test_gpu_directives_are_rendered(slurm):
     assert out.exit_code == 0, out.output
     assert "#SBATCH --gres=gpu:1" in out.output and "--resources GPU=1" in out.output
     out = CliRunner().invoke(cli, ["slurm", "script", "--slurm-profile", "cpu-reduce",
-                                   "--cores", "2", "--memory", "1GB", "--queue", "debug"])
+                                   "--cores", "1", "--memory", "1GB", "--queue", "debug"])
     assert out.exit_code == 0 and "--gres" not in out.output and "#SBATCH -p debug" in out.output
 
 
