@@ -154,9 +154,8 @@ def fold_journals(lake: Lake, model: str, corpus: str) -> int:
                 with contextlib.suppress(json.JSONDecodeError):
                     rows.append(json.loads(line))
     if rows:
-        df = pl.DataFrame(rows, schema={n: pl.from_arrow(LABELS.schema.empty_table()).schema[n]
-                                        for n in LABELS.schema.names})
-        append_labels(lake, model, corpus, df)
+        schema = pl.from_arrow(LABELS.schema.empty_table()).schema
+        append_labels(lake, model, corpus, pl.DataFrame(rows, schema=schema))
     for p in paths:
         os.remove(f"{d}/{p}")
     return len(rows)
@@ -240,7 +239,10 @@ def _batch_layer(settings: LLMSettings, pass_: str, layer: int,
     """One layer through the Batch API; the batch id survives a kill in ``state_path``."""
     client = settings.client(async_=False)
     by_id = {f"L{layer}/N{n}": (n, msgs, phash) for n, msgs, phash in todo}
-    state = json.load(open(state_path)) if os.path.exists(state_path) else None  # noqa: SIM115
+    state = None
+    if os.path.exists(state_path):
+        with open(state_path) as f:
+            state = json.load(f)
     if state is None or set(state["ids"]) != set(by_id):
         lines = [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
                              "body": {"model": settings.model, "messages": msgs,
