@@ -35,7 +35,8 @@ def cluster_client(cluster: str, workers=None, worker_memory=None, queue=None, a
 def compute_graphs(lake, model_spec, corpus: str, params, console, device: str = "cpu",
                    dtype: str = "float32", client=None, **kwargs):
     """Run the graph job with a progress bar (graphs/s). ``model_spec`` may be a loaded
-    model; with a Dask ``client`` it must be a name, which the workers load."""
+    model; with a Dask ``client`` it must be a name, which the workers load (this
+    process reads only its config)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -45,9 +46,11 @@ def compute_graphs(lake, model_spec, corpus: str, params, console, device: str =
     )
 
     from circuit_atlas.compute.graphs import run_graphs
-    from circuit_atlas.compute.models import load_model
+    from circuit_atlas.compute.models import load_model, model_ref
 
-    if isinstance(model_spec, str):
+    if isinstance(model_spec, str) and client is not None:
+        model = model_ref(model_spec, device=device, dtype=dtype)
+    elif isinstance(model_spec, str):
         with console.status(f"loading {model_spec} ..."):
             model = load_model(model_spec, device=device, dtype=dtype)
     else:

@@ -15,17 +15,18 @@ import pyarrow as pa
 import torch
 
 from circuit_atlas.compute.attribution import AttributionParams, RawGraph, attribute
-from circuit_atlas.compute.models import LoadedModel
+from circuit_atlas.compute.models import LoadedModel, ModelRef
 from circuit_atlas.compute.prune import node_influence, prune
+from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake, graph_id, params_hash
 
 MAX_TOKENS = 256
 
 
-def run_params(model: LoadedModel, params: AttributionParams, max_tokens: int) -> dict:
+def run_params(model: LoadedModel | ModelRef, params: AttributionParams, max_tokens: int
+               ) -> dict:
     """Everything that decides a graph's content: hashed into its identity."""
-    return {**params.to_dict(), "max_tokens": max_tokens,
-            "dtype": str(model.adapter.dtype).removeprefix("torch."),
+    return {**params.to_dict(), "max_tokens": max_tokens, "dtype": model.dtype_name,
             "model_revision": model.revision}
 
 
@@ -121,16 +122,17 @@ class GraphRunReport:
 
 
 def run_graphs(
-    lake: Lake, model: LoadedModel, corpus: str, params: AttributionParams,
+    lake: Lake, model: LoadedModel | ModelRef, corpus: str, params: AttributionParams,
     shard_size: int = 32, limit: int | None = None, max_tokens: int = MAX_TOKENS,
     batch_rows: int = 256, on_graph: Callable[[int, int], None] | None = None,
     client=None, model_spec: str | None = None,
 ) -> GraphRunReport:
     """Compute and commit the graphs of ``corpus`` not yet in the lake.
 
-    In this process by default; with a Dask ``client``, one task per shard (workers
-    load ``model_spec`` themselves; on a GPU device the tasks ask for a ``GPU``
-    worker resource, so a mixed cluster never runs them on a CPU worker).
+    In this process by default (``model`` loaded); with a Dask ``client``, one task per
+    shard: the workers load the model themselves (``model`` may then be a
+    :class:`ModelRef`, nothing loaded here), and on a GPU device the tasks ask for a
+    ``GPU`` worker resource, so a mixed cluster never runs them on a CPU worker.
     ``on_graph(done, total)`` is called after each graph (for progress bars).
     """
     lake.check_corpus(corpus)
@@ -144,16 +146,25 @@ def run_graphs(
     groups = [todo[i:i + shard_size] for i in range(0, len(todo), shard_size)]
     t0 = time.perf_counter()
     if client is None:
+        if not isinstance(model, LoadedModel):
+            raise TypeError("graphs in this process need a loaded model (load_model)")
         for group in groups:
             commit_shard(lake, model, corpus, group, params, max_tokens, batch_rows, on_graph,
                          len(todo))
     else:
         from distributed import as_completed
 
-        device = str(model.adapter.device)
-        dtype = str(model.adapter.dtype).removeprefix("torch.")
+        device, dtype = model.device, model.dtype_name
         resources = {"GPU": 1} if device.startswith("cuda") else None
-        futures = [client.submit(shard_task, lake, model_spec or model.name, device, dtype,
+        if resources and todo:
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+            if not any(w.get("resources", {}).get("GPU") for w in workers):
+                raise CircuitAtlasError(
+                    f"device {device!r}, but no Dask worker declares a GPU resource, so the "
+                    "tasks would wait forever: start workers with --resources GPU=1 (with "
+                    "--cluster slurm and --device cuda this is done for you)")
+        spec = model_spec or getattr(model, "spec", None) or model.name
+        futures = [client.submit(shard_task, lake, spec, device, dtype,
                                  corpus, group, params, max_tokens, batch_rows,
                                  resources=resources, pure=False) for group in groups]
         for future in as_completed(futures):

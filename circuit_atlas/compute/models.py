@@ -43,6 +43,14 @@ class LoadedModel:
     adapter: Adapter
 
     @property
+    def device(self) -> str:
+        return str(self.adapter.device)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.adapter.dtype).removeprefix("torch.")
+
+    @property
     def shape(self) -> dict[str, int]:
         """The sizes later stages need without loading the model (kept in shard commits)."""
         a = self.adapter
@@ -127,6 +135,42 @@ def resolve(spec: str) -> tuple[str, Path | str, str | None]:
         folder, revision = converted_gguf(embedded_gguf())
         return DEFAULT_MODEL, folder, revision
     return spec, spec, None
+
+
+@dataclass
+class ModelRef:
+    """A model as the client of a Dask graph job knows it: what decides the graphs'
+    identity, with no weights loaded (the workers load them, on their own devices)."""
+
+    spec: str
+    name: str
+    revision: str
+    device: str
+    dtype_name: str
+
+
+def model_ref(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32"
+              ) -> ModelRef:
+    """Resolve ``spec`` and read only its config: the family is checked and the revision
+    known, here, even on a login node without the GPU the workers will use."""
+    from transformers import AutoConfig
+
+    from circuit_atlas.compute.adapters import PRE_NORM_FAMILIES
+
+    if dtype not in DTYPES:
+        raise CircuitAtlasError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    name, source, revision = resolve(spec)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except OSError as e:
+        raise CircuitAtlasError(
+            f"unknown model {spec!r}: not a local folder, not a GGUF file, and not in the "
+            f"local Hugging Face cache (nothing is downloaded)") from e
+    if config.model_type not in PRE_NORM_FAMILIES:
+        raise CircuitAtlasError(f"model family {config.model_type!r} is not supported; "
+                                f"supported: {', '.join(sorted(PRE_NORM_FAMILIES))}")
+    revision = revision or getattr(config, "_commit_hash", None) or "local"
+    return ModelRef(spec, name, revision, device, dtype)
 
 
 def load_tokenizer(spec: str = DEFAULT_MODEL) -> Any:

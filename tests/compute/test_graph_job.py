@@ -118,3 +118,25 @@ def test_graph_shards_on_a_dask_cluster(lake, smollm2, client):
                                rtol=1e-4, atol=1e-5)
     assert run_graphs(lake, smollm2, "c", params, client=client, model_spec="smollm2"
                       ).computed == 0
+
+
+def test_cluster_job_client_loads_no_weights(lake, smollm2, client):
+    """The client of a Dask job reads only the config: same identity as a loaded model,
+    no GPU needed here for a GPU job, and a clear error if no worker has a GPU."""
+    from circuit_atlas import CircuitAtlasError
+    from circuit_atlas.compute.graphs import run_params
+    from circuit_atlas.compute.models import model_ref
+
+    params = AttributionParams(candidates=30)
+    ref = model_ref("smollm2")
+    assert (ref.name, ref.revision) == (smollm2.name, smollm2.revision)
+    assert run_params(ref, params, 256) == run_params(smollm2, params, 256)
+    report = run_graphs(lake, ref, "c", params, shard_size=3, client=client)
+    assert report.computed == 3
+    assert run_graphs(lake, smollm2, "c", params).computed == 0  # same identity
+    gpu = model_ref("smollm2", device="cuda", dtype="bfloat16")
+    assert gpu.dtype_name == "bfloat16"
+    with pytest.raises(CircuitAtlasError, match="no Dask worker declares a GPU"):
+        run_graphs(lake, gpu, "c", params, client=client)
+    with pytest.raises(CircuitAtlasError, match="unknown model"):
+        model_ref("no-such-org/no-such-model")
