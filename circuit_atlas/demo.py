@@ -75,8 +75,11 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     with console.status("assembling the labeling prompts (dry run, no LLM) ..."):
         for pass_ in ("output", "input"):
             label_lake(lake, loaded.name, key, pass_, None, tokenizer=loaded.tokenizer)
-    example = lake.table("label_prompts").filter(pl.col("pass") == "output").sort(
-        "layer", "neuron").tail(1).collect()
+    busiest = lake.table("neurons", loaded.name, key).filter(
+        pl.col("layer") == loaded.adapter.n_layers - 1).sort("graph_count").tail(1).select(
+        "layer", neuron="index")
+    example = lake.table("label_prompts").filter(pl.col("pass") == "output").join(
+        busiest, on=["layer", "neuron"]).collect()
     console.rule("[bold]an output-pass labeling prompt (circuit-atlas label --dry-run)")
     console.print(example["user_message"][0], soft_wrap=True, markup=False)
     html = lake.path("clusters.html")
