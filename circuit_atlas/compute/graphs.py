@@ -106,8 +106,15 @@ def shard_task(lake: Lake, model_spec: str, device: str, dtype: str, corpus: str
     key = (model_spec, device, dtype)
     if key not in _WORKER_MODELS:
         _WORKER_MODELS[key] = load_model(model_spec, device=device, dtype=dtype)
-    return commit_shard(lake, _WORKER_MODELS[key], corpus, prompts, params, max_tokens,
-                        batch_rows)
+    model = _WORKER_MODELS[key]
+    # a retried task (its worker died after the commit, before Dask heard of it) must
+    # not commit the same graphs twice
+    done = lake.committed_prompt_ids(model.name, corpus,
+                                     params_hash(run_params(model, params, max_tokens)))
+    todo = [(pid, text) for pid, text in prompts if pid not in done]
+    if todo:
+        commit_shard(lake, model, corpus, todo, params, max_tokens, batch_rows)
+    return len(prompts)
 
 
 @dataclass

@@ -140,3 +140,15 @@ def test_cluster_job_client_loads_no_weights(lake, smollm2, client):
         run_graphs(lake, gpu, "c", params, client=client)
     with pytest.raises(CircuitAtlasError, match="unknown model"):
         model_ref("no-such-org/no-such-model")
+
+
+def test_a_retried_shard_task_commits_nothing_twice(lake, smollm2):
+    """Dask reruns a task whose worker died after its commit: the rerun adds nothing."""
+    from circuit_atlas.compute.graphs import _WORKER_MODELS, shard_task
+
+    _WORKER_MODELS[("smollm2", "cpu", "float32")] = smollm2
+    params = AttributionParams(candidates=30)
+    group = lake.scan("prompts").select("prompt_id", "text").sort("prompt_id").collect().rows()
+    args = (lake, "smollm2", "cpu", "float32", "c", group[:2], params, 256, 256)
+    assert shard_task(*args) == 2 and len(lake.shards()) == 1
+    assert shard_task(*args) == 2 and len(lake.shards()) == 1

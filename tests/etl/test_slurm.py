@@ -118,3 +118,33 @@ def test_wrong_partition_and_impossible_jobs_are_clear_errors(tmp_path, slurm):
                                    "test-org/tiny-llama", "--cluster", "slurm", "--partition",
                                    "nope"])
     assert out.exit_code == 1 and "partition 'nope'" in out.output
+
+
+def test_cancelled_graph_job_is_recomputed_and_its_debris_cleaned(tmp_path, slurm, smollm2):
+    """A graph job's worker cancelled mid-run: its shard is computed again on the job
+    that replaces it, every prompt is committed exactly once, and what the killed
+    writer left behind is debris that cleanup removes."""
+    from circuit_atlas.lake.shards import uncommitted_shard_dirs
+
+    texts = [f"Patient {i} was given a dose of" for i in range(8)]
+    lake = Lake.init(tmp_path / "lake")
+    lake.import_prompts([{"text": t} for t in texts], "c")
+    params = AttributionParams(candidates=30)
+    cancelled = []
+    with slurm_client(tmp_path, jobs=None, adapt=(1, 1), memory="4GB") as sc:
+        sc.wait_for_workers(1, timeout=120)
+        before = our_jobs()
+
+        def tick(done, total):
+            if not cancelled:  # the first shard is committed: cancel the worker's job
+                subprocess.run(["scancel", *sorted(before)], check=True)
+                cancelled.append(True)
+
+        report = run_graphs(lake, smollm2, "c", params, client=sc, model_spec="smollm2",
+                            shard_size=2, on_graph=tick)
+    assert cancelled and report.computed == len(texts)
+    committed = [p for s in lake.shards() for p in s.prompt_ids]
+    assert sorted(committed) == sorted(map(prompt_id, texts))  # each exactly once
+    assert run_graphs(lake, smollm2, "c", params).computed == 0  # nothing left to do
+    lake.cleanup(min_age_s=0)
+    assert uncommitted_shard_dirs(lake) == []
