@@ -38,6 +38,10 @@ lake_option = click.option(
     help="Lake root: a local folder or an fsspec URL.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+atlas_corpus_option = click.option(
+    "--corpus", "corpora", multiple=True,
+    help="Corpus of the reduced tables, repeated for a joint reduce (default: the only "
+         "reduced set).")
 
 
 def _console():
@@ -384,15 +388,12 @@ def projections(lake_path: str, model_spec: str, device: str, k: int, no_norm: b
 
 
 def _neuron_ids(values: tuple[str, ...]) -> list[tuple[int, int]] | None:
-    import re
+    from circuit_atlas.analysis.profile import parse_neuron
 
-    out = []
-    for v in values:
-        m = re.fullmatch(r"L?(\d+)[/:]N?(\d+)", v.strip())
-        if not m:
-            raise click.BadParameter(f"{v!r}: write a neuron as L12/N345 or 12:345")
-        out.append((int(m[1]), int(m[2])))
-    return out or None
+    try:
+        return [parse_neuron(v) for v in values] or None
+    except CircuitAtlasError as e:
+        raise click.BadParameter(str(e)) from e
 
 
 @cli.command()
@@ -518,23 +519,20 @@ def roles(lake_path: str, model_spec: str, corpora: tuple[str, ...]) -> None:
 @click.argument("neuron")
 @lake_option
 @model_option
-@click.option("--corpus", "corpora", multiple=True,
-              help="Corpus of the reduced tables (default: the only reduced set).")
+@atlas_corpus_option
 @click.option("--top", default=10, show_default=True, help="Rows per section.")
 @json_option
 def profile(neuron: str, lake_path: str, model_spec: str, corpora: tuple[str, ...], top: int,
             as_json: bool) -> None:
     """Everything the lake knows about one neuron (L12/N345 or 12:345)."""
     from circuit_atlas.analysis.profile import neuron_profile, parse_neuron
-    from circuit_atlas.compute.names import model_name
     from circuit_atlas.lake import Lake
-    from circuit_atlas.lake.layout import corpus_key
     from circuit_atlas.pipeline import print_profile, profile_tokenizer
 
     layer, index = parse_neuron(neuron)
-    name = model_name(model_spec)
-    found = neuron_profile(Lake(lake_path), name, layer, index,
-                           corpus_key(corpora) if corpora else None, top,
+    opened = Lake(lake_path)
+    model, corpus = _atlas_key(opened, model_spec, corpora)
+    found = neuron_profile(opened, model, layer, index, corpus, top,
                            profile_tokenizer(model_spec))
     if as_json:
         click.echo(json.dumps(found, indent=1, default=str))
@@ -601,8 +599,7 @@ def labels_import(file: str, lake_path: str, model_spec: str, corpora: tuple[str
 @cli.command()
 @lake_option
 @model_option
-@click.option("--corpus", "corpora", multiple=True,
-              help="Corpus of the reduced tables (default: the only reduced set).")
+@atlas_corpus_option
 @click.option("--pass", "passes", multiple=True, default=("output", "input"),
               show_default=True, type=click.Choice(["output", "input"]),
               help="Pass(es) to run, in this order.")
@@ -667,8 +664,7 @@ def label(lake_path: str, model_spec: str, corpora: tuple[str, ...], passes: tup
 @cli.command()
 @lake_option
 @model_option
-@click.option("--corpus", "corpora", multiple=True,
-              help="Corpus of the reduced tables (default: the only reduced set).")
+@atlas_corpus_option
 @click.option("--pass", "pass_", type=click.Choice(["output", "input"]), default=None,
               help="Only neurons with this pass's label.")
 def browse(lake_path: str, model_spec: str, corpora: tuple[str, ...], pass_: str | None
@@ -796,8 +792,7 @@ def export() -> None:
 def _export_options(f):
     for option in reversed([
             lake_option, model_option,
-            click.option("--corpus", "corpora", multiple=True,
-                         help="Corpus of the reduced tables (default: the only reduced set)."),
+            atlas_corpus_option,
             click.option("--method", default="infomap", show_default=True,
                          type=click.Choice(["infomap", "leiden"]),
                          help="Clustering whose assignments to export.")]):

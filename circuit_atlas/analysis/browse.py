@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 
 from circuit_atlas.analysis.label_prompts import Atlas, layer_evidence
-from circuit_atlas.analysis.labeler import known_labels, latest_ok
+from circuit_atlas.analysis.labels import known_labels, latest_ok
 from circuit_atlas.analysis.profile import parse_neuron
 from circuit_atlas.analysis.templates import input_prompt, output_prompt
 from circuit_atlas.errors import CircuitAtlasError

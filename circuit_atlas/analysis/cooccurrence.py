@@ -157,7 +157,6 @@ def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int 
 
     from circuit_atlas.analysis.inputs import reduced
     from circuit_atlas.etl.reduce import repeated_graphs
-    from circuit_atlas.lake import graph_id
 
     t0 = time.perf_counter()
     if rank_by not in RANK_BY:
@@ -165,11 +164,9 @@ def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int 
     if k < 1 or min_count < 1 or not 0 < max_share <= 1:
         raise CircuitAtlasError("k and min count must be >= 1 and max share in (0, 1]")
     inputs = reduced(lake, model, corpora)
-    ck, n_layers, shards = inputs.corpus, inputs.n_layers, inputs.shards
+    ck, n_layers, shards, n_graphs = (inputs.corpus, inputs.n_layers, inputs.shards,
+                                      inputs.n_graphs)
     held = [f"{s.corpus}/{s.shard}" for s in shards]
-    # a graph in two corpora is one graph here
-    n_graphs = len({graph_id(s.commit["model"], p, s.params_hash)
-                    for s in shards for p in s.prompt_ids})
     neurons = lake.table("neurons", model, ck).filter(
         (pl.col("layer") >= 0) & (pl.col("layer") < n_layers)).select(
         key=key(pl.col("layer"), pl.col("index")), count="graph_count").collect()

@@ -36,7 +36,7 @@ import polars as pl
 from pydantic import BaseModel, Field, ValidationError
 
 from circuit_atlas.analysis.label_prompts import Atlas, assemble, layer_evidence, layer_order
-from circuit_atlas.analysis.labels import append_labels
+from circuit_atlas.analysis.labels import append_labels, known_labels, latest_ok
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake, layout
 from circuit_atlas.lake.schemas import LABELS
@@ -108,6 +108,11 @@ class LabelReport:
     completion_tokens: int = 0
     layers: list[int] = field(default_factory=list)
     seconds: float = 0.0
+
+    def answered(self, ok: bool) -> None:
+        self.asked += 1
+        self.ok += ok
+        self.failed += not ok
 
     def cost(self, s: LLMSettings) -> float:
         factor = 0.5 if s.batch else 1.0
@@ -222,9 +227,7 @@ async def _ask_layer(settings: LLMSettings, pass_: str, layer: int,
         async with gate:
             parsed, error = await ask(client, settings, pass_, msgs, report)
         journal.write(_row(layer, neuron, pass_, settings.model, phash, parsed, error))
-        report.asked += 1
-        report.ok += parsed is not None
-        report.failed += parsed is None
+        report.answered(parsed is not None)
         tick()
 
     try:
@@ -284,9 +287,7 @@ def _batch_layer(settings: LLMSettings, pass_: str, layer: int,
             retry.append((n, msgs, phash))  # a reply that does not validate: ask once more
             continue
         journal.write(_row(layer, n, pass_, settings.model, phash, parsed, error))
-        report.asked += 1
-        report.ok += parsed is not None
-        report.failed += parsed is None
+        report.answered(parsed is not None)
         tick()
     if retry:
         asyncio.run(_ask_layer(settings, pass_, layer, retry, journal, report, tick))
@@ -294,20 +295,6 @@ def _batch_layer(settings: LLMSettings, pass_: str, layer: int,
 
 
 # the run ---------------------------------------------------------------------------
-
-
-def known_labels(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
-    if lake.table_manifest(model, corpus, "labels") is None:
-        return None
-    return lake.table("labels", model, corpus).drop("model", "corpus").collect()
-
-
-def latest_ok(labels: pl.DataFrame | None) -> pl.DataFrame | None:
-    """The newest ok label per (layer, neuron, pass): what prompts show."""
-    if labels is None:
-        return None
-    return (labels.filter(pl.col("status") == "ok").sort("created_at", descending=True)
-            .unique(["layer", "neuron", "pass"], keep="first"))
 
 
 def label_lake(lake: Lake, model: str, corpus: str, pass_: str, settings: LLMSettings | None,
@@ -383,18 +370,13 @@ def _todo(prompts, labels: pl.DataFrame | None, layer: int, pass_: str, labeler:
 
 def _write_prompts(lake: Lake, model: str, corpus: str, pass_: str,
                    rows: list[dict[str, Any]]) -> None:
-    from circuit_atlas.lake.schemas import LABEL_PROMPTS
+    from circuit_atlas.lake.derived import add_part
 
-    version = lake.new_table_version(model, corpus, "label_prompts")
-    current = lake.table_manifest(model, corpus, "label_prompts")
-    others = [f.rsplit("/", 1)[-1] for f in (current or {}).get("files", [])
-              if not f.endswith(f"/{pass_}.parquet")]
-    kept = version.carry(current, others)
     df = pl.DataFrame(rows, schema={"layer": pl.Int16, "neuron": pl.Int32, "pass": pl.String,
                                     "prompt_hash": pl.String, "system_message": pl.String,
                                     "user_message": pl.String})
-    name = version.write(f"{pass_}.parquet", df.to_arrow(), LABEL_PROMPTS)
-    version.publish(kept + [name], {"model": model})
+    add_part(lake, model, corpus, "label_prompts", f"{pass_}.parquet", df.to_arrow(),
+             {"model": model})
 
 
 def label_clusters(lake: Lake, model: str, corpus: str, settings: LLMSettings,
@@ -447,9 +429,7 @@ def label_clusters(lake: Lake, model: str, corpus: str, settings: LLMSettings,
         async def one(path, msgs, h, n):
             async with gate:
                 parsed, error = await ask(client, settings, "cluster", msgs, report)
-            report.asked += 1
-            report.ok += parsed is not None
-            report.failed += parsed is None
+            report.answered(parsed is not None)
             return {"method": method, "cluster_path": path,
                     "label": parsed["label"] if parsed else None,
                     "coherence": parsed["coherence"] if parsed else None,
@@ -464,13 +444,10 @@ def label_clusters(lake: Lake, model: str, corpus: str, settings: LLMSettings,
 
     rows = asyncio.run(run()) if todo else []
     if rows:
-        version = lake.new_table_version(model, corpus, "cluster_labels")
-        current = lake.table_manifest(model, corpus, "cluster_labels")
-        kept = version.carry(current, [f.rsplit("/", 1)[-1]
-                                       for f in (current or {}).get("files", [])])
+        from circuit_atlas.lake.derived import add_part
+
         df = pl.DataFrame(rows, schema=pl.from_arrow(CLUSTER_LABELS.schema.empty_table()).schema)
-        name = version.write(f"batch-{uuid.uuid4().hex[:12]}.parquet", df.to_arrow(),
-                             CLUSTER_LABELS)
-        version.publish(kept + [name], {"model": model})
+        add_part(lake, model, corpus, "cluster_labels", f"batch-{uuid.uuid4().hex[:12]}.parquet",
+                 df.to_arrow(), {"model": model})
     report.seconds = time.perf_counter() - t0
     return report

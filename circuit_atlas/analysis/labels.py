@@ -15,6 +15,7 @@ import polars as pl
 
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake
+from circuit_atlas.lake.derived import add_part
 from circuit_atlas.lake.schemas import LABELS
 
 PASSES = ("output", "input", "prior")
@@ -24,13 +25,8 @@ def append_labels(lake: Lake, model: str, corpus: str, rows: pl.DataFrame) -> in
     """Publish ``rows`` (LABELS columns) as one more batch of the labels table."""
     if rows.is_empty():
         return 0
-    version = lake.new_table_version(model, corpus, "labels")
-    current = lake.table_manifest(model, corpus, "labels")
-    kept = version.carry(current, [f.rsplit("/", 1)[-1] for f in (current or {}).get(
-        "files", [])])
-    name = version.write(f"batch-{uuid.uuid4().hex[:12]}.parquet",
-                         rows.select(LABELS.schema.names).to_arrow(), LABELS)
-    version.publish(kept + [name], {"model": model, "batches": len(kept) + 1})
+    add_part(lake, model, corpus, "labels", f"batch-{uuid.uuid4().hex[:12]}.parquet",
+             rows.select(LABELS.schema.names).to_arrow(), {"model": model})
     return len(rows)
 
 
@@ -87,18 +83,29 @@ def import_labels(lake: Lake, model: str, corpus: str, path: str | Path,
     return append_labels(lake, model, corpus, rows)
 
 
-def current_labels(lake: Lake, model: str, corpus: str, pass_: str | None = None
-                   ) -> pl.DataFrame | None:
-    """The newest ok label per neuron (of one pass, or: output, else prior, else input);
-    None when the lake has no labels."""
+def known_labels(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
+    """Every row of the labels table, or None when there is none."""
     if lake.table_manifest(model, corpus, "labels") is None:
         return None
-    df = lake.table("labels", model, corpus).filter(pl.col("status") == "ok").collect()
-    if pass_ is not None:
-        df = df.filter(pl.col("pass") == pass_)
+    return lake.table("labels", model, corpus).drop("model", "corpus").collect()
+
+
+def latest_ok(labels: pl.DataFrame | None) -> pl.DataFrame | None:
+    """The newest ok label per (layer, neuron, pass): what prompts show."""
+    if labels is None:
+        return None
+    return (labels.filter(pl.col("status") == "ok").sort("created_at", descending=True)
+            .unique(["layer", "neuron", "pass"], keep="first"))
+
+
+def current_labels(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
+    """One label per neuron, the newest ok one of the output pass, else prior, else input;
+    None when the lake has no labels."""
+    latest = latest_ok(known_labels(lake, model, corpus))
+    if latest is None:
+        return None
     order = {"output": 0, "prior": 1, "input": 2}
-    return (df.with_columns(rank=pl.col("pass").replace_strict(order, default=3))
-            .sort(["layer", "neuron", "rank", "created_at"], descending=[False, False, False,
-                                                                          True])
+    return (latest.with_columns(rank=pl.col("pass").replace_strict(order, default=3))
+            .sort("layer", "neuron", "rank")
             .unique(["layer", "neuron"], keep="first", maintain_order=True)
             .select("layer", "neuron", "pass", "label", "description"))

@@ -146,8 +146,7 @@ def _leiden(net: Network, params: dict[str, Any], phase: Callable[[str], None]) 
                 + np.bincount(net.tgt, net.weight, net.n_nodes))
     flow = strength / strength.sum() if strength.sum() > 0 else np.full(net.n_nodes,
                                                                         1 / net.n_nodes)
-    graph = ig.Graph(n=net.n_nodes, edges=np.column_stack([net.src, net.tgt]), directed=True)
-    graph.es["weight"] = net.weight
+    graph = net.igraph
     ig.set_random_number_generator(random.Random(params["seed"]))
     try:
         def split(members: np.ndarray) -> np.ndarray:
@@ -179,13 +178,10 @@ def _leiden(net: Network, params: dict[str, Any], phase: Callable[[str], None]) 
 
 def partition_stats(net: Network, partition: Partition) -> dict[str, Any]:
     """What the comparison report shows for every method."""
-    import igraph as ig
-
     top = partition.top
     sizes = np.bincount(top)
-    graph = ig.Graph(n=net.n_nodes, edges=np.column_stack([net.src, net.tgt]), directed=True)
-    modularity = graph.modularity((top - 1).tolist(), weights=net.weight.tolist(),
-                                  directed=True) if net.n_links else 0.0
+    modularity = net.igraph.modularity((top - 1).tolist(), weights="weight",
+                                       directed=True) if net.n_links else 0.0
     return {
         "nodes": net.n_nodes, "links": net.n_links,
         "top_modules": int((sizes > 0).sum()),

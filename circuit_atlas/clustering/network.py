@@ -11,6 +11,7 @@ unrelated neurons into one module. ``include_embeddings``/``include_logits`` add
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,17 @@ class Network:
     @property
     def n_links(self) -> int:
         return len(self.src)
+
+    @functools.cached_property
+    def igraph(self) -> Any:
+        """The network as a directed python-igraph Graph with a "weight" edge attribute,
+        built once for Leiden and the modularity of every method."""
+        import igraph as ig
+
+        graph = ig.Graph(n=self.n_nodes, edges=np.column_stack([self.src, self.tgt]),
+                         directed=True)
+        graph.es["weight"] = self.weight
+        return graph
 
     def node_ids(self, dense: np.ndarray) -> list[str]:
         """Display ids ``L12/N345`` of dense node ids."""

@@ -95,6 +95,20 @@ class TableVersion:
         return record
 
 
+def add_part(lake: Lake, model: str, corpus: str, table: str, name: str, data: pa.Table,
+             inputs: dict[str, Any]) -> str:
+    """Publish ``data`` as the part ``name`` of a derived table whose parts come from
+    separate runs (label batches, one file per pass): the current version's other parts
+    stay listed (nothing copied); a part of the same name is replaced."""
+    version = TableVersion(lake, model, corpus, table)
+    current = read_manifest(lake, model, corpus, table)
+    others = [f.rsplit("/", 1)[-1] for f in (current or {}).get("files", [])]
+    kept = version.carry(current, [n for n in others if n != name])
+    part = version.write(name, data, derived_spec(table))
+    version.publish(kept + [part], inputs)
+    return part
+
+
 def _live_versions(record: dict[str, Any]) -> set[str]:
     """The version directories a manifest's files are in (its own and carried ones)."""
     return {record["version"], *(f.split("/", 1)[0] for f in record["files"])}
