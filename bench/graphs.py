@@ -3,6 +3,7 @@ the time per phase, and a Llama-3.1-8B-shaped model with random weights on a GPU
 
     .venv/bin/python bench/graphs.py                       # SmolLM2, CPU, demo corpus
     .venv/bin/python bench/graphs.py --limit 10 --candidates 500
+    .venv/bin/python bench/graphs.py --prompt-batch 1,4,8   # prompts sharing phases 1-3
     python bench/graphs.py --model llama8b --device cuda --dtype bfloat16   # on a GPU
 
 The 8B shape is built from its config on the device (no download): 32 layers,
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from circuit_atlas.compute.adapters import adapter_for  # noqa: E402
-from circuit_atlas.compute.attribution import AttributionParams, attribute  # noqa: E402
+from circuit_atlas.compute.attribution import AttributionParams, attribute_batch  # noqa: E402
 from circuit_atlas.compute.prune import prune  # noqa: E402
 
 
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=20, help="prompts of the demo corpus")
     ap.add_argument("--tokens", type=int, default=64, help="prompt length for llama8b")
     ap.add_argument("--batch-rows", type=int, default=256)
+    ap.add_argument("--prompt-batch", default="1,8",
+                    help="comma-separated: prompts sharing the forward and relevance backward")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     params = AttributionParams(candidates=args.candidates)
@@ -66,29 +69,35 @@ def main() -> None:
         prompts = [model.tokenizer(t, return_tensors="pt").input_ids.to(args.device)
                    for t in texts]
 
-    attribute(adapter, prompts[0], params, args.batch_rows)  # warm-up
-    phases: dict[str, list[float]] = {}
+    attribute_batch(adapter, prompts[:1], params, args.batch_rows)  # warm-up
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    t0 = time.perf_counter()
-    for ids in prompts:
-        sync()
-        g = attribute(adapter, ids, params, args.batch_rows)
-        sync()
-        t = time.perf_counter()
-        prune(g, params.node_threshold, params.edge_threshold)
-        g.timings["prune"] = time.perf_counter() - t
-        for k, v in g.timings.items():
-            phases.setdefault(k, []).append(v)
-    total = time.perf_counter() - t0
-    n = len(prompts)
+    prompts = sorted(prompts, key=lambda p: p.shape[1])  # as the graph job groups them
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, device {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"model {args.model} ({adapter.n_layers} layers x {adapter.n_neurons} neurons), "
-          f"{args.dtype}, {args.candidates} candidates, {n} prompts "
+          f"{args.dtype}, {args.candidates} candidates, {len(prompts)} prompts "
           f"(mean {statistics.mean(p.shape[1] for p in prompts):.1f} tokens)")
-    for k, v in phases.items():
-        print(f"  {k:>18}: {statistics.mean(v):.3f} s per graph")
-    print(f"total {total / n:.3f} s per graph = {60 * n / total:.1f} graphs per minute")
+    for batch in (int(b) for b in args.prompt_batch.split(",")):
+        phases: dict[str, list[float]] = {}
+        t0 = time.perf_counter()
+        for start in range(0, len(prompts), batch):
+            sync()
+            graphs = attribute_batch(adapter, prompts[start:start + batch], params,
+                                     args.batch_rows)
+            sync()
+            for g in graphs:
+                t = time.perf_counter()
+                prune(g, params.node_threshold, params.edge_threshold)
+                g.timings["prune"] = time.perf_counter() - t
+                for k, v in g.timings.items():
+                    phases.setdefault(k, []).append(v)
+        total = time.perf_counter() - t0
+        n = len(prompts)
+        print(f"prompts per batch {batch}:")
+        for k, v in phases.items():
+            print(f"  {k:>18}: {statistics.mean(v):.3f} s per graph")
+        print(f"  total {total / n:.3f} s per graph = {n / total:.2f} graphs/s "
+              f"= {60 * n / total:.1f} graphs per minute")
 
 
 if __name__ == "__main__":

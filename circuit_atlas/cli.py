@@ -285,12 +285,15 @@ def cluster_options(f=None, *, default: str = "local"):
 @click.option("--shard-size", default=32, show_default=True, help="Graphs per committed shard.")
 @click.option("--batch-rows", default=256, show_default=True,
               help="Targets replayed together in one batch (memory vs. speed).")
+@click.option("--prompt-batch", default=8, show_default=True,
+              help="Prompts sharing one forward and relevance backward (memory vs. speed).")
 @click.option("--limit", type=int, default=None, help="Only the first N prompts (by id).")
 @cluster_options(default="none")
 def graphs(model_spec: str, corpus: str, lake_path: str, device: str, dtype: str,
            candidates: int, last_positions: int | None, max_logits: int, logit_prob: float,
            no_prune: bool, node_threshold: float, edge_threshold: float, max_tokens: int,
-           shard_size: int, batch_rows: int, limit: int | None, **cluster: Any) -> None:
+           shard_size: int, batch_rows: int, prompt_batch: int, limit: int | None,
+           **cluster: Any) -> None:
     """Compute RelP attribution graphs for a corpus and commit them to the lake.
 
     Prompts whose graphs are already committed for the same model and parameters
@@ -307,7 +310,7 @@ def graphs(model_spec: str, corpus: str, lake_path: str, device: str, dtype: str
     opened = Lake(lake_path)
     opened.check_corpus(corpus)
     kwargs = {"max_tokens": max_tokens, "shard_size": shard_size, "batch_rows": batch_rows,
-              "limit": limit}
+              "prompt_batch": prompt_batch, "limit": limit}
     if cluster["cluster"] == "none":
         compute_graphs(opened, model_spec, corpus, params, device=device, dtype=dtype,
                        console=_console(), **kwargs)

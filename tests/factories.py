@@ -84,20 +84,38 @@ def prompts_of(n: int, tag: str = "p") -> list[str]:
     return [f"{tag} prompt number {i}" for i in range(n)]
 
 
-def tiny_llama(seed: int = 0, dtype=None, n_layers: int = 3, d: int = 32, heads: int = 4,
-               kv_heads: int = 2, neurons: int = 48, vocab: int = 64, family: str = "llama"):
-    """A tiny random gated-MLP decoder built in memory (no download), in ``dtype``.
+# what each family's tiny model adds to the common config: sliding windows shorter
+# than the test prompts (so a missing window mask shows), per-type rotary tables
+FAMILY_CONFIG = {
+    "mistral": {"sliding_window": 4},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1},
+    "olmo3": {"sliding_window": 3,
+              "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+              "rope_parameters": {
+                  "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                  "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}}},
+}
 
-    Norm weights are randomised too, so a bug that ignores them cannot hide.
+
+def tiny_llama(seed: int = 0, dtype=None, n_layers: int = 3, d: int = 32, heads: int = 4,
+               kv_heads: int = 2, neurons: int = 48, vocab: int = 64, family: str = "llama",
+               **config_extra):
+    """A tiny random gated-MLP decoder of ``family`` built in memory (no download).
+
+    Norm weights and biases are randomised too, so a bug that ignores them cannot hide.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
+    extra = {**FAMILY_CONFIG.get(family, {}), **config_extra}
+    if family == "olmo3" and n_layers != 3:
+        extra["layer_types"] = ["sliding_attention"] * n_layers
     config = AutoConfig.for_model(
         family, vocab_size=vocab, hidden_size=d, intermediate_size=neurons,
         num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-6)
+        max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-6, **extra)
+    config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config).to(dtype or torch.float64)
     with torch.no_grad():
         for name, p in model.named_parameters():

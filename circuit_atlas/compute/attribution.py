@@ -19,7 +19,12 @@ Phases, per prompt (each logged with its time):
    the candidate sources. What the other neurons of a (layer, position) write is
    one *remainder* node; embeddings get the exact Jacobian (the row's gradient at
    the input dotted with the token embedding). So a target's incoming edges sum
-   to its read value exactly (completeness).
+   to its read value exactly (completeness). Where attention has biases, what
+   they add at a position is one *constant* node (layer -1, index -1), so
+   completeness holds for those models too.
+
+Several prompts share phases 1-3: they go through one forward and one backward,
+right-padded to the longest (causal attention: no real position sees the padding).
 
 Reference: RelP, arXiv 2508.21258; circuit-tracer's ``attribute`` and ``graph``.
 """
@@ -34,7 +39,7 @@ import numpy as np
 import torch
 
 from circuit_atlas.compute.adapters import Adapter
-from circuit_atlas.compute.trace import Trace, forward
+from circuit_atlas.compute.trace import Trace, forward, scaled
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +78,9 @@ class RawGraph:
     """A complete (unpruned) attribution graph of one prompt.
 
     Node order: candidates (sorted by layer, position, neuron), then the remainder
-    of each (layer, position), then embeddings by position, then logits. The
-    adjacency is ``adjacency[target, source]``; only candidates and logits have
-    incoming edges.
+    of each (layer, position), then embeddings by position, then the constants by
+    position (models with attention biases only), then logits. The adjacency is
+    ``adjacency[target, source]``; only candidates and logits have incoming edges.
     """
 
     tokens: np.ndarray  # (T,)
@@ -89,11 +94,28 @@ class RawGraph:
     read_values: np.ndarray  # (n_nodes,) a target's read; 0 for pure sources
     n_candidates: int
     n_remainders: int
+    n_constants: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_nodes(self) -> int:
         return len(self.layer)
+
+    @property
+    def first_input(self) -> int:
+        """Index of the first embedding node: inputs (embeddings, constants) and
+        logits follow."""
+        return self.n_candidates + self.n_remainders
+
+    @property
+    def embeddings(self) -> slice:
+        start = self.first_input
+        return slice(start, start + len(self.tokens))
+
+    @property
+    def constants(self) -> slice:
+        start = self.embeddings.stop
+        return slice(start, start + self.n_constants)
 
     @property
     def n_logits(self) -> int:
@@ -114,26 +136,68 @@ def logit_read_vectors(a: Adapter, tokens: np.ndarray) -> torch.Tensor:
     return a.unembed[ids] - a.unembed.mean(0)
 
 
-def relevance(a: Adapter, tokens: torch.Tensor, params: AttributionParams
-              ) -> tuple[Trace, Targets, list[torch.Tensor], torch.Tensor]:
-    """Phases 1-3 for one prompt (1, T): trace, targets, neuron and embedding relevance."""
+@dataclass
+class Relevance:
+    """Phases 1-3 of one prompt: its trace, logit targets and input relevances."""
+
+    trace: Trace  # of this prompt alone, (1, T, ...)
+    targets: Targets
+    neurons: list[torch.Tensor]  # per layer (T, N): h * dObjective/dh
+    embeddings: torch.Tensor  # (T,)
+    constants: torch.Tensor | None  # (T,) what attention biases add, where there are any
+
+
+def attention_constants(a: Adapter, tr: Trace, layer: int, b: int = 0) -> torch.Tensor | None:
+    """What layer's attention biases add to the residual of prompt ``b``: (T, d), or
+    None where the layer has no bias."""
+    c = a.blocks[layer].attn_constant
+    if c is None:
+        return None
+    blk = a.blocks[layer]
+    sp = tr.attn_post_scale[layer]
+    out = scaled(c, None if sp is None else sp[b], blk.attn_post_norm)
+    return out.expand(tr.tokens.shape[1], a.d_model)
+
+
+def relevance(a: Adapter, prompts: list[torch.Tensor], params: AttributionParams
+              ) -> list[Relevance]:
+    """Phases 1-3 for prompts of shape (1, T_b), in one forward and one backward."""
+    lengths = [int(p.shape[1]) for p in prompts]
+    B, T = len(prompts), max(lengths)
+    tokens = torch.zeros(B, T, dtype=torch.long, device=a.device)
+    for b, p in enumerate(prompts):
+        tokens[b, :lengths[b]] = p[0]
+    last = torch.as_tensor(lengths, device=a.device) - 1
+    rows = torch.arange(B, device=a.device)
     emb = a.embed[tokens].detach().requires_grad_(True)
     with torch.enable_grad():
         tr = forward(a, tokens, relp=True, embeddings=emb)
-        final = tr.final_resid[0, -1] * tr.final_scale[0, -1] * a.final_norm
-        probs = (final @ a.unembed.T).softmax(-1)
-        targets = logit_targets(probs.detach(), params.max_logits, params.logit_prob)
-        reads = logit_read_vectors(a, targets.tokens) @ final
-        objective = (torch.as_tensor(targets.probs, dtype=reads.dtype) * reads).sum()
-        grads = torch.autograd.grad(objective, [*tr.act, emb])
-    rel = [(h * g)[0].detach() for h, g in zip(tr.act, grads[:-1], strict=True)]
-    emb_rel = (emb * grads[-1]).sum(-1)[0].detach()
-    return _detached(tr), targets, rel, emb_rel
-
-
-def _detached(tr: Trace) -> Trace:
-    return Trace(**{k: ([t.detach() for t in v] if isinstance(v, list) else v.detach())
-                    for k, v in tr.__dict__.items()})
+        final = tr.final_resid[rows, last] * tr.final_scale[rows, last] * a.final_norm
+        probs = (final @ a.unembed.T).softmax(-1)  # (B, V)
+        targets = [logit_targets(probs[b].detach(), params.max_logits, params.logit_prob)
+                   for b in range(B)]
+        # prompts are independent in the batch: the gradient of the sum is each one's own
+        objective = sum((torch.as_tensor(t.probs, dtype=final.dtype, device=a.device)
+                         * (logit_read_vectors(a, t.tokens) @ final[b])).sum()
+                        for b, t in enumerate(targets))
+        wrt = [*tr.act, emb, *(tr.attn_out if a.constants else [])]
+        grads = torch.autograd.grad(objective, wrt)
+    L = a.n_layers
+    rel = [(h * g).detach() for h, g in zip(tr.act, grads[:L], strict=True)]
+    emb_rel = (emb * grads[L]).sum(-1).detach()
+    tr = tr.detached()
+    out = []
+    for b, n in enumerate(lengths):
+        const = None
+        if a.constants:
+            const = torch.zeros(n, dtype=a.dtype, device=a.device)
+            for layer in range(L):
+                c = attention_constants(a, tr, layer, b)
+                if c is not None:
+                    const += (grads[L + 1 + layer][b, :n] * c[:n]).sum(-1)
+        out.append(Relevance(tr.select(b, n), targets[b], [r[b, :n] for r in rel],
+                             emb_rel[b, :n], const))
+    return out
 
 
 def select_candidates(rel: list[torch.Tensor], n: int, last_positions: int | None
@@ -164,25 +228,29 @@ def neuron_read_vectors(a: Adapter, tr: Trace, cand: np.ndarray) -> torch.Tensor
         g, u = tr.gate[layer][0, pos, n, None], tr.up[layer][0, pos, n, None]
         silu = torch.nn.functional.silu(g)
         vec = 0.5 * torch.sigmoid(g) * u * blk.gate[n] + 0.5 * silu * blk.up[n]
-        out[idx] = vec * tr.mlp_scale[layer][0, pos] * blk.mlp_norm
+        scale = tr.mlp_scale[layer]
+        out[idx] = scaled(vec, None if scale is None else scale[0, pos], blk.mlp_norm)
     return out
 
 
 def replay_edges(a: Adapter, tr: Trace, cand: np.ndarray, rows_layer: np.ndarray,
                  rows_pos: np.ndarray, rows_vec: torch.Tensor, batch_rows: int = 256
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Phase 4: incoming edges of each target row, by the linearised transpose.
 
     Rows are targets injected at the residual stream entering their layer's MLP
     (``rows_layer = n_layers`` for logits, at the last block's output). Returns
-    (R, C) candidate-source edges, (R, L, T) remainder edges, (R, T) embedding edges.
+    (R, C) candidate-source edges, (R, L, T) remainder edges, (R, T) embedding edges
+    and (R, T) constant edges (zero for models without attention biases).
     """
     L, T = a.n_layers, tr.tokens.shape[1]
     R, C = len(rows_layer), len(cand)
     cand_w = np.zeros((R, C), np.float64)
     rem_w = np.zeros((R, L, T), np.float64)
     emb_w = np.zeros((R, T), np.float64)
+    const_w = np.zeros((R, T), np.float64)
     by_layer = [np.flatnonzero(cand[:, 0] == layer) for layer in range(L)]
+    constants = [attention_constants(a, tr, layer) for layer in range(L)]
     order = np.argsort(-rows_layer, kind="stable")  # deepest targets first
     embed = a.embed[tr.tokens[0]]  # (T, d)
     for start in range(0, R, batch_rows):
@@ -190,6 +258,7 @@ def replay_edges(a: Adapter, tr: Trace, cand: np.ndarray, rows_layer: np.ndarray
         depth = rows_layer[rows]  # non-increasing
         vec = rows_vec[torch.as_tensor(rows, device=a.device)]
         G = torch.zeros(len(rows), T, a.d_model, dtype=a.dtype, device=a.device)
+        const = torch.zeros(len(rows), T, dtype=a.dtype, device=a.device)
         top = np.flatnonzero(depth == L)
         G[top, rows_pos[rows][top]] = vec[top]
         for layer in range(L - 1, -1, -1):
@@ -205,7 +274,10 @@ def replay_edges(a: Adapter, tr: Trace, cand: np.ndarray, rows_layer: np.ndarray
                 total = torch.einsum("rtd,td->rt", g, tr.mlp_out[layer][0])
                 if len(idx):
                     lp, ln = cand[idx, 1], cand[idx, 2]
-                    write = tr.act[layer][0, lp, ln, None] * a.blocks[layer].down[:, ln].T
+                    post = tr.mlp_post_scale[layer]
+                    write = scaled(tr.act[layer][0, lp, ln, None] * a.blocks[layer].down[:, ln].T,
+                                   None if post is None else post[0, lp],
+                                   a.blocks[layer].mlp_post_norm)
                     w = torch.einsum("rcd,cd->rc", g[:, lp], write)
                     per_pos = torch.zeros_like(total).index_add_(
                         1, torch.as_tensor(lp, device=a.device), w)
@@ -215,50 +287,72 @@ def replay_edges(a: Adapter, tr: Trace, cand: np.ndarray, rows_layer: np.ndarray
             here = np.flatnonzero(depth == layer)
             if len(here):
                 G[here, rows_pos[rows][here]] += vec[here]
+            if constants[layer] is not None:
+                const[:n_act] += torch.einsum("rtd,td->rt", G[:n_act], constants[layer])
             G[:n_act] += _attention_transpose(a, tr, layer, G[:n_act])
         emb_w[rows] = torch.einsum("rtd,td->rt", G, embed).double().cpu().numpy()
-    return cand_w, rem_w, emb_w
+        const_w[rows] = const.double().cpu().numpy()
+    return cand_w, rem_w, emb_w, const_w
 
 
 def _attention_transpose(a: Adapter, tr: Trace, layer: int, G: torch.Tensor) -> torch.Tensor:
-    """d(attention output)/d(residual input) transposed, applied to G (R, T, d)."""
+    """d(what attention adds)/d(residual input) transposed, applied to G (R, T, d)."""
     blk = a.blocks[layer]
     R, T, _ = G.shape
+    post, pre = tr.attn_post_scale[layer], tr.attn_scale[layer]
+    G = scaled(G, None if post is None else post[0], blk.attn_post_norm)
     gz = (G @ blk.o).view(R, T, a.n_heads, a.head_dim).transpose(1, 2)  # (R, H, T, dh)
     gv = tr.pattern[layer][0].transpose(-1, -2) @ gz  # (R, H, T, dh)
     gv = gv.view(R, a.n_kv_heads, a.n_heads // a.n_kv_heads, T, a.head_dim).sum(2)
     gxn = gv.transpose(1, 2).reshape(R, T, a.n_kv_heads * a.head_dim) @ blk.v
-    return gxn * tr.attn_scale[layer][0] * blk.attn_norm
+    return scaled(gxn, None if pre is None else pre[0], blk.attn_norm)
 
 
 def attribute(a: Adapter, tokens: torch.Tensor, params: AttributionParams,
               batch_rows: int = 256) -> RawGraph:
     """The complete RelP graph of one prompt, ``tokens`` of shape (1, T)."""
-    timings = {}
+    return attribute_batch(a, [tokens], params, batch_rows)[0]
+
+
+def attribute_batch(a: Adapter, prompts: list[torch.Tensor], params: AttributionParams,
+                    batch_rows: int = 256) -> list[RawGraph]:
+    """The complete RelP graphs of prompts of shape (1, T_b), phases 1-3 shared."""
     t0 = time.perf_counter()
     with torch.no_grad():
-        tr, targets, rel, emb_rel = relevance(a, tokens, params)
-        timings["forward+relevance"] = time.perf_counter() - t0
-        cand = select_candidates(rel, params.candidates, params.last_positions)
-        L, T, C, K = a.n_layers, tokens.shape[1], len(cand), len(targets.tokens)
-        t1 = time.perf_counter()
-        rows_layer = np.concatenate([cand[:, 0], np.full(K, L)])
-        rows_pos = np.concatenate([cand[:, 1], np.full(K, T - 1)])
-        rows_vec = torch.cat([
-            neuron_read_vectors(a, tr, cand),
-            logit_read_vectors(a, targets.tokens) * tr.final_scale[0, -1] * a.final_norm,
-        ])
-        cand_w, rem_w, emb_w = replay_edges(a, tr, cand, rows_layer, rows_pos, rows_vec,
-                                           batch_rows)
-        timings["edges"] = time.perf_counter() - t1
-        final = tr.final_resid[0, -1] * tr.final_scale[0, -1] * a.final_norm
-        logit_reads = (logit_read_vectors(a, targets.tokens) @ final).double().cpu().numpy()
-    n = C + L * T + T + K
+        rels = relevance(a, prompts, params)
+    shared = (time.perf_counter() - t0) / len(prompts)
+    return [_graph(a, r, params, batch_rows, {"forward+relevance": shared}) for r in rels]
+
+
+@torch.no_grad()
+def _graph(a: Adapter, r: Relevance, params: AttributionParams, batch_rows: int,
+           timings: dict[str, float]) -> RawGraph:
+    """Phases 3 (candidates) and 4 (edges) of one prompt."""
+    tr, targets, rel = r.trace, r.targets, r.neurons
+    tokens = tr.tokens
+    cand = select_candidates(rel, params.candidates, params.last_positions)
+    L, T, C, K = a.n_layers, tokens.shape[1], len(cand), len(targets.tokens)
+    t1 = time.perf_counter()
+    rows_layer = np.concatenate([cand[:, 0], np.full(K, L)])
+    rows_pos = np.concatenate([cand[:, 1], np.full(K, T - 1)])
+    rows_vec = torch.cat([
+        neuron_read_vectors(a, tr, cand),
+        logit_read_vectors(a, targets.tokens) * tr.final_scale[0, -1] * a.final_norm,
+    ])
+    cand_w, rem_w, emb_w, const_w = replay_edges(a, tr, cand, rows_layer, rows_pos, rows_vec,
+                                                 batch_rows)
+    timings["edges"] = time.perf_counter() - t1
+    final = tr.final_resid[0, -1] * tr.final_scale[0, -1] * a.final_norm
+    logit_reads = (logit_read_vectors(a, targets.tokens) @ final).double().cpu().numpy()
+    n_const = T if r.constants is not None else 0
+    n = C + L * T + T + n_const + K
     adjacency = np.zeros((n, n), np.float64)
     rows_idx = np.concatenate([np.arange(C), np.arange(n - K, n)])
     adjacency[rows_idx, :C] = cand_w
     adjacency[rows_idx, C:C + L * T] = rem_w.reshape(len(rows_idx), L * T)
     adjacency[rows_idx, C + L * T:C + L * T + T] = emb_w
+    if n_const:
+        adjacency[rows_idx, C + L * T + T:n - K] = const_w
     at = tuple(torch.as_tensor(cand[:, j], device=a.device) for j in range(3))
     act = torch.stack(tr.act)[at[0], 0, at[1], at[2]].double().cpu().numpy()  # one gather
     rel_c = torch.stack(rel)[at].double().cpu().numpy()
@@ -268,19 +362,24 @@ def attribute(a: Adapter, tokens: torch.Tensor, params: AttributionParams,
     read_values[n - K:] = logit_reads
     rem_rel = torch.stack(rel).sum(-1).flatten().double().cpu().numpy() - np.bincount(
         cand[:, 0] * T + cand[:, 1], weights=rel_c, minlength=L * T)
+    ids = tokens[0].cpu().numpy()
+    inputs = np.arange(T)
+    const_pos = inputs[:n_const]
+    const_rel = r.constants.double().cpu().numpy() if n_const else np.zeros(0)
     return RawGraph(
-        tokens=tokens[0].cpu().numpy(),
+        tokens=ids,
         targets=targets,
-        layer=np.concatenate([cand[:, 0], rem_layer, np.full(T, -1), np.full(K, L)]),
-        index=np.concatenate([cand[:, 2], np.full(L * T, -1), tokens[0].cpu().numpy(),
+        layer=np.concatenate([cand[:, 0], rem_layer, np.full(T + n_const, -1), np.full(K, L)]),
+        index=np.concatenate([cand[:, 2], np.full(L * T, -1), ids, np.full(n_const, -1),
                               targets.tokens]),
-        position=np.concatenate([cand[:, 1], rem_pos, np.arange(T), np.full(K, T - 1)]),
-        activation=np.concatenate([act, np.zeros(L * T), np.ones(T), targets.probs]),
-        relevance=np.concatenate([rel_c, rem_rel, emb_rel.double().cpu().numpy(),
-                                  targets.probs * logit_reads]),
+        position=np.concatenate([cand[:, 1], rem_pos, inputs, const_pos, np.full(K, T - 1)]),
+        activation=np.concatenate([act, np.zeros(L * T), np.ones(T + n_const), targets.probs]),
+        relevance=np.concatenate([rel_c, rem_rel, r.embeddings.double().cpu().numpy(),
+                                  const_rel, targets.probs * logit_reads]),
         adjacency=adjacency,
         read_values=read_values,
         n_candidates=C,
         n_remainders=L * T,
+        n_constants=n_const,
         timings=timings,
     )

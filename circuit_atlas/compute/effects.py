@@ -1,7 +1,8 @@
 """Direct and indirect effects of neurons on a prompt's prediction (direct effect ratio).
 
 For neuron n of layer l on a prompt, with a its activation at the last position in a
-clean forward, its write vector is ``V = a * W_down[:, n]``, and at the last position:
+clean forward, its write vector is ``V = a * W_down[:, n]`` (in post-norm families,
+times the MLP output norm's weight and clean scale), and at the last position:
 
 * direct: ``logits(h_final + V) - logits_clean`` (final norm and unembedding only):
   what V does if every later layer is frozen to its clean output; no forward pass;
@@ -32,7 +33,7 @@ import polars as pl
 import torch
 
 from circuit_atlas.compute.adapters import Adapter
-from circuit_atlas.compute.trace import cached_attention, forward, qkv, rms_scale
+from circuit_atlas.compute.trace import cached_attention, forward, mlp, normed, qkv, scaled
 from circuit_atlas.errors import CircuitAtlasError
 
 ROUTING, LOGIT = 0.3, 0.7  # direct-ratio class boundaries
@@ -44,10 +45,10 @@ class CleanRun:
 
     resid: list[torch.Tensor]  # per layer: (d,) residual after the layer, last position
     act: list[torch.Tensor]  # per layer: (N,) activations at the last position
-    keys: list[torch.Tensor]  # per layer: (H, T-1, dh) keys of the earlier positions
+    mlp_post_scale: list[torch.Tensor | None]  # per layer: post-MLP norm scale, last position
+    keys: list[torch.Tensor]  # per layer: (H, T', dh) keys of the earlier positions in view
     values: list[torch.Tensor]
-    cos: torch.Tensor  # rotary of the last position
-    sin: torch.Tensor
+    rotary: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: the last position's
     logits: torch.Tensor  # (V,)
 
 
@@ -59,24 +60,30 @@ def clean_run(adapter: Adapter, tokens: torch.Tensor) -> CleanRun:
     T = tokens.shape[1]
     positions = torch.arange(T, device=tokens.device).unsqueeze(0)
     x0 = a.embed[tokens]
-    cos, sin = (t.to(x0.dtype) for t in a.rotary(x0, positions))
+    rotary = a.rotary(x0, positions)
     resid_full = [trace.resid_mid[i] + trace.mlp_out[i] for i in range(a.n_layers)]
     keys, values = [], []
     group = a.n_heads // a.n_kv_heads
     for i, blk in enumerate(a.blocks):
-        x = (x0 if i == 0 else resid_full[i - 1])[:, :-1]
-        _, k, v = qkv(a, blk, x * rms_scale(x, a.eps) * blk.attn_norm, cos[:, :-1],
-                      sin[:, :-1])
+        # the earlier positions the last one attends to (its sliding window, if any)
+        first = 0 if blk.window is None else max(0, T - blk.window)
+        x = (x0 if i == 0 else resid_full[i - 1])[:, first:-1]
+        cos, sin = rotary[i]
+        _, k, v = qkv(a, blk, normed(a, x, blk.attn_norm), cos[:, first:-1],
+                      sin[:, first:-1])
         keys.append(k[0].repeat_interleave(group, dim=0))
         values.append(v[0].repeat_interleave(group, dim=0))
     return CleanRun(resid=[r[0, -1] for r in resid_full], act=[h[0, -1] for h in trace.act],
-                    keys=keys, values=values, cos=cos[:, -1:], sin=sin[:, -1:],
+                    mlp_post_scale=[None if s is None else s[0, -1]
+                                    for s in trace.mlp_post_scale],
+                    keys=keys, values=values,
+                    rotary=[(cos[:, -1:], sin[:, -1:]) for cos, sin in rotary],
                     logits=trace.logits(a)[0])
 
 
 def final_logits(adapter: Adapter, x: torch.Tensor) -> torch.Tensor:
     """Final norm and unembedding of residuals (..., d)."""
-    return (x * rms_scale(x, adapter.eps) * adapter.final_norm) @ adapter.unembed.T
+    return normed(adapter, x, adapter.final_norm) @ adapter.unembed.T
 
 
 @torch.no_grad()
@@ -91,10 +98,10 @@ def run_from(adapter: Adapter, run: CleanRun, layers: np.ndarray, x: torch.Tenso
     for j in range(int(layers[0]) + 1, a.n_layers):
         n = int(entered[j])
         blk, xa = a.blocks[j], x[:n]
-        q, k, v = qkv(a, blk, xa * rms_scale(xa, a.eps) * blk.attn_norm, run.cos, run.sin)
-        xa = xa + cached_attention(a, blk, q, k, v, run.keys[j], run.values[j])
-        xm = xa * rms_scale(xa, a.eps) * blk.mlp_norm
-        x[:n] = xa + (torch.nn.functional.silu(xm @ blk.gate.T) * (xm @ blk.up.T)) @ blk.down.T
+        q, k, v = qkv(a, blk, normed(a, xa, blk.attn_norm), *run.rotary[j])
+        attn = cached_attention(a, blk, q, k, v, run.keys[j], run.values[j])
+        xa = xa + normed(a, attn, blk.attn_post_norm)
+        x[:n] = xa + normed(a, mlp(blk, normed(a, xa, blk.mlp_norm)), blk.mlp_post_norm)
     return final_logits(a, x[:, 0])
 
 
@@ -123,9 +130,11 @@ def neuron_effects(adapter: Adapter, run: CleanRun, layer: np.ndarray, index: np
         raise ValueError("rows must be sorted by layer")
     dev = run.logits.device
     act = torch.stack([run.act[li][ni] for li, ni in zip(layer, index, strict=True)])
-    down = torch.stack([adapter.blocks[li].down[:, ni] for li, ni in zip(layer, index,
-                                                                       strict=True)])
-    write = act[:, None] * down  # (B, d)
+    # what the neuron adds to the residual; a post-MLP norm scales it as in the clean run
+    write = torch.stack([
+        scaled(run.act[li][ni] * adapter.blocks[li].down[:, ni], run.mlp_post_scale[li],
+               adapter.blocks[li].mlp_post_norm)
+        for li, ni in zip(layer, index, strict=True)])  # (B, d)
     start = torch.stack([run.resid[li] for li in layer]).to(dev)
     direct = final_logits(adapter, run.resid[-1] + write) - run.logits
     total = run_from(adapter, run, layer, start + write) - run.logits

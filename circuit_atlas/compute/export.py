@@ -2,6 +2,7 @@
 
 Their vocabulary is kept so the viewers render it: MLP neurons take the feature
 node type (``cross layer transcoder``), remainder nodes the error node type,
+constant nodes (attention biases) sit with the embeddings,
 logits sit at layer ``n_layers + 1``. A node's ``clerp`` says what it really is
 (``L12/N345``).
 """
@@ -21,7 +22,10 @@ def _cantor(x: int, y: int) -> int:
 
 
 def _node(layer: int, index: int, pos: int, n_layers: int, decode, **extra) -> dict[str, Any]:
-    if layer == -1:
+    if layer == -1 and index == REMAINDER_INDEX:  # what attention biases add there
+        nid, kind, shown, feature = f"E_bias_{pos}", "embedding", "E", pos
+        js, clerp = f"E_bias-{pos}", "constant (attention biases)"
+    elif layer == -1:
         nid, kind, shown, feature = f"E_{index}_{pos}", "embedding", "E", pos
         js, clerp = f"E_{index}-{pos}", f"token {decode(index)!r}"
     elif layer == n_layers:

@@ -14,13 +14,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from circuit_atlas.compute.attribution import AttributionParams, RawGraph, attribute
+from circuit_atlas.compute.attribution import AttributionParams, RawGraph, attribute_batch
 from circuit_atlas.compute.models import LoadedModel, ModelRef
 from circuit_atlas.compute.prune import node_influence, prune
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake, graph_id, params_hash
 
 MAX_TOKENS = 256
+PROMPT_BATCH = 8  # prompts sharing one forward and relevance backward
 
 
 def run_params(model: LoadedModel | ModelRef, params: AttributionParams, max_tokens: int
@@ -77,20 +78,29 @@ def tokenize(model: LoadedModel, text: str, max_tokens: int) -> torch.Tensor:
 
 def commit_shard(lake: Lake, model: LoadedModel, corpus: str, prompts: list[tuple[str, str]],
                  params: AttributionParams, max_tokens: int = MAX_TOKENS, batch_rows: int = 256,
-                 on_graph: Callable[[int, int], None] | None = None, total: int = 0) -> int:
-    """Compute the graphs of ``prompts`` (id, text) and commit them as one shard."""
+                 on_graph: Callable[[int, int], None] | None = None, total: int = 0,
+                 prompt_batch: int = PROMPT_BATCH) -> int:
+    """Compute the graphs of ``prompts`` (id, text) and commit them as one shard.
+
+    Prompts of similar length go through phases 1-3 together, ``prompt_batch`` at a
+    time (sorted by length, so little is padding)."""
     rp = run_params(model, params, max_tokens)
     phash = params_hash(rp)
+    encoded = sorted(((pid, tokenize(model, text, max_tokens)) for pid, text in prompts),
+                     key=lambda p: p[1].shape[1])
     with lake.open_shard(model.name, corpus, params=rp, model_revision=model.revision,
                          model_shape=model.shape) as shard:
-        for pid, text in prompts:
-            raw = attribute(model.adapter, tokenize(model, text, max_tokens), params, batch_rows)
-            tables = graph_tables(raw, graph_id(model.name, pid, phash), pid, phash,
-                                  params.prune, params.node_threshold, params.edge_threshold)
-            for name, table in tables.items():
-                shard.write(name, table)
-            if on_graph:
-                on_graph(1, total)
+        for start in range(0, len(encoded), max(1, prompt_batch)):
+            group = encoded[start:start + max(1, prompt_batch)]
+            raws = attribute_batch(model.adapter, [ids for _, ids in group], params, batch_rows)
+            for (pid, _), raw in zip(group, raws, strict=True):
+                tables = graph_tables(raw, graph_id(model.name, pid, phash), pid, phash,
+                                      params.prune, params.node_threshold,
+                                      params.edge_threshold)
+                for name, table in tables.items():
+                    shard.write(name, table)
+                if on_graph:
+                    on_graph(1, total)
     return len(prompts)
 
 
@@ -99,7 +109,7 @@ _WORKER_MODELS: dict[tuple[str, str, str], LoadedModel] = {}
 
 def shard_task(lake: Lake, model_spec: str, device: str, dtype: str, corpus: str,
                prompts: list[tuple[str, str]], params: AttributionParams, max_tokens: int,
-               batch_rows: int) -> int:
+               batch_rows: int, prompt_batch: int = PROMPT_BATCH) -> int:
     """A Dask task: one shard of graphs; the model is loaded once per worker process."""
     from circuit_atlas.compute.models import load_model
 
@@ -113,7 +123,8 @@ def shard_task(lake: Lake, model_spec: str, device: str, dtype: str, corpus: str
                                      params_hash(run_params(model, params, max_tokens)))
     todo = [(pid, text) for pid, text in prompts if pid not in done]
     if todo:
-        commit_shard(lake, model, corpus, todo, params, max_tokens, batch_rows)
+        commit_shard(lake, model, corpus, todo, params, max_tokens, batch_rows,
+                     prompt_batch=prompt_batch)
     return len(prompts)
 
 
@@ -132,7 +143,7 @@ def run_graphs(
     lake: Lake, model: LoadedModel | ModelRef, corpus: str, params: AttributionParams,
     shard_size: int = 32, limit: int | None = None, max_tokens: int = MAX_TOKENS,
     batch_rows: int = 256, on_graph: Callable[[int, int], None] | None = None,
-    client=None, model_spec: str | None = None,
+    client=None, model_spec: str | None = None, prompt_batch: int = PROMPT_BATCH,
 ) -> GraphRunReport:
     """Compute and commit the graphs of ``corpus`` not yet in the lake.
 
@@ -157,7 +168,7 @@ def run_graphs(
             raise TypeError("graphs in this process need a loaded model (load_model)")
         for group in groups:
             commit_shard(lake, model, corpus, group, params, max_tokens, batch_rows, on_graph,
-                         len(todo))
+                         len(todo), prompt_batch)
     else:
         from distributed import as_completed
 
@@ -172,7 +183,7 @@ def run_graphs(
                     "--cluster slurm and --device cuda this is done for you)")
         spec = model_spec or getattr(model, "spec", None) or model.name
         futures = [client.submit(shard_task, lake, spec, device, dtype,
-                                 corpus, group, params, max_tokens, batch_rows,
+                                 corpus, group, params, max_tokens, batch_rows, prompt_batch,
                                  resources=resources, pure=False) for group in groups]
         for future in as_completed(futures):
             if on_graph:

@@ -155,7 +155,7 @@ def model_ref(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "floa
     known, here, even on a login node without the GPU the workers will use."""
     from transformers import AutoConfig
 
-    from circuit_atlas.compute.adapters import PRE_NORM_FAMILIES
+    from circuit_atlas.compute.adapters import check_family
 
     if dtype not in DTYPES:
         raise CircuitAtlasError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -166,9 +166,7 @@ def model_ref(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "floa
         raise CircuitAtlasError(
             f"unknown model {spec!r}: not a local folder, not a GGUF file, and not in the "
             f"local Hugging Face cache (nothing is downloaded)") from e
-    if config.model_type not in PRE_NORM_FAMILIES:
-        raise CircuitAtlasError(f"model family {config.model_type!r} is not supported; "
-                                f"supported: {', '.join(sorted(PRE_NORM_FAMILIES))}")
+    check_family(config)
     revision = revision or getattr(config, "_commit_hash", None) or "local"
     return ModelRef(spec, name, revision, device, dtype)
 

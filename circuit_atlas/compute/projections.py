@@ -7,9 +7,12 @@ weight and w_l the layer's MLP-norm weight:
 * output: ``W_U @ (g * W_down[:, n])`` over the vocabulary (with ``norm=False``:
   ``W_U @ W_down[:, n]``, the seeds' formula). The final RMSNorm divides by a positive
   scalar and multiplies by g, so with g this is the direction of the neuron's logit
-  effect; top-k promoted and suppressed tokens, and ``|W_down[:, n]|``;
+  effect; top-k promoted and suppressed tokens, and ``|W_down[:, n]|``. In post-norm
+  families (OLMo) the MLP's output norm weight multiplies W_down[:, n] first: it is
+  part of what the neuron writes;
 * input: ``SiLU(X @ W_gate[n]) * (X @ W_up[n])`` with X the embedding rows as the MLP
-  would see them alone in the residual, ``rmsnorm(E) * w_l`` (``norm=False``: X = E).
+  would see them alone in the residual, ``rmsnorm(E) * w_l`` (``norm=False``, or a
+  post-norm family whose MLP reads the raw residual: X = E).
   Gate and up are combined, so a token that pushes them in opposite directions
   counts as suppressing.
 
@@ -92,8 +95,11 @@ class Projector:
         value, write_norm; rows grouped by neuron, kind, sign, rank."""
         a, p, blk = self.a, self.p, self.a.blocks[layer]
         down = blk.down.to(self.exact).T  # (N, d)
+        if blk.mlp_post_norm is not None:
+            down = down * blk.mlp_post_norm.to(self.exact)
         write = down * a.final_norm.to(self.exact) if p.norm else down
-        x = self.embed_rms * blk.mlp_norm.to(self.exact) if p.norm else self.embed
+        pre = p.norm and blk.mlp_norm is not None
+        x = self.embed_rms * blk.mlp_norm.to(self.exact) if pre else self.embed
         x_low = x.to(self.low)
         gate, up = blk.gate.to(self.exact), blk.up.to(self.exact)
         parts = []

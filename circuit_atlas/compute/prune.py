@@ -56,11 +56,11 @@ def node_influence(graph: RawGraph) -> np.ndarray:
 def prune(graph: RawGraph, node_threshold: float, edge_threshold: float
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(node_mask, edge_mask, node_influence) of the pruned graph."""
-    n, k, t = graph.n_nodes, graph.n_logits, len(graph.tokens)
+    first_input = graph.first_input
     weights = logit_weights(graph)
     node_inf = node_influence(graph)
     keep = node_inf >= threshold_value(node_inf, node_threshold)
-    keep[n - k - t:] = True  # embeddings and logits
+    keep[first_input:] = True  # embeddings, constants and logits
     pruned = graph.adjacency * keep[:, None] * keep[None, :]
     norm = normalise(pruned)
     edge_scores = norm * (influence(norm, weights) + weights)[:, None]
@@ -69,7 +69,7 @@ def prune(graph: RawGraph, node_threshold: float, edge_threshold: float
         before = keep.copy()
         has_out = edges.any(0)
         has_in = edges.any(1)
-        keep[: n - k - t] &= has_out[: n - k - t]  # sources must feed something
+        keep[:first_input] &= has_out[:first_input]  # sources must feed something
         keep[: graph.n_candidates] &= has_in[: graph.n_candidates]  # neurons must be fed
         edges &= keep[:, None] & keep[None, :]
         if (keep == before).all():

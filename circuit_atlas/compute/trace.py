@@ -1,4 +1,4 @@
-"""One forward pass over a pre-norm gated-MLP decoder that records what RelP needs.
+"""One forward pass over a gated-MLP decoder that records what RelP needs.
 
 The pass is written out (rather than hooked into the model's own forward) so that
 the RelP rules are explicit. With ``relp=True`` it computes the same values but
@@ -10,8 +10,9 @@ differentiates as the linearised model of RelP (arXiv 2508.21258):
   constant;
 * Half-rule: ``SiLU(g) * up`` sends half of the gradient to each factor.
 
-Under these rules every quantity is linear in the embeddings, so relevance is
-conserved: the contributions of all inputs to an output sum to the output.
+Under these rules every quantity is linear in the embeddings (plus the constants
+that attention biases add), so relevance is conserved: the contributions of all
+inputs to an output sum to the output.
 """
 
 from __future__ import annotations
@@ -27,24 +28,48 @@ from circuit_atlas.compute.adapters import Adapter
 class Trace:
     """What a forward pass recorded, per layer (lists of length n_layers).
 
-    Shapes: B prompts of T tokens, H heads, d model width, N neurons per layer.
+    Shapes: B prompts of T tokens, H heads, d model width, N neurons per layer. A
+    norm's scale is None where the block has no such norm (see :class:`Block`).
     """
 
     tokens: torch.Tensor  # (B, T)
-    attn_scale: list[torch.Tensor]  # (B, T, 1): 1/rms of the residual entering attention
+    attn_scale: list[torch.Tensor | None]  # (B, T, 1): 1/rms of attention's input
     pattern: list[torch.Tensor]  # (B, H, T, T)
-    resid_mid: list[torch.Tensor]  # (B, T, d): the residual entering the MLP (pre-norm)
-    mlp_scale: list[torch.Tensor]  # (B, T, 1): 1/rms of the residual entering the MLP
+    attn_post_scale: list[torch.Tensor | None]  # (B, T, 1): 1/rms of attention's output
+    attn_out: list[torch.Tensor]  # (B, T, d): what attention adds to the residual
+    resid_mid: list[torch.Tensor]  # (B, T, d): the residual entering the MLP
+    mlp_scale: list[torch.Tensor | None]  # (B, T, 1): 1/rms of the MLP's input
     gate: list[torch.Tensor]  # (B, T, N) pre-activation
     up: list[torch.Tensor]  # (B, T, N)
     act: list[torch.Tensor]  # (B, T, N) h = SiLU(gate) * up
-    mlp_out: list[torch.Tensor]  # (B, T, d)
+    mlp_post_scale: list[torch.Tensor | None]  # (B, T, 1): 1/rms of the MLP's output
+    mlp_out: list[torch.Tensor]  # (B, T, d): what the MLP adds to the residual
     final_scale: torch.Tensor  # (B, T, 1)
     final_resid: torch.Tensor  # (B, T, d) before the final norm
 
     def logits(self, adapter: Adapter, positions: slice | int = -1) -> torch.Tensor:
         x = self.final_resid[:, positions] * self.final_scale[:, positions]
         return (x * adapter.final_norm) @ adapter.unembed.T
+
+    def select(self, b: int, length: int) -> Trace:
+        """Prompt ``b`` of a batch, its first ``length`` positions (right padding cut
+        off: under causal attention nothing before it saw the padding)."""
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if t.dim() == 4:  # attention pattern
+                return t[b:b + 1, :, :length, :length]
+            return t[b:b + 1, :length]
+        return Trace(**{k: ([cut(t) for t in v] if isinstance(v, list) else cut(v))
+                        for k, v in self.__dict__.items()})
+
+    def detached(self) -> Trace:
+        return Trace(**{k: ([_detach(t) for t in v] if isinstance(v, list) else _detach(v))
+                        for k, v in self.__dict__.items()})
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -56,17 +81,32 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return q * cos + half(q) * sin, k * cos + half(k) * sin
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x @ weight.T
+    return y if bias is None else y + bias
+
+
 def qkv(a: Adapter, blk, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Queries (B, H, T, dh), keys and values (B, KV, T, dh) of normed input ``xn``,
+    """Queries (B, H, T, dh), keys and values (B, KV, T, dh) of attention input ``xn``,
     q/k-normed and rotated: keys and values are what a KV cache holds."""
     B, T, _ = xn.shape
-    q = (xn @ blk.q.T).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
-    k = (xn @ blk.k.T).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-    v = (xn @ blk.v.T).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-    if blk.q_norm is not None:
+    q, k = _linear(xn, blk.q, blk.q_bias), _linear(xn, blk.k, blk.k_bias)
+    v = _linear(xn, blk.v, blk.v_bias)
+    if blk.qk_norm == "full":
+        q, k = blk.q_norm(q), blk.k_norm(k)
+    q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+    k = k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    if blk.qk_norm == "head":
         q, k = blk.q_norm(q), blk.k_norm(k)
     q, k = _rotate(q, k, cos, sin)
     return q, k, v
+
+
+def causal_mask(T: int, window: int | None, device) -> torch.Tensor:
+    """(T, T) allowed keys: earlier positions, and within ``window`` if one is set."""
+    mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return mask if window is None else mask.triu(1 - window)
 
 
 def attention_pattern(a: Adapter, q: torch.Tensor, k: torch.Tensor,
@@ -80,17 +120,19 @@ def attention_pattern(a: Adapter, q: torch.Tensor, k: torch.Tensor,
 
 
 def attention_output(a: Adapter, blk, pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """What attention adds to the residual, (B, Tq, d)."""
+    """Attention's output (B, Tq, d), before any post norm."""
     B, _, Tq, _ = pattern.shape
     z = pattern @ v.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
-    return z.transpose(1, 2).reshape(B, Tq, a.n_heads * a.head_dim) @ blk.o.T
+    return _linear(z.transpose(1, 2).reshape(B, Tq, a.n_heads * a.head_dim), blk.o,
+                   blk.o_bias)
 
 
 def cached_attention(a: Adapter, blk, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Attention output (B, 1, d) of B one-position queries q (B, H, 1, dh), each with its
     own key/value k, v (B, KV, 1, dh), over shared cached earlier positions ``keys``,
-    ``values`` (H, T', dh): one matmul per head, no copy of the cache per row."""
+    ``values`` (H, T', dh) (already cut to the layer's window): one matmul per head, no
+    copy of the cache per row. Before any post norm."""
     B = q.shape[0]
     group = a.n_heads // a.n_kv_heads
     scale = a.head_dim**-0.5
@@ -100,13 +142,35 @@ def cached_attention(a: Adapter, blk, q: torch.Tensor, k: torch.Tensor, v: torch
     scores = torch.cat([qh @ keys.transpose(1, 2), (qh * kn).sum(-1, keepdim=True)], -1)
     pattern = (scores * scale).softmax(-1)
     z = pattern[..., :-1] @ values + pattern[..., -1:] * vn  # (H, B, dh)
-    return (z.transpose(0, 1).reshape(B, 1, a.n_heads * a.head_dim)) @ blk.o.T
+    return _linear(z.transpose(0, 1).reshape(B, 1, a.n_heads * a.head_dim), blk.o, blk.o_bias)
 
 
 def rms_scale(x: torch.Tensor, eps: float, relp: bool = False) -> torch.Tensor:
     """1/rms(x) over the last dimension (a constant under RelP's LN-rule)."""
     scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return scale.detach() if relp else scale
+
+
+def norm_scale(x: torch.Tensor, weight: torch.Tensor | None, eps: float, relp: bool = False
+               ) -> torch.Tensor | None:
+    """The scale of a norm with ``weight`` applied to ``x``; None where there is no norm."""
+    return None if weight is None else rms_scale(x, eps, relp)
+
+
+def scaled(x: torch.Tensor, scale: torch.Tensor | None, weight: torch.Tensor | None
+           ) -> torch.Tensor:
+    """``x`` through a norm whose scale is known (``x`` itself where there is no norm)."""
+    return x if weight is None else x * scale * weight
+
+
+def normed(a: Adapter, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """``x`` through an RMSNorm with ``weight`` (or unchanged: no norm there)."""
+    return scaled(x, norm_scale(x, weight, a.eps), weight)
+
+
+def mlp(blk, xm: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's output (before any post norm) on its input ``xm``."""
+    return (torch.nn.functional.silu(xm @ blk.gate.T) * (xm @ blk.up.T)) @ blk.down.T
 
 
 def forward(adapter: Adapter, tokens: torch.Tensor, relp: bool = False,
@@ -116,42 +180,57 @@ def forward(adapter: Adapter, tokens: torch.Tensor, relp: bool = False,
 
     ``embeddings`` replaces the embedding lookup (a leaf to differentiate against).
     ``frozen`` takes norm scales and attention patterns from an earlier trace, and
-    ``mlp_override`` replaces each MLP's output: together they evaluate the
-    linearised model with frozen MLPs at any input, which is what an edge means.
+    ``mlp_override`` replaces what each MLP adds to the residual: together they
+    evaluate the linearised model with frozen MLPs at any input, which is what an
+    edge means.
     """
     a = adapter
     B, T = tokens.shape
     x = a.embed[tokens] if embeddings is None else embeddings
     positions = torch.arange(T, device=tokens.device).unsqueeze(0).expand(B, T)
-    cos, sin = a.rotary(x, positions)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    rec: dict[str, list[torch.Tensor]] = {k: [] for k in (
-        "attn_scale", "pattern", "resid_mid", "mlp_scale", "gate", "up", "act", "mlp_out")}
+    rotary = a.rotary(x, positions)
+    masks: dict[int | None, torch.Tensor] = {}
+    rec: dict[str, list] = {k: [] for k in (
+        "attn_scale", "pattern", "attn_post_scale", "attn_out", "resid_mid", "mlp_scale",
+        "gate", "up", "act", "mlp_post_scale", "mlp_out")}
+
+    def scale(name: str, i: int, t: torch.Tensor, weight: torch.Tensor | None):
+        return getattr(frozen, name)[i] if frozen else norm_scale(t, weight, a.eps, relp)
+
     for i, blk in enumerate(a.blocks):
-        s = frozen.attn_scale[i] if frozen else rms_scale(x, a.eps, relp)
-        xn = x * s * blk.attn_norm
-        q, k, v = qkv(a, blk, xn, cos, sin)
-        pattern = attention_pattern(a, q, k, causal)
+        s = scale("attn_scale", i, x, blk.attn_norm)
+        cos, sin = rotary[i]
+        q, k, v = qkv(a, blk, scaled(x, s, blk.attn_norm), cos, sin)
+        if blk.window not in masks:
+            masks[blk.window] = causal_mask(T, blk.window, x.device)
+        pattern = attention_pattern(a, q, k, masks[blk.window])
         if relp:
             pattern = pattern.detach()
         if frozen:
             pattern = frozen.pattern[i]
-        x = x + attention_output(a, blk, pattern, v)
-        mid = x
-        s2 = frozen.mlp_scale[i] if frozen else rms_scale(x, a.eps, relp)
-        xm = x * s2 * blk.mlp_norm
+        raw = attention_output(a, blk, pattern, v)
+        sp = scale("attn_post_scale", i, raw, blk.attn_post_norm)
+        attn = scaled(raw, sp, blk.attn_post_norm)
+        x = mid = x + attn
+        s2 = scale("mlp_scale", i, x, blk.mlp_norm)
+        xm = scaled(x, s2, blk.mlp_norm)
         g, u = xm @ blk.gate.T, xm @ blk.up.T
         if relp:
             silu = torch.sigmoid(g).detach() * g  # identity rule
             h = 0.5 * (silu * u.detach()) + 0.5 * (silu.detach() * u)  # half rule
         else:
             h = torch.nn.functional.silu(g) * u
-        m = h @ blk.down.T if mlp_override is None else mlp_override[i]
+        if mlp_override is None:
+            raw_m = h @ blk.down.T
+            sm = scale("mlp_post_scale", i, raw_m, blk.mlp_post_norm)
+            m = scaled(raw_m, sm, blk.mlp_post_norm)
+        else:
+            sm, m = frozen.mlp_post_scale[i] if frozen else None, mlp_override[i]
         x = x + m
-        for key, val in (("attn_scale", s), ("pattern", pattern), ("resid_mid", mid),
-                         ("mlp_scale", s2),
-                         ("gate", g), ("up", u), ("act", h), ("mlp_out", m)):
+        for key, val in (("attn_scale", s), ("pattern", pattern), ("attn_post_scale", sp),
+                         ("attn_out", attn), ("resid_mid", mid), ("mlp_scale", s2),
+                         ("gate", g), ("up", u), ("act", h), ("mlp_post_scale", sm),
+                         ("mlp_out", m)):
             rec[key].append(val)
     final_scale = frozen.final_scale if frozen else rms_scale(x, a.eps, relp)
     return Trace(tokens=tokens, final_scale=final_scale, final_resid=x, **rec)

@@ -1,5 +1,7 @@
-"""RelP graphs are checked against independent computations on tiny float64 models:
-the model's own forward, autograd through the linearised model, and interventions."""
+"""RelP graphs are checked against independent computations on tiny float64 models of
+every supported family (pre- and post-norm, q/k norms, attention biases, sliding
+windows): the model's own forward, autograd through the linearised model, and
+interventions."""
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from circuit_atlas.compute.adapters import adapter_for
 from circuit_atlas.compute.attribution import (
     AttributionParams,
     attribute,
+    attribute_batch,
     logit_read_vectors,
     neuron_read_vectors,
     relevance,
@@ -19,9 +22,21 @@ from tests.factories import tiny_llama
 PARAMS = AttributionParams(candidates=40, max_logits=4, logit_prob=0.9, prune=False)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+FAMILIES = ["llama", "qwen3", "qwen2", "mistral", "olmo2", "olmo3"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
 def adapter(request):
     return adapter_for(tiny_llama(seed=1, family=request.param))
+
+
+def write_vector(adapter, tr, layer, pos, n):
+    """What neuron n adds to the residual at pos: a post-MLP norm (OLMo) scales it."""
+    blk = adapter.blocks[layer]
+    write = tr.act[layer][0, pos, n] * blk.down[:, n]
+    if blk.mlp_post_norm is not None:
+        write = write * tr.mlp_post_scale[layer][0, pos] * blk.mlp_post_norm
+    return write
 
 
 def tokens(seed=0, T=7, vocab=64):
@@ -64,7 +79,8 @@ def linear_reads(adapter, ids, tr, rows_layer, rows_pos, rows_vec, emb, override
 
 
 def setup_rows(adapter, ids, g):
-    tr, targets, _, _ = relevance(adapter, ids, PARAMS)
+    r = relevance(adapter, [ids], PARAMS)[0]
+    tr, targets = r.trace, r.targets
     cand = np.stack([g.layer[:g.n_candidates], g.position[:g.n_candidates],
                      g.index[:g.n_candidates]], 1)
     L, T = adapter.n_layers, ids.shape[1]
@@ -92,14 +108,22 @@ def test_edges_equal_the_jacobian_of_the_linearised_model(adapter):
             grads = torch.autograd.grad(reads[r], [*overrides, emb], retain_graph=True)
             expected = np.zeros(g.n_nodes)
             for c, (layer, pos, n) in enumerate(cand):
-                write = tr.act[layer][0, pos, n] * adapter.blocks[layer].down[:, n]
-                expected[c] = float(grads[layer][0, pos] @ write)
+                expected[c] = float(grads[layer][0, pos] @ write_vector(adapter, tr, layer,
+                                                                        pos, n))
             total = np.array([[float(grads[layer][0, p] @ tr.mlp_out[layer][0, p])
                                for p in range(T)] for layer in range(L)])
             np.subtract.at(total, (cand[:, 0], cand[:, 1]), expected[:C])
             expected[C:C + L * T] = total.ravel()
-            expected[C + L * T:C + L * T + T] = (grads[-1][0] * emb[0]).sum(-1).detach().numpy()
+            expected[g.embeddings] = (grads[-1][0] * emb[0]).sum(-1).detach().numpy()
+            # the linearised model is affine: what is left at zero input is the constants'
+            expected[g.constants] = g.adjacency[node, g.constants]
             np.testing.assert_allclose(g.adjacency[node], expected, rtol=1e-7, atol=1e-10)
+        zero = [torch.zeros_like(m) for m in tr.mlp_out]
+        at_zero = linear_reads(adapter, ids, tr, rows_layer, rows_pos, rows_vec,
+                               torch.zeros_like(emb), zero)
+        constant = g.adjacency[target_rows(g)][:, g.constants].sum(1)
+        np.testing.assert_allclose(constant, at_zero.detach().numpy(), rtol=1e-7, atol=1e-10)
+    assert (g.n_constants > 0) == (adapter.family == "qwen2")
 
 
 def test_edges_are_effects_of_interventions(adapter):
@@ -115,14 +139,14 @@ def test_edges_are_effects_of_interventions(adapter):
     for c in rng.permutation(g.n_candidates)[:10]:
         layer, pos, n = cand[c]
         overrides = [m.clone() for m in tr.mlp_out]
-        overrides[layer][0, pos] -= tr.act[layer][0, pos, n] * adapter.blocks[layer].down[:, n]
+        overrides[layer][0, pos] -= write_vector(adapter, tr, layer, pos, n)
         after = linear_reads(adapter, ids, tr, rows_layer, rows_pos, rows_vec, None, overrides)
         np.testing.assert_allclose((base - after).numpy(), g.adjacency[rows, c],
                                    rtol=1e-7, atol=1e-10)
         checked += int((np.abs(g.adjacency[rows, c]) > 1e-6).sum())
     assert checked > 0, "the sampled sources had no nonzero edges"
     # zeroing one token's embedding removes exactly that embedding's edges
-    e = g.n_nodes - g.n_logits - ids.shape[1] + 2
+    e = g.embeddings.start + 2
     emb = adapter.embed[ids].clone()
     emb[0, 2] = 0
     after = linear_reads(adapter, ids, tr, rows_layer, rows_pos, rows_vec, emb, tr.mlp_out)
@@ -132,17 +156,23 @@ def test_edges_are_effects_of_interventions(adapter):
 
 def test_relevance_is_conserved_and_matches_closed_form(adapter):
     ids = tokens(seed=7)
-    tr, targets, rel, emb_rel = relevance(adapter, ids, PARAMS)
+    r = relevance(adapter, [ids], PARAMS)[0]
+    tr, targets, rel = r.trace, r.targets, r.neurons
     final = tr.final_resid[0, -1] * tr.final_scale[0, -1] * adapter.final_norm
     reads = logit_read_vectors(adapter, targets.tokens) @ final
     objective = float((torch.as_tensor(targets.probs, dtype=reads.dtype) * reads).sum())
-    # the linearised model is linear in the embeddings: their relevance sums to the objective
-    assert float(emb_rel.sum()) == pytest.approx(objective, rel=1e-9)
+    # the linearised model is linear in the embeddings and constants: their relevance
+    # sums to the objective
+    inputs = float(r.embeddings.sum()) + (0 if r.constants is None else float(r.constants.sum()))
+    assert inputs == pytest.approx(objective, rel=1e-9)
     # last-layer neurons reach the logits only through the frozen final norm
     last = adapter.n_layers - 1
     direction = (torch.as_tensor(targets.probs) @ logit_read_vectors(adapter, targets.tokens))
     direction = direction * tr.final_scale[0, -1] * adapter.final_norm
-    grad_h = direction @ adapter.blocks[last].down  # (N,)
+    blk = adapter.blocks[last]
+    if blk.mlp_post_norm is not None:
+        direction = direction * tr.mlp_post_scale[last][0, -1] * blk.mlp_post_norm
+    grad_h = direction @ blk.down  # (N,)
     expected = tr.act[last][0, -1] * grad_h
     torch.testing.assert_close(rel[last][-1], expected, rtol=1e-9, atol=1e-12)
 
@@ -154,6 +184,17 @@ def test_batching_and_determinism(adapter):
     c = attribute(adapter, ids, PARAMS, batch_rows=256)
     np.testing.assert_allclose(a.adjacency, b.adjacency, rtol=1e-10, atol=1e-13)
     assert np.array_equal(a.adjacency, c.adjacency) and np.array_equal(a.index, c.index)
+
+
+def test_prompts_sharing_a_batch_give_the_graphs_of_one_at_a_time(adapter):
+    prompts = [tokens(seed=20, T=7), tokens(seed=21, T=4), tokens(seed=22, T=9)]
+    together = attribute_batch(adapter, prompts, PARAMS)
+    for ids, g in zip(prompts, together, strict=True):
+        alone = attribute(adapter, ids, PARAMS)
+        assert np.array_equal(g.index, alone.index) and np.array_equal(g.tokens, ids[0])
+        np.testing.assert_allclose(g.adjacency, alone.adjacency, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(g.relevance, alone.relevance, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(g.targets.probs, alone.targets.probs, rtol=1e-12)
 
 
 def test_last_positions_restricts_candidates(adapter):
@@ -173,8 +214,10 @@ def test_relevance_obeys_the_chain_rule_over_the_graph(adapter):
     n_all = adapter.n_layers * ids.shape[1] * adapter.n_neurons
     g = attribute(adapter, ids, AttributionParams(candidates=n_all, max_logits=3,
                                                   prune=False))
-    # all neurons but the last layer's before the last position (no path to the logits)
-    assert g.n_candidates == n_all - (ids.shape[1] - 1) * adapter.n_neurons
+    # all neurons but the last layer's before the last position (no path to the logits;
+    # sliding windows cut more paths)
+    if all(b.window is None for b in adapter.blocks):
+        assert g.n_candidates == n_all - (ids.shape[1] - 1) * adapter.n_neurons
     C, K = g.n_candidates, g.n_logits
     grad = np.zeros(g.n_nodes)
     grad[g.n_nodes - K:] = g.targets.probs
@@ -183,7 +226,7 @@ def test_relevance_obeys_the_chain_rule_over_the_graph(adapter):
         nodes = np.flatnonzero(g.layer[:C] == layer)
         expected[nodes] = g.adjacency[:, nodes].T @ grad
         grad[nodes] = expected[nodes] / g.activation[nodes]
-    emb = np.arange(g.n_nodes - K - ids.shape[1], g.n_nodes - K)
+    emb = np.arange(g.first_input, g.n_nodes - K)  # embeddings and constants
     expected[emb] = g.adjacency[:, emb].T @ grad
     np.testing.assert_allclose(g.relevance[:C], expected[:C], rtol=1e-6, atol=1e-10)
     np.testing.assert_allclose(g.relevance[emb], expected[emb], rtol=1e-6, atol=1e-10)

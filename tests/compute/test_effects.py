@@ -24,6 +24,20 @@ def model():
     return tiny_llama(seed=3, n_layers=4)
 
 
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "olmo2", "olmo3"])
+def family_model(request):
+    return tiny_llama(seed=3, n_layers=4, family=request.param)
+
+
+def added(layer_module, post_norm: bool, part: str):
+    """The module whose output a block adds to the residual: the sublayer itself, or
+    in post-norm families (OLMo) the norm on its output."""
+    if not post_norm:
+        return getattr(layer_module, {"attn": "self_attn", "mlp": "mlp"}[part])
+    return getattr(layer_module, {"attn": "post_attention_layernorm",
+                                  "mlp": "post_feedforward_layernorm"}[part])
+
+
 def hf_logits(model, patches):
     """Last-position logits of the HF model with forward hooks: ``patches`` maps a module
     to a function of its output tensor."""
@@ -55,7 +69,8 @@ def add_last(delta):
 TOL = {"rtol": 1e-4, "atol": 5e-6}
 
 
-def test_effects_equal_hooked_forward_passes(model):
+def test_effects_equal_hooked_forward_passes(family_model):
+    model = family_model
     adapter = adapter_for(model)
     run = clean_run(adapter, TOKENS)
     clean = hf_logits(model, {})
@@ -66,10 +81,11 @@ def test_effects_equal_hooked_forward_passes(model):
 
 def check_layer(model, adapter, run, clean, layer, index):
     layers = model.model.layers
+    post = model.config.model_type.startswith("olmo")
     eff = neuron_effects(adapter, run, np.full(len(index), layer), index)
     # the clean outputs of every later attention and MLP, to freeze them
-    captured = {part: None for j in range(layer + 1, adapter.n_layers)
-                for part in (layers[j].self_attn, layers[j].mlp)}
+    captured = {added(layers[j], post, part): None for j in range(layer + 1, adapter.n_layers)
+                for part in ("attn", "mlp")}
 
     def keep(part):
         def fn(out):
@@ -77,16 +93,26 @@ def check_layer(model, adapter, run, clean, layer, index):
             return out
         return fn
 
+    raw = []  # the MLP's clean output before any post norm, last position
+    handle = layers[layer].mlp.register_forward_hook(
+        lambda m, args, out: raw.append(out[0, -1].clone()))
     hf_logits(model, {p: keep(p) for p in captured})
+    handle.remove()
     frozen = {p: (lambda out, p=p: captured[p]) for p in captured}
+    target = added(layers[layer], post, "mlp")
+    largest = 0.0
     for b, n in enumerate(index):
-        write = eff.activation[b] * adapter.blocks[layer].down[:, n]
-        total = hf_logits(model, {layers[layer].mlp: add_last(write)}) - clean
-        assert total.abs().max() > 1e-2  # a real effect, far above the tolerance
+        write = eff.activation[b] * model.model.layers[layer].mlp.down_proj.weight[:, n]
+        if post:  # the norm on the MLP's output scales the neuron's share as in the clean run
+            norm = layers[layer].post_feedforward_layernorm
+            write = write * torch.rsqrt(raw[0].pow(2).mean() + norm.variance_epsilon) * norm.weight
+        total = hf_logits(model, {target: add_last(write)}) - clean
+        largest = max(largest, float(total.abs().max()))
         torch.testing.assert_close(eff.total[b], total, **TOL)
-        direct = hf_logits(model, {**frozen, layers[layer].mlp: add_last(write)}) - clean
+        direct = hf_logits(model, {**frozen, target: add_last(write)}) - clean
         torch.testing.assert_close(eff.direct[b], direct, **TOL)
         torch.testing.assert_close(eff.direct[b] + eff.indirect[b], eff.total[b])
+    assert largest > 1e-2  # real effects, far above the tolerance
     # the activation is the neuron's at the last position of the clean pass
     seen = []
     handle = layers[layer].mlp.down_proj.register_forward_hook(

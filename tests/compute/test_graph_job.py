@@ -46,18 +46,23 @@ def test_job_writes_valid_graphs_and_resumes(lake, smollm2):
     assert run_graphs(lake, smollm2, "c", AttributionParams(candidates=61), limit=1).computed == 1
 
 
-def test_unpruned_graphs_stay_complete_after_storage(lake, smollm2):
-    run_graphs(lake, smollm2, "c", AttributionParams(candidates=80, prune=False), limit=1)
+def assert_stored_graphs_complete(lake, n_layers: int, n_neurons: int, rtol: float) -> None:
+    """Every stored neuron node's incoming edges sum to its activation."""
     nodes = lake.scan("nodes").collect()
     incoming = (lake.scan("edges").group_by("graph_id", "tgt_layer", "tgt_index", "tgt_pos")
                 .agg(pl.col("weight").cast(pl.Float64).sum()).collect())
-    neurons = nodes.filter((pl.col("layer") >= 0) & (pl.col("layer") < 30)
+    neurons = nodes.filter((pl.col("layer") >= 0) & (pl.col("layer") < n_layers)
                            & (pl.col("index") >= 0))
     joined = neurons.join(incoming, left_on=["graph_id", "layer", "index", "position"],
                           right_on=["graph_id", "tgt_layer", "tgt_index", "tgt_pos"])
-    assert joined.height == 80
+    assert joined.height == n_neurons
     act, total = joined["activation"].to_numpy(), joined["weight"].to_numpy()
-    np.testing.assert_allclose(total, act, rtol=1e-3, atol=1e-3 * np.abs(act).max())
+    np.testing.assert_allclose(total, act, rtol=rtol, atol=rtol * np.abs(act).max())
+
+
+def test_unpruned_graphs_stay_complete_after_storage(lake, smollm2):
+    run_graphs(lake, smollm2, "c", AttributionParams(candidates=80, prune=False), limit=1)
+    assert_stored_graphs_complete(lake, 30, 80, rtol=1e-3)
 
 
 def test_graphs_command(lake):
@@ -152,3 +157,24 @@ def test_a_retried_shard_task_commits_nothing_twice(lake, smollm2):
     args = (lake, "smollm2", "cpu", "float32", "c", group[:2], params, 256, 256)
     assert shard_task(*args) == 2 and len(lake.shards()) == 1
     assert shard_task(*args) == 2 and len(lake.shards()) == 1
+
+
+@pytest.mark.parametrize("family", ["qwen2", "olmo2"])
+def test_a_model_folder_of_another_family(lake, smollm2, tmp_path, family):
+    """A saved Hugging Face folder (Qwen2: attention biases and sliding windows; OLMo-2:
+    norms after each sublayer) through the CLI, prompts sharing batches: every stored
+    target's incoming edges sum to its activation, constants included."""
+    from tests.factories import tiny_llama
+
+    folder = tmp_path / family
+    tiny_llama(seed=4, family=family, vocab=len(smollm2.tokenizer)).save_pretrained(folder)
+    smollm2.tokenizer.save_pretrained(folder)
+    result = CliRunner().invoke(cli, [
+        "graphs", "--corpus", "c", "--lake", lake.url, "--model", str(folder),
+        "--dtype", "float64", "--candidates", "50", "--no-prune", "--prompt-batch", "2"])
+    assert result.exit_code == 0, result.output
+    assert "3 computed" in result.output
+    graphs = lake.scan("graphs").collect()
+    constants = lake.scan("nodes").filter((pl.col("layer") == -1) & (pl.col("index") == -1))
+    assert constants.collect().height == (graphs["n_tokens"].sum() if family == "qwen2" else 0)
+    assert_stored_graphs_complete(lake, 3, 3 * 50, rtol=1e-4)

@@ -58,6 +58,9 @@ def test_unsupported_architectures_are_refused():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(CircuitAtlasError, match="model family 'gpt2' is not supported"):
         adapter_for(gpt2)
-    qwen2 = tiny_llama(family="qwen2", dtype=torch.float32)  # q/k/v biases
-    with pytest.raises(CircuitAtlasError, match="bias on layers.0.self_attn.q_proj"):
-        adapter_for(qwen2)
+    biased = tiny_llama(dtype=torch.float32, mlp_bias=True)
+    with pytest.raises(CircuitAtlasError, match="bias on layers.0.mlp.gate_proj.*affine"):
+        adapter_for(biased)
+    gelu = tiny_llama(dtype=torch.float32, hidden_act="gelu")
+    with pytest.raises(CircuitAtlasError, match="activation 'gelu'"):
+        adapter_for(gelu)

@@ -16,10 +16,13 @@ def reference(adapter, layer, norm):
     a, blk = adapter, adapter.blocks[layer]
     f = torch.float64
     down, unembed, embed = blk.down.to(f), a.unembed.to(f), a.embed.to(f)
+    if a.family == "olmo2":  # the MLP's output norm weighs what the neuron writes
+        down = a.model.model.layers[layer].post_feedforward_layernorm.weight.to(f)[:, None] * down
     if norm:
         out = unembed @ (a.final_norm.to(f)[:, None] * down)
         rms = embed * torch.rsqrt(embed.pow(2).mean(-1, keepdim=True) + a.eps)
-        x = rms * blk.mlp_norm.to(f)
+        # post-norm (OLMo): the MLP reads the raw residual
+        x = rms * blk.mlp_norm.to(f) if a.family != "olmo2" else embed
     else:
         out, x = unembed @ down, embed
     inp = torch.nn.functional.silu(x @ blk.gate.to(f).T) * (x @ blk.up.to(f).T)
@@ -28,8 +31,9 @@ def reference(adapter, layer, norm):
 
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_top_k_agree_with_float64_reference(norm, dtype):
-    adapter = adapter_for(tiny_llama(seed=1, vocab=400, neurons=40, n_layers=2))
+@pytest.mark.parametrize("family", ["llama", "olmo2"])
+def test_top_k_agree_with_float64_reference(norm, dtype, family):
+    adapter = adapter_for(tiny_llama(seed=1, vocab=400, neurons=40, n_layers=2, family=family))
     k = 6
     projector = Projector(adapter, ProjectionParams(k=k, norm=norm, dtype=dtype, margin=4))
     projector.chunk = 16  # several chunks, one partial
@@ -46,9 +50,11 @@ def test_top_k_agree_with_float64_reference(norm, dtype):
                 np.testing.assert_array_equal(got["token_id"].to_numpy(), want_ids)
                 np.testing.assert_allclose(got["value"].to_numpy(), want_vals, rtol=1e-6)
         norms = df.filter(pl.col("kind") == 0).group_by("neuron").agg(pl.col("write_norm").first())
+        down = adapter.blocks[layer].down
+        if family == "olmo2":
+            down = down * adapter.blocks[layer].mlp_post_norm[:, None]
         np.testing.assert_allclose(
-            norms.sort("neuron")["write_norm"].to_numpy(),
-            adapter.blocks[layer].down.norm(dim=0).numpy())
+            norms.sort("neuron")["write_norm"].to_numpy(), down.norm(dim=0).numpy())
         assert df.filter(pl.col("kind") == 1)["write_norm"].is_nan().all()
 
 
