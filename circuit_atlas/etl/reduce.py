@@ -73,12 +73,12 @@ def _without(table: pa.Table, skip: list[int]) -> pa.Table:
                                            value_set=pa.array(skip, pa.int64()))))
 
 
-def shard_task(lake: Lake, shard_path: str, corpus_id: int, skip: list[int], scratch
+def shard_task(lake: Lake, shard_path: str, corpus_id: int, skip: list[int], version
                ) -> dict[str, Any]:
-    """One shard: its edge rows split by source layer (one row group per layer) and its
-    neuron partials, written to scratch files; returns where, and the rows per layer.
-    Nothing waits in worker memory for the folds. ``skip``: graph ids already counted
-    from an earlier shard. ``scratch(name)`` gives a path for a scratch file."""
+    """One shard: its edge rows split by source layer and its neuron partials, written
+    to scratch files of the edges table ``version``; returns where, and the rows per
+    layer. Nothing waits in worker memory for the folds. ``skip``: graph ids already
+    counted from an earlier shard."""
     by_layer = er.shard_rows(_without(
         _read(lake, f"{shard_path}/edges.parquet", EDGES, EDGE_COLUMNS), skip))
     stats, tokens = nr.shard_partials(
@@ -87,29 +87,25 @@ def shard_task(lake: Lake, shard_path: str, corpus_id: int, skip: list[int], scr
                        ["graph_id", "input_tokens", "target_tokens"]), skip))
     name = shard_path.rstrip("/").rsplit("/", 2)
     base = f"{name[-2]}-{name[-1]}".replace("=", "_")
-    paths = {t: scratch(f"{base}.{t}.parquet") for t in MERGES}
-    with lake.fs.open(paths["edges"], "wb") as f, pq.ParquetWriter(
-            f, er.RAW_SCHEMA, compression="lz4") as writer:
-        for rows in by_layer.values():  # one row group per layer, in layer order
-            writer.write_table(rows, row_group_size=max(1, rows.num_rows))
+    paths = {t: version.scratch(f"{base}.{t}.arrow") for t in MERGES}
+    batches = version.write_scratch(paths["edges"], list(by_layer.values()), er.RAW_SCHEMA)
     for table, data in (("neurons", stats), ("neuron_tokens", tokens),
                         ("neuron_corpora", nr.corpus_partial(stats, corpus_id))):
-        with lake.fs.open(paths[table], "wb") as f:
-            pq.write_table(data, f, compression="lz4")
-    return {"paths": paths, "groups": {layer: i for i, layer in enumerate(by_layer)},
+        version.write_scratch(paths[table], [data], data.schema)
+    return {"paths": paths, "version": version,
+            "batches": dict(zip(by_layer, batches, strict=True)),
             "rows": {layer: t.num_rows for layer, t in by_layer.items()}}
 
 
-def read_part(lake: Lake, result: dict[str, Any], table: str, layers: list[int] | None
-              ) -> pa.Table:
+def read_part(result: dict[str, Any], table: str, layers: list[int] | None) -> pa.Table:
     """A shard's scratch partial of ``table``; for edges, its rows of ``layers``."""
-    with lake.fs.open(result["paths"][table], "rb") as f:
-        if layers is None:
-            return pq.read_table(f)
-        groups = [result["groups"][x] for x in layers if x in result["groups"]]
-        if not groups:
-            return er.RAW_SCHEMA.empty_table()
-        return pq.ParquetFile(f).read_row_groups(groups)
+    version = result["version"]
+    if layers is None:
+        return version.read_scratch(result["paths"][table])
+    batches = [i for x in layers for i in result["batches"].get(x, [])]
+    if not batches:
+        return er.RAW_SCHEMA.empty_table()
+    return version.read_scratch(result["paths"][table], batches)
 
 
 def layer_rows(result: dict[str, Any]) -> dict[int, int]:
@@ -154,7 +150,7 @@ def plan_folds(counts: list[dict[int, int]], layers: list[int], n_workers: int,
 def fold_task(lake: Lake, table: str, layers: list[int] | None, state: pa.Table | None,
               *results: dict[str, Any]) -> pa.Table:
     """Fold the scratch partials of ``results`` (shards, in commit order) onto ``state``."""
-    parts = [read_part(lake, r, table, layers) for r in results]
+    parts = [read_part(r, table, layers) for r in results]
     if table == "edges":  # raw rows of some source layers
         return er.fold_layer(state, parts)
     return fold([state, *parts] if state is not None else parts, MERGES[table])
@@ -269,7 +265,7 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     results = client.map(shard_task, [lake] * len(fresh), [shards[i].path for i in fresh],
                          [corpora.index(shards[i].corpus) for i in fresh],
                          [skips[i] for i in fresh],
-                         [versions["edges"].scratch] * len(fresh), pure=False)
+                         [versions["edges"]] * len(fresh), pure=False)
     counts = client.gather(client.map(layer_rows, results))
     layers = sorted({layer for c in counts for layer in c}
                     | {_layer_of(n) for n in _state_names(manifests["edges"], old)})

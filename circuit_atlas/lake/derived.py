@@ -23,7 +23,7 @@ from circuit_atlas._version import __version__
 from circuit_atlas.errors import LakeError
 from circuit_atlas.lake import layout
 from circuit_atlas.lake.records import read_record, write_json_atomic
-from circuit_atlas.lake.schemas import DERIVED, TableSpec
+from circuit_atlas.lake.schemas import DERIVED, TableSpec, parquet_options
 from circuit_atlas.lake.validate import check_file, conform
 
 if TYPE_CHECKING:
@@ -54,7 +54,8 @@ class TableVersion:
             data = conform(data, spec, origin=path)
         self.lake.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with self.lake.fs.open(path, "wb") as f:
-            pq.write_table(data, f, compression=compression, row_group_size=1 << 20)
+            pq.write_table(data, f, row_group_size=1 << 20,
+                           **parquet_options(data.schema, compression))
         return f"{self.version}/{name}"
 
     def scratch(self, name: str) -> str:
@@ -62,6 +63,32 @@ class TableVersion:
         path = self.lake.path(f"{self.dir}/{self.version}/_scratch/{name}")
         self.lake.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         return path
+
+    def write_scratch(self, path: str, parts: list[pa.Table], schema: pa.Schema
+                      ) -> list[list[int]]:
+        """Write ``parts`` to one scratch file; returns each part's record batches.
+
+        Arrow IPC, uncompressed: scratch is written once and read once soon after, so
+        Parquet's encoding and compression cost more than the bytes they save (they
+        were half of a reduce's shard tasks)."""
+        out, n = [], 0
+        with self.lake.fs.open(path, "wb") as f, pa.ipc.new_file(f, schema) as writer:
+            for part in parts:
+                batches = part.to_batches()
+                for batch in batches:
+                    writer.write_batch(batch)
+                out.append(list(range(n, n + len(batches))))
+                n += len(batches)
+        return out
+
+    def read_scratch(self, path: str, batches: list[int] | None = None) -> pa.Table:
+        """A scratch file written by :meth:`write_scratch`, whole or some batches."""
+        with self.lake.fs.open(path, "rb") as f:
+            reader = pa.ipc.open_file(f)
+            if batches is None:
+                return reader.read_all()
+            return pa.Table.from_batches([reader.get_batch(i) for i in batches],
+                                         schema=reader.schema)
 
     def drop_scratch(self) -> None:
         path = self.lake.path(f"{self.dir}/{self.version}/_scratch")

@@ -27,7 +27,7 @@ from circuit_atlas.lake.derived import (
 from circuit_atlas.lake.ids import prompt_id
 from circuit_atlas.lake.prompt_files import Record, meta_json
 from circuit_atlas.lake.records import read_record, write_json_atomic
-from circuit_atlas.lake.schemas import DERIVED, PROMPTS, TableSpec, spec
+from circuit_atlas.lake.schemas import DERIVED, PROMPTS, TableSpec, parquet_options, spec
 from circuit_atlas.lake.shards import (
     CleanupReport,
     Shard,
@@ -172,7 +172,7 @@ class Lake:
             tmp = layout.tmp_name(part, uuid.uuid4().hex[:8])
             self.fs.makedirs(part.rsplit("/", 1)[0], exist_ok=True)
             with self.fs.open(tmp, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
+                pq.write_table(table, f, **parquet_options(table.schema))
             self.fs.mv(tmp, part)
         return ImportReport(corpus, len(rows), already, dup_in, source)
 

@@ -36,6 +36,20 @@ def logit_layer(n_layers: int) -> int:
     return n_layers
 
 
+def parquet_options(schema: pa.Schema, compression: str = "zstd") -> dict:
+    """How the lake writes a table with ``schema`` to Parquet.
+
+    Dictionary encoding only for non-float columns (ids, layers, counts, text repeat;
+    float sums and weights almost never do, and trying costs time); floats get
+    BYTE_STREAM_SPLIT, which zstd compresses better. Measured on an edge table of
+    3.3M rows: 33% faster to write, 16% smaller, twice as fast to read.
+    """
+    floats = [f.name for f in schema if pa.types.is_floating(f.type)]
+    return {"compression": compression,
+            "use_dictionary": [f.name for f in schema if f.name not in floats],
+            "use_byte_stream_split": floats or False}
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """A lake table: its name, the schema of its files, and that schema's version.

@@ -36,7 +36,7 @@ from circuit_atlas.errors import LakeError
 from circuit_atlas.lake import layout
 from circuit_atlas.lake.ids import params_hash as hash_params
 from circuit_atlas.lake.records import read_record, write_json_atomic
-from circuit_atlas.lake.schemas import SHARD_TABLES, spec
+from circuit_atlas.lake.schemas import SHARD_TABLES, parquet_options, spec
 from circuit_atlas.lake.validate import conform
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ class ShardWriter:
         if stream is None:
             tmp = self.lake.path(layout.tmp_name(f"{self.dir}/{table}.parquet", self._token))
             sink = self.lake.fs.open(tmp, "wb")
-            writer = pq.ParquetWriter(sink, t_spec.schema, compression="zstd")
+            writer = pq.ParquetWriter(sink, t_spec.schema, **parquet_options(t_spec.schema))
             stream = self._streams[table] = _Stream(tmp, sink, writer)
         stream.writer.write_table(data)
         stream.rows += data.num_rows
@@ -307,12 +307,22 @@ def _mtime(info: dict[str, Any]) -> float | None:
     return None
 
 
+def _read_marker(fs, marker: str) -> dict[str, Any] | None:
+    """The writer marker, or its temporary copy: a writer killed between writing the
+    marker and renaming it into place leaves only that."""
+    for path in [marker, *sorted(fs.glob(layout.tmp_name(marker, "*")))]:
+        try:
+            with fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def _writer_alive(fs, marker: str) -> bool | None:
     """True/False when the writer ran on this host and we can tell; None otherwise."""
-    try:
-        with fs.open(marker, "rb") as f:
-            info = json.loads(f.read())
-    except (OSError, ValueError):
+    info = _read_marker(fs, marker)
+    if not isinstance(info, dict):
         return None
     if info.get("host") != socket.gethostname():
         return None

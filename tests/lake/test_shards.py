@@ -196,6 +196,17 @@ def test_cleanup_age_guard_for_writers_on_other_hosts(lake):
     assert report.removed == [d] and not os.path.exists(d)
 
 
+def test_writer_killed_before_its_marker_was_renamed_is_debris(lake):
+    """Only the marker's temporary copy is there: it still names the dead writer."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    d = lake.path(layout.shard_dir(layout.model_key(MODEL), "c", "killed-early"))
+    os.makedirs(d)
+    with open(layout.tmp_name(f"{d}/{layout.WRITING_FILE}", "abcd1234"), "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": dead.pid, "started_at": "now"}, f)
+    assert lake.cleanup(min_age_s=3600).removed == [d] and not os.path.exists(d)
+
+
 def test_committed_shard_survives_cleanup_even_with_stale_marker(lake):
     shard, _ = write_shard(lake, "c", prompts_of(2))
     with open(f"{shard.path}/{layout.WRITING_FILE}", "w") as f:  # killed just before removal
