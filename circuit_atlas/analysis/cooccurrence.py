@@ -110,8 +110,9 @@ class CooccurrenceReport:
 
 
 def _shard_task(lake, shard_path: str, n_layers: int, skip: list[int], hubs: np.ndarray,
-                buckets: int, path: str) -> list[int]:
-    """One shard's pairs, sorted into buckets (one row group each); rows per bucket."""
+                buckets: int, path: str, version) -> list[list[int]]:
+    """One shard's pairs, split into buckets, written to one scratch file; returns each
+    bucket's record batches there."""
     from circuit_atlas.lake import NODES
     from circuit_atlas.lake.validate import check_file
 
@@ -122,24 +123,19 @@ def _shard_task(lake, shard_path: str, n_layers: int, skip: list[int], hubs: np.
     pairs = pair_counts(graph_neurons(nodes, n_layers, skip), hubs).with_columns(
         bucket=((pl.col("a") // SHIFT * 1_000_003 + pl.col("a") % SHIFT) % buckets)
         .cast(pl.Int32)).sort("bucket")
-    sizes = []
-    with lake.fs.open(path, "wb") as fh, pq.ParquetWriter(fh, PAIR_SCHEMA,
-                                                          compression="lz4") as writer:
-        for b in range(buckets):
-            part = pairs.filter(pl.col("bucket") == b).drop("bucket").to_arrow()
-            writer.write_table(part.cast(PAIR_SCHEMA), row_group_size=max(1, part.num_rows))
-            sizes.append(part.num_rows)
-    return sizes
+    parts = [pairs.filter(pl.col("bucket") == b).drop("bucket").to_arrow().cast(PAIR_SCHEMA)
+             for b in range(buckets)]
+    return version.write_scratch(path, parts, PAIR_SCHEMA)
 
 
-def _bucket_task(lake, paths: list[str], bucket: int, counts: pl.DataFrame, n_graphs: int,
-                 k: int, min_count: int, rank_by: str, version, _deps: list) -> tuple[str, int]:
+def _bucket_task(paths: list[str], bucket: int, counts: pl.DataFrame, n_graphs: int,
+                 k: int, min_count: int, rank_by: str, version,
+                 batches: list[list[list[int]]]) -> tuple[str, int]:
+    """One bucket's pairs from every shard's scratch file, to its top pairs."""
     from circuit_atlas.lake.schemas import COOCCURRENCE
 
-    frames = []
-    for p in paths:
-        with lake.fs.open(p, "rb") as fh:
-            frames.append(pl.from_arrow(pq.ParquetFile(fh).read_row_group(bucket)))
+    frames = [pl.from_arrow(version.read_scratch(p, b[bucket]))
+              for p, b in zip(paths, batches, strict=True)]
     table = top_pairs(pl.concat(frames), counts, n_graphs, k, min_count, rank_by).sort(
         ["layer", "neuron", rank_by, "joint_count", "other_layer", "other_neuron"],
         descending=[False, False, True, True, False, False])
@@ -175,13 +171,13 @@ def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int 
     workers = len(client.scheduler_info(n_workers=-1)["workers"]) or 1
     buckets = buckets or max(1, min(256, 4 * workers, len(counts) // 1000 + 1))
     version = lake.new_table_version(model, ck, "cooccurrence")
-    scratch = [version.scratch(f"shard-{i:06d}.parquet") for i in range(len(shards))]
+    scratch = [version.scratch(f"shard-{i:06d}.arrow") for i in range(len(shards))]
     skips = repeated_graphs(shards)
     parts = [client.submit(_shard_task, lake, s.path, n_layers, skip, hubs, buckets, path,
-                           pure=False)
+                           version, pure=False)
              for s, skip, path in zip(shards, skips, scratch, strict=True)]
     counts_f = client.scatter(counts, broadcast=True)
-    finals = [client.submit(_bucket_task, lake, scratch, b, counts_f, n_graphs, k, min_count,
+    finals = [client.submit(_bucket_task, scratch, b, counts_f, n_graphs, k, min_count,
                             rank_by, version, parts, pure=False) for b in range(buckets)]
     total = len(parts) + len(finals)
     for done, _ in enumerate(as_completed([*parts, *finals]), start=1):

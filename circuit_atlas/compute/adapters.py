@@ -22,7 +22,7 @@ never attributed wrongly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -102,9 +102,12 @@ class Adapter:
     embed: torch.Tensor  # (V, d)
     final_norm: torch.Tensor  # (d,)
     unembed: torch.Tensor  # (V, d)
-    constants: bool = field(default=False)
-    """Whether any block adds a constant (attention biases): graphs then get constant
-    nodes, so that every target's incoming edges still sum to its read."""
+
+    @property
+    def constants(self) -> bool:
+        """Whether any block adds a constant (attention biases): graphs then get constant
+        nodes, so that every target's incoming edges still sum to its read."""
+        return any(b.attn_constant is not None for b in self.blocks)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -214,5 +217,4 @@ def adapter_for(model: Any) -> Adapter:
         embed=model.model.embed_tokens.weight,
         final_norm=model.model.norm.weight,
         unembed=model.lm_head.weight,
-        constants=any(b.attn_constant is not None for b in blocks),
     )

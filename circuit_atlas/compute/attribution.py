@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from circuit_atlas.compute.adapters import Adapter
-from circuit_atlas.compute.trace import Trace, forward, scaled
+from circuit_atlas.compute.trace import Trace, at, forward, neuron_writes, scaled
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +150,10 @@ class Relevance:
 def attention_constants(a: Adapter, tr: Trace, layer: int, b: int = 0) -> torch.Tensor | None:
     """What layer's attention biases add to the residual of prompt ``b``: (T, d), or
     None where the layer has no bias."""
-    c = a.blocks[layer].attn_constant
-    if c is None:
-        return None
     blk = a.blocks[layer]
-    sp = tr.attn_post_scale[layer]
-    out = scaled(c, None if sp is None else sp[b], blk.attn_post_norm)
+    if blk.attn_constant is None:
+        return None
+    out = scaled(blk.attn_constant, at(tr.attn_post_scale[layer], b), blk.attn_post_norm)
     return out.expand(tr.tokens.shape[1], a.d_model)
 
 
@@ -228,8 +226,7 @@ def neuron_read_vectors(a: Adapter, tr: Trace, cand: np.ndarray) -> torch.Tensor
         g, u = tr.gate[layer][0, pos, n, None], tr.up[layer][0, pos, n, None]
         silu = torch.nn.functional.silu(g)
         vec = 0.5 * torch.sigmoid(g) * u * blk.gate[n] + 0.5 * silu * blk.up[n]
-        scale = tr.mlp_scale[layer]
-        out[idx] = scaled(vec, None if scale is None else scale[0, pos], blk.mlp_norm)
+        out[idx] = scaled(vec, at(tr.mlp_scale[layer], 0, pos), blk.mlp_norm)
     return out
 
 
@@ -274,10 +271,8 @@ def replay_edges(a: Adapter, tr: Trace, cand: np.ndarray, rows_layer: np.ndarray
                 total = torch.einsum("rtd,td->rt", g, tr.mlp_out[layer][0])
                 if len(idx):
                     lp, ln = cand[idx, 1], cand[idx, 2]
-                    post = tr.mlp_post_scale[layer]
-                    write = scaled(tr.act[layer][0, lp, ln, None] * a.blocks[layer].down[:, ln].T,
-                                   None if post is None else post[0, lp],
-                                   a.blocks[layer].mlp_post_norm)
+                    write = neuron_writes(a.blocks[layer], tr.act[layer][0, lp, ln], ln,
+                                          at(tr.mlp_post_scale[layer], 0, lp))
                     w = torch.einsum("rcd,cd->rc", g[:, lp], write)
                     per_pos = torch.zeros_like(total).index_add_(
                         1, torch.as_tensor(lp, device=a.device), w)
@@ -299,13 +294,12 @@ def _attention_transpose(a: Adapter, tr: Trace, layer: int, G: torch.Tensor) -> 
     """d(what attention adds)/d(residual input) transposed, applied to G (R, T, d)."""
     blk = a.blocks[layer]
     R, T, _ = G.shape
-    post, pre = tr.attn_post_scale[layer], tr.attn_scale[layer]
-    G = scaled(G, None if post is None else post[0], blk.attn_post_norm)
+    G = scaled(G, at(tr.attn_post_scale[layer], 0), blk.attn_post_norm)
     gz = (G @ blk.o).view(R, T, a.n_heads, a.head_dim).transpose(1, 2)  # (R, H, T, dh)
     gv = tr.pattern[layer][0].transpose(-1, -2) @ gz  # (R, H, T, dh)
     gv = gv.view(R, a.n_kv_heads, a.n_heads // a.n_kv_heads, T, a.head_dim).sum(2)
     gxn = gv.transpose(1, 2).reshape(R, T, a.n_kv_heads * a.head_dim) @ blk.v
-    return scaled(gxn, None if pre is None else pre[0], blk.attn_norm)
+    return scaled(gxn, at(tr.attn_scale[layer], 0), blk.attn_norm)
 
 
 def attribute(a: Adapter, tokens: torch.Tensor, params: AttributionParams,

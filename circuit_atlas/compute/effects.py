@@ -33,7 +33,15 @@ import polars as pl
 import torch
 
 from circuit_atlas.compute.adapters import Adapter
-from circuit_atlas.compute.trace import cached_attention, forward, mlp, normed, qkv, scaled
+from circuit_atlas.compute.trace import (
+    at,
+    cached_attention,
+    forward,
+    mlp,
+    neuron_writes,
+    normed,
+    qkv,
+)
 from circuit_atlas.errors import CircuitAtlasError
 
 ROUTING, LOGIT = 0.3, 0.7  # direct-ratio class boundaries
@@ -74,8 +82,7 @@ def clean_run(adapter: Adapter, tokens: torch.Tensor) -> CleanRun:
         keys.append(k[0].repeat_interleave(group, dim=0))
         values.append(v[0].repeat_interleave(group, dim=0))
     return CleanRun(resid=[r[0, -1] for r in resid_full], act=[h[0, -1] for h in trace.act],
-                    mlp_post_scale=[None if s is None else s[0, -1]
-                                    for s in trace.mlp_post_scale],
+                    mlp_post_scale=[at(s, 0, -1) for s in trace.mlp_post_scale],
                     keys=keys, values=values,
                     rotary=[(cos[:, -1:], sin[:, -1:]) for cos, sin in rotary],
                     logits=trace.logits(a)[0])
@@ -130,11 +137,12 @@ def neuron_effects(adapter: Adapter, run: CleanRun, layer: np.ndarray, index: np
         raise ValueError("rows must be sorted by layer")
     dev = run.logits.device
     act = torch.stack([run.act[li][ni] for li, ni in zip(layer, index, strict=True)])
-    # what the neuron adds to the residual; a post-MLP norm scales it as in the clean run
-    write = torch.stack([
-        scaled(run.act[li][ni] * adapter.blocks[li].down[:, ni], run.mlp_post_scale[li],
-               adapter.blocks[li].mlp_post_norm)
-        for li, ni in zip(layer, index, strict=True)])  # (B, d)
+    # what each neuron adds to the residual (a post-MLP norm at its clean scale), one
+    # layer's rows at a time: rows are sorted by layer
+    bounds = [0, *(np.flatnonzero(np.diff(layer)) + 1), len(layer)]
+    write = torch.cat([neuron_writes(adapter.blocks[layer[i]], act[i:j], index[i:j],
+                                     run.mlp_post_scale[layer[i]])
+                       for i, j in zip(bounds, bounds[1:], strict=False)])  # (B, d)
     start = torch.stack([run.resid[li] for li in layer]).to(dev)
     direct = final_logits(adapter, run.resid[-1] + write) - run.logits
     total = run_from(adapter, run, layer, start + write) - run.logits

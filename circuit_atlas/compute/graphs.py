@@ -90,8 +90,9 @@ def commit_shard(lake: Lake, model: LoadedModel, corpus: str, prompts: list[tupl
                      key=lambda p: p[1].shape[1])
     with lake.open_shard(model.name, corpus, params=rp, model_revision=model.revision,
                          model_shape=model.shape) as shard:
-        for start in range(0, len(encoded), max(1, prompt_batch)):
-            group = encoded[start:start + max(1, prompt_batch)]
+        step = max(1, prompt_batch)
+        for start in range(0, len(encoded), step):
+            group = encoded[start:start + step]
             raws = attribute_batch(model.adapter, [ids for _, ids in group], params, batch_rows)
             for (pid, _), raw in zip(group, raws, strict=True):
                 tables = graph_tables(raw, graph_id(model.name, pid, phash), pid, phash,

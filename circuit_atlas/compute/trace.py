@@ -54,22 +54,26 @@ class Trace:
     def select(self, b: int, length: int) -> Trace:
         """Prompt ``b`` of a batch, its first ``length`` positions (right padding cut
         off: under causal attention nothing before it saw the padding)."""
-        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
+        def cut(t: torch.Tensor) -> torch.Tensor:
             if t.dim() == 4:  # attention pattern
                 return t[b:b + 1, :, :length, :length]
             return t[b:b + 1, :length]
-        return Trace(**{k: ([cut(t) for t in v] if isinstance(v, list) else cut(v))
-                        for k, v in self.__dict__.items()})
+        return self._map(cut)
 
     def detached(self) -> Trace:
-        return Trace(**{k: ([_detach(t) for t in v] if isinstance(v, list) else _detach(v))
+        return self._map(torch.Tensor.detach)
+
+    def _map(self, fn) -> Trace:
+        """A trace of ``fn`` applied to every recorded tensor (None stays None)."""
+        def one(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
+        return Trace(**{k: ([one(t) for t in v] if isinstance(v, list) else one(v))
                         for k, v in self.__dict__.items()})
 
 
-def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach()
+def at(scale: torch.Tensor | None, *index) -> torch.Tensor | None:
+    """``scale[index]`` of a recorded norm scale, None where the block has no such norm."""
+    return None if scale is None else scale[index]
 
 
 def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -166,6 +170,14 @@ def scaled(x: torch.Tensor, scale: torch.Tensor | None, weight: torch.Tensor | N
 def normed(a: Adapter, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """``x`` through an RMSNorm with ``weight`` (or unchanged: no norm there)."""
     return scaled(x, norm_scale(x, weight, a.eps), weight)
+
+
+def neuron_writes(blk, act: torch.Tensor, index, post_scale: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """What neurons ``index`` of a block add to the residual at activations ``act`` (C,):
+    ``h * W_down[:, n]``, through the post-MLP norm at its (frozen) ``post_scale`` in
+    post-norm families. (C, d)."""
+    return scaled(act[:, None] * blk.down[:, index].T, post_scale, blk.mlp_post_norm)
 
 
 def mlp(blk, xm: torch.Tensor) -> torch.Tensor:
