@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -32,6 +31,7 @@ from circuit_atlas.compute.effects import clean_run, prompt_effects  # noqa: E40
 from circuit_atlas.compute.graphs import MAX_TOKENS, tokenize  # noqa: E402
 from circuit_atlas.compute.models import load_model  # noqa: E402
 from circuit_atlas.demo import demo_corpus_file  # noqa: E402
+from circuit_atlas.machine import describe  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--seed-pairs", type=int, default=300,
                     help="Pairs the seeds' plan runs (its rate is measured on these).")
     args = ap.parse_args()
-    model = load_model("smollm2", device=args.device)
+    model = load_model("smollm2", device=args.device, dtype="float32")
     texts = [json.loads(line)["prompt"]
              for line in demo_corpus_file("medical").read_text().splitlines()][:args.prompts]
     work = [(tokenize(model, t, MAX_TOKENS), None) for t in texts]
@@ -113,7 +113,7 @@ def main() -> None:
     sync(args.device)
     seeds = (time.perf_counter() - t) / done
     tokens = np.mean([tok.shape[1] for tok, _ in work])
-    print(f"{platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    print(f"{describe()}, torch {torch.__version__}, "
           f"{args.device}, {time.strftime('%Y-%m-%d')}")
     print(f"SmolLM2-135M, {len(work)} prompts of {tokens:.1f} tokens on average, "
           f"{pairs:,} neuron-prompt pairs")

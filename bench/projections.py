@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -27,6 +26,7 @@ sys.path.insert(0, ROOT)
 
 from circuit_atlas.compute.adapters import Adapter, Block  # noqa: E402
 from circuit_atlas.compute.projections import ProjectionParams, Projector  # noqa: E402
+from circuit_atlas.machine import describe  # noqa: E402
 
 LLAMA8B = {"n_layers": 32, "d_model": 4096, "n_neurons": 14336, "vocab": 128256}
 
@@ -84,11 +84,11 @@ def main() -> None:
     if args.model == "smollm2":
         from circuit_atlas.compute.models import load_model
 
-        adapter = load_model("smollm2", device=args.device).adapter
+        adapter = load_model("smollm2", device=args.device, dtype="float32").adapter
     else:
         adapter = shaped_adapter(args.device, torch.bfloat16, **LLAMA8B)
     n = adapter.n_layers * adapter.n_neurons
-    print(f"{platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    print(f"{describe()}, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}, "
           f"{time.strftime('%Y-%m-%d')}")
     print(f"model {args.model}: {adapter.n_layers} layers x {adapter.n_neurons} neurons = {n:,},"

@@ -266,9 +266,10 @@ def cluster_options(f=None, *, default: str = "local"):
 @click.option("--corpus", required=True, help="Corpus whose prompts to attribute.")
 @lake_option
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
-@click.option("--dtype", default="float32", show_default=True,
-              type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
-              help="Model and attribution precision.")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "float64", "bfloat16", "float16"]),
+              help="Model and attribution precision; auto: bfloat16 where the device runs "
+                   "it fast (measured once per process), else float32.")
 @click.option("--candidates", default=500, show_default=True,
               help="Neurons kept as nodes: the top ones by |relevance|.")
 @click.option("--last-positions", type=int, default=None,
@@ -357,11 +358,12 @@ device_option = click.option("--device", default="cpu", show_default=True,
                              help="torch device, e.g. cuda.")
 
 
-def _load(model_spec: str, device: str, dtype: str, console):
+def _load(model_spec: str, device: str, dtype: str, console, stage: str = "graphs"):
     from circuit_atlas.compute.models import load_model
 
     with console.status(f"loading {model_spec} ..."):
-        return load_model(model_spec, device=device, dtype=dtype)
+        return load_model(model_spec, device=device, dtype=dtype, stage=stage,
+                          warn=console.print)
 
 
 @cli.command()
@@ -371,12 +373,16 @@ def _load(model_spec: str, device: str, dtype: str, console):
 @click.option("--k", default=20, show_default=True, help="Tokens per neuron, kind and sign.")
 @click.option("--no-norm", is_flag=True,
               help="Skip the final/MLP norm weights (the seeds' raw W_U @ W_down formula).")
-@click.option("--dtype", default="bfloat16", show_default=True,
-              type=click.Choice(["bfloat16", "float16", "float32"]),
-              help="Precision of the candidate search (candidates are re-scored in float32).")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              help="Precision of the candidate search (candidates are re-scored in float32); "
+                   "auto: bfloat16 where the device runs it fast, else float32.")
 @click.option("--layer", "layers", type=int, multiple=True, help="Only this layer (repeatable).")
+@click.option("--corpus", "corpora", multiple=True,
+              help="Only the neurons of this corpus's reduced neurons table (repeat for a "
+                   "joint reduce); default: every neuron.")
 def projections(lake_path: str, model_spec: str, device: str, k: int, no_norm: bool, dtype: str,
-                layers: tuple[int, ...]) -> None:
+                layers: tuple[int, ...], corpora: tuple[str, ...]) -> None:
     """Static output and input projections of every neuron onto the vocabulary: the
     projections table (corpus 'static')."""
     from circuit_atlas.compute.projections import ProjectionParams
@@ -387,7 +393,8 @@ def projections(lake_path: str, model_spec: str, device: str, k: int, no_norm: b
     opened = Lake(lake_path)
     params = ProjectionParams(k=k, norm=not no_norm, dtype=dtype)
     model = _load(model_spec, device, "float32", console)
-    compute_projections(opened, model, params, console, list(layers) or None)
+    compute_projections(opened, model, params, console, list(layers) or None,
+                        corpora=list(corpora) or None)
 
 
 def _neuron_ids(values: tuple[str, ...]) -> list[tuple[int, int]] | None:
@@ -411,8 +418,12 @@ def _neuron_ids(values: tuple[str, ...]) -> list[tuple[int, int]] | None:
 @click.option("--limit", type=int, default=None, help="Only the first N prompts (by id).")
 @click.option("--batch", default=256, show_default=True,
               help="Neurons rerun together from the cached residual.")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "float64"]),
+              help="Model precision; auto: float32 on every device (effects are differences "
+                   "of logits, which bfloat16 rounds away).")
 def effects(lake_path: str, model_spec: str, device: str, corpora: tuple[str, ...],
-            neurons: tuple[str, ...], limit: int | None, batch: int) -> None:
+            neurons: tuple[str, ...], limit: int | None, batch: int, dtype: str) -> None:
     """Direct and indirect effects of neurons on the prompts' predictions: the effects
     and neuron_effects (direct effect ratio) tables."""
     from circuit_atlas.lake import Lake
@@ -421,7 +432,7 @@ def effects(lake_path: str, model_spec: str, device: str, corpora: tuple[str, ..
     console = _console()
     opened = Lake(lake_path)
     wanted = _neuron_ids(neurons)
-    model = _load(model_spec, device, "float32", console)
+    model = _load(model_spec, device, dtype, console, stage="effects")
     compute_effects(opened, model, list(corpora), console, neurons=wanted, limit=limit,
                     batch=batch)
 
@@ -940,20 +951,38 @@ def _quiet():
     return Console(quiet=True)
 
 
-# demo ------------------------------------------------------------------------------
+# doctor and demo -------------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+def doctor(as_json: bool) -> None:
+    """What this machine gives the pipeline, to paste into a bug report: Python, torch
+    and its devices, the CPU and the dtype --dtype auto picks per stage (measured),
+    package versions, the model cache, SLURM and Chromium."""
+    from circuit_atlas.doctor import diagnose, print_report
+
+    report = diagnose()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        print_report(report, _console())
+
 
 
 @cli.command()
 @lake_option
-@click.option("--limit", type=int, default=None,
-              help="Only the first N prompts of each corpus (and the projections of the "
-                   "first and last layers), for a quick look.")
-def demo(lake_path: str, limit: int | None) -> None:
+@click.option("--limit", type=int, default=None, show_default="24",
+              help="The first N prompts of each corpus (by id); the projections cover the "
+                   "neurons their graphs reach.")
+@click.option("--full", is_flag=True,
+              help="Every prompt (40 per corpus) and the projections of every neuron.")
+def demo(lake_path: str, limit: int, full: bool) -> None:
     """Run the pipeline on the built-in demo corpora (medical vs. general prompts)
-    with the embedded SmolLM2 model on the CPU."""
-    from circuit_atlas.demo import run_demo
+    with the embedded SmolLM2 model on the CPU, and print the time of each stage."""
+    from circuit_atlas.demo import DEMO_PROMPTS, run_demo
 
-    run_demo(lake_path, _console(), limit=limit)
+    run_demo(lake_path, _console(), limit=DEMO_PROMPTS if limit is None else limit, full=full)
 
 
 def main() -> None:

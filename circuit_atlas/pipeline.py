@@ -33,7 +33,7 @@ def cluster_client(cluster: str, workers=None, worker_memory=None, queue=None, a
 
 
 def compute_graphs(lake, model_spec, corpus: str, params, console, device: str = "cpu",
-                   dtype: str = "float32", client=None, **kwargs):
+                   dtype: str = "auto", client=None, **kwargs):
     """Run the graph job with a progress bar (graphs/s). ``model_spec`` may be a loaded
     model; with a Dask ``client`` it must be a name, which the workers load (this
     process reads only its config)."""
@@ -45,14 +45,15 @@ def compute_graphs(lake, model_spec, corpus: str, params, console, device: str =
         TimeRemainingColumn,
     )
 
-    from circuit_atlas.compute.graphs import run_graphs
+    from circuit_atlas.compute.graphs import run_graphs, worker_dtype
     from circuit_atlas.compute.models import load_model, model_ref
 
     if isinstance(model_spec, str) and client is not None:
-        model = model_ref(model_spec, device=device, dtype=dtype)
+        model = model_ref(model_spec, device=device,
+                          dtype=worker_dtype(client, device, dtype))
     elif isinstance(model_spec, str):
         with console.status(f"loading {model_spec} ..."):
-            model = load_model(model_spec, device=device, dtype=dtype)
+            model = load_model(model_spec, device=device, dtype=dtype, warn=console.print)
     else:
         model = model_spec
     columns = (TextColumn("[bold]graphs[/] {task.description}"), BarColumn(),
@@ -70,7 +71,8 @@ def compute_graphs(lake, model_spec, corpus: str, params, console, device: str =
                             model_spec=model_spec if client is not None else None, **kwargs)
     console.print(f"[green]graphs[/] {corpus}: {report.computed} computed, "
                   f"{report.skipped} already committed, {report.shards} shard(s), "
-                  f"{report.seconds:.1f} s (model {model.name}, params {report.params_hash})")
+                  f"{report.seconds:.1f} s (model {model.name}, {model.dtype_name}, "
+                  f"params {report.params_hash})")
     return report
 
 
@@ -163,18 +165,28 @@ def _bar(console, what: str):
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console)
 
 
-def compute_projections(lake, model, params, console, layers=None):
-    """The projections of a loaded model with a progress bar (layers)."""
-    from circuit_atlas.compute.projections import write_projections
+def compute_projections(lake, model, params, console, layers=None, corpora=None):
+    """The projections of a loaded model with a progress bar (layers); with ``corpora``,
+    of the neurons their reduce holds only."""
+    from circuit_atlas.compute.projections import reduced_neurons, write_projections
+    from circuit_atlas.lake.layout import corpus_key
 
     start = time.perf_counter()
+    neurons = source = None
+    if corpora:
+        neurons = reduced_neurons(lake, model.name, corpora, model.adapter.n_layers)
+        source = f"neurons of {corpus_key(corpora)}"
     with _bar(console, "projections") as progress:
         task = progress.add_task("layers", total=None)
-        rows = write_projections(lake, model, params, layers, on_layer=lambda d, t:
-                                 progress.update(task, completed=d, total=t))
-    console.print(f"[green]projections[/] {model.name}: {rows:,} rows (top {params.k} per "
-                  f"sign, norm {'on' if params.norm else 'off'}), "
-                  f"{time.perf_counter() - start:.1f} s")
+        rows, params = write_projections(lake, model, params, layers, on_layer=lambda d, t:
+                                         progress.update(task, completed=d, total=t),
+                                         warn=console.print, neurons=neurons,
+                                         neurons_from=source)
+    which = "every neuron" if neurons is None else (
+        f"{sum(len(v) for v in neurons.values()):,} {source}")
+    console.print(f"[green]projections[/] {model.name}: {rows:,} rows for {which} (top "
+                  f"{params.k} per sign, norm {'on' if params.norm else 'off'}, search in "
+                  f"{params.dtype}), {time.perf_counter() - start:.1f} s")
 
 
 def compute_effects(lake, model, corpora: list[str], console, **kwargs):
@@ -189,7 +201,8 @@ def compute_effects(lake, model, corpora: list[str], console, **kwargs):
     seconds = time.perf_counter() - start
     console.print(f"[green]effects[/] {'+'.join(sorted(corpora))}: {counts['effects']:,} "
                   f"neuron-prompt pairs over {counts['prompts']:,} prompts, "
-                  f"{counts['neuron_effects']:,} neurons summarised, {seconds:.1f} s "
+                  f"{counts['neuron_effects']:,} neurons summarised, {model.dtype_name}, "
+                  f"{seconds:.1f} s "
                   f"({counts['effects'] / seconds:,.0f} pairs/s)")
     return counts
 

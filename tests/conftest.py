@@ -6,7 +6,7 @@ def smollm2():
     """The embedded SmolLM2-135M-Instruct, float32 (converted once, then cached)."""
     from circuit_atlas.compute.models import load_model
 
-    return load_model("smollm2")
+    return load_model("smollm2", dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -127,7 +127,7 @@ def logit_targets(probs: torch.Tensor, max_logits: int, logit_prob: float) -> Ta
     p, idx = probs.sort(descending=True)
     k = int(torch.searchsorted(p.cumsum(0), torch.tensor(logit_prob, dtype=p.dtype))) + 1
     k = max(1, min(k, max_logits, len(p)))
-    return Targets(idx[:k].cpu().numpy(), p[:k].detach().cpu().numpy())
+    return Targets(idx[:k].cpu().numpy(), p[:k].detach().double().cpu().numpy())
 
 
 def logit_read_vectors(a: Adapter, tokens: np.ndarray) -> torch.Tensor:

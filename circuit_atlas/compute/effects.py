@@ -271,6 +271,11 @@ def write_effects(lake, model, corpora: list[str], neurons: list[tuple[int, int]
     from circuit_atlas.lake.layout import corpus_key
     from circuit_atlas.lake.schemas import EFFECTS, NEURON_EFFECTS
 
+    if model.adapter.dtype not in (torch.float32, torch.float64):
+        raise CircuitAtlasError(
+            f"effects need a float32 or float64 model, got {model.dtype_name}: they are "
+            "differences of logits, which half precision rounds away; load it with "
+            "dtype='float32' (or dtype='auto', stage='effects')")
     pairs = effect_pairs(lake, model.name, corpora, model.adapter.n_layers, neurons, limit)
     if pairs.is_empty():
         raise CircuitAtlasError(f"nothing to evaluate: no graphs of {model.name!r} for "
@@ -304,7 +309,8 @@ def write_effects(lake, model, corpora: list[str], neurons: list[tuple[int, int]
             on_prompt(done, len(groups))
     flush()
     inputs = {"corpora": sorted(corpora), "neurons": neurons, "limit": limit,
-              "model": model.name, "model_revision": model.revision, "model_shape": model.shape}
+              "model": model.name, "model_revision": model.revision, "model_shape": model.shape,
+              "dtype": model.dtype_name}
     version.publish(files, inputs)
     summary = summarise(lake.table("effects", model.name, key).collect())
     summary_version = lake.new_table_version(model.name, key, "neuron_effects")

@@ -129,6 +129,32 @@ def shard_task(lake: Lake, model_spec: str, device: str, dtype: str, corpus: str
     return len(prompts)
 
 
+def worker_resources(client, device: str) -> dict[str, int] | None:
+    """The Dask resources a task on ``device`` needs: a GPU device asks for a ``GPU``
+    worker (refused at once when no worker declares one: the task would wait forever)."""
+    if not device.startswith("cuda"):
+        return None
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    if not any(w.get("resources", {}).get("GPU") for w in workers):
+        raise CircuitAtlasError(
+            f"device {device!r}, but no Dask worker declares a GPU resource, so the "
+            "tasks would wait forever: start workers with --resources GPU=1 (with "
+            "--cluster slurm and --device cuda this is done for you)")
+    return {"GPU": 1}
+
+
+def worker_dtype(client, device: str, dtype: str) -> str:
+    """``dtype`` for graphs on the workers' ``device``: ``auto`` is resolved on a worker
+    (the client may have no GPU, or another CPU), and every shard of the job then runs
+    in that one dtype, so that the job's graphs share one identity."""
+    from circuit_atlas.compute.precision import AUTO, auto_dtype
+
+    if dtype != AUTO:
+        return dtype
+    return client.submit(auto_dtype, device, "graphs", pure=False,
+                         resources=worker_resources(client, device)).result()
+
+
 @dataclass
 class GraphRunReport:
     model: str
@@ -174,14 +200,7 @@ def run_graphs(
         from distributed import as_completed
 
         device, dtype = model.device, model.dtype_name
-        resources = {"GPU": 1} if device.startswith("cuda") else None
-        if resources and todo:
-            workers = client.scheduler_info(n_workers=-1)["workers"].values()
-            if not any(w.get("resources", {}).get("GPU") for w in workers):
-                raise CircuitAtlasError(
-                    f"device {device!r}, but no Dask worker declares a GPU resource, so the "
-                    "tasks would wait forever: start workers with --resources GPU=1 (with "
-                    "--cluster slurm and --device cuda this is done for you)")
+        resources = worker_resources(client, device) if todo else None
         spec = model_spec or getattr(model, "spec", None) or model.name
         futures = [client.submit(shard_task, lake, spec, device, dtype,
                                  corpus, group, params, max_tokens, batch_rows, prompt_batch,

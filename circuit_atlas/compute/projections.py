@@ -17,21 +17,23 @@ weight and w_l the layer's MLP-norm weight:
   counts as suppressing.
 
 Per layer and chunk of neurons the vocab x chunk scores are one matrix product in
-``dtype`` (bfloat16 by default: twice the speed of float32 on CPUs and the fast path on
-GPUs), of which the top ``k + margin`` tokens per sign are re-scored exactly in float32
-and ranked; no more than a chunk of the vocab x neurons matrix exists at once.
+``dtype`` (``auto``: bfloat16 where the device runs it fast, float32 elsewhere; see
+``compute.precision``), of which the top ``k + margin`` tokens per sign are re-scored
+exactly in float32 and ranked; no more than a chunk of the vocab x neurons matrix
+exists at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from circuit_atlas.compute.adapters import Adapter
+from circuit_atlas.compute.precision import AUTO, resolve_dtype
 from circuit_atlas.errors import CircuitAtlasError
 
 CHUNK_BYTES = 256 * 2**20  # one vocab x chunk score matrix
@@ -41,14 +43,18 @@ CHUNK_BYTES = 256 * 2**20  # one vocab x chunk score matrix
 class ProjectionParams:
     k: int = 20
     norm: bool = True
-    dtype: str = "bfloat16"
+    dtype: str = AUTO
     margin: int = 12  # extra candidates per sign re-scored exactly
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.margin < 0:
             raise CircuitAtlasError(f"k must be >= 1 and margin >= 0, got {self.k}, {self.margin}")
-        if self.dtype not in ("bfloat16", "float16", "float32", "float64"):
+        if self.dtype not in (AUTO, "bfloat16", "float16", "float32", "float64"):
             raise CircuitAtlasError(f"unknown projection dtype {self.dtype!r}")
+
+    def resolved(self, device: str, warn=None) -> ProjectionParams:
+        """These parameters with ``auto`` replaced by the search dtype for ``device``."""
+        return replace(self, dtype=resolve_dtype(self.dtype, device, "projections", warn))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +84,7 @@ class Projector:
     """The per-layer projections of one model, chunked by neurons."""
 
     def __init__(self, adapter: Adapter, params: ProjectionParams) -> None:
+        params = params.resolved(str(adapter.device))
         self.a, self.p = adapter, params
         self.low = getattr(torch, params.dtype)
         exact = torch.float64 if adapter.dtype == torch.float64 else torch.float32
@@ -90,21 +97,24 @@ class Projector:
         self.chunk = max(1, min(adapter.n_neurons,
                                 CHUNK_BYTES // (vocab * torch.finfo(self.low).bits // 8)))
 
-    def layer(self, layer: int) -> dict[str, np.ndarray]:
-        """Columns for ``layer``: neuron, kind (0 output, 1 input), sign, rank, token_id,
-        value, write_norm; rows grouped by neuron, kind, sign, rank."""
+    def layer(self, layer: int, neurons: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Columns for ``layer`` (all its neurons, or the ids ``neurons``): neuron,
+        kind (0 output, 1 input), sign, rank, token_id, value, write_norm; rows grouped
+        by neuron, kind, sign, rank."""
         a, p, blk = self.a, self.p, self.a.blocks[layer]
-        down = blk.down.to(self.exact).T  # (N, d)
+        which = np.arange(a.n_neurons) if neurons is None else np.unique(neurons)
+        pick = torch.as_tensor(which, device=blk.down.device)
+        down = blk.down[:, pick].to(self.exact).T  # (n, d)
         if blk.mlp_post_norm is not None:
             down = down * blk.mlp_post_norm.to(self.exact)
         write = down * a.final_norm.to(self.exact) if p.norm else down
         pre = p.norm and blk.mlp_norm is not None
         x = self.embed_rms * blk.mlp_norm.to(self.exact) if pre else self.embed
         x_low = x.to(self.low)
-        gate, up = blk.gate.to(self.exact), blk.up.to(self.exact)
+        gate, up = blk.gate[pick].to(self.exact), blk.up[pick].to(self.exact)
         parts = []
-        for lo in range(0, a.n_neurons, self.chunk):
-            sl = slice(lo, min(lo + self.chunk, a.n_neurons))
+        for lo in range(0, len(which), self.chunk):
+            sl = slice(lo, min(lo + self.chunk, len(which)))
             # output: scores (C, V), candidates re-scored exactly
             ids = _top(write[sl].to(self.low) @ self.unembed_low.T, p.k + p.margin)
             exact = torch.einsum("ckd,cd->ck", self.unembed[ids], write[sl])
@@ -117,18 +127,18 @@ class Projector:
             exact = (torch.nn.functional.silu(torch.einsum("ckd,cd->ck", rows, gate[sl]))
                      * torch.einsum("ckd,cd->ck", rows, up[sl]))
             inp = _ranked(exact, ids, p.k)
-            parts.append((sl, out, inp, down[sl].norm(dim=1)))
-        return _columns(parts, p.k)
+            parts.append((which[sl], out, inp, down[sl].norm(dim=1)))
+        return _columns(parts)
 
 
-def _columns(parts, k: int) -> dict[str, np.ndarray]:
+def _columns(parts) -> dict[str, np.ndarray]:
     cols: dict[str, list[np.ndarray]] = {c: [] for c in (
         "neuron", "kind", "sign", "rank", "token_id", "value", "write_norm")}
-    for sl, out, inp, norm in parts:
-        n = sl.stop - sl.start
+    for neurons, out, inp, norm in parts:
+        n = len(neurons)
         for kind, (values, ids) in enumerate((out, inp)):
             kk = values.shape[1] // 2
-            cols["neuron"].append(np.repeat(np.arange(sl.start, sl.stop), 2 * kk))
+            cols["neuron"].append(np.repeat(neurons, 2 * kk))
             cols["kind"].append(np.full(n * 2 * kk, kind))
             cols["sign"].append(np.tile(np.repeat([1, -1], kk), n))
             cols["rank"].append(np.tile(np.arange(kk), 2 * n))
@@ -166,28 +176,59 @@ def projection_table(cols: dict[str, np.ndarray], layer: int, vocab: pa.Array) -
 
 @torch.no_grad()
 def project(adapter: Adapter, params: ProjectionParams, layers: list[int] | None = None,
-            on_layer: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> None:
-    """Compute the projections of ``layers`` (default all), handing each layer's
-    columns to ``on_layer`` as soon as it is done."""
+            on_layer: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+            neurons: dict[int, np.ndarray] | None = None) -> None:
+    """Compute the projections of ``layers`` (default all; with ``neurons``, only its
+    layers and, in each, its neuron ids), handing each layer's columns to
+    ``on_layer`` as soon as it is done."""
     projector = Projector(adapter, params)
-    for layer in layers if layers is not None else range(adapter.n_layers):
+    if layers is None:
+        layers = sorted(neurons) if neurons is not None else range(adapter.n_layers)
+    for layer in layers:
         if not 0 <= layer < adapter.n_layers:
             raise CircuitAtlasError(f"layer {layer} out of range 0..{adapter.n_layers - 1}")
-        cols = projector.layer(layer)
+        wanted = None if neurons is None else neurons.get(layer)
+        if neurons is not None and (wanted is None or not len(wanted)):
+            continue
+        cols = projector.layer(layer, wanted)
         if on_layer:
             on_layer(layer, cols)
 
 
+def reduced_neurons(lake, model: str, corpora: list[str], n_layers: int
+                    ) -> dict[int, np.ndarray]:
+    """The MLP neurons of the reduced ``neurons`` table of ``corpora``, by layer: the
+    neurons an atlas of those corpora describes."""
+    import polars as pl
+
+    from circuit_atlas.lake.layout import corpus_key
+
+    df = (lake.table("neurons", model, corpus_key(corpora))
+          .filter(pl.col("layer").is_between(0, n_layers - 1) & (pl.col("index") >= 0))
+          .select("layer", "index").collect())
+    return {int(layer): np.sort(g["index"].to_numpy())
+            for (layer,), g in df.partition_by("layer", as_dict=True).items()}
+
+
 def write_projections(lake, model, params: ProjectionParams, layers: list[int] | None = None,
-                      on_layer: Callable[[int, int], None] | None = None) -> int:
+                      on_layer: Callable[[int, int], None] | None = None, warn=None,
+                      neurons: dict[int, np.ndarray] | None = None,
+                      neurons_from: str | None = None) -> tuple[int, ProjectionParams]:
     """Compute and publish the ``projections`` table of a loaded model (one file per
-    layer, written as each finishes); returns the rows written."""
+    layer, written as each finishes); returns the rows written and the parameters as
+    run (``auto`` resolved; they are what the manifest records). ``neurons``
+    ({layer: ids}) restricts it to those neurons; ``neurons_from`` says in the
+    manifest where they came from."""
     from circuit_atlas.lake.schemas import PROJECTIONS, STATIC_CORPUS
 
+    params = params.resolved(model.device, warn)
     version = lake.new_table_version(model.name, STATIC_CORPUS, "projections")
     vocab = vocabulary(model.tokenizer, int(model.adapter.unembed.shape[0]))
     files, rows = [], 0
-    todo = layers if layers is not None else list(range(model.adapter.n_layers))
+    if layers is None:
+        layers = (sorted(k for k, v in neurons.items() if len(v)) if neurons is not None
+                  else range(model.adapter.n_layers))
+    todo = list(layers)
 
     def write(layer: int, cols: dict[str, np.ndarray]) -> None:
         nonlocal rows
@@ -197,7 +238,9 @@ def write_projections(lake, model, params: ProjectionParams, layers: list[int] |
         if on_layer:
             on_layer(len(files), len(todo))
 
-    project(model.adapter, params, todo, write)
+    project(model.adapter, params, todo, write, neurons)
+    counted = None if neurons is None else int(sum(len(v) for v in neurons.values()))
     version.publish(files, {"params": params.to_dict(), "layers": todo, "model": model.name,
-                            "model_revision": model.revision, "model_shape": model.shape})
-    return rows
+                            "model_revision": model.revision, "model_shape": model.shape,
+                            "neurons": counted, "neurons_from": neurons_from})
+    return rows, params

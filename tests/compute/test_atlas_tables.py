@@ -11,6 +11,7 @@ from circuit_atlas.cli import cli
 from circuit_atlas.compute.attribution import AttributionParams
 from circuit_atlas.compute.effects import clean_run, neuron_effects, write_effects
 from circuit_atlas.compute.graphs import MAX_TOKENS, run_graphs, tokenize
+from circuit_atlas.compute.precision import auto_dtype
 from circuit_atlas.compute.projections import ProjectionParams, write_projections
 from circuit_atlas.lake import Lake, LakeError
 
@@ -26,7 +27,7 @@ def lake(tmp_path_factory, smollm2):
 
 
 def test_projections_table(lake, smollm2):
-    rows = write_projections(lake, smollm2, ProjectionParams(k=5), layers=[0, 29])
+    rows, params = write_projections(lake, smollm2, ProjectionParams(k=5), layers=[0, 29])
     table = lake.table("projections").collect()
     assert rows == len(table) == 2 * 1536 * 2 * 2 * 5
     assert table["corpus"].unique().to_list() == ["static"]
@@ -41,6 +42,9 @@ def test_projections_table(lake, smollm2):
     assert one["value"][0] == pytest.approx(want.max().item(), rel=1e-5)
     manifest = lake.table_manifest(smollm2.name, "static", "projections")
     assert manifest["inputs"]["params"]["norm"] is True
+    # auto is resolved before anything runs, and the manifest says what ran
+    assert params.dtype == manifest["inputs"]["params"]["dtype"] == auto_dtype("cpu",
+                                                                              "projections")
     assert manifest["inputs"]["model_shape"]["n_layers"] == 30
 
 
