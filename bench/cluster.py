@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from circuit_atlas.machine import describe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -110,7 +111,7 @@ def child(*args: str) -> dict:
 
 
 def scale(sizes: list[int]) -> None:
-    print(f"{platform.node()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
+    print(f"{describe()}, {time.strftime('%Y-%m-%d')}")
     print("| links | nodes | method | build | cluster | tables | peak RSS | estimate "
           "| estimate/peak | top modules | levels | NMI planted |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -28,6 +27,8 @@ sys.path[:0] = [ROOT, HERE]
 
 from _measure import measure  # noqa: E402
 from reduce import CORPUS, LAYERS, MODEL, bench_lake, ensure_lake, lake_arguments  # noqa: E402
+
+from circuit_atlas.machine import describe  # noqa: E402
 
 
 def run_ours(lake_path: str, k: int, min_count: int, workers: int | None) -> None:
@@ -129,7 +130,7 @@ def main() -> None:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     print(json.dumps({
-        "machine": f"{platform.node()} {os.cpu_count()} cores", "graphs": args.graphs,
+        "machine": f"{describe()}", "graphs": args.graphs,
         "rows": rows, "duckdb_s": round(duck_s, 2), "duckdb_peak_gb": round(duck_gb, 2),
         "ours_s": round(ours_s, 2), "ours_peak_gb": round(ours_gb, 2),
         "ratio_ours_to_duckdb": round(ours_s / duck_s, 3)}, indent=1))

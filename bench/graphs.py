@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from circuit_atlas.compute.adapters import adapter_for  # noqa: E402
 from circuit_atlas.compute.attribution import AttributionParams, attribute_batch  # noqa: E402
 from circuit_atlas.compute.prune import prune  # noqa: E402
+from circuit_atlas.machine import describe
 
 
 def llama8b(device: str, dtype: torch.dtype):
@@ -72,7 +72,7 @@ def main() -> None:
     attribute_batch(adapter, prompts[:1], params, args.batch_rows)  # warm-up
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     prompts = sorted(prompts, key=lambda p: p.shape[1])  # as the graph job groups them
-    print(f"machine: {platform.node()}, {os.cpu_count()} cores, device {args.device}, "
+    print(f"machine: {describe()}, device {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"model {args.model} ({adapter.n_layers} layers x {adapter.n_neurons} neurons), "
           f"{args.dtype}, {args.candidates} candidates, {len(prompts)} prompts "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake, graph_id, params_hash  # noqa: E402
+from circuit_atlas.machine import describe
 
 MODEL, PARAMS = "bench/model", {"bench": 1}
 
@@ -107,7 +107,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp)
 
-    print(f"machine: {platform.node()} {os.cpu_count()} cores; {len(shards)} shards, "
+    print(f"machine: {describe()}; {len(shards)} shards, "
           f"{args.graphs} graphs, {n_edges:,} edge rows")
     print(f"write: plain pyarrow {plain_write:.2f} s, lake shard writer {lake_write:.2f} s, "
           f"ratio {lake_write / plain_write:.2f}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -26,6 +25,8 @@ import time
 
 import numpy as np
 import pyarrow as pa
+
+from circuit_atlas.machine import describe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -219,7 +220,7 @@ def main() -> None:
     duck_s, duck_gb, ours_s, ours_gb = med
     ratios = [r[2] / r[0] for r in runs]
     print(json.dumps({
-        "machine": f"{platform.node()} {os.cpu_count()} cores", "graphs": info["graphs"],
+        "machine": f"{describe()}", "graphs": info["graphs"],
         "edge_rows": info["edges"], "unique_edges": unique, "shards": info["shards"],
         "duckdb_s": round(duck_s, 2), "duckdb_peak_gb": round(duck_gb, 2),
         "ours_s": round(ours_s, 2), "ours_peak_gb": round(ours_gb, 2),
