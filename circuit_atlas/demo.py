@@ -7,6 +7,8 @@ corpus and general web text). Each stage of the pipeline adds its step here.
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -14,6 +16,9 @@ import polars as pl
 from rich.console import Console
 
 DEMO_CORPORA = ("medical", "general")
+# prompts per corpus by default: every stage in under 5 minutes on a 2-core AVX2-only
+# CPU (bench/RESULTS.md, "The demo"); --full runs all 40
+DEMO_PROMPTS = 24
 
 
 def demo_corpus_file(name: str) -> Path:
@@ -21,23 +26,62 @@ def demo_corpus_file(name: str) -> Path:
     return Path(str(resources.files("circuit_atlas") / "data" / "demo" / f"{name}.jsonl"))
 
 
+class StageClock:
+    """Times the demo's stages; ``table()`` is the summary printed at the end."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float]] = []
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.rows.append((name, time.perf_counter() - t0))
+
+    def table(self):
+        from rich.table import Table
+
+        total = time.perf_counter() - self.start
+        table = Table("stage", "seconds", "share", title="time per stage",
+                      title_justify="left")
+        for name, seconds in self.rows:
+            table.add_row(name, f"{seconds:.1f}", f"{seconds / total:.0%}")
+        table.add_row("[bold]total[/]", f"[bold]{total:.1f}[/]", "")
+        return table
+
+
 def run_demo(lake_path: str, console: Console | None = None, model: str = "smollm2",
-             limit: int | None = None) -> None:
+             limit: int | None = DEMO_PROMPTS, full: bool = False) -> StageClock:
+    """Every stage on the first ``limit`` prompts of each demo corpus, with the
+    projections of the neurons their graphs reach; ``full``: every prompt and every
+    neuron. Returns the stage timings (also printed)."""
+    if full:
+        limit = None
+    from circuit_atlas.doctor import diagnose, summary
     from circuit_atlas.lake import Lake, read_prompt_file
 
     console = console or Console()
+    clock = StageClock()
     lake = Lake.init(lake_path)
     console.rule(f"[bold]circuit-atlas demo[/] - lake at {lake.url}")
-    for corpus in DEMO_CORPORA:
-        path = demo_corpus_file(corpus)
-        report = lake.import_prompts(read_prompt_file(path), corpus, source=f"demo:{path.name}")
-        console.print(f"[green]prompts[/] corpus {corpus!r}: {report.added} new, "
-                      f"{report.already_present} already imported")
+    with clock.stage("doctor"):
+        console.print(summary(diagnose()), soft_wrap=True, markup=False)
+    with clock.stage("prompts"):
+        for corpus in DEMO_CORPORA:
+            path = demo_corpus_file(corpus)
+            report = lake.import_prompts(read_prompt_file(path), corpus,
+                                         source=f"demo:{path.name}")
+            console.print(f"[green]prompts[/] corpus {corpus!r}: {report.added} new, "
+                          f"{report.already_present} already imported")
     from circuit_atlas.analysis.roles import write_roles
     from circuit_atlas.analysis.specificity import write_specificity
     from circuit_atlas.clustering.network import network_params
     from circuit_atlas.compute.attribution import AttributionParams
     from circuit_atlas.compute.models import load_model
+    from circuit_atlas.compute.precision import auto_dtype
     from circuit_atlas.compute.projections import ProjectionParams
     from circuit_atlas.pipeline import (
         cluster_tables,
@@ -48,43 +92,54 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
         reduce_tables,
     )
 
-    with console.status(f"loading {model} ..."):
-        loaded = load_model(model)
-    for corpus in DEMO_CORPORA:
-        compute_graphs(lake, loaded, corpus, AttributionParams(), console, limit=limit)
-    reduce_tables(lake, loaded.name, list(DEMO_CORPORA), console)
-    # a quick look (--limit) projects the first and last layers only
-    last = loaded.adapter.n_layers - 1
-    compute_projections(lake, loaded, ProjectionParams(), console,
-                        None if limit is None else [0, last])
-    compute_effects(lake, loaded, list(DEMO_CORPORA), console)
-    cooccurrence_table(lake, loaded.name, list(DEMO_CORPORA), console)
-    rows = write_specificity(lake, loaded.name, list(DEMO_CORPORA), "medical", "general")
-    console.print(f"[green]specificity[/] medical against general: {rows:,} neurons")
-    counts = write_roles(lake, loaded.name, list(DEMO_CORPORA))
-    console.print("[green]roles[/] " + ", ".join(f"{r} {n:,}" for r, n in sorted(
-        counts.items(), key=lambda kv: -kv[1])))
-    # a few graphs (--limit) share few edges five times: keep every edge then
-    cluster_tables(lake, loaded.name, list(DEMO_CORPORA), ["infomap", "leiden"],
-                   network_params(min_count=5 if limit is None else 1), {}, console)
+    with clock.stage("load model"), console.status(f"loading {model} ..."):
+        # effects need float32 (and the projections re-score the real weights); the
+        # graphs take bfloat16 where this CPU runs it fast
+        exact = load_model(model, dtype="float32")
+        fast = exact if auto_dtype("cpu", "graphs") == "float32" else load_model(model)
+    with clock.stage("graphs"):
+        for corpus in DEMO_CORPORA:
+            compute_graphs(lake, fast, corpus, AttributionParams(), console, limit=limit)
+    with clock.stage("reduce"):
+        reduce_tables(lake, exact.name, list(DEMO_CORPORA), console)
+    with clock.stage("projections"):
+        compute_projections(lake, exact, ProjectionParams(), console,
+                            corpora=None if full else list(DEMO_CORPORA))
+    with clock.stage("effects"):
+        compute_effects(lake, exact, list(DEMO_CORPORA), console)
+    with clock.stage("cooccurrence"):
+        cooccurrence_table(lake, exact.name, list(DEMO_CORPORA), console)
+    with clock.stage("specificity, roles"):
+        rows = write_specificity(lake, exact.name, list(DEMO_CORPORA), "medical", "general")
+        console.print(f"[green]specificity[/] medical against general: {rows:,} neurons")
+        counts = write_roles(lake, exact.name, list(DEMO_CORPORA))
+        console.print("[green]roles[/] " + ", ".join(f"{r} {n:,}" for r, n in sorted(
+            counts.items(), key=lambda kv: -kv[1])))
+    with clock.stage("cluster"):
+        # a few graphs (--limit) share few edges five times: keep every edge then
+        cluster_tables(lake, exact.name, list(DEMO_CORPORA), ["infomap", "leiden"],
+                       network_params(min_count=5 if limit is None or limit >= DEMO_PROMPTS
+                                      else 1), {}, console)
     from circuit_atlas.analysis.labeler import label_lake
     from circuit_atlas.clustering.export import export_duckdb
     from circuit_atlas.clustering.html import export_html
 
     key = "+".join(sorted(DEMO_CORPORA))
-    with console.status("assembling the labeling prompts (dry run, no LLM) ..."):
+    with clock.stage("label prompts"), console.status(
+            "assembling the labeling prompts (dry run, no LLM) ..."):
         for pass_ in ("output", "input"):
-            label_lake(lake, loaded.name, key, pass_, None, tokenizer=loaded.tokenizer)
-    busiest = lake.table("neurons", loaded.name, key).filter(
-        pl.col("layer") == loaded.adapter.n_layers - 1).sort("graph_count").tail(1).select(
+            label_lake(lake, exact.name, key, pass_, None, tokenizer=exact.tokenizer)
+    busiest = lake.table("neurons", exact.name, key).filter(
+        pl.col("layer") == exact.adapter.n_layers - 1).sort("graph_count").tail(1).select(
         "layer", neuron="index")
     example = lake.table("label_prompts").filter(pl.col("pass") == "output").join(
         busiest, on=["layer", "neuron"]).collect()
     console.rule("[bold]an output-pass labeling prompt (circuit-atlas label --dry-run)")
     console.print(example["user_message"][0], soft_wrap=True, markup=False)
     html = lake.path("clusters.html")
-    export_html(lake, loaded.name, key, html)
-    export_duckdb(lake, loaded.name, key, lake.path("atlas.duckdb"))
+    with clock.stage("exports"):
+        export_html(lake, exact.name, key, html)
+        export_duckdb(lake, exact.name, key, lake.path("atlas.duckdb"))
     top = lake.table("specificity").sort("log_odds_low", descending=True).head(1).collect()
     neuron = f"L{top['layer'][0]}/N{top['neuron'][0]}"
     queries = [
@@ -105,3 +160,5 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     console.print("SQL, e.g.:")
     for q in queries:
         console.print(f'  circuit-atlas sql --lake {lake.url} "{q}"', soft_wrap=True)
+    console.print(clock.table())
+    return clock

@@ -1,6 +1,7 @@
 """The CLI: help everywhere, no heavy imports for --help, one-line errors, the demo."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from circuit_atlas import machine
 from circuit_atlas.cli import cli
 
 
@@ -43,6 +45,12 @@ def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path):
     lake = str(tmp_path / "demo-lake")
     result = runner.invoke(cli, ["demo", "--lake", lake, "--limit", "2"])
     assert result.exit_code == 0, result.output
+    # the machine first, the time of every stage last
+    assert machine.cpu_model() in result.output.split("\n", 3)[1]
+    table = result.output[result.output.index("time per stage"):]
+    for stage in ("graphs", "reduce", "projections", "effects", "cooccurrence", "cluster",
+                  "label prompts", "total"):
+        assert re.search(rf"│ {stage}\s+│ \d+\.\d", table), stage
     info = runner.invoke(cli, ["lake", "info", "--lake", lake])
     assert info.exit_code == 0 and "medical" in info.output and "general" in info.output
     data = json.loads(runner.invoke(cli, ["lake", "info", "--lake", lake, "--json"]).output)
@@ -99,3 +107,20 @@ def test_cleanup_command(tmp_path):
     assert (tmp_path / "l" / writer.dir).exists()
     result = CliRunner().invoke(cli, ["lake", "cleanup", "--lake", lake.url, "--min-age", "0"])
     assert "removed 1 item(s)" in result.output and not (tmp_path / "l" / writer.dir).exists()
+
+
+def test_doctor_reports_this_machine_and_what_auto_picks():
+    from circuit_atlas.compute.precision import STAGES, auto_dtype, probe_bf16
+
+    result = CliRunner().invoke(cli, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["cpu"]["model"] == machine.cpu_model()
+    cpu = report["torch"]["devices"]["cpu"]
+    assert cpu["auto_dtype"] == {s: auto_dtype("cpu", s) for s in STAGES}
+    assert cpu["bf16_fast"] == probe_bf16("cpu").fast
+    assert report["packages"]["torch"].startswith("2.")
+    assert report["models"]["embedded_gguf"].endswith(".gguf")
+    text = CliRunner().invoke(cli, ["doctor"]).output
+    for what in ("cpu flags", "auto dtype", "model cache", "slurm", "chromium"):
+        assert what in text
