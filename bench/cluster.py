@@ -60,8 +60,8 @@ def planted(n_links: int, seed: int = 0, p_in: float = 0.8):
     df = pl.DataFrame({"s": lo, "t": hi}).unique().head(n_links)
     s, t = df["s"].to_numpy(), df["t"].to_numpy()
     return pl.DataFrame({
-        "src_layer": layer[s].astype(np.int16), "src_index": s.astype(np.int32),
-        "tgt_layer": layer[t].astype(np.int16), "tgt_index": t.astype(np.int32),
+        "src_layer": layer[s].astype(np.int16), "src_neuron": s.astype(np.int32),
+        "tgt_layer": layer[t].astype(np.int16), "tgt_neuron": t.astype(np.int32),
         "w": rng.uniform(0.01, 0.04, len(s)), "count": np.full(len(s), 9)}), module
 
 
@@ -167,7 +167,7 @@ def flow_models(lake_path: str | None) -> None:
     manifest = lake.table_manifest(model, corpus, "edges")
     n_layers = manifest["inputs"]["model_shape"]["n_layers"]
     share = lake.table("neuron_corpora", model, corpus).collect().pivot(
-        "corpus_name", index=["layer", "index"], values="graph_count").fill_null(0)
+        "corpus_name", index=["layer", "neuron"], values="graph_count").fill_null(0)
     print(f"\ndemo atlas {lake_path}: eta² of the medical share across top modules (null: "
           "mean over 20 permutations)")
     print("| weight | min count | flow model | top modules | largest | eta² | null |")
@@ -178,8 +178,8 @@ def flow_models(lake_path: str | None) -> None:
             params = network_params(min_count=min_count, weight=weight)
             net = build_network(link_frame(lake.table("edges", model, corpus), params,
                                            n_layers).collect(), params)
-            nodes = pl.DataFrame({"layer": net.layer, "index": net.index}).join(
-                share, on=["layer", "index"], how="left")
+            nodes = pl.DataFrame({"layer": net.layer, "neuron": net.index}).join(
+                share, on=["layer", "neuron"], how="left")
             frac = (nodes["medical"] / (nodes["medical"] + nodes["general"])).to_numpy()
 
             def eta(labels, frac=frac):

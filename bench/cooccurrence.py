@@ -51,8 +51,8 @@ def run_duckdb(lake_path: str, out: str, k: int, min_count: int, threads: int) -
     con = duckdb.connect()
     con.execute(f"SET threads = {threads}")
     con.execute(f"""
-        CREATE TABLE gn AS SELECT DISTINCT graph_id, layer::BIGINT * 4294967296 + "index" AS k
-        FROM read_parquet({files!r}) WHERE layer >= 0 AND layer < {LAYERS} AND "index" >= 0""")
+        CREATE TABLE gn AS SELECT DISTINCT graph_id, layer::BIGINT * 4294967296 + "neuron" AS k
+        FROM read_parquet({files!r}) WHERE layer >= 0 AND layer < {LAYERS} AND "neuron" >= 0""")
     (n,) = con.execute("SELECT count(DISTINCT graph_id) FROM gn").fetchone()
     con.execute("CREATE TABLE cnt AS SELECT k, count(*) AS c FROM gn GROUP BY k")
     con.execute(f"CREATE TABLE g2 AS SELECT gn.* FROM gn JOIN cnt USING (k) WHERE c <= {n} * 0.5")

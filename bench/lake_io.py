@@ -40,17 +40,17 @@ def shard_tables(rng: np.random.Generator, first: int, n: int, edges_per_graph: 
     edges = pa.table({
         "graph_id": np.repeat(gids, edges_per_graph),
         "src_layer": rng.integers(-1, 30, m).astype(np.int16),
-        "src_index": rng.integers(0, 1536, m).astype(np.int32),
+        "src_neuron": rng.integers(0, 1536, m).astype(np.int32),
         "src_pos": rng.integers(0, 12, m).astype(np.int32),
         "tgt_layer": rng.integers(0, 31, m).astype(np.int16),
-        "tgt_index": rng.integers(0, 1536, m).astype(np.int32),
+        "tgt_neuron": rng.integers(0, 1536, m).astype(np.int32),
         "tgt_pos": rng.integers(0, 12, m).astype(np.int32),
         "weight": rng.normal(size=m).astype(np.float32),
     }, schema=EDGES.schema)
     k = n * 500
     nodes = pa.table({
         "graph_id": np.repeat(gids, 500), "layer": rng.integers(0, 30, k).astype(np.int16),
-        "index": rng.integers(0, 1536, k).astype(np.int32),
+        "neuron": rng.integers(0, 1536, k).astype(np.int32),
         "position": rng.integers(0, 12, k).astype(np.int32),
         "activation": rng.normal(size=k).astype(np.float32),
         "score": rng.normal(size=k).astype(np.float32),

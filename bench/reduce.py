@@ -61,10 +61,10 @@ def generate(path: str, graphs: int, per_shard: int, seed: int) -> None:
         lo, hi = np.minimum(src, tgt), np.maximum(src, tgt)
         edges = pa.table({
             "graph_id": graph, "src_layer": (lo // NEURONS).astype(np.int16),
-            "src_index": (lo % NEURONS).astype(np.int32),
+            "src_neuron": (lo % NEURONS).astype(np.int32),
             "src_pos": rng.integers(0, 64, n).astype(np.int32),
             "tgt_layer": (hi // NEURONS).astype(np.int16),
-            "tgt_index": (hi % NEURONS).astype(np.int32),
+            "tgt_neuron": (hi % NEURONS).astype(np.int32),
             "tgt_pos": rng.integers(0, 64, n).astype(np.int32),
             "weight": rng.standard_t(3, n).astype(np.float32),
         }, schema=EDGES.schema)
@@ -73,7 +73,7 @@ def generate(path: str, graphs: int, per_shard: int, seed: int) -> None:
         k = len(node_ids)
         nodes = pa.table({
             "graph_id": gids[node_ids[:, 0]], "layer": (node_ids[:, 1] // NEURONS).astype(
-                np.int16), "index": (node_ids[:, 1] % NEURONS).astype(np.int32),
+                np.int16), "neuron": (node_ids[:, 1] % NEURONS).astype(np.int32),
             "position": rng.integers(0, 64, k).astype(np.int32),
             "activation": rng.normal(size=k).astype(np.float32),
             "score": rng.normal(size=k).astype(np.float32),
@@ -116,15 +116,15 @@ def run_duckdb(lake_path: str, out: str, threads: int) -> None:
     edges = [f"'{f}'" for f in lake.files("edges", MODEL, CORPUS, validate=False)]
     nodes = [f"'{f}'" for f in lake.files("nodes", MODEL, CORPUS, validate=False)]
     con = duckdb.connect(config={"threads": threads})
-    con.sql(f"""COPY (SELECT src_layer, src_index, tgt_layer, tgt_index, count(*) AS count,
+    con.sql(f"""COPY (SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, count(*) AS count,
             count(DISTINCT graph_id) AS graph_count, sum(weight::DOUBLE) AS weight_sum,
             sum(abs(weight::DOUBLE)) AS weight_abs_sum,
             sum(weight::DOUBLE * weight::DOUBLE) AS weight_sq_sum,
             min(weight) AS weight_min, max(weight) AS weight_max
-            FROM read_parquet([{', '.join(edges)}]) WHERE src_index <> -1 GROUP BY ALL)
+            FROM read_parquet([{', '.join(edges)}]) WHERE src_neuron <> -1 GROUP BY ALL)
             TO '{out}/edges.parquet' (FORMAT parquet)""")
-    con.sql(f"""COPY (SELECT layer, index, count(DISTINCT graph_id) AS graph_count
-            FROM read_parquet([{', '.join(nodes)}]) WHERE index <> -1 GROUP BY ALL)
+    con.sql(f"""COPY (SELECT layer, neuron, count(DISTINCT graph_id) AS graph_count
+            FROM read_parquet([{', '.join(nodes)}]) WHERE neuron <> -1 GROUP BY ALL)
             TO '{out}/neurons.parquet' (FORMAT parquet)""")
 
 
@@ -153,7 +153,7 @@ def compare(lake_path: str, duck_out: str) -> int:
 
     from circuit_atlas.lake import Lake
 
-    key = ["src_layer", "src_index", "tgt_layer", "tgt_index"]
+    key = ["src_layer", "src_neuron", "tgt_layer", "tgt_neuron"]
     ours = Lake(lake_path).table("edges", MODEL, CORPUS).select(
         *key, "count", "graph_count", "weight_sum", "weight_min", "weight_max").collect()
     duck = pl.read_parquet(f"{duck_out}/edges.parquet").select(
@@ -166,7 +166,7 @@ def compare(lake_path: str, duck_out: str) -> int:
     np.testing.assert_allclose(ours["weight_sum"].to_numpy(), duck["weight_sum"].to_numpy(),
                                rtol=1e-9, atol=1e-9)
     neurons_ours = Lake(lake_path).table("neurons", MODEL, CORPUS).filter(
-        pl.col("layer").is_between(0, LAYERS - 1)).select("layer", "index", "graph_count")
+        pl.col("layer").is_between(0, LAYERS - 1)).select("layer", "neuron", "graph_count")
     neurons_duck = pl.read_parquet(f"{duck_out}/neurons.parquet")
     assert neurons_ours.collect().height == neurons_duck.height
     return ours.height

@@ -131,7 +131,7 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
             label_lake(lake, exact.name, key, pass_, None, tokenizer=exact.tokenizer)
     busiest = lake.table("neurons", exact.name, key).filter(
         pl.col("layer") == exact.adapter.n_layers - 1).sort("graph_count").tail(1).select(
-        "layer", neuron="index")
+        "layer", "neuron")
     example = lake.table("label_prompts").filter(pl.col("pass") == "output").join(
         busiest, on=["layer", "neuron"]).collect()
     console.rule("[bold]an output-pass labeling prompt (circuit-atlas label --dry-run)")

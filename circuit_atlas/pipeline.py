@@ -242,7 +242,7 @@ def print_profile(profile: dict, console) -> None:
     from rich.table import Table
 
     a = profile["appearances"]
-    console.rule(f"[bold]{profile['neuron']}[/] - {profile['model']} / {profile['corpus']}")
+    console.rule(f"[bold]{profile['id']}[/] - {profile['model']} / {profile['corpus']}")
     by = ", ".join(f"{c} {n}" for c, n in a.get("by_corpus", {}).items())
     console.print(f"in {a['graph_count']:,} graphs ({by}), {a['position_count']:,} positions; "
                   f"activation mean {a['activation_mean']:.3g} max {a['activation_max']:.3g};"

@@ -35,7 +35,7 @@ def graph_tables(
         nodes.append({
             "graph_id": np.full(n_nodes, gid, np.int64),
             "layer": rng.integers(-1, N_LAYERS + 1, n_nodes).astype(np.int16),
-            "index": rng.integers(-1, neurons, n_nodes).astype(np.int32),
+            "neuron": rng.integers(-1, neurons, n_nodes).astype(np.int32),
             "position": rng.integers(0, n_tok, n_nodes).astype(np.int32),
             "activation": rng.normal(size=n_nodes).astype(np.float32),
             "score": rng.normal(size=n_nodes).astype(np.float32),
@@ -45,10 +45,10 @@ def graph_tables(
         edges.append({
             "graph_id": np.full(n_edges, gid, np.int64),
             "src_layer": rng.integers(-1, N_LAYERS, n_edges).astype(np.int16),
-            "src_index": rng.integers(-1, neurons, n_edges).astype(np.int32),
+            "src_neuron": rng.integers(-1, neurons, n_edges).astype(np.int32),
             "src_pos": rng.integers(0, n_tok, n_edges).astype(np.int32),
             "tgt_layer": rng.integers(0, N_LAYERS + 1, n_edges).astype(np.int16),
-            "tgt_index": rng.integers(0, neurons, n_edges).astype(np.int32),
+            "tgt_neuron": rng.integers(0, neurons, n_edges).astype(np.int32),
             "tgt_pos": rng.integers(0, n_tok, n_edges).astype(np.int32),
             "weight": rng.normal(size=n_edges).astype(np.float32),
         })
@@ -148,8 +148,8 @@ def planted_edges(rng: np.random.Generator, modules: int = 6, size: int = 30,
     mean_abs = rng.uniform(0.05, 0.2, len(s))
     sign = np.where(rng.random(len(s)) < 0.8, 1.0, -1.0)
     table = pl.DataFrame({
-        "src_layer": layer[s].astype(np.int16), "src_index": s.astype(np.int32),
-        "tgt_layer": layer[t].astype(np.int16), "tgt_index": t.astype(np.int32),
+        "src_layer": layer[s].astype(np.int16), "src_neuron": s.astype(np.int32),
+        "tgt_layer": layer[t].astype(np.int16), "tgt_neuron": t.astype(np.int32),
         "count": count, "graph_count": count,
         "weight_sum": sign * mean_abs * count, "weight_abs_sum": mean_abs * count,
         "weight_sq_sum": mean_abs ** 2 * count,

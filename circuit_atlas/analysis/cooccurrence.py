@@ -50,8 +50,8 @@ def graph_neurons(nodes: pl.DataFrame, n_layers: int, skip: list[int] = ()) -> p
     """(graph_id, key) once per neuron and graph: MLP neurons only (no embeddings,
     logits or remainders), graphs in ``skip`` (counted from another shard) dropped."""
     return (nodes.filter((pl.col("layer") >= 0) & (pl.col("layer") < n_layers)
-                         & (pl.col("index") >= 0) & ~pl.col("graph_id").is_in(list(skip)))
-            .select("graph_id", key=key(pl.col("layer"), pl.col("index"))).unique())
+                         & (pl.col("neuron") >= 0) & ~pl.col("graph_id").is_in(list(skip)))
+            .select("graph_id", key=key(pl.col("layer"), pl.col("neuron"))).unique())
 
 
 def pair_counts(members: pl.DataFrame, hubs: np.ndarray) -> pl.DataFrame:
@@ -119,7 +119,7 @@ def _shard_task(lake, shard_path: str, n_layers: int, skip: list[int], hubs: np.
     f = f"{shard_path}/nodes.parquet"
     check_file(f, NODES, lake.fs)
     with lake.fs.open(f, "rb") as fh:
-        nodes = pl.from_arrow(pq.read_table(fh, columns=["graph_id", "layer", "index"]))
+        nodes = pl.from_arrow(pq.read_table(fh, columns=["graph_id", "layer", "neuron"]))
     pairs = pair_counts(graph_neurons(nodes, n_layers, skip), hubs).with_columns(
         bucket=((pl.col("a") // SHIFT * 1_000_003 + pl.col("a") % SHIFT) % buckets)
         .cast(pl.Int32)).sort("bucket")
@@ -165,7 +165,7 @@ def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int 
     held = [f"{s.corpus}/{s.shard}" for s in shards]
     neurons = lake.table("neurons", model, ck).filter(
         (pl.col("layer") >= 0) & (pl.col("layer") < n_layers)).select(
-        key=key(pl.col("layer"), pl.col("index")), count="graph_count").collect()
+        key=key(pl.col("layer"), pl.col("neuron")), count="graph_count").collect()
     hubs = neurons.filter(pl.col("count") > max_share * n_graphs)["key"].to_numpy()
     counts = neurons.filter(~pl.col("key").is_in(hubs.tolist()))
     workers = len(client.scheduler_info(n_workers=-1)["workers"]) or 1

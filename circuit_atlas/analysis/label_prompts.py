@@ -66,7 +66,7 @@ class Atlas:
                                     "recompute the graphs with this version")
         neurons = lake.table("neurons", model, corpus).filter(
             pl.col("layer").is_between(0, n_layers - 1)).select(
-            "layer", neuron="index", graph_count="graph_count").collect()
+            "layer", "neuron", graph_count="graph_count").collect()
         tables = {}
         for name, part in (("projections", STATIC_CORPUS), ("neuron_effects", corpus),
                            ("specificity", corpus), ("neuron_tokens", corpus),
@@ -129,24 +129,24 @@ def layer_evidence(atlas: Atlas, pass_: str, layer: int, labels: pl.DataFrame | 
             for r in t["specificity"].filter(mine).collect().iter_rows(named=True):
                 ev[r["neuron"]]["specificity"] = r
         rows = _top_per(atlas.edges.filter((pl.col("src_layer") == layer)
-                                           & pl.col("src_index").is_in(ids))
-                        .rename({"src_index": "neuron"}), "neuron", "weight_abs_sum", top
+                                           & pl.col("src_neuron").is_in(ids))
+                        .rename({"src_neuron": "neuron"}), "neuron", "weight_abs_sum", top
                         ).collect()
         for n, rs in _by_neuron(rows).items():
-            ev[n]["downstream"] = [_link(atlas, r["tgt_layer"], r["tgt_index"], r, output_labels)
+            ev[n]["downstream"] = [_link(atlas, r["tgt_layer"], r["tgt_neuron"], r, output_labels)
                                    for r in rs]
         return ev
     for n in ids:
         if (layer, n) in output_labels:
             ev[n]["output_label"] = output_labels[(layer, n)]
     rows = _top_per(atlas.edges.filter((pl.col("tgt_layer") == layer)
-                                       & pl.col("tgt_index").is_in(ids))
-                    .rename({"tgt_index": "neuron"}), "neuron", "weight_abs_sum", top).collect()
+                                       & pl.col("tgt_neuron").is_in(ids))
+                    .rename({"tgt_neuron": "neuron"}), "neuron", "weight_abs_sum", top).collect()
     for n, rs in _by_neuron(rows).items():
-        ev[n]["upstream"] = [_link(atlas, r["src_layer"], r["src_index"], r, output_labels)
+        ev[n]["upstream"] = [_link(atlas, r["src_layer"], r["src_neuron"], r, output_labels)
                              for r in rs]
     if "neuron_tokens" in t:
-        rows = t["neuron_tokens"].rename({"index": "neuron"}).filter(
+        rows = t["neuron_tokens"].filter(
             mine & (pl.col("kind") == "input") & (pl.col("rank") < top)).sort(
             "neuron", "rank").collect()
         for n, rs in _by_neuron(rows).items():

@@ -77,28 +77,28 @@ def neuron_profile(lake: Lake, model: str, layer: int, neuron: int, corpus: str 
     names = NodeNames(tokenizer, n_layers)
     me = (pl.col("layer") == layer)
     stats = _table(lake, "neurons", model, corpus).filter(
-        me & (pl.col("index") == neuron)).collect()
+        me & (pl.col("neuron") == neuron)).collect()
     if stats.is_empty():
         raise CircuitAtlasError(f"L{layer}/N{neuron} is in no graph of {corpus!r}")
-    out: dict[str, Any] = {"neuron": f"L{layer}/N{neuron}", "layer": layer, "index": neuron,
+    out: dict[str, Any] = {"id": f"L{layer}/N{neuron}", "layer": layer, "neuron": neuron,
                            "model": model, "corpus": corpus,
-                           "appearances": stats.drop("layer", "index").to_dicts()[0]}
+                           "appearances": stats.drop("layer", "neuron").to_dicts()[0]}
     corpora = _table(lake, "neuron_corpora", model, corpus)
     if corpora is not None:
         out["appearances"]["by_corpus"] = dict(corpora.filter(
-            me & (pl.col("index") == neuron)).select("corpus_name", "graph_count")
+            me & (pl.col("neuron") == neuron)).select("corpus_name", "graph_count")
             .collect().iter_rows())
     edges = lake.table("edges", model, corpus)
     cols = ["count", "graph_count", "mean_weight", "mean_abs_weight"]
     for section, mine, other in (("upstream", "tgt", "src"), ("downstream", "src", "tgt")):
         rows = (edges.filter((pl.col(f"{mine}_layer") == layer)
-                             & (pl.col(f"{mine}_index") == neuron))
+                             & (pl.col(f"{mine}_neuron") == neuron))
                 .sort("weight_abs_sum", descending=True).head(top).collect())
-        out[section] = [{"node": names.node(r[f"{other}_layer"], r[f"{other}_index"]),
+        out[section] = [{"node": names.node(r[f"{other}_layer"], r[f"{other}_neuron"]),
                          **{c: r[c] for c in cols}} for r in rows.iter_rows(named=True)]
     tokens = _table(lake, "neuron_tokens", model, corpus)
     if tokens is not None:
-        rows = tokens.filter(me & (pl.col("index") == neuron)).sort("kind", "rank").collect()
+        rows = tokens.filter(me & (pl.col("neuron") == neuron)).sort("kind", "rank").collect()
         out["tokens"] = {kind: [{"token": names.token(r["token_id"]), "count": r["count"]}
                                 for r in rows.filter(pl.col("kind") == kind).iter_rows(
                                     named=True)] for kind in ("input", "output")}

@@ -30,16 +30,16 @@ ROLES = ("output formatter", "feature detector", "inhibitor", "integrator", "rel
 
 def role_features(edges: pl.LazyFrame, n_layers: int) -> pl.DataFrame:
     """The per-neuron quantities the rules use, for every neuron with an edge."""
-    e = edges.select("src_layer", "src_index", "tgt_layer", "tgt_index", "weight_sum",
+    e = edges.select("src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "weight_sum",
                      "weight_abs_sum")
     is_neuron = pl.col("layer").is_between(0, n_layers - 1)
     incoming = (e.filter(pl.col("tgt_layer").is_between(0, n_layers - 1))
-                .group_by(layer="tgt_layer", index="tgt_index")
+                .group_by(layer="tgt_layer", neuron="tgt_neuron")
                 .agg(in_embed=pl.col("weight_abs_sum").filter(pl.col("src_layer") < 0).sum(),
                      in_neuron=pl.col("weight_abs_sum").filter(pl.col("src_layer") >= 0).sum(),
                      sources=pl.len()))
     outgoing = (e.filter(pl.col("src_layer") >= 0)
-                .group_by(layer="src_layer", index="src_index")
+                .group_by(layer="src_layer", neuron="src_neuron")
                 .agg(out_logit=pl.col("weight_abs_sum").filter(
                          pl.col("tgt_layer") >= n_layers).sum(),
                      out_neuron=pl.col("weight_abs_sum").filter(
@@ -47,11 +47,11 @@ def role_features(edges: pl.LazyFrame, n_layers: int) -> pl.DataFrame:
                      out_negative=(-pl.col("weight_sum")).clip(lower_bound=0).sum(),
                      out_signed=pl.col("weight_sum").abs().sum(),
                      targets=pl.len()))
-    return (incoming.join(outgoing, on=["layer", "index"], how="full", coalesce=True)
+    return (incoming.join(outgoing, on=["layer", "neuron"], how="full", coalesce=True)
             .filter(is_neuron).fill_null(0)
             .with_columns(out_negative_share=pl.when(pl.col("out_signed") > 0).then(
                 pl.col("out_negative") / pl.col("out_signed")).otherwise(0.0))
-            .drop("out_negative", "out_signed").sort("layer", "index").collect())
+            .drop("out_negative", "out_signed").sort("layer", "neuron").collect())
 
 
 def classify(features: pl.DataFrame, n_layers: int, share: float = 0.5,
@@ -73,7 +73,7 @@ def classify(features: pl.DataFrame, n_layers: int, share: float = 0.5,
             .when((pl.col("in_total") >= med_in) & (pl.col("out_total") >= med_out)
                   & (pl.col("in_total") > 0) & (pl.col("out_total") > 0)).then(pl.lit(ROLES[4]))
             .otherwise(pl.lit(ROLES[5])))
-    return f.with_columns(role=role).drop("in_total", "out_total").rename({"index": "neuron"})
+    return f.with_columns(role=role).drop("in_total", "out_total")
 
 
 def write_roles(lake, model: str, corpora: list[str], **thresholds: float) -> dict[str, int]:

@@ -35,7 +35,7 @@ def specificity(counts: pl.DataFrame, graphs: dict[str, int], domain: str,
         raise CircuitAtlasError("domain and baseline must be different corpora")
     n_d, n_b = float(graphs[domain]), float(graphs[baseline])
     wide = (counts.filter(pl.col("corpus_name").is_in([domain, baseline]))
-            .pivot("corpus_name", index=["layer", "index"], values="graph_count")
+            .pivot("corpus_name", index=["layer", "neuron"], values="graph_count")
             .fill_null(0))
     for c in (domain, baseline):
         if c not in wide.columns:
@@ -45,7 +45,7 @@ def specificity(counts: pl.DataFrame, graphs: dict[str, int], domain: str,
     lor = ((cd + 0.5) / (n_d - cd + 0.5)).log() - ((cb + 0.5) / (n_b - cb + 0.5)).log()
     se = (1 / (cd + 0.5) + 1 / (n_d - cd + 0.5) + 1 / (cb + 0.5) + 1 / (n_b - cb + 0.5)).sqrt()
     return wide.select(
-        pl.col("layer"), neuron=pl.col("index"), domain=pl.lit(domain),
+        pl.col("layer"), "neuron", domain=pl.lit(domain),
         baseline=pl.lit(baseline), domain_count=pl.col(domain).cast(pl.Int64),
         baseline_count=pl.col(baseline).cast(pl.Int64),
         domain_graphs=pl.lit(int(n_d), pl.Int64), baseline_graphs=pl.lit(int(n_b), pl.Int64),

@@ -52,7 +52,7 @@ def atlas_tables(lake: Lake, model: str, corpus: str, method: str = "infomap"
         raise CircuitAtlasError("the reduced tables do not record the model's shape; "
                                 "recompute the graphs with this version")
     stats = lake.table("neurons", model, corpus).drop("model", "corpus").filter(
-        pl.col("layer").is_between(0, n_layers - 1)).rename({"index": "neuron"}).collect()
+        pl.col("layer").is_between(0, n_layers - 1)).collect()
     neurons = stats.with_columns(
         feature_id=pl.col("layer").cast(pl.Int64) * per_layer + pl.col("neuron"),
         max_activation=pl.col("activation_max"), num_exemplars=pl.col("graph_count"))
@@ -83,8 +83,7 @@ def atlas_tables(lake: Lake, model: str, corpus: str, method: str = "infomap"
              "num_exemplars", *cluster_cols]
     neurons = neurons.select(*front, *[c for c in neurons.columns if c not in front]).sort(
         "layer", "neuron")
-    edges = lake.table("edges", model, corpus).drop("model", "corpus").rename(
-        {"src_index": "src_neuron", "tgt_index": "tgt_neuron"}).collect()
+    edges = lake.table("edges", model, corpus).drop("model", "corpus").collect()
     edge_front = ["src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "count", "weight_sum",
                   "weight_abs_sum", "weight_sq_sum", "weight_min", "weight_max", "mean_weight",
                   "mean_abs_weight"]

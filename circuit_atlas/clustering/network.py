@@ -84,7 +84,7 @@ def network_params(min_count: int = DEFAULT_MIN_COUNT, top_k: int | None = None,
 
 def link_frame(edges: pl.LazyFrame, params: dict[str, Any], n_layers: int | None
                ) -> pl.LazyFrame:
-    """The filtered links (src_layer, src_index, tgt_layer, tgt_index, w), lazily: the
+    """The filtered links (src_layer, src_neuron, tgt_layer, tgt_neuron, w), lazily: the
     client counts them to estimate memory without building the network."""
     lf = edges.filter(pl.col("count") >= params["min_count"])
     if not params["include_embeddings"]:
@@ -96,14 +96,14 @@ def link_frame(edges: pl.LazyFrame, params: dict[str, Any], n_layers: int | None
                 "from shards written before circuit-atlas recorded it), so logit nodes "
                 "cannot be told from neurons: pass include_logits=True or reduce again")
         lf = lf.filter(pl.col("tgt_layer") < n_layers)
-    lf = lf.select("src_layer", "src_index", "tgt_layer", "tgt_index",
+    lf = lf.select("src_layer", "src_neuron", "tgt_layer", "tgt_neuron",
                    WEIGHTS[params["weight"]].alias("w")).filter(pl.col("w") > 0)
     if params["top_k"] is not None:
         # the seeds' "top-k downstream edges per neuron": strongest outgoing links;
         # ties broken by target so that the network is deterministic
-        lf = lf.sort(["src_layer", "src_index", "w", "tgt_layer", "tgt_index"],
+        lf = lf.sort(["src_layer", "src_neuron", "w", "tgt_layer", "tgt_neuron"],
                      descending=[False, False, True, False, False]).filter(
-            pl.int_range(pl.len()).over("src_layer", "src_index") < params["top_k"])
+            pl.int_range(pl.len()).over("src_layer", "src_neuron") < params["top_k"])
     return lf
 
 
@@ -116,10 +116,10 @@ def build_network(links: pl.DataFrame, params: dict[str, Any],
                   nodes: pl.DataFrame | None = None) -> Network:
     """The dense network of ``links`` (from :func:`link_frame`). ``nodes`` (layer, index)
     adds nodes that may have no link: they end up in modules of their own."""
-    keys = [_packed(links[f"{e}_layer"].to_numpy(), links[f"{e}_index"].to_numpy())
+    keys = [_packed(links[f"{e}_layer"].to_numpy(), links[f"{e}_neuron"].to_numpy())
             for e in ("src", "tgt")]
     if nodes is not None and len(nodes):
-        keys.append(_packed(nodes["layer"].to_numpy(), nodes["index"].to_numpy()))
+        keys.append(_packed(nodes["layer"].to_numpy(), nodes["neuron"].to_numpy()))
     unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
     n = len(links)
     return Network(

@@ -63,8 +63,8 @@ def network_size(lake: Lake, model: str, corpus: str, net_params: dict[str, Any]
     edges, n_layers = _edges(lake, model, corpus)
     links = link_frame(edges, net_params, n_layers)
     n_links = links.select(pl.len()).collect().item()
-    nodes = pl.concat([links.select(layer="src_layer", index="src_index"),
-                       links.select(layer="tgt_layer", index="tgt_index")]).unique()
+    nodes = pl.concat([links.select(layer="src_layer", index="src_neuron"),
+                       links.select(layer="tgt_layer", index="tgt_neuron")]).unique()
     return nodes.select(pl.len()).collect().item(), n_links
 
 

@@ -249,10 +249,10 @@ def effect_pairs(lake, model: str, corpora: list[str], n_layers: int,
             prompts = prompts.head(limit)
         return prompts.join(wanted, how="cross").collect()
     nodes = pl.concat([lake.scan("nodes", model, c) for c in corpora]).filter(
-        (pl.col("layer") >= 0) & (pl.col("layer") < n_layers) & (pl.col("index") >= 0))
+        (pl.col("layer") >= 0) & (pl.col("layer") < n_layers) & (pl.col("neuron") >= 0))
     graphs = pl.concat([lake.scan("graphs", model, c) for c in corpora]).select(
         "graph_id", "prompt_id")
-    pairs = (nodes.select("graph_id", "layer", neuron="index").join(graphs, on="graph_id")
+    pairs = (nodes.select("graph_id", "layer", "neuron").join(graphs, on="graph_id")
              .select("prompt_id", "layer", "neuron").unique())
     if limit is not None:
         first = pairs.select("prompt_id").unique().sort("prompt_id").head(limit)

@@ -66,14 +66,14 @@ def graph_json(lake: Lake, model: str, corpus: str, prompt_id: str, decode) -> d
     for n in nodes.iter_rows(named=True):
         extra = {"influence": n["influence"], "activation": n["activation"]}
         if n["layer"] == n_layers:
-            extra = {"token_prob": probs.get(n["index"], 0.0),
-                     "is_target_logit": n["index"] == top}
-        node = _node(n["layer"], n["index"], n["position"], n_layers, decode, **extra)
-        ids[(n["layer"], n["index"], n["position"])] = node["node_id"]
+            extra = {"token_prob": probs.get(n["neuron"], 0.0),
+                     "is_target_logit": n["neuron"] == top}
+        node = _node(n["layer"], n["neuron"], n["position"], n_layers, decode, **extra)
+        ids[(n["layer"], n["neuron"], n["position"])] = node["node_id"]
         out_nodes.append(node)
     links = [
-        {"source": ids[(e["src_layer"], e["src_index"], e["src_pos"])],
-         "target": ids[(e["tgt_layer"], e["tgt_index"], e["tgt_pos"])],
+        {"source": ids[(e["src_layer"], e["src_neuron"], e["src_pos"])],
+         "target": ids[(e["tgt_layer"], e["tgt_neuron"], e["tgt_pos"])],
          "weight": e["weight"]}
         for e in edges.iter_rows(named=True)
     ]

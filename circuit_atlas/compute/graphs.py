@@ -52,7 +52,7 @@ def graph_tables(raw: RawGraph, gid: int, pid: str, phash: str, prune_graph: boo
         "nodes": pa.table({
             "graph_id": np.full(len(nodes), gid, np.int64),
             "layer": raw.layer[nodes].astype(np.int16),
-            "index": raw.index[nodes].astype(np.int32),
+            "neuron": raw.index[nodes].astype(np.int32),
             "position": raw.position[nodes].astype(np.int32),
             "activation": raw.activation[nodes].astype(np.float32),
             "score": raw.relevance[nodes].astype(np.float32),
@@ -61,10 +61,10 @@ def graph_tables(raw: RawGraph, gid: int, pid: str, phash: str, prune_graph: boo
         "edges": pa.table({
             "graph_id": np.full(len(src), gid, np.int64),
             "src_layer": raw.layer[src].astype(np.int16),
-            "src_index": raw.index[src].astype(np.int32),
+            "src_neuron": raw.index[src].astype(np.int32),
             "src_pos": raw.position[src].astype(np.int32),
             "tgt_layer": raw.layer[tgt].astype(np.int16),
-            "tgt_index": raw.index[tgt].astype(np.int32),
+            "tgt_neuron": raw.index[tgt].astype(np.int32),
             "tgt_pos": raw.position[tgt].astype(np.int32),
             "weight": raw.adjacency[tgt, src].astype(np.float32),
         }, schema=EDGES.schema),

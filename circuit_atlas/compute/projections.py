@@ -204,9 +204,9 @@ def reduced_neurons(lake, model: str, corpora: list[str], n_layers: int
     from circuit_atlas.lake.layout import corpus_key
 
     df = (lake.table("neurons", model, corpus_key(corpora))
-          .filter(pl.col("layer").is_between(0, n_layers - 1) & (pl.col("index") >= 0))
-          .select("layer", "index").collect())
-    return {int(layer): np.sort(g["index"].to_numpy())
+          .filter(pl.col("layer").is_between(0, n_layers - 1) & (pl.col("neuron") >= 0))
+          .select("layer", "neuron").collect())
+    return {int(layer): np.sort(g["neuron"].to_numpy())
             for (layer,), g in df.partition_by("layer", as_dict=True).items()}
 
 

@@ -1,6 +1,6 @@
 """The edge reduce, as pure functions over Arrow tables (no Dask here).
 
-From per-graph edge rows to one row per (src_layer, src_index, tgt_layer, tgt_index)
+From per-graph edge rows to one row per (src_layer, src_neuron, tgt_layer, tgt_neuron)
 with the seeds' aggregator semantics: ``count`` = edge rows (position-level
 observations), ``graph_count`` = distinct graphs, ``weight_sum``,
 ``weight_abs_sum``, ``weight_sq_sum``, ``weight_min``, ``weight_max`` over those
@@ -30,7 +30,7 @@ from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.etl.fold import Merge, fold
 from circuit_atlas.lake.schemas import EDGE_STATS
 
-# key = (src_layer+1) << 52 | (src_index+1) << 30 | (tgt_layer+1) << 22 | (tgt_index+1)
+# key = (src_layer+1) << 52 | (src_neuron+1) << 30 | (tgt_layer+1) << 22 | (tgt_neuron+1)
 _INDEX_BITS, _LAYER_BITS = 22, 8
 _MAX_INDEX, _MAX_LAYER = (1 << _INDEX_BITS) - 2, (1 << _LAYER_BITS) - 2
 
@@ -39,12 +39,12 @@ PARTIAL_SCHEMA = pa.schema([
     ("weight_sum", pa.float64()), ("weight_abs_sum", pa.float64()),
     ("weight_sq_sum", pa.float64()), ("weight_min", pa.float32()), ("weight_max", pa.float32()),
 ])
-def pack(src_layer, src_index, tgt_layer, tgt_index) -> np.ndarray:
+def pack(src_layer, src_neuron, tgt_layer, tgt_neuron) -> np.ndarray:
     """Four node-id columns to one sortable int64 (sorts like the four columns)."""
-    sl, si, tl, ti = (np.asarray(c, np.int64) + 1 for c in (src_layer, src_index, tgt_layer,
-                                                              tgt_index))
-    for name, c, top in (("layer", sl, _MAX_LAYER), ("index", si, _MAX_INDEX),
-                         ("layer", tl, _MAX_LAYER), ("index", ti, _MAX_INDEX)):
+    sl, si, tl, ti = (np.asarray(c, np.int64) + 1 for c in (src_layer, src_neuron, tgt_layer,
+                                                              tgt_neuron))
+    for name, c, top in (("layer", sl, _MAX_LAYER), ("neuron", si, _MAX_INDEX),
+                         ("layer", tl, _MAX_LAYER), ("neuron", ti, _MAX_INDEX)):
         if len(c) and (c.min() < 0 or c.max() > top + 1):
             raise CircuitAtlasError(
                 f"edge {name} out of range for the reduce: {c.min() - 1}..{c.max() - 1} "
@@ -73,8 +73,8 @@ def shard_rows(edges: pa.Table) -> dict[int, pa.Table]:
     graph order first (graph_count relies on each graph's rows being together).
     """
     col = {n: edges.column(n).to_numpy() for n in (
-        "graph_id", "src_layer", "src_index", "tgt_layer", "tgt_index", "weight")}
-    keep = col["src_index"] != -1
+        "graph_id", "src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "weight")}
+    keep = col["src_neuron"] != -1
     if not keep.all():
         col = {n: c[keep] for n, c in col.items()}
     graph = col["graph_id"]
@@ -82,7 +82,7 @@ def shard_rows(edges: pa.Table) -> dict[int, pa.Table]:
     if len(np.unique(graph[runs])) != len(runs):
         order = np.argsort(graph, kind="stable")
         col = {n: c[order] for n, c in col.items()}
-    key = pack(col["src_layer"], col["src_index"], col["tgt_layer"], col["tgt_index"])
+    key = pack(col["src_layer"], col["src_neuron"], col["tgt_layer"], col["tgt_neuron"])
     by_layer = np.argsort(col["src_layer"], kind="stable")  # int16: a radix sort
     layer = col["src_layer"][by_layer]
     bounds = [0, *(np.flatnonzero(layer[1:] != layer[:-1]) + 1), len(layer)] if len(
@@ -148,6 +148,6 @@ def finalize(state: pa.Table, min_count: int = 1) -> pa.Table:
     cols = {n: state.column(n).to_numpy()[keep] for n in PARTIAL_SCHEMA.names[1:]}
     n = cols["count"].astype(np.float64)
     return pa.table({
-        "src_layer": sl, "src_index": si, "tgt_layer": tl, "tgt_index": ti, **cols,
+        "src_layer": sl, "src_neuron": si, "tgt_layer": tl, "tgt_neuron": ti, **cols,
         "mean_weight": cols["weight_sum"] / n, "mean_abs_weight": cols["weight_abs_sum"] / n,
     }, schema=EDGE_STATS.schema)

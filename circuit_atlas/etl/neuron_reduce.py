@@ -53,10 +53,10 @@ def unpack_neuron(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def shard_partials(nodes: pa.Table, graphs: pa.Table) -> tuple[pa.Table, pa.Table]:
     """(stats partial, token-count partial) of one shard's nodes and graphs."""
     col = {n: nodes.column(n).to_numpy() for n in (
-        "graph_id", "layer", "index", "position", "activation", "score")}
-    keep = col["index"] != -1
+        "graph_id", "layer", "neuron", "position", "activation", "score")}
+    keep = col["neuron"] != -1
     col = {n: c[keep] for n, c in col.items()}
-    key = neuron_key(col["layer"], col["index"])
+    key = neuron_key(col["layer"], col["neuron"])
     order = np.lexsort((col["graph_id"], key))
     key, graph = key[order], col["graph_id"][order]
     if not len(key):
@@ -108,7 +108,7 @@ def finalize_neurons(stats: pa.Table) -> pa.Table:
     n = stats.column("position_count").to_numpy().astype(np.float64)
     c = {name: stats.column(name).to_numpy() for name in STATS_PARTIAL.names}
     return pa.table({
-        "layer": layer, "index": index, "graph_count": c["graph_count"],
+        "layer": layer, "neuron": index, "graph_count": c["graph_count"],
         "position_count": c["position_count"], "activation_mean": c["activation_sum"] / n,
         "activation_max": c["activation_max"], "activation_sq_sum": c["activation_sq_sum"],
         "score_mean": c["score_sum"] / n, "score_abs_mean": c["score_abs_sum"] / n,
@@ -120,7 +120,7 @@ def finalize_corpora(counts: pa.Table, corpora: list[str]) -> pa.Table:
     key = counts.column("key").to_numpy()
     layer, index = unpack_neuron(key >> 8)
     names = pa.array(corpora, pa.string()).take(pa.array(key & 0xFF))
-    return pa.table({"layer": layer, "index": index, "corpus_name": names,
+    return pa.table({"layer": layer, "neuron": index, "corpus_name": names,
                      "graph_count": counts.column("count")}, schema=NEURON_CORPORA.schema)
 
 
@@ -136,7 +136,7 @@ def finalize_tokens(counts: pa.Table, top_k: int) -> pa.Table:
     top = rank < top_k
     layer, index = unpack_neuron(group[top] >> 1)
     kinds = pa.array(TOKEN_KINDS, pa.string()).take(pa.array(group[top] & 1))
-    return pa.table({"layer": layer, "index": index, "kind": kinds,
+    return pa.table({"layer": layer, "neuron": index, "kind": kinds,
                      "rank": rank[top].astype(np.int16),
                      "token_id": (key[top] & ((1 << 22) - 1)).astype(np.int32),
                      "count": count[top]}, schema=NEURON_TOKENS.schema)

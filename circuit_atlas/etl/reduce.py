@@ -41,8 +41,8 @@ from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake, graph_id, layout
 from circuit_atlas.lake.schemas import EDGE_STATS, NEURON_CORPORA, NEURON_STATS, NEURON_TOKENS
 from circuit_atlas.lake.validate import check_file
 
-EDGE_COLUMNS = ["graph_id", "src_layer", "src_index", "tgt_layer", "tgt_index", "weight"]
-NODE_COLUMNS = ["graph_id", "layer", "index", "position", "activation", "score"]
+EDGE_COLUMNS = ["graph_id", "src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "weight"]
+NODE_COLUMNS = ["graph_id", "layer", "neuron", "position", "activation", "score"]
 MERGES = {"edges": er.EDGE_MERGE, "neurons": nr.STATS_MERGE, "neuron_tokens": nr.COUNT_MERGE,
           "neuron_corpora": nr.COUNT_MERGE}
 STATE = "_state"
@@ -164,7 +164,7 @@ def read_state(lake: Lake, paths: list[str], table: str) -> pa.Table:
             data = pq.read_table(f)
         if table == "edges" and "src_layer" in data.column_names:  # the published table
             key = er.pack(*(data.column(c).to_numpy() for c in (
-                "src_layer", "src_index", "tgt_layer", "tgt_index")))
+                "src_layer", "src_neuron", "tgt_layer", "tgt_neuron")))
             data = pa.table({"key": key, **{n: data.column(n)
                                             for n in er.PARTIAL_SCHEMA.names[1:]}},
                             schema=er.PARTIAL_SCHEMA)

@@ -1,16 +1,18 @@
 """The lake's tables, declared once: pyarrow schemas with a version each.
 
 Every writer passes these schemas and every reader checks files against them.
-Types are narrow on purpose (int16 layers, int32 indices and positions, float32
+Types are narrow on purpose (int16 layers, int32 neurons and positions, float32
 weights): edge tables hold hundreds of millions of rows.
 
-Node identity is ``(layer, index)`` everywhere:
+Node identity is ``(layer, neuron)`` everywhere, under those column names (``src_``
+and ``tgt_`` prefixed in edge tables):
 
-* MLP neurons: ``layer`` in ``0 .. n_layers-1``, ``index`` = neuron number;
-* embedding nodes: ``layer = EMBEDDING_LAYER (-1)``, ``index`` = token id;
-* logit nodes: ``layer = n_layers`` (see :func:`logit_layer`), ``index`` = token id;
+* MLP neurons: ``layer`` in ``0 .. n_layers-1``, ``neuron`` = neuron number;
+* embedding nodes: ``layer = EMBEDDING_LAYER (-1)``, ``neuron`` = token id;
+* logit nodes: ``layer = n_layers`` (see :func:`logit_layer`), ``neuron`` = token id;
 * the remainder of a layer at a position (all neurons of that layer outside a
-  graph's candidate set, summed): ``index = REMAINDER_INDEX (-1)``.
+  graph's candidate set, summed), and the constant node of attention biases:
+  ``neuron = REMAINDER_INDEX (-1)``.
 
 ``L12/N345`` is a display format over this identity, never a storage format.
 """
@@ -129,11 +131,11 @@ params_hash: hash of the attribution parameters (see the shard's _COMMIT.json fo
 
 NODES = TableSpec(
     name="nodes",
-    version=1,
+    version=2,
     fields=(
         _f("graph_id", pa.int64()),
         _f("layer", pa.int16()),
-        _f("index", pa.int32()),
+        _f("neuron", pa.int32()),
         _f("position", pa.int32()),
         _f("activation", pa.float32()),
         _f("score", pa.float32()),
@@ -141,7 +143,7 @@ NODES = TableSpec(
     ),
     partitions=("model", "corpus", "shard"),
     doc="""One row per node of a graph: a neuron (or embedding, logit, remainder) at a position.
-(layer, index): node identity, see the module docstring; position: token position.
+(layer, neuron): node identity, see the module docstring; position: token position.
 activation: the neuron's activation there (embedding: 1; logit: its probability; remainder: 0).
 score: RelP relevance, activation * d(probability-weighted logit reads)/d(activation).
 influence: share of the graph's path weight from this node to the logits (used to prune).""",
@@ -149,14 +151,14 @@ influence: share of the graph's path weight from this node to the logits (used t
 
 EDGES = TableSpec(
     name="edges",
-    version=1,
+    version=2,
     fields=(
         _f("graph_id", pa.int64()),
         _f("src_layer", pa.int16()),
-        _f("src_index", pa.int32()),
+        _f("src_neuron", pa.int32()),
         _f("src_pos", pa.int32()),
         _f("tgt_layer", pa.int16()),
-        _f("tgt_index", pa.int32()),
+        _f("tgt_neuron", pa.int32()),
         _f("tgt_pos", pa.int32()),
         _f("weight", pa.float32()),
     ),
@@ -172,17 +174,17 @@ _DERIVED = ("model", "corpus")
 
 EDGE_STATS = TableSpec(
     name="edges",
-    version=1,
+    version=2,
     fields=(
-        _f("src_layer", pa.int16()), _f("src_index", pa.int32()), _f("tgt_layer", pa.int16()),
-        _f("tgt_index", pa.int32()), _f("count", pa.int64()), _f("graph_count", pa.int64()),
+        _f("src_layer", pa.int16()), _f("src_neuron", pa.int32()), _f("tgt_layer", pa.int16()),
+        _f("tgt_neuron", pa.int32()), _f("count", pa.int64()), _f("graph_count", pa.int64()),
         _f("weight_sum", pa.float64()), _f("weight_abs_sum", pa.float64()),
         _f("weight_sq_sum", pa.float64()), _f("weight_min", pa.float32()),
         _f("weight_max", pa.float32()), _f("mean_weight", pa.float64()),
         _f("mean_abs_weight", pa.float64()),
     ),
     partitions=_DERIVED,
-    doc="""One row per (src_layer, src_index, tgt_layer, tgt_index) over all graphs reduced.
+    doc="""One row per (src_layer, src_neuron, tgt_layer, tgt_neuron) over all graphs reduced.
 count: edge rows (position-level observations); graph_count: distinct graphs;
 weight_sum / weight_abs_sum / weight_sq_sum / weight_min / weight_max over those rows;
 mean_weight = weight_sum / count; mean_abs_weight = weight_abs_sum / count.
@@ -191,16 +193,16 @@ One file per source layer (src_layer-NN.parquet), sorted by the four node-id col
 
 NEURON_STATS = TableSpec(
     name="neurons",
-    version=1,
+    version=2,
     fields=(
-        _f("layer", pa.int16()), _f("index", pa.int32()), _f("graph_count", pa.int64()),
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("graph_count", pa.int64()),
         _f("position_count", pa.int64()), _f("activation_mean", pa.float64()),
         _f("activation_max", pa.float32()), _f("activation_sq_sum", pa.float64()),
         _f("score_mean", pa.float64()), _f("score_abs_mean", pa.float64()),
         _f("score_max", pa.float32()), _f("score_sq_sum", pa.float64()),
     ),
     partitions=_DERIVED,
-    doc="""One row per node identity (layer, index) seen in any graph (remainders excluded;
+    doc="""One row per node identity (layer, neuron) seen in any graph (remainders excluded;
 embeddings at layer -1 and logits at layer n_layers included).
 graph_count: distinct graphs; position_count: node rows; activation_* and score_*
 (relevance): mean over node rows, max, sum of squares; score_abs_mean: mean |score|.""",
@@ -208,20 +210,20 @@ graph_count: distinct graphs; position_count: node rows; activation_* and score_
 
 NEURON_CORPORA = TableSpec(
     name="neuron_corpora",
-    version=1,
-    fields=(_f("layer", pa.int16()), _f("index", pa.int32()), _f("corpus_name", pa.string()),
+    version=2,
+    fields=(_f("layer", pa.int16()), _f("neuron", pa.int32()), _f("corpus_name", pa.string()),
             _f("graph_count", pa.int64())),
     partitions=_DERIVED,
-    doc="""Per (layer, index) and reduced corpus: the number of that corpus's graphs it is in.""",
+    doc="""Per (layer, neuron) and reduced corpus: the number of that corpus's graphs it is in.""",
 )
 
 NEURON_TOKENS = TableSpec(
     name="neuron_tokens",
-    version=1,
-    fields=(_f("layer", pa.int16()), _f("index", pa.int32()), _f("kind", pa.string()),
+    version=2,
+    fields=(_f("layer", pa.int16()), _f("neuron", pa.int32()), _f("kind", pa.string()),
             _f("rank", pa.int16()), _f("token_id", pa.int32()), _f("count", pa.int64())),
     partitions=_DERIVED,
-    doc="""Token associations, top-k per (layer, index, kind), rank 0 first.
+    doc="""Token associations, top-k per (layer, neuron, kind), rank 0 first.
 kind "input": the prompt token at the neuron's positions (count: node rows);
 kind "output": the top predicted token of the graphs it is in (count: graphs).""",
 )
@@ -237,7 +239,7 @@ CLUSTER_ASSIGNMENTS = TableSpec(
         _f("flow", pa.float64()),
     ),
     partitions=_DERIVED,
-    doc="""One row per clustered node and method (the seeds' columns; neuron = index).
+    doc="""One row per clustered node and method (the original atlas's columns).
 cluster_path: module ids from the top level down, joined by ":" ("4466:2:1"), 1-based
 and ranked by flow at every level; top_cluster / sub_module / subsub_module: its first
 three ids (null below the node's depth); depth: number of module levels above the node;

@@ -22,10 +22,10 @@ def make_lake(path, shards=4, neurons=25):
 
 def oracle(lake, k, min_count, max_share, rank_by):
     nodes = lake.scan("nodes").filter(
-        pl.col("layer").is_between(0, N_LAYERS - 1) & (pl.col("index") >= 0)).select(
-        "graph_id", "layer", "index").unique().collect()
+        pl.col("layer").is_between(0, N_LAYERS - 1) & (pl.col("neuron") >= 0)).select(
+        "graph_id", "layer", "neuron").unique().collect()
     graphs = np.unique(lake.scan("graphs").select("graph_id").collect()["graph_id"])
-    keys = nodes.select("layer", "index").unique().sort("layer", "index")
+    keys = nodes.select("layer", "neuron").unique().sort("layer", "neuron")
     kid = {k_: i for i, k_ in enumerate(keys.iter_rows())}
     gid = {g: i for i, g in enumerate(graphs)}
     x = np.zeros((len(graphs), len(kid)), np.int64)

@@ -53,7 +53,7 @@ def settings(server, **kw):
 
 def neurons_of(lake):
     return set(lake.table("neurons").filter(pl.col("layer").is_between(0, N_LAYERS - 1))
-               .select("layer", "index").collect().iter_rows())
+               .select("layer", "neuron").collect().iter_rows())
 
 
 def ok_labels(lake, pass_=None):

@@ -19,7 +19,7 @@ from tests.factories import MODEL, N_LAYERS, prompts_of, write_shard
 
 
 def test_specificity_against_the_formulas():
-    counts = pl.DataFrame({"layer": [0, 0, 1, 2], "index": [1, 1, 5, 7],
+    counts = pl.DataFrame({"layer": [0, 0, 1, 2], "neuron": [1, 1, 5, 7],
                            "corpus_name": ["med", "gen", "med", "gen"],
                            "graph_count": [30, 3, 1, 40]})
     out = specificity(counts, {"med": 40, "gen": 50}, "med", "gen").to_dicts()
@@ -40,7 +40,7 @@ def test_specificity_against_the_formulas():
 
 
 def edge(src, tgt, w, n=10):
-    return {"src_layer": src[0], "src_index": src[1], "tgt_layer": tgt[0], "tgt_index": tgt[1],
+    return {"src_layer": src[0], "src_neuron": src[1], "tgt_layer": tgt[0], "tgt_neuron": tgt[1],
             "weight_sum": w * n, "weight_abs_sum": abs(w) * n}
 
 
@@ -59,7 +59,7 @@ def test_roles_follow_the_documented_rules():
     assert roles[(2, 2)] == "integrator"
     assert roles[(3, 3)] == "inhibitor"
     assert roles[(5, 5)] == "output formatter"
-    row = features.filter((pl.col("layer") == 3) & (pl.col("index") == 3)).row(0, named=True)
+    row = features.filter((pl.col("layer") == 3) & (pl.col("neuron") == 3)).row(0, named=True)
     assert row["out_negative_share"] == 1.0 and row["targets"] == 2 and row["sources"] == 1
     assert (L, 42) not in roles and (-1, 3) not in roles  # token nodes have no role
 
@@ -90,26 +90,26 @@ def test_commands_and_profile(reduced):
     spec = lake.table("specificity").collect()
     counts = lake.table("neuron_corpora").collect()
     assert len(spec) == counts.filter(pl.col("layer").is_between(0, N_LAYERS - 1)).select(
-        "layer", "index").n_unique()
+        "layer", "neuron").n_unique()
     assert set(lake.table("roles").collect()["role"]) <= {
         "output formatter", "feature detector", "inhibitor", "integrator", "relay", "other"}
     neuron = lake.table("neurons").filter(pl.col("layer") == 1).sort(
         "graph_count", descending=True).head(1).collect().row(0, named=True)
-    found = neuron_profile(lake, MODEL, 1, neuron["index"])
+    found = neuron_profile(lake, MODEL, 1, neuron["neuron"])
     assert found["appearances"]["graph_count"] == neuron["graph_count"]
     assert sum(found["appearances"]["by_corpus"].values()) == neuron["graph_count"]
     edges = lake.table("edges").collect()
-    up = edges.filter((pl.col("tgt_layer") == 1) & (pl.col("tgt_index") == neuron["index"]))
+    up = edges.filter((pl.col("tgt_layer") == 1) & (pl.col("tgt_neuron") == neuron["neuron"]))
     assert len(found["upstream"]) == min(10, len(up))
     top = up.sort("weight_abs_sum", descending=True).row(0, named=True)
     assert found["upstream"][0]["mean_weight"] == pytest.approx(top["mean_weight"])
     assert "role" in found and "specificity" in found and "cooccurring" in found
     assert "projections" not in found and "labels" not in found  # not computed: left out
-    out = runner.invoke(cli, ["profile", f"L1/N{neuron['index']}", "--lake", lake.url,
+    out = runner.invoke(cli, ["profile", f"L1/N{neuron['neuron']}", "--lake", lake.url,
                               "--model", MODEL, "--json"])
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output)["neuron"] == f"L1/N{neuron['index']}"
-    out = runner.invoke(cli, ["profile", f"1:{neuron['index']}", "--lake", lake.url,
+    assert json.loads(out.output)["id"] == f"L1/N{neuron['neuron']}"
+    out = runner.invoke(cli, ["profile", f"1:{neuron['neuron']}", "--lake", lake.url,
                               "--model", MODEL])
     assert out.exit_code == 0 and "upstream" in out.output and "role" in out.output
     out = runner.invoke(cli, ["profile", "L1/N99999", "--lake", lake.url, "--model", MODEL])

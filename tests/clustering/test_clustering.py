@@ -99,8 +99,8 @@ def test_modularity_matches_numpy():
 
 
 def _edge(src, tgt, w=1.0, count=9):
-    return {"src_layer": src[0], "src_index": src[1], "tgt_layer": tgt[0],
-            "tgt_index": tgt[1], "w": w, "count": count}
+    return {"src_layer": src[0], "src_neuron": src[1], "tgt_layer": tgt[0],
+            "tgt_neuron": tgt[1], "w": w, "count": count}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -113,7 +113,7 @@ def test_tiny_networks(method):
     # isolated nodes: each in a module of its own, after the linked ones, with no flow
     # under Infomap (Leiden: no link weight, so no flow either)
     links = pl.DataFrame([_edge((0, 1), (1, 2)), _edge((1, 2), (2, 3)), _edge((0, 1), (2, 3))])
-    iso = build_network(links, params, nodes=pl.DataFrame({"layer": [0, 2], "index": [7, 9]}))
+    iso = build_network(links, params, nodes=pl.DataFrame({"layer": [0, 2], "neuron": [7, 9]}))
     part = cluster(iso, method, method_params(method))
     by_id = dict(zip(iso.node_ids(range(iso.n_nodes)), part.top.tolist(), strict=True))
     assert by_id["L0/N1"] == by_id["L1/N2"] == by_id["L2/N3"] == 1

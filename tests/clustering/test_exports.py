@@ -37,7 +37,7 @@ def atlas(tmp_path_factory, client):
                      method_params(method))
     # (the factory's random edges may name nodes a graph does not list: label neurons the
     # neurons table has)
-    known = lake.table("neurons").select("layer", neuron="index")
+    known = lake.table("neurons").select("layer", "neuron")
     neurons = lake.table("cluster_assignments").filter(pl.col("method") == "infomap").join(
         known, on=["layer", "neuron"]).sort("flow", descending=True).head(12).collect()
     labels = tmp / "labels.csv"
@@ -215,7 +215,7 @@ def test_html_view_in_headless_chromium(atlas, tmp_path):
                    browser.find_elements(By.CSS_SELECTOR, "#members li")}
         want = lake.table("cluster_assignments").filter(
             (pl.col("method") == "leiden") & (pl.col("cluster_path") == path)).join(
-            lake.table("neurons").select("layer", neuron="index"), on=["layer", "neuron"]
+            lake.table("neurons").select("layer", "neuron"), on=["layer", "neuron"]
         ).collect()
         assert members == {f"L{a}/N{b}" for a, b in zip(want["layer"], want["neuron"],
                                                          strict=True)}

@@ -52,9 +52,9 @@ def test_effects_tables(lake, smollm2):
     counts = write_effects(lake, smollm2, ["c"], batch=64)
     pairs = lake.table("effects").collect()
     nodes = lake.scan("nodes").filter((pl.col("layer").is_between(0, 29))
-                                      & (pl.col("index") >= 0)).collect()
+                                      & (pl.col("neuron") >= 0)).collect()
     graphs = lake.scan("graphs").collect()
-    want = nodes.join(graphs, on="graph_id").select("prompt_id", "layer", "index").unique()
+    want = nodes.join(graphs, on="graph_id").select("prompt_id", "layer", "neuron").unique()
     assert counts["effects"] == len(pairs) == len(want) and counts["prompts"] == 2
     got = set(pairs.select("prompt_id", "layer", "neuron").iter_rows())
     assert got == set(want.iter_rows())

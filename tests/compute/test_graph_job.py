@@ -35,13 +35,13 @@ def test_job_writes_valid_graphs_and_resumes(lake, smollm2):
     for g in graphs.iter_rows(named=True):
         n = nodes.filter(pl.col("graph_id") == g["graph_id"])
         e = edges.filter(pl.col("graph_id") == g["graph_id"])
-        assert n.filter(pl.col("layer") == top)["index"].sort().to_list() == sorted(
+        assert n.filter(pl.col("layer") == top)["neuron"].sort().to_list() == sorted(
             g["target_tokens"])
         assert n.filter(pl.col("layer") == -1).height == g["n_tokens"]
         assert e.height > 0 and e["weight"].is_finite().all()
-        keys = set(n.select("layer", "index", "position").iter_rows())
-        assert set(e.select("src_layer", "src_index", "src_pos").iter_rows()) <= keys
-        assert set(e.select("tgt_layer", "tgt_index", "tgt_pos").iter_rows()) <= keys
+        keys = set(n.select("layer", "neuron", "position").iter_rows())
+        assert set(e.select("src_layer", "src_neuron", "src_pos").iter_rows()) <= keys
+        assert set(e.select("tgt_layer", "tgt_neuron", "tgt_pos").iter_rows()) <= keys
     # different parameters are a different graph set
     assert run_graphs(lake, smollm2, "c", AttributionParams(candidates=61), limit=1).computed == 1
 
@@ -49,12 +49,12 @@ def test_job_writes_valid_graphs_and_resumes(lake, smollm2):
 def assert_stored_graphs_complete(lake, n_layers: int, n_neurons: int, rtol: float) -> None:
     """Every stored neuron node's incoming edges sum to its activation."""
     nodes = lake.scan("nodes").collect()
-    incoming = (lake.scan("edges").group_by("graph_id", "tgt_layer", "tgt_index", "tgt_pos")
+    incoming = (lake.scan("edges").group_by("graph_id", "tgt_layer", "tgt_neuron", "tgt_pos")
                 .agg(pl.col("weight").cast(pl.Float64).sum()).collect())
     neurons = nodes.filter((pl.col("layer") >= 0) & (pl.col("layer") < n_layers)
-                           & (pl.col("index") >= 0))
-    joined = neurons.join(incoming, left_on=["graph_id", "layer", "index", "position"],
-                          right_on=["graph_id", "tgt_layer", "tgt_index", "tgt_pos"])
+                           & (pl.col("neuron") >= 0))
+    joined = neurons.join(incoming, left_on=["graph_id", "layer", "neuron", "position"],
+                          right_on=["graph_id", "tgt_layer", "tgt_neuron", "tgt_pos"])
     assert joined.height == n_neurons
     act, total = joined["activation"].to_numpy(), joined["weight"].to_numpy()
     np.testing.assert_allclose(total, act, rtol=rtol, atol=rtol * np.abs(act).max())
@@ -111,7 +111,7 @@ def test_graph_shards_on_a_dask_cluster(lake, smollm2, client):
                         model_spec="smollm2")
     assert (report.computed, report.shards) == (3, 2)
     assert len(lake.shards()) == 2
-    key = ["graph_id", "tgt_layer", "tgt_index", "tgt_pos", "src_layer", "src_index", "src_pos"]
+    key = ["graph_id", "tgt_layer", "tgt_neuron", "tgt_pos", "src_layer", "src_neuron", "src_pos"]
     on_cluster = lake.scan("edges").collect().sort(key)
     here = Lake.init(lake.path("..") + "/here")
     here.import_prompts([{"text": t} for t in PROMPTS], "c")
@@ -175,6 +175,6 @@ def test_a_model_folder_of_another_family(lake, smollm2, tmp_path, family):
     assert result.exit_code == 0, result.output
     assert "3 computed" in result.output
     graphs = lake.scan("graphs").collect()
-    constants = lake.scan("nodes").filter((pl.col("layer") == -1) & (pl.col("index") == -1))
+    constants = lake.scan("nodes").filter((pl.col("layer") == -1) & (pl.col("neuron") == -1))
     assert constants.collect().height == (graphs["n_tokens"].sum() if family == "qwen2" else 0)
     assert_stored_graphs_complete(lake, 3, 3 * 50, rtol=1e-4)

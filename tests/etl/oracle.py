@@ -8,12 +8,12 @@ def edge_oracle(edges: pa.Table, min_count: int = 1) -> pa.Table:
     con = duckdb.connect()
     con.register("e", edges)
     result = con.sql(f"""
-        SELECT src_layer, src_index, tgt_layer, tgt_index,
+        SELECT src_layer, src_neuron, tgt_layer, tgt_neuron,
                count(*) AS count, count(DISTINCT graph_id) AS graph_count,
                sum(weight::DOUBLE) AS weight_sum, sum(abs(weight::DOUBLE)) AS weight_abs_sum,
                sum(weight::DOUBLE * weight::DOUBLE) AS weight_sq_sum,
                min(weight) AS weight_min, max(weight) AS weight_max
-        FROM e WHERE src_index <> -1
+        FROM e WHERE src_neuron <> -1
         GROUP BY ALL HAVING count(*) >= {min_count} ORDER BY ALL""").arrow()
     return result.read_all() if hasattr(result, "read_all") else result
 
@@ -22,10 +22,10 @@ def neuron_oracle(nodes: pa.Table) -> pa.Table:
     con = duckdb.connect()
     con.register("n", nodes)
     result = con.sql("""
-        SELECT layer, index, count(DISTINCT graph_id) AS graph_count, count(*) AS position_count,
+        SELECT layer, neuron, count(DISTINCT graph_id) AS graph_count, count(*) AS position_count,
                avg(activation::DOUBLE) AS activation_mean, max(activation) AS activation_max,
                avg(score::DOUBLE) AS score_mean, avg(abs(score::DOUBLE)) AS score_abs_mean
-        FROM n WHERE index <> -1 GROUP BY ALL ORDER BY ALL""").arrow()
+        FROM n WHERE neuron <> -1 GROUP BY ALL ORDER BY ALL""").arrow()
     return result.read_all() if hasattr(result, "read_all") else result
 
 

@@ -18,10 +18,10 @@ def random_edges(rng, n_graphs, rows_per_graph, n_neurons, first_graph=0, shuffl
     t = {
         "graph_id": graph.astype(np.int64),
         "src_layer": rng.integers(-1, 3, n).astype(np.int16),
-        "src_index": rng.integers(-1, n_neurons, n).astype(np.int32),
+        "src_neuron": rng.integers(-1, n_neurons, n).astype(np.int32),
         "src_pos": rng.integers(0, 4, n).astype(np.int32),
         "tgt_layer": rng.integers(0, 4, n).astype(np.int16),
-        "tgt_index": rng.integers(0, n_neurons, n).astype(np.int32),
+        "tgt_neuron": rng.integers(0, n_neurons, n).astype(np.int32),
         "tgt_pos": rng.integers(0, 4, n).astype(np.int32),
         "weight": (rng.normal(size=n) * 10.0 ** rng.integers(-7, 4, n)).astype(np.float32),
     }
@@ -76,7 +76,7 @@ def test_out_of_range_ids_are_refused():
 
     from circuit_atlas import CircuitAtlasError
 
-    with pytest.raises(CircuitAtlasError, match="edge index out of range"):
+    with pytest.raises(CircuitAtlasError, match="edge neuron out of range"):
         pack([0], [5_000_000], [1], [0])
 
 

@@ -17,7 +17,7 @@ from circuit_atlas.lake import Lake, LakeError
 from tests.etl.oracle import assert_same, edge_oracle, neuron_oracle
 from tests.factories import MODEL, SHAPE, prompts_of, write_shard
 
-KEY = ["src_layer", "src_index", "tgt_layer", "tgt_index"]
+KEY = ["src_layer", "src_neuron", "tgt_layer", "tgt_neuron"]
 
 
 def make_lake(path, shards=3, corpus="c", start=0):
@@ -56,12 +56,12 @@ def test_several_corpora_and_token_associations(tmp_path, client):
         "gen+med": ["edges", "neuron_corpora", "neuron_tokens", "neurons"]}
     corpora = lake.table("neuron_corpora").collect()
     neurons = lake.table("neurons").collect()
-    by_corpus = corpora.group_by("layer", "index").agg(total=pa_sum("graph_count"))
-    joined = neurons.join(by_corpus, on=["layer", "index"])
+    by_corpus = corpora.group_by("layer", "neuron").agg(total=pa_sum("graph_count"))
+    joined = neurons.join(by_corpus, on=["layer", "neuron"])
     assert (joined["graph_count"] == joined["total"]).all()
     assert set(corpora["corpus_name"]) == {"med", "gen"}
     tokens = lake.table("neuron_tokens").collect()
-    assert tokens.group_by("layer", "index", "kind").len()["len"].max() <= 3
+    assert tokens.group_by("layer", "neuron", "kind").len()["len"].max() <= 3
     # oracle for the input-token association of one neuron: count its rows per token
     nodes, graphs = lake.read("nodes").to_pylist(), {
         g["graph_id"]: g for g in lake.read("graphs").to_pylist()}
@@ -69,7 +69,7 @@ def test_several_corpora_and_token_associations(tmp_path, client):
         0, named=True)
     counts: dict[int, int] = {}
     for n in nodes:
-        if (n["layer"], n["index"]) == (row["layer"], row["index"]):
+        if (n["layer"], n["neuron"]) == (row["layer"], row["neuron"]):
             toks = graphs[n["graph_id"]]["input_tokens"]
             t = toks[min(n["position"], len(toks) - 1)]
             counts[t] = counts.get(t, 0) + 1

@@ -84,7 +84,7 @@ def test_graph_job_on_slurm_cpu_workers(tmp_path, slurm, smollm2):
     here = Lake.init(tmp_path / "here")
     here.import_prompts([{"text": t} for t in texts], "c")
     run_graphs(here, smollm2, "c", params)
-    cols = ["graph_id", "src_layer", "src_index", "src_pos", "tgt_layer", "tgt_index", "tgt_pos",
+    cols = ["graph_id", "src_layer", "src_neuron", "src_pos", "tgt_layer", "tgt_neuron", "tgt_pos",
             "weight"]
     a = lake.scan("edges").select(cols).sort(cols[:7]).collect()
     b = here.scan("edges").select(cols).sort(cols[:7]).collect()

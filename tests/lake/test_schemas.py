@@ -17,7 +17,7 @@ def lake(tmp_path):
 
 def test_narrow_types_are_declared_once():
     assert NODES.schema.field("layer").type == pa.int16()
-    assert NODES.schema.field("index").type == pa.int32()
+    assert NODES.schema.field("neuron").type == pa.int32()
     assert EDGES.schema.field("src_layer").type == pa.int16()
     assert EDGES.schema.field("tgt_pos").type == pa.int32()
     assert EDGES.schema.field("weight").type == pa.float32()
@@ -73,7 +73,7 @@ def test_empty_lake_reads_empty_tables_with_schema(lake):
 def test_conform_casts_safely_and_refuses_overflow_nulls_and_typos():
     rng = np.random.default_rng(0)
     edges = graph_tables(rng, ["x"])["edges"]
-    wide = pa.table({c: edges.column(c).cast(pa.int64()) if c.endswith(("layer", "index", "pos"))
+    wide = pa.table({c: edges.column(c).cast(pa.int64()) if c.endswith(("layer", "neuron", "pos"))
                      else edges.column(c) for c in reversed(edges.column_names)})
     assert conform(wide, EDGES, "t").equals(edges)  # reordered and narrowed back
 

@@ -43,7 +43,7 @@ def test_commit_record_describes_the_shard(lake):
     with open(f"{shard.path}/_COMMIT.json") as f:
         record = json.load(f)
     assert record["rows"] == {t: tables[t].num_rows for t in ("graphs", "nodes", "edges")}
-    assert record["schema_versions"] == {"graphs": 1, "nodes": 1, "edges": 1}
+    assert record["schema_versions"] == {"graphs": 1, "nodes": 2, "edges": 2}
     assert record["model"] == MODEL and record["model_revision"] == "r1"
     assert record["params"] == PARAMS and record["params_hash"] == params_hash(PARAMS)
     assert record["code_version"]
