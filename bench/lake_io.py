@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake, graph_id, params_hash  # noqa: E402
+from circuit_atlas.lake import GRAPH_EDGES, GRAPH_NODES, GRAPHS, Lake, graph_id, params_hash  # noqa: E402
 from circuit_atlas.machine import describe
 
 MODEL, PARAMS = "bench/model", {"bench": 1}
@@ -46,7 +46,7 @@ def shard_tables(rng: np.random.Generator, first: int, n: int, edges_per_graph: 
         "tgt_neuron": rng.integers(0, 1536, m).astype(np.int32),
         "tgt_pos": rng.integers(0, 12, m).astype(np.int32),
         "weight": rng.normal(size=m).astype(np.float32),
-    }, schema=EDGES.schema)
+    }, schema=GRAPH_EDGES.schema)
     k = n * 500
     nodes = pa.table({
         "graph_id": np.repeat(gids, 500), "layer": rng.integers(0, 30, k).astype(np.int16),
@@ -55,7 +55,7 @@ def shard_tables(rng: np.random.Generator, first: int, n: int, edges_per_graph: 
         "activation": rng.normal(size=k).astype(np.float32),
         "score": rng.normal(size=k).astype(np.float32),
         "influence": rng.random(k).astype(np.float32),
-    }, schema=NODES.schema)
+    }, schema=GRAPH_NODES.schema)
     return {"graphs": graphs, "nodes": nodes, "edges": edges}
 
 
@@ -92,7 +92,7 @@ def main() -> None:
         readers = {
             "plain": lambda: ds.dataset(files, format="parquet").to_table(),
             "lake": lambda: lake.read("edges"),
-            "lake_cols": lambda: lake.read("edges", columns=[f.name for f in EDGES.fields]),
+            "lake_cols": lambda: lake.read("edges", columns=[f.name for f in GRAPH_EDGES.fields]),
         }
         best = dict.fromkeys(readers, float("inf"))
         for _ in range(3):  # alternate and keep the best: the page cache favours whoever runs last

@@ -40,7 +40,7 @@ SHAPE = {"n_layers": LAYERS, "n_neurons": NEURONS, "d_model": 4096, "vocab_size"
 def generate(path: str, graphs: int, per_shard: int, seed: int) -> None:
     """Heavy-tailed: each graph's ~110 active neurons are 70 drawn from a Zipf popularity
     (a few neurons in most graphs) and 40 uniformly; edges join random active pairs."""
-    from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake, graph_id, params_hash
+    from circuit_atlas.lake import GRAPH_EDGES, GRAPH_NODES, GRAPHS, Lake, graph_id, params_hash
 
     lake = Lake.init(path)
     rng = np.random.default_rng(seed)
@@ -67,7 +67,7 @@ def generate(path: str, graphs: int, per_shard: int, seed: int) -> None:
             "tgt_neuron": (hi % NEURONS).astype(np.int32),
             "tgt_pos": rng.integers(0, 64, n).astype(np.int32),
             "weight": rng.standard_t(3, n).astype(np.float32),
-        }, schema=EDGES.schema)
+        }, schema=GRAPH_EDGES.schema)
         node_ids = np.unique(np.stack([np.repeat(np.arange(n_g), 110), active.ravel()], 1),
                              axis=0)
         k = len(node_ids)
@@ -78,7 +78,7 @@ def generate(path: str, graphs: int, per_shard: int, seed: int) -> None:
             "activation": rng.normal(size=k).astype(np.float32),
             "score": rng.normal(size=k).astype(np.float32),
             "influence": rng.random(k).astype(np.float32),
-        }, schema=NODES.schema)
+        }, schema=GRAPH_NODES.schema)
         tokens = rng.integers(0, 128256, (n_g, 64)).astype(np.int32)
         graphs_t = pa.table({
             "graph_id": gids, "prompt_id": [f"p{first + i}" for i in range(n_g)],
@@ -89,8 +89,8 @@ def generate(path: str, graphs: int, per_shard: int, seed: int) -> None:
         with lake.open_shard(MODEL, CORPUS, params={"synthetic": seed},
                              model_shape=SHAPE) as shard:
             shard.write("graphs", graphs_t)
-            shard.write("nodes", nodes)
-            shard.write("edges", edges)
+            shard.write("graph_nodes", nodes)
+            shard.write("graph_edges", edges)
 
 
 def bench_lake(directory: str, graphs: int, per_shard: int, seed: int) -> str:

@@ -57,15 +57,15 @@ def graph_tables(
         keys = parts[0].keys() if parts else []
         return {k: np.concatenate([p[k] for p in parts]) for k in keys}
 
-    from circuit_atlas.lake import EDGES, GRAPHS, NODES
+    from circuit_atlas.lake import GRAPH_EDGES, GRAPH_NODES, GRAPHS
     from circuit_atlas.lake.validate import conform
 
     return {
         "graphs": conform(pa.Table.from_pylist(graphs, schema=GRAPHS.schema), GRAPHS, "test"),
-        "nodes": conform(pa.table(stack(nodes)), NODES, "test") if nodes
-        else NODES.schema.empty_table(),
-        "edges": conform(pa.table(stack(edges)), EDGES, "test") if edges
-        else EDGES.schema.empty_table(),
+        "graph_nodes": conform(pa.table(stack(nodes)), GRAPH_NODES, "test") if nodes
+        else GRAPH_NODES.schema.empty_table(),
+        "graph_edges": conform(pa.table(stack(edges)), GRAPH_EDGES, "test") if edges
+        else GRAPH_EDGES.schema.empty_table(),
     }
 
 
@@ -78,6 +78,25 @@ def write_shard(lake: Lake, corpus: str, prompts: list[str], seed: int = 0,
         for name, table in tables.items():
             shard.write(name, table)
     return shard.committed, tables
+
+
+def commit_twice(lake: Lake, shard) -> None:
+    """Commit ``shard``'s graphs a second time, as a second shard: what two racing jobs
+    leave on a filesystem that cannot create files exclusively (where the commit
+    protocol cannot see the race)."""
+    from circuit_atlas.lake import layout
+    from circuit_atlas.lake.shards import new_shard_name, shards_log
+
+    name = new_shard_name()
+    for table in layout.GRAPH_TABLES:
+        dst = lake.path(layout.shard_file(table, shard.model, shard.corpus, name))
+        lake.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+        lake.fs.copy(shard.file(table), dst)
+    import datetime as dt
+
+    record = {k: v for k, v in shard.commit.items() if k != "seq"}
+    shards_log(lake, shard.model, shard.corpus).commit(
+        {**record, "shard": name, "committed_at": dt.datetime.now(dt.UTC).isoformat()})
 
 
 def prompts_of(n: int, tag: str = "p") -> list[str]:

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from circuit_atlas.errors import CircuitAtlasError
 
@@ -109,17 +108,15 @@ class CooccurrenceReport:
     seconds: float
 
 
-def _shard_task(lake, shard_path: str, n_layers: int, skip: list[int], hubs: np.ndarray,
+def _shard_task(lake, shard, n_layers: int, skip: list[int], hubs: np.ndarray,
                 buckets: int, path: str, version) -> list[list[int]]:
     """One shard's pairs, split into buckets, written to one scratch file; returns each
     bucket's record batches there."""
-    from circuit_atlas.lake import NODES
-    from circuit_atlas.lake.validate import check_file
+    from circuit_atlas.lake import GRAPH_NODES
+    from circuit_atlas.lake.validate import read_parquet
 
-    f = f"{shard_path}/nodes.parquet"
-    check_file(f, NODES, lake.fs)
-    with lake.fs.open(f, "rb") as fh:
-        nodes = pl.from_arrow(pq.read_table(fh, columns=["graph_id", "layer", "neuron"]))
+    nodes = pl.from_arrow(read_parquet(shard.file("graph_nodes"), GRAPH_NODES, lake.fs,
+                                       ["graph_id", "layer", "neuron"]))
     pairs = pair_counts(graph_neurons(nodes, n_layers, skip), hubs).with_columns(
         bucket=((pl.col("a") // SHIFT * 1_000_003 + pl.col("a") % SHIFT) % buckets)
         .cast(pl.Int32)).sort("bucket")
@@ -152,7 +149,7 @@ def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int 
     from distributed import as_completed
 
     from circuit_atlas.analysis.inputs import reduced
-    from circuit_atlas.etl.reduce import repeated_graphs
+    from circuit_atlas.lake.shards import repeated_graphs
 
     t0 = time.perf_counter()
     if rank_by not in RANK_BY:
@@ -173,7 +170,7 @@ def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int 
     version = lake.new_table_version(model, ck, "cooccurrence")
     scratch = [version.scratch(f"shard-{i:06d}.arrow") for i in range(len(shards))]
     skips = repeated_graphs(shards)
-    parts = [client.submit(_shard_task, lake, s.path, n_layers, skip, hubs, buckets, path,
+    parts = [client.submit(_shard_task, lake, s, n_layers, skip, hubs, buckets, path,
                            version, pure=False)
              for s, skip, path in zip(shards, skips, scratch, strict=True)]
     counts_f = client.scatter(counts, broadcast=True)

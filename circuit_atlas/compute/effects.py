@@ -248,7 +248,7 @@ def effect_pairs(lake, model: str, corpora: list[str], n_layers: int,
         if limit is not None:
             prompts = prompts.head(limit)
         return prompts.join(wanted, how="cross").collect()
-    nodes = pl.concat([lake.scan("nodes", model, c) for c in corpora]).filter(
+    nodes = pl.concat([lake.scan("graph_nodes", model, c) for c in corpora]).filter(
         (pl.col("layer") >= 0) & (pl.col("layer") < n_layers) & (pl.col("neuron") >= 0))
     graphs = pl.concat([lake.scan("graphs", model, c) for c in corpora]).select(
         "graph_id", "prompt_id")

@@ -53,9 +53,9 @@ def graph_json(lake: Lake, model: str, corpus: str, prompt_id: str, decode) -> d
             f"in {lake.url}")
     g = graphs.row(0, named=True)
     gid = g["graph_id"]
-    nodes = lake.scan("nodes", model=model, corpus=corpus).filter(
+    nodes = lake.scan("graph_nodes", model=model, corpus=corpus).filter(
         pl.col("graph_id") == gid).collect()
-    edges = lake.scan("edges", model=model, corpus=corpus).filter(
+    edges = lake.scan("graph_edges", model=model, corpus=corpus).filter(
         pl.col("graph_id") == gid).collect()
     n_layers = int(nodes["layer"].max())  # logits are always kept, at layer n_layers
     text = lake.scan("prompts", corpus=corpus).filter(

@@ -18,7 +18,7 @@ from circuit_atlas.compute.attribution import AttributionParams, RawGraph, attri
 from circuit_atlas.compute.models import LoadedModel, ModelRef
 from circuit_atlas.compute.prune import node_influence, prune
 from circuit_atlas.errors import CircuitAtlasError
-from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake, graph_id, params_hash
+from circuit_atlas.lake import GRAPH_EDGES, GRAPH_NODES, GRAPHS, Lake, graph_id, params_hash
 
 MAX_TOKENS = 256
 PROMPT_BATCH = 8  # prompts sharing one forward and relevance backward
@@ -49,7 +49,7 @@ def graph_tables(raw: RawGraph, gid: int, pid: str, phash: str, prune_graph: boo
             "target_probs": [raw.targets.probs.astype(np.float32).tolist()],
             "params_hash": [phash],
         }, schema=GRAPHS.schema),
-        "nodes": pa.table({
+        "graph_nodes": pa.table({
             "graph_id": np.full(len(nodes), gid, np.int64),
             "layer": raw.layer[nodes].astype(np.int16),
             "neuron": raw.index[nodes].astype(np.int32),
@@ -57,8 +57,8 @@ def graph_tables(raw: RawGraph, gid: int, pid: str, phash: str, prune_graph: boo
             "activation": raw.activation[nodes].astype(np.float32),
             "score": raw.relevance[nodes].astype(np.float32),
             "influence": inf[nodes].astype(np.float32),
-        }, schema=NODES.schema),
-        "edges": pa.table({
+        }, schema=GRAPH_NODES.schema),
+        "graph_edges": pa.table({
             "graph_id": np.full(len(src), gid, np.int64),
             "src_layer": raw.layer[src].astype(np.int16),
             "src_neuron": raw.index[src].astype(np.int32),
@@ -67,7 +67,7 @@ def graph_tables(raw: RawGraph, gid: int, pid: str, phash: str, prune_graph: boo
             "tgt_neuron": raw.index[tgt].astype(np.int32),
             "tgt_pos": raw.position[tgt].astype(np.int32),
             "weight": raw.adjacency[tgt, src].astype(np.float32),
-        }, schema=EDGES.schema),
+        }, schema=GRAPH_EDGES.schema),
     }
 
 

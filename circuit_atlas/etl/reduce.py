@@ -37,15 +37,15 @@ from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.etl import edge_reduce as er
 from circuit_atlas.etl import neuron_reduce as nr
 from circuit_atlas.etl.fold import fold
-from circuit_atlas.lake import EDGES, GRAPHS, NODES, Lake, graph_id, layout
+from circuit_atlas.lake import GRAPH_EDGES, GRAPH_NODES, GRAPHS, Lake, layout
 from circuit_atlas.lake.schemas import EDGE_STATS, NEURON_CORPORA, NEURON_STATS, NEURON_TOKENS
-from circuit_atlas.lake.validate import check_file
+from circuit_atlas.lake.shards import Shard, repeated_graphs
+from circuit_atlas.lake.validate import read_parquet
 
 EDGE_COLUMNS = ["graph_id", "src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "weight"]
 NODE_COLUMNS = ["graph_id", "layer", "neuron", "position", "activation", "score"]
 MERGES = {"edges": er.EDGE_MERGE, "neurons": nr.STATS_MERGE, "neuron_tokens": nr.COUNT_MERGE,
           "neuron_corpora": nr.COUNT_MERGE}
-STATE = "_state"
 
 
 @dataclass
@@ -59,11 +59,7 @@ class ReduceReport:
 
 
 def _read(lake: Lake, path: str, spec, columns: list[str]) -> pa.Table:
-    check_file(path, spec, lake.fs)
-    try:
-        return pq.read_table(path, columns=columns, filesystem=lake.fs)
-    except (pa.ArrowException, OSError) as e:
-        raise CircuitAtlasError(f"{path}: cannot read shard file: {e}") from e
+    return read_parquet(path, spec, lake.fs, columns)
 
 
 def _without(table: pa.Table, skip: list[int]) -> pa.Table:
@@ -73,20 +69,19 @@ def _without(table: pa.Table, skip: list[int]) -> pa.Table:
                                            value_set=pa.array(skip, pa.int64()))))
 
 
-def shard_task(lake: Lake, shard_path: str, corpus_id: int, skip: list[int], version
+def shard_task(lake: Lake, shard: Shard, corpus_id: int, skip: list[int], version
                ) -> dict[str, Any]:
     """One shard: its edge rows split by source layer and its neuron partials, written
     to scratch files of the edges table ``version``; returns where, and the rows per
     layer. Nothing waits in worker memory for the folds. ``skip``: graph ids already
     counted from an earlier shard."""
     by_layer = er.shard_rows(_without(
-        _read(lake, f"{shard_path}/edges.parquet", EDGES, EDGE_COLUMNS), skip))
+        _read(lake, shard.file("graph_edges"), GRAPH_EDGES, EDGE_COLUMNS), skip))
     stats, tokens = nr.shard_partials(
-        _without(_read(lake, f"{shard_path}/nodes.parquet", NODES, NODE_COLUMNS), skip),
-        _without(_read(lake, f"{shard_path}/graphs.parquet", GRAPHS,
+        _without(_read(lake, shard.file("graph_nodes"), GRAPH_NODES, NODE_COLUMNS), skip),
+        _without(_read(lake, shard.file("graphs"), GRAPHS,
                        ["graph_id", "input_tokens", "target_tokens"]), skip))
-    name = shard_path.rstrip("/").rsplit("/", 2)
-    base = f"{name[-2]}-{name[-1]}".replace("=", "_")
+    base = f"{shard.corpus}-{shard.shard}"
     paths = {t: version.scratch(f"{base}.{t}.arrow") for t in MERGES}
     batches = version.write_scratch(paths["edges"], list(by_layer.values()), er.RAW_SCHEMA)
     for table, data in (("neurons", stats), ("neuron_tokens", tokens),
@@ -198,7 +193,7 @@ def finish_task(version, table: str, layers: list[int] | None, state: pa.Table,
         else:
             out, spec = nr.finalize_corpora(state, params["corpora"]), NEURON_CORPORA
         name = f"{table}.parquet"
-        state_file = version.write(f"{STATE}/{name}", state, compression="lz4")
+        state_file = version.write_state(name, state)
         return [version.write(name, out, spec)], [state_file], out.num_rows
     parts, states, rows = [], [], 0
     for layer, layer_state in _by_layer(state, layers).items():
@@ -206,27 +201,14 @@ def finish_task(version, table: str, layers: list[int] | None, state: pa.Table,
         part = version.write(layer_file(layer), out, EDGE_STATS)
         parts.append(part)
         rows += out.num_rows
-        states.append(part if params["min_count"] == 1 else version.write(
-            f"{STATE}/{layer_file(layer)}", layer_state, compression="lz4"))
+        states.append(version.part_path(part) if params["min_count"] == 1
+                      else version.write_state(layer_file(layer), layer_state))
     return parts, states, rows
 
 
-def ordered_shards(lake: Lake, model: str, corpora: list[str]):
+def ordered_shards(lake: Lake, model: str, corpora: list[str]) -> list[Shard]:
     """Committed shards of (model, corpora) in commit order: the order of the fold."""
-    shards = [s for c in corpora for s in lake.shards(model, c)]
-    return sorted(shards, key=lambda s: (s.commit["committed_at"], s.corpus, s.shard))
-
-
-def repeated_graphs(shards) -> list[list[int]]:
-    """Per shard, the graph ids an earlier shard already holds (two jobs that computed
-    the same prompts): each graph is counted once, from the first shard that has it."""
-    seen: set[int] = set()
-    out = []
-    for s in shards:
-        ids = [graph_id(s.commit["model"], p, s.params_hash) for p in s.prompt_ids]
-        out.append([g for g in ids if g in seen])
-        seen.update(ids)
-    return out
+    return [s for s in lake.shards(model) if s.corpus in set(corpora)]
 
 
 def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_count: int = 1,
@@ -262,7 +244,7 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     fold_order = (old or []) + [ids[i] for i in fresh]
     versions = {t: lake.new_table_version(model, corpus_key, t) for t in MERGES}
     skips = repeated_graphs(shards)
-    results = client.map(shard_task, [lake] * len(fresh), [shards[i].path for i in fresh],
+    results = client.map(shard_task, [lake] * len(fresh), [shards[i] for i in fresh],
                          [corpora.index(shards[i].corpus) for i in fresh],
                          [skips[i] for i in fresh],
                          [versions["edges"]] * len(fresh), pure=False)
@@ -279,8 +261,8 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
         for bucket, chunks in (plan if table == "edges" else [(None, all_shards)]):
             names = [layer_file(x) for x in bucket] if bucket else [f"{table}.parquet"]
             stored = [n for n in names if n in _state_names(manifests[table], old)]
-            state = client.submit(read_state, lake, [_state_path(
-                lake, model, corpus_key, table, manifests[table], n) for n in stored], table,
+            state = client.submit(read_state, lake, [
+                _state_path(lake, manifests[table], n) for n in stored], table,
                 pure=False) if stored else None
             for shard_ids in chunks:
                 state = client.submit(fold_task, lake, table, bucket, state,
@@ -342,8 +324,7 @@ def _state_names(manifest: dict[str, Any] | None, old: list[str] | None) -> list
     return [f.rsplit("/", 1)[-1] for f in manifest["inputs"]["state"]]
 
 
-def _state_path(lake: Lake, model: str, corpus: str, table: str, manifest: dict[str, Any],
-                name: str) -> str:
-    base = lake.path(layout.table_dir(layout.model_key(model), corpus, table))
+def _state_path(lake: Lake, manifest: dict[str, Any], name: str) -> str:
+    """A state file of ``manifest`` by name (its entries are relative to the root)."""
     (rel,) = [f for f in manifest["inputs"]["state"] if f.endswith(f"/{name}")]
-    return f"{base}/{rel}"
+    return lake.path(rel)

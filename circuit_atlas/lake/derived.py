@@ -1,13 +1,20 @@
-"""Derived tables: versioned, published atomically, with a record of their inputs.
+"""Derived tables: versioned, published by one log record, kept for a retention period.
 
-    tables/model=<m>/corpus=<c>/<table>/_MANIFEST.json      written last (renamed into place)
-    tables/model=<m>/corpus=<c>/<table>/v-<id>/<file>.parquet
+    tables/model=<m>/corpus=<c>/<table>/v-<id>/<file>.parquet   a version's files
+    _log/tables/model=<m>/corpus=<c>/<table>/<n>.json           record n: version n
+    _state/model=<m>/corpus=<c>/<table>/v-<id>/...              what a later run resumes from
 
 A run writes a complete new version directory (any process may write its parts)
-and then replaces ``_MANIFEST.json``, which names the version, its files and what
-it was built from (shards, parameters). Readers follow the manifest, so they see
-the old table or the new one, never a mix. Older versions are removed after the
-switch; a version directory that no manifest names is debris.
+and then publishes it: one record in the table's log (see :mod:`log`) naming the
+version, its files and what it was built from. The newest record is the current
+version; readers see the old table or the new one, never a mix. Each version
+directory holds all of its version's files, so a reader that is handed the
+directory (``Lake.table_path``) reads exactly that version with any engine.
+
+Superseded versions stay readable for the lake's retention period (a reader that
+opened a version before a publish keeps reading it; ``version=`` reads any that is
+kept); ``lake cleanup`` and later publishes of the table remove the expired ones.
+A version directory that no record names is a run still writing, or debris.
 """
 
 from __future__ import annotations
@@ -22,19 +29,26 @@ import pyarrow.parquet as pq
 from circuit_atlas._version import __version__
 from circuit_atlas.errors import LakeError
 from circuit_atlas.lake import layout
-from circuit_atlas.lake.records import read_record, write_json_atomic
+from circuit_atlas.lake.log import CommitLog
 from circuit_atlas.lake.schemas import DERIVED, TableSpec, parquet_options
 from circuit_atlas.lake.validate import check_file, conform
 
 if TYPE_CHECKING:
     from circuit_atlas.lake.lake import Lake
 
-MANIFEST = "_MANIFEST.json"
 MANIFEST_FORMAT = "circuit-atlas-table"
 
 
 def derived_spec(name: str) -> TableSpec | None:
     return DERIVED.get(name)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def table_log(lake: Lake, model_key: str, corpus: str, table: str) -> CommitLog:
+    return CommitLog(lake.fs, lake.path(layout.table_log(model_key, corpus, table)))
 
 
 class TableVersion:
@@ -43,26 +57,45 @@ class TableVersion:
 
     def __init__(self, lake: Lake, model: str, corpus: str, table: str) -> None:
         self.lake, self.model, self.corpus, self.table = lake, model, corpus, table
-        self.dir = layout.table_dir(layout.model_key(model), corpus, table)
-        self.version = f"v-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        self.model_key = layout.model_key(model)
+        self.dir = layout.table_dir(self.model_key, corpus, table)
+        self.version = f"v-{_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
 
-    def write(self, name: str, data: pa.Table, spec: TableSpec | None = None,
-              compression: str = "zstd") -> str:
-        """Write one part file (``name``, e.g. "src_layer-05.parquet"); returns its path."""
-        path = self.lake.path(f"{self.dir}/{self.version}/{name}")
-        if spec is not None:
-            data = conform(data, spec, origin=path)
+    def _write(self, path: str, data: pa.Table, compression: str) -> None:
         self.lake.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with self.lake.fs.open(path, "wb") as f:
             pq.write_table(data, f, row_group_size=1 << 20,
                            **parquet_options(data.schema, compression))
+
+    def write(self, name: str, data: pa.Table, spec: TableSpec | None = None,
+              compression: str = "zstd") -> str:
+        """Write one part file (``name``, e.g. "src_layer-05.parquet"); returns its path
+        relative to the table's directory."""
+        path = self.lake.path(f"{self.dir}/{self.version}/{name}")
+        if spec is not None:
+            data = conform(data, spec, origin=path)
+        self._write(path, data, compression)
         return f"{self.version}/{name}"
+
+    def write_state(self, name: str, data: pa.Table, compression: str = "lz4") -> str:
+        """Write one file of the state a later run resumes from (not table data: it
+        lives outside the table's directory); returns its path relative to the root."""
+        rel = f"{layout.state_dir(self.model_key, self.corpus, self.table)}/{self.version}/{name}"
+        self._write(self.lake.path(rel), data, compression)
+        return rel
+
+    def part_path(self, part: str) -> str:
+        """A part (as :meth:`write` returned it) relative to the root."""
+        return f"{self.dir}/{part}"
 
     def scratch(self, name: str) -> str:
         """A path for intermediate data of this run, removed by :meth:`drop_scratch`."""
-        path = self.lake.path(f"{self.dir}/{self.version}/_scratch/{name}")
+        path = self.lake.path(f"{self._scratch_dir()}/{name}")
         self.lake.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         return path
+
+    def _scratch_dir(self) -> str:
+        return f"{layout.SCRATCH}/{self.dir}/{self.version}"
 
     def write_scratch(self, path: str, parts: list[pa.Table], schema: pa.Schema
                       ) -> list[list[int]]:
@@ -91,34 +124,49 @@ class TableVersion:
                                          schema=reader.schema)
 
     def drop_scratch(self) -> None:
-        path = self.lake.path(f"{self.dir}/{self.version}/_scratch")
+        path = self.lake.path(self._scratch_dir())
         if self.lake.fs.exists(path):
             self.lake.fs.rm(path, recursive=True)
 
     def carry(self, current: dict[str, Any] | None, names: list[str]) -> list[str]:
-        """The files ``names`` of the ``current`` version (its manifest), to list in this
+        """Copy the files ``names`` of the ``current`` version (its record) into this
         one: a table whose parts come from separate runs (one file per clustering
-        method, label batches) keeps the parts this run does not replace. Nothing is
-        copied; :meth:`publish` keeps every version directory its files are in."""
+        method, per labeling pass) keeps the parts this run does not replace, and the
+        new version's directory still holds all of its files."""
         if current is None:
             return []
-        return [rel for rel in current["files"] if rel.rsplit("/", 1)[-1] in names]
+        out = []
+        for rel in current["files"]:
+            name = rel.rsplit("/", 1)[-1]
+            if name in names:
+                src = self.lake.path(f"{self.dir}/{rel}")
+                dst = self.lake.path(f"{self.dir}/{self.version}/{name}")
+                self.lake.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+                self.lake.fs.copy(src, dst)
+                out.append(f"{self.version}/{name}")
+        return out
 
     def publish(self, files: list[str], inputs: dict[str, Any]) -> dict[str, Any]:
-        """Switch readers to this version (manifest renamed into place), drop older ones."""
+        """Make this version current (one log record), then remove the versions whose
+        retention has run out."""
+        foreign = [f for f in files if not f.startswith(f"{self.version}/")]
+        if foreign:
+            raise LakeError(f"{self.dir}: files of another version in this one: {foreign[:3]}")
+        if not files:  # an empty table is still a table: its directory must exist
+            self.lake.fs.makedirs(self.lake.path(f"{self.dir}/{self.version}"), exist_ok=True)
         record = {
             "format": MANIFEST_FORMAT, "table": self.table, "version": self.version,
             "files": sorted(files), "inputs": inputs, "code_version": __version__,
-            "published_at": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
+            "published_at": _now().isoformat(timespec="microseconds"),
         }
         spec = derived_spec(self.table)
         if spec is not None:
             record["schema_version"] = spec.version
-        write_json_atomic(self.lake.fs, self.lake.path(f"{self.dir}/{MANIFEST}"), record)
-        live = _live_versions(record)
-        for old in self.lake.fs.glob(self.lake.path(f"{self.dir}/v-*")):
-            if old.rsplit("/", 1)[-1] not in live:
-                self.lake.fs.rm(old, recursive=True)
+        log = table_log(self.lake, self.model_key, self.corpus, self.table)
+        record["seq"] = log.commit(record)
+        from circuit_atlas.lake.cleanup import remove_expired_versions
+
+        remove_expired_versions(self.lake, self.model_key, self.corpus, self.table)
         return record
 
 
@@ -126,7 +174,7 @@ def add_part(lake: Lake, model: str, corpus: str, table: str, name: str, data: p
              inputs: dict[str, Any]) -> str:
     """Publish ``data`` as the part ``name`` of a derived table whose parts come from
     separate runs (label batches, one file per pass): the current version's other parts
-    stay listed (nothing copied); a part of the same name is replaced."""
+    are carried over; a part of the same name is replaced."""
     version = TableVersion(lake, model, corpus, table)
     current = read_manifest(lake, model, corpus, table)
     others = [f.rsplit("/", 1)[-1] for f in (current or {}).get("files", [])]
@@ -136,53 +184,96 @@ def add_part(lake: Lake, model: str, corpus: str, table: str, name: str, data: p
     return part
 
 
-def _live_versions(record: dict[str, Any]) -> set[str]:
-    """The version directories a manifest's files are in (its own and carried ones)."""
-    return {record["version"], *(f.split("/", 1)[0] for f in record["files"])}
-
-
-def read_manifest(lake: Lake, model: str, corpus: str, table: str) -> dict[str, Any] | None:
-    path = lake.path(f"{layout.table_dir(layout.model_key(model), corpus, table)}/{MANIFEST}")
-    if not lake.fs.exists(path):
-        return None
-    record = read_record(lake.fs, path, MANIFEST_FORMAT, "table manifest")
+def _check_record(record: dict[str, Any], where: str, table: str) -> dict[str, Any]:
+    if record.get("format") != MANIFEST_FORMAT:
+        raise LakeError(f"{where}: not a circuit-atlas table record")
     spec = derived_spec(table)
     if spec is not None and record.get("schema_version") != spec.version:
-        raise LakeError(f"{path}: {table} schema version {record.get('schema_version')}, "
+        raise LakeError(f"{where}: {table} schema version {record.get('schema_version')}, "
                         f"this circuit-atlas reads version {spec.version}")
     return record
 
 
-def table_files(lake: Lake, table: str, model: str | None = None, corpus: str | None = None,
-                validate: bool = True) -> list[str]:
-    """The current files of a derived table across (model, corpus) partitions."""
+def table_records(lake: Lake, model_key: str, corpus: str, table: str) -> list[dict[str, Any]]:
+    """Every published version of a table, oldest first."""
+    return table_log(lake, model_key, corpus, table).records()
+
+
+def pick_version(records: list[dict[str, Any]], version: int | str | dt.datetime | None,
+                 where: str) -> dict[str, Any]:
+    """The record of ``version``: None the newest, an int its number (negative: from the
+    newest back, -1 the newest), a str its id ("v-…"), a datetime the one current then."""
+    if version is None:
+        return records[-1]
+    if isinstance(version, int):
+        by_seq = {r["seq"]: r for r in records}
+        want = records[-1]["seq"] + 1 + version if version < 0 else version
+        if want in by_seq:
+            return by_seq[want]
+        raise LakeError(f"{where}: no version {version} (versions "
+                        f"{records[0]['seq']}..{records[-1]['seq']})")
+    if isinstance(version, str):
+        for r in records:
+            if r["version"] == version:
+                return r
+        raise LakeError(f"{where}: no version {version!r}")
+    when = version if version.tzinfo else version.replace(tzinfo=dt.UTC)
+    before = [r for r in records if dt.datetime.fromisoformat(r["published_at"]) <= when]
+    if not before:
+        raise LakeError(f"{where}: no version was published by {when.isoformat()}")
+    return before[-1]
+
+
+def read_manifest(lake: Lake, model: str, corpus: str, table: str,
+                  version: int | str | dt.datetime | None = None) -> dict[str, Any] | None:
+    """The record of a table's current version (or of ``version``), or None when the
+    table was never published."""
+    key = layout.model_key(model)
+    records = table_records(lake, key, corpus, table)
+    if not records:
+        return None
+    where = f"table {table} of {key} / {corpus}"
+    record = pick_version(records, version, where)
+    return _check_record(record, f"{lake.path(layout.table_log(key, corpus, table))}/"
+                         f"{record['seq']:012d}.json", table)
+
+
+def table_logs(lake: Lake, table: str, model: str | None = None, corpus: str | None = None
+               ) -> list[tuple[str, str]]:
+    """(model key, corpus) of every published partition of ``table``."""
     m = layout.model_key(model) if model else "*"
     c = layout.check_name("corpus", corpus) if corpus else "*"
-    files = []
     name = layout.check_name("table", table)
-    pattern = lake.path(f"{layout.TABLES}/model={m}/corpus={c}/{name}/{MANIFEST}")
-    for manifest in sorted(lake.fs.glob(pattern)):
-        parts = layout.partition_values(manifest[len(lake.root):])
-        record = read_manifest(lake, parts["model"], parts["corpus"], table)
-        base = manifest.rsplit("/", 1)[0]
-        files.extend(f"{base}/{f}" for f in record["files"])
+    base = lake.path(f"{layout.LOG}/{layout.TABLES}")
+    out = []
+    for path in sorted(lake.fs.glob(f"{base}/model={m}/corpus={c}/{name}")):
+        parts = layout.partition_values(path[len(lake.root):])
+        out.append((parts["model"], parts["corpus"]))
+    return out
+
+
+def table_files(lake: Lake, table: str, model: str | None = None, corpus: str | None = None,
+                validate: bool = True, version: int | str | dt.datetime | None = None
+                ) -> list[str]:
+    """The files of a derived table's current version (or of ``version``), across the
+    (model, corpus) partitions that match."""
+    files: list[tuple[str, int]] = []
+    for key, c in table_logs(lake, table, model, corpus):
+        record = read_manifest(lake, key, c, table, version)
+        if record is None:
+            continue
+        base = lake.path(layout.table_dir(key, c, table))
+        files.extend((f"{base}/{rel}", record["seq"]) for rel in record["files"])
     spec = derived_spec(table)
     if validate and spec is not None:
-        for f in files:
-            check_file(f, spec, lake.fs)
-    return files
-
-
-def unpublished_versions(lake: Lake) -> list[str]:
-    """Version directories of derived tables that no manifest names: a reduce still
-    running, or one that was killed before it published."""
-    out = []
-    for table_dir in sorted(lake.fs.glob(lake.path(f"{layout.TABLES}/model=*/corpus=*/*"))):
-        manifest = f"{table_dir}/{MANIFEST}"
-        live: set[str] = set()
-        if lake.fs.exists(manifest):
-            live = _live_versions(read_record(lake.fs, manifest, MANIFEST_FORMAT,
-                                              "table manifest"))
-        out.extend(v for v in sorted(lake.fs.glob(f"{table_dir}/v-*"))
-                   if v.rsplit("/", 1)[-1] not in live)
-    return out
+        for f, seq in files:
+            try:
+                check_file(f, spec, lake.fs)
+            except LakeError:
+                if not lake.fs.exists(f):
+                    raise LakeError(
+                        f"{f}: missing: version {seq} of {table} lists it, but it was "
+                        "removed (by lake cleanup after the retention period, or by hand)"
+                    ) from None
+                raise
+    return [f for f, _ in files]

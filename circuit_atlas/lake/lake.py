@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -18,31 +19,30 @@ from fsspec.implementations.local import LocalFileSystem
 from circuit_atlas._version import __version__
 from circuit_atlas.errors import LakeError
 from circuit_atlas.lake import layout
+from circuit_atlas.lake.cleanup import DAY, CleanupReport, cleanup
 from circuit_atlas.lake.derived import (
     TableVersion,
     read_manifest,
     table_files,
-    unpublished_versions,
+    table_logs,
 )
 from circuit_atlas.lake.ids import prompt_id
+from circuit_atlas.lake.log import CommitLog
 from circuit_atlas.lake.prompt_files import Record, meta_json
 from circuit_atlas.lake.records import read_record, write_json_atomic
 from circuit_atlas.lake.schemas import DERIVED, PROMPTS, TableSpec, parquet_options, spec
-from circuit_atlas.lake.shards import (
-    CleanupReport,
-    Shard,
-    ShardWriter,
-    cleanup,
-    list_shards,
-    uncommitted_shard_dirs,
-)
-from circuit_atlas.lake.validate import check_file, conform
+from circuit_atlas.lake.shards import Shard, ShardWriter, list_shards, repeated_graphs
+from circuit_atlas.lake.validate import check_file, conform, read_parquet
 
 if TYPE_CHECKING:
     import polars as pl
 
 FORMAT_NAME = "circuit-atlas-lake"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+PART_FORMAT = "circuit-atlas-prompts"
+RETENTION_S = 7 * DAY
+
+Version = int | str | dt.datetime | None
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,14 @@ class Lake:
     """A circuit-atlas lake. ``Lake(path)`` opens an existing one; ``Lake.init(path)`` creates.
 
     ``path`` is a local folder or any fsspec URL (``s3://bucket/atlas``, ``memory://x``).
+    ``storage_options`` go to fsspec (credentials, an S3 endpoint).
     """
 
-    def __init__(self, path: str | os.PathLike, *, create: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, create: bool = False,
+                 storage_options: dict[str, Any] | None = None) -> None:
         self.url = os.fspath(path)
-        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self.root = root.rstrip("/")
         marker = self.path(layout.LAKE_FILE)
         if not self.fs.exists(marker):
@@ -85,23 +88,34 @@ class Lake:
                     "format_version": FORMAT_VERSION,
                     "created_by": f"circuit-atlas {__version__}",
                     "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    "retention_seconds": RETENTION_S,
                 },
             )
         self.meta = self._read_marker(marker)
 
     @classmethod
-    def init(cls, path: str | os.PathLike) -> Lake:
+    def init(cls, path: str | os.PathLike, **kwargs: Any) -> Lake:
         """Open the lake at ``path``, creating it (and ``_lake.json``) if needed."""
-        return cls(path, create=True)
+        return cls(path, create=True, **kwargs)
 
     def _read_marker(self, marker: str) -> dict[str, Any]:
         meta = read_record(self.fs, marker, FORMAT_NAME, "lake marker")
-        if meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            how = (f"migrate it with: circuit-atlas lake migrate --lake {self.url}"
+                   if isinstance(version, int) and version < FORMAT_VERSION
+                   else "upgrade circuit-atlas to read it")
             raise LakeError(
-                f"{marker}: lake format version {meta.get('format_version')}, "
-                f"this circuit-atlas {__version__} reads version {FORMAT_VERSION}"
+                f"{marker}: lake format version {version}, this circuit-atlas "
+                f"{__version__} reads version {FORMAT_VERSION}; {how}"
             )
         return meta
+
+    @property
+    def retention_s(self) -> float:
+        """How long superseded versions of derived tables stay readable (``_lake.json``:
+        ``retention_seconds``)."""
+        return float(self.meta.get("retention_seconds", RETENTION_S))
 
     def path(self, rel: str) -> str:
         """The filesystem path of ``rel`` (a layout path) under the root."""
@@ -112,24 +126,26 @@ class Lake:
 
     # prompts ---------------------------------------------------------------------
 
+    def _prompt_log(self, corpus: str) -> CommitLog:
+        return CommitLog(self.fs, self.path(layout.prompts_log(corpus)))
+
     def corpora(self) -> list[str]:
         """Names of the corpora that hold prompts."""
-        return sorted(self._prompt_files_by_corpus())
-
-    def _prompt_files_by_corpus(self) -> dict[str, list[str]]:
-        """{corpus: its prompt part files}, from one glob."""
-        out: dict[str, list[str]] = {}
-        for f in sorted(self.fs.glob(self.path(f"{layout.PROMPTS}/corpus=*/part-*.parquet"))):
-            out.setdefault(layout.partition_values(f[len(self.root):])["corpus"], []).append(f)
-        return out
+        base = self.path(f"{layout.LOG}/{layout.PROMPTS}")
+        return sorted(layout.partition_values(p[len(self.root):])["corpus"]
+                      for p in self.fs.glob(f"{base}/corpus=*")
+                      if self._prompt_log(layout.partition_values(
+                          p[len(self.root):])["corpus"]).last() >= 0)
 
     def _prompt_files(self, corpus: str) -> list[str]:
-        return sorted(self.fs.glob(self.path(f"{layout.prompts_dir(corpus)}/part-*.parquet")))
+        """The committed prompt parts of ``corpus``, in commit order."""
+        return [self.path(f"{layout.prompts_dir(corpus)}/{r['part']}")
+                for r in self._prompt_log(corpus).records()]
 
     def check_corpus(self, corpus: str) -> str:
         """``corpus`` if it holds prompts, else a LakeError listing the corpora."""
         layout.check_name("corpus", corpus)
-        if not self._prompt_files(corpus):
+        if self._prompt_log(corpus).last() < 0:
             known = ", ".join(self.corpora()) or "none yet; add some with `prompts import`"
             raise LakeError(f"unknown corpus {corpus!r} in lake {self.url} (corpora: {known})")
         return corpus
@@ -140,12 +156,15 @@ class Lake:
     ) -> ImportReport:
         """Add the prompts of ``records`` that ``corpus`` does not hold yet.
 
-        Ids are content hashes, so importing the same prompts again adds nothing.
-        ``domain`` fills in records that have none. The new prompts land as one
-        Parquet part, written to a temporary name and renamed.
+        Ids are content hashes, so importing the same prompts again adds nothing. The
+        new prompts land as one Parquet part, committed by one log record; an import
+        that races another one for the same prompts drops those the other committed
+        first, so each prompt is stored once.
         """
         layout.check_name("corpus", corpus)
-        existing = self._existing_prompt_ids(corpus)
+        log = self._prompt_log(corpus)
+        seen_seq = log.last()
+        existing = self._ids_of(self._prompt_files(corpus))
         rows: dict[str, dict[str, Any]] = {}
         seen: set[str] = set()
         n_in, dup_in = 0, 0
@@ -165,23 +184,48 @@ class Lake:
                 "source": source,
                 "meta": meta_json(record.get("meta")),
             }
-        already = n_in - dup_in - len(rows)
         if rows:
             table = conform(pa.Table.from_pylist(list(rows.values())), PROMPTS, source or corpus)
-            part = self.path(layout.prompts_part(corpus, uuid.uuid4().hex[:16]))
-            tmp = layout.tmp_name(part, uuid.uuid4().hex[:8])
-            self.fs.makedirs(part.rsplit("/", 1)[0], exist_ok=True)
-            with self.fs.open(tmp, "wb") as f:
-                pq.write_table(table, f, **parquet_options(table.schema))
-            self.fs.mv(tmp, part)
+            name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+            part = self.path(f"{layout.prompts_dir(corpus)}/{name}")
+            self._write_part(part, table)
+
+            def on_conflict(mine: dict[str, Any], theirs: list[dict[str, Any]]):
+                nonlocal table
+                taken = self._ids_of([self.path(f"{layout.prompts_dir(corpus)}/{r['part']}")
+                                      for r in theirs])
+                kept = table.filter(pc.invert(pc.is_in(
+                    table.column("prompt_id"), value_set=pa.array(sorted(taken), pa.string()))))
+                if kept.num_rows == table.num_rows:
+                    return mine
+                for pid in set(rows) & taken:
+                    del rows[pid]
+                table = kept
+                if not kept.num_rows:
+                    self.fs.rm(part)
+                    return None
+                self._write_part(part, kept)
+                return {**mine, "rows": kept.num_rows}
+
+            log.commit({"format": PART_FORMAT, "part": name, "rows": table.num_rows,
+                        "source": source, "code_version": __version__}, on_conflict,
+                       since=seen_seq)
+        already = n_in - dup_in - len(rows)
         return ImportReport(corpus, len(rows), already, dup_in, source)
 
-    def _existing_prompt_ids(self, corpus: str) -> set[str]:
-        files = self._prompt_files(corpus)
-        if not files:
-            return set()
-        return set(self._dataset(PROMPTS, files).to_table(columns=["prompt_id"])
-                   .column("prompt_id").to_pylist())
+    def _write_part(self, part: str, table: pa.Table) -> None:
+        tmp = layout.tmp_name(part, uuid.uuid4().hex[:8])
+        self.fs.makedirs(part.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(tmp, "wb") as f:
+            pq.write_table(table, f, **parquet_options(table.schema))
+        self.fs.mv(tmp, part)
+
+    def _ids_of(self, files: list[str]) -> set[str]:
+        ids: set[str] = set()
+        for f in files:
+            ids.update(read_parquet(f, PROMPTS, self.fs, ["prompt_id"])
+                       .column("prompt_id").to_pylist())
+        return ids
 
     # graph shards ----------------------------------------------------------------
 
@@ -195,8 +239,10 @@ class Lake:
         return ShardWriter(self, model, corpus, params, model_revision, model_shape)
 
     def shards(self, model: str | None = None, corpus: str | None = None) -> list[Shard]:
-        """Committed graph shards, optionally of one model and/or corpus."""
-        return list_shards(self, model, corpus)
+        """Committed graph shards, optionally of one model and/or corpus, in commit order
+        (by commit time across corpora, by record number within one)."""
+        shards = list_shards(self, model, corpus)
+        return sorted(shards, key=lambda s: (s.commit["committed_at"], s.corpus, s.seq))
 
     def models(self) -> list[str]:
         """Model keys (partition values) with at least one committed shard."""
@@ -212,35 +258,41 @@ class Lake:
         }
 
     def cleanup(self, min_age_s: float = 3600.0, dry_run: bool = False) -> CleanupReport:
-        """Remove debris of uncommitted shards, imports and unpublished table versions;
-        see :func:`shards.cleanup`."""
-        return cleanup(self, min_age_s=min_age_s, dry_run=dry_run,
-                       unpublished=unpublished_versions(self))
+        """Remove debris and expired versions; see :mod:`circuit_atlas.lake.cleanup`."""
+        return cleanup(self, min_age_s=min_age_s, dry_run=dry_run)
 
     # readers ---------------------------------------------------------------------
 
     def files(self, table: str, model: str | None = None, corpus: str | None = None,
-              validate: bool = True) -> list[str]:
-        """The committed Parquet files of a lake table, each checked against its schema."""
+              validate: bool = True, version: Version = None) -> list[str]:
+        """The files a snapshot of ``table`` reads, each checked against its schema: the
+        committed prompt parts or graph shards, or the current version (``version``) of
+        a derived table. Any engine given this list reads exactly the snapshot, except
+        that a graph committed twice (only where the filesystem cannot create files
+        exclusively) is then read twice: :meth:`scan` drops the repeat."""
+        if table in DERIVED:
+            return table_files(self, table, model, corpus, validate, version)
+        return [f for f, _ in self._files_and_repeats(table, model, corpus, validate)]
+
+    def _files_and_repeats(self, table: str, model: str | None, corpus: str | None,
+                           validate: bool = True) -> list[tuple[str, list[int]]]:
+        """(file, graph ids to leave out of it) of a per-graph table or prompts."""
         t_spec = spec(table)
         if t_spec is PROMPTS:
-            if corpus:
-                files = self._prompt_files(self.check_corpus(corpus))
-            else:
-                files = [f for fs in self._prompt_files_by_corpus().values() for f in fs]
+            corpora = [self.check_corpus(corpus)] if corpus else self.corpora()
+            out = [(f, []) for c in corpora for f in self._prompt_files(c)]
         else:
-            files = [s.file(table) for s in self.shards(model, corpus)]
+            shards = self.shards(model, corpus)
+            out = list(zip([s.file(table) for s in shards], repeated_graphs(shards),
+                           strict=True))
         if validate:
-            for f in files:
+            for f, _ in out:
                 check_file(f, t_spec, self.fs)
-        return files
+        return out
 
     def _dataset(self, t_spec: TableSpec, files: list[str]) -> ds.Dataset:
         base = self._base(t_spec)
         values = [layout.partition_values(f[len(base):]) for f in files]
-        if DERIVED.get(t_spec.name) is t_spec:  # tables/model=/corpus=/<name>/v-*/<file>
-            return ds.dataset(files, schema=t_spec.schema, format="parquet",
-                              filesystem=self.fs)
         dictionaries = {
             p: pa.array(sorted({v[p] for v in values}), pa.string()) for p in t_spec.partitions
         }
@@ -255,42 +307,80 @@ class Lake:
             partition_base_dir=base,
         )
 
-    def dataset(self, table: str, model: str | None = None, corpus: str | None = None
-                ) -> ds.Dataset:
-        """A pyarrow dataset over the committed files of ``table``, partitions as columns."""
-        return self._dataset(spec(table), self.files(table, model, corpus))
-
     def _base(self, t_spec: TableSpec) -> str:
         if DERIVED.get(t_spec.name) is t_spec:
             return self.path(layout.TABLES)
-        return self.path(layout.PROMPTS if t_spec is PROMPTS else layout.GRAPHS)
+        return self.path(layout.PROMPTS if t_spec is PROMPTS else t_spec.name)
+
+    def dataset(self, table: str, model: str | None = None, corpus: str | None = None,
+                version: Version = None) -> ds.Dataset:
+        """A pyarrow dataset over a snapshot of ``table``, partitions as columns."""
+        if table in DERIVED:
+            return self._dataset(DERIVED[table], self._derived_files(table, model, corpus,
+                                                                      version))
+        parts = self._files_and_repeats(table, model, corpus)
+        data = self._dataset(spec(table), [f for f, _ in parts])
+        if not any(r for _, r in parts):
+            return data
+        return data.filter(~_repeat_filter(
+            [(layout.partition_values(f)["shard"], r) for f, r in parts]))
 
     def scan(self, table: str, model: str | None = None, corpus: str | None = None
              ) -> pl.LazyFrame:
-        """A polars LazyFrame over the committed files of ``table``, partitions as columns."""
-        return self._scan(spec(table), self.files(table, model, corpus))
+        """A polars LazyFrame over the committed prompts or graphs of ``table``
+        (``prompts``, ``graphs``, ``graph_nodes``, ``graph_edges``), partitions as
+        columns, each graph once."""
+        if table in DERIVED:
+            raise LakeError(f"{table!r} is a derived table: read it with Lake.table({table!r})"
+                            " (the per-graph tables are graphs, graph_nodes, graph_edges)")
+        import polars as pl
 
-    def table(self, name: str, model: str | None = None, corpus: str | None = None
-              ) -> pl.LazyFrame:
-        """A derived table (``edges``, ``neurons``, ...) as a polars LazyFrame, with
-        ``model`` and ``corpus`` as columns: ``lake.table("neurons").collect()``."""
+        parts = self._files_and_repeats(table, model, corpus)
+        t_spec = spec(table)
+        clean = [f for f, r in parts if not r]
+        frames = [self._scan(t_spec, clean)] if clean or not parts else []
+        frames += [self._scan(t_spec, [f]).filter(~pl.col("graph_id").is_in(r))
+                   for f, r in parts if r]
+        return frames[0] if len(frames) == 1 else pl.concat(frames)
+
+    def _derived_files(self, name: str, model: str | None, corpus: str | None,
+                       version: Version) -> list[str]:
         if name not in DERIVED:
             raise LakeError(f"unknown derived table {name!r}; known: {', '.join(DERIVED)}")
-        files = table_files(self, name, model, corpus)
-        if not files:
+        files = table_files(self, name, model, corpus, version=version)
+        if not files and not table_logs(self, name, model, corpus):
             raise LakeError(f"lake {self.url} has no {name} table"
                             + (f" for model {model!r}" if model else "")
                             + (f" and corpus {corpus!r}" if corpus else "")
                             + "; build it with: circuit-atlas reduce")
-        return self._scan(DERIVED[name], files)
+        return files
+
+    def table(self, name: str, model: str | None = None, corpus: str | None = None,
+              version: Version = None) -> pl.LazyFrame:
+        """A derived table (``edges``, ``neurons``, ...) as a polars LazyFrame, with
+        ``model`` and ``corpus`` as columns: ``lake.table("neurons").collect()``.
+        ``version``: an earlier one still kept (its number, id or a datetime)."""
+        return self._scan(DERIVED.get(name) or spec(name),
+                          self._derived_files(name, model, corpus, version))
+
+    def table_path(self, name: str, model: str, corpus: str, version: Version = None) -> str:
+        """The directory of a derived table's current version (or ``version``): it
+        holds exactly that version's files, for engines that read a folder."""
+        record = read_manifest(self, model, corpus, name, version)
+        if record is None:
+            raise LakeError(f"lake {self.url} has no {name} table for {model!r} / {corpus!r}")
+        base = layout.table_dir(layout.model_key(model), corpus, name)
+        return self.path(f"{base}/{record['version']}")
 
     def new_table_version(self, model: str, corpus: str, name: str) -> TableVersion:
         """Start a new version of a derived table; see :class:`derived.TableVersion`."""
         return TableVersion(self, model, corpus, name)
 
-    def table_manifest(self, model: str, corpus: str, name: str) -> dict[str, Any] | None:
-        """What the current version of a derived table was built from, or None."""
-        return read_manifest(self, model, corpus, name)
+    def table_manifest(self, model: str, corpus: str, name: str, version: Version = None
+                       ) -> dict[str, Any] | None:
+        """What the current version (or ``version``) of a derived table was built
+        from, or None."""
+        return read_manifest(self, model, corpus, name, version)
 
     def _scan(self, t_spec: TableSpec, files: list[str]) -> pl.LazyFrame:
         import polars as pl
@@ -299,7 +389,8 @@ class Lake:
             return pl.from_arrow(t_spec.dataset_schema.empty_table()).lazy().with_columns(
                 pl.col(p).cast(pl.String) for p in t_spec.partitions)
         if not isinstance(self.fs, LocalFileSystem):
-            return pl.scan_pyarrow_dataset(self._dataset(t_spec, files))
+            return pl.scan_pyarrow_dataset(self._dataset(t_spec, files)).with_columns(
+                pl.col(p).cast(pl.String) for p in t_spec.partitions)
         return pl.scan_parquet(
             files,
             schema=pl.Schema(pl.from_arrow(t_spec.schema.empty_table()).schema),
@@ -335,10 +426,13 @@ class Lake:
 
     def info(self) -> dict[str, Any]:
         """Corpora, models, shards, graphs, rows and bytes: what ``lake info`` prints."""
+        from circuit_atlas.lake.cleanup import uncommitted_shards
+
         corpora = {}
-        for c, files in sorted(self._prompt_files_by_corpus().items()):
+        for c in self.corpora():
+            files = self._prompt_files(c)
             corpora[c] = {
-                "prompts": sum(pq.read_metadata(f, filesystem=self.fs).num_rows for f in files),
+                "prompts": sum(_metadata(f, self.fs).num_rows for f in files),
                 "files": len(files),
                 "bytes": sum(self.fs.size(f) for f in files),
             }
@@ -350,25 +444,44 @@ class Lake:
             )
             c["shards"] += 1
             c["graphs"] += s.rows["graphs"]
-            c["nodes"] += s.rows["nodes"]
-            c["edges"] += s.rows["edges"]
+            c["nodes"] += s.rows["graph_nodes"]
+            c["edges"] += s.rows["graph_edges"]
             c["bytes"] += sum(s.commit["bytes"].values())
         return {
             "lake": self.url,
             "format_version": self.meta["format_version"],
             "created_by": self.meta.get("created_by"),
+            "retention_seconds": self.retention_s,
             "corpora": corpora,
             "models": models,
-            "uncommitted_shards": len(uncommitted_shard_dirs(self)),
+            "uncommitted_shards": len(uncommitted_shards(self)),
             "tables": self.derived_tables(),
         }
 
     def derived_tables(self) -> dict[str, dict[str, list[str]]]:
-        """{model: {corpus: [table, ...]}} of the derived tables under ``tables/``."""
+        """{model: {corpus: [table, ...]}} of the published derived tables."""
         out: dict[str, dict[str, list[str]]] = {}
-        pattern = self.path(f"{layout.TABLES}/model=*/corpus=*/*/_MANIFEST.json")
-        for p in sorted(self.fs.glob(pattern)):
+        base = self.path(f"{layout.LOG}/{layout.TABLES}")
+        for p in sorted(self.fs.glob(f"{base}/model=*/corpus=*/*")):
             parts = layout.partition_values(p[len(self.root):])
-            name = p.rsplit("/", 2)[-2]
+            name = p.rsplit("/", 1)[-1]
             out.setdefault(parts["model"], {}).setdefault(parts["corpus"], []).append(name)
         return out
+
+
+def _metadata(path: str, fs) -> pq.FileMetaData:
+    try:
+        return pq.read_metadata(path, filesystem=fs)
+    except (pa.ArrowException, OSError) as e:
+        raise LakeError(f"{path}: not a readable Parquet file (truncated or corrupt?): "
+                        f"{e}") from e
+
+
+def _repeat_filter(parts: list[tuple[str, list[int]]]) -> ds.Expression:
+    """An expression true on the rows of graphs read from an earlier shard already."""
+    expr = None
+    for shard, repeats in parts:
+        if repeats:
+            one = (ds.field("shard") == shard) & ds.field("graph_id").isin(repeats)
+            expr = one if expr is None else expr | one
+    return expr

@@ -2,10 +2,20 @@
 
     <root>/_lake.json
     <root>/prompts/corpus=<c>/part-<id>.parquet
-    <root>/graphs/model=<m>/corpus=<c>/shard=<s>/{graphs,nodes,edges}.parquet, _COMMIT.json
-    <root>/tables/model=<m>/corpus=<c>/<table>/...
+    <root>/graphs/model=<m>/corpus=<c>/shard=<s>/part-0.parquet        (and graph_nodes/,
+    <root>/graph_nodes/model=<m>/corpus=<c>/shard=<s>/part-0.parquet    graph_edges/: the
+    <root>/graph_edges/model=<m>/corpus=<c>/shard=<s>/part-0.parquet    three per-graph tables)
+    <root>/tables/model=<m>/corpus=<c>/<table>/v-<id>/<file>.parquet    derived tables
+    <root>/_log/prompts/corpus=<c>/<n>.json                 commit records (see ``log``)
+    <root>/_log/shards/model=<m>/corpus=<c>/<n>.json
+    <root>/_log/tables/model=<m>/corpus=<c>/<table>/<n>.json
+    <root>/_log/writing/<shard>.json                        markers of shards being written
+    <root>/_state/model=<m>/corpus=<c>/<table>/v-<id>/...   what an incremental run resumes from
+    <root>/_scratch/...                                     intermediate data of a running job
 
-All paths here are relative to the root and use "/" (they are fsspec paths).
+Table directories hold Parquet data files only; everything else is under ``_log``,
+``_state`` and ``_scratch``. All paths here are relative to the root and use "/"
+(they are fsspec paths).
 """
 
 from __future__ import annotations
@@ -15,14 +25,15 @@ import re
 from circuit_atlas.errors import LakeError
 
 LAKE_FILE = "_lake.json"
-COMMIT_FILE = "_COMMIT.json"
-# Written when a shard is opened, so cleanup can tell a live writer from debris.
-WRITING_FILE = "_WRITING.json"
 TMP_MARK = ".tmp-"
 
 PROMPTS = "prompts"
-GRAPHS = "graphs"
+GRAPH_TABLES = ("graphs", "graph_nodes", "graph_edges")  # a shard writes one file of each
 TABLES = "tables"
+LOG = "_log"
+STATE = "_state"
+SCRATCH = "_scratch"
+PART = "part-0.parquet"  # the one file of a shard in each per-graph table
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -53,22 +64,31 @@ def prompts_part(corpus: str, part_id: str) -> str:
     return f"{prompts_dir(corpus)}/part-{part_id}.parquet"
 
 
-def shard_dir(model: str, corpus: str, shard: str) -> str:
-    return (
-        f"{GRAPHS}/model={check_name('model', model)}/corpus={check_name('corpus', corpus)}"
-        f"/shard={check_name('shard', shard)}"
-    )
+def prompts_log(corpus: str) -> str:
+    return f"{LOG}/{prompts_dir(corpus)}"
 
 
-def shard_file(model: str, corpus: str, shard: str, table: str) -> str:
-    return f"{shard_dir(model, corpus, shard)}/{table}.parquet"
+def _model_corpus(model: str, corpus: str) -> str:
+    return f"model={check_name('model', model)}/corpus={check_name('corpus', corpus)}"
 
 
-def shard_glob(model: str | None = None, corpus: str | None = None) -> str:
-    """A glob matching the directories of graph shards (committed or not)."""
-    m = check_name("model", model) if model else "*"
-    c = check_name("corpus", corpus) if corpus else "*"
-    return f"{GRAPHS}/model={m}/corpus={c}/shard=*"
+def shard_dir(table: str, model: str, corpus: str, shard: str) -> str:
+    """The directory of a shard's file in the per-graph ``table``."""
+    if table not in GRAPH_TABLES:
+        raise LakeError(f"a graph shard holds {', '.join(GRAPH_TABLES)}, not {table!r}")
+    return f"{table}/{_model_corpus(model, corpus)}/shard={check_name('shard', shard)}"
+
+
+def shard_file(table: str, model: str, corpus: str, shard: str) -> str:
+    return f"{shard_dir(table, model, corpus, shard)}/{PART}"
+
+
+def shards_log(model: str, corpus: str) -> str:
+    return f"{LOG}/shards/{_model_corpus(model, corpus)}"
+
+
+def writing_marker(shard: str) -> str:
+    return f"{LOG}/writing/{check_name('shard', shard)}.json"
 
 
 def corpus_key(corpora: list[str] | tuple[str, ...]) -> str:
@@ -77,10 +97,15 @@ def corpus_key(corpora: list[str] | tuple[str, ...]) -> str:
 
 
 def table_dir(model: str, corpus: str, table: str) -> str:
-    return (
-        f"{TABLES}/model={check_name('model', model)}/corpus={check_name('corpus', corpus)}"
-        f"/{check_name('table', table)}"
-    )
+    return f"{TABLES}/{_model_corpus(model, corpus)}/{check_name('table', table)}"
+
+
+def table_log(model: str, corpus: str, table: str) -> str:
+    return f"{LOG}/{table_dir(model, corpus, table)}"
+
+
+def state_dir(model: str, corpus: str, table: str) -> str:
+    return f"{STATE}/{_model_corpus(model, corpus)}/{check_name('table', table)}"
 
 
 def tmp_name(path: str, token: str) -> str:

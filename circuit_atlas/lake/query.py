@@ -3,7 +3,7 @@
 Derived tables keep their names (``neurons``, ``edges``, ``clusters``, ...), with
 ``model`` and ``corpus`` columns; the per-graph tables are ``prompts``, ``graphs``,
 ``graph_nodes`` and ``graph_edges`` (``edges`` is the reduced table). The views are
-over the files current when they are made: committed shards and published versions.
+over the snapshot current when they are made: committed shards and published versions.
 """
 
 from __future__ import annotations
@@ -11,16 +11,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from circuit_atlas.errors import LakeError
-from circuit_atlas.lake import layout
-from circuit_atlas.lake.derived import table_files
+from circuit_atlas.lake.derived import table_files, table_logs
 
 if TYPE_CHECKING:
     import polars as pl
 
     from circuit_atlas.lake.lake import Lake
 
-GRAPH_VIEWS = {"prompts": "prompts", "graphs": "graphs", "graph_nodes": "nodes",
-               "graph_edges": "edges"}
+GRAPH_VIEWS = ("prompts", "graphs", "graph_nodes", "graph_edges")
 
 
 def derived_names(lake: Lake) -> list[str]:
@@ -31,8 +29,8 @@ def derived_names(lake: Lake) -> list[str]:
 def frames(lake: Lake) -> dict[str, pl.LazyFrame]:
     """Every table of the lake as a LazyFrame, by view name."""
     out = {name: lake.table(name) for name in derived_names(lake)}
-    for view, table in GRAPH_VIEWS.items():
-        out[view] = lake.scan(table)
+    for view in GRAPH_VIEWS:
+        out[view] = lake.scan(view)
     return out
 
 
@@ -51,8 +49,8 @@ def sql(lake: Lake, query: str, views: dict[str, pl.LazyFrame | pl.DataFrame] | 
 
 def duckdb_connection(lake: Lake, database: str = ":memory:",
                       views: dict[str, pl.DataFrame] | None = None) -> Any:
-    """A DuckDB connection with every table of the lake as a view over its files (or
-    with ``views``, polars frames, registered instead)."""
+    """A DuckDB connection with every table of the lake as a view over the files of its
+    snapshot (or with ``views``, polars frames, registered instead)."""
     import duckdb
 
     con = duckdb.connect(database)
@@ -62,20 +60,22 @@ def duckdb_connection(lake: Lake, database: str = ":memory:",
         return con
     for name in derived_names(lake):
         parts = []
-        pattern = lake.path(f"{layout.TABLES}/model=*/corpus=*/{name}/_MANIFEST.json")
-        for manifest in sorted(lake.fs.glob(pattern)):
-            p = layout.partition_values(manifest[len(lake.root):])
-            files = table_files(lake, name, p["model"].replace("--", "/"), p["corpus"])
+        for key, corpus in table_logs(lake, name):
+            files = table_files(lake, name, key, corpus)
             if files:
-                parts.append(f"SELECT *, {_lit(p['model'])} AS model, {_lit(p['corpus'])} AS "
+                parts.append(f"SELECT *, {_lit(key)} AS model, {_lit(corpus)} AS "
                              f"corpus FROM read_parquet({_list(lake, files)})")
         if parts:
             con.execute(f'CREATE VIEW "{name}" AS ' + " UNION ALL BY NAME ".join(parts))
-    for view, table in GRAPH_VIEWS.items():
-        files = lake.files(table)
-        if files:
-            con.execute(f'CREATE VIEW "{view}" AS SELECT * FROM read_parquet('
-                        f"{_list(lake, files)}, hive_partitioning = true)")
+    for view in GRAPH_VIEWS:
+        parts = lake._files_and_repeats(view, None, None)
+        clean = [f for f, r in parts if not r]
+        selects = [f"SELECT * FROM read_parquet({_list(lake, clean)}, hive_partitioning = true)"
+                   ] if clean else []
+        selects += [f"SELECT * FROM read_parquet({_list(lake, [f])}, hive_partitioning = true) "
+                    f"WHERE graph_id NOT IN ({', '.join(map(str, r))})" for f, r in parts if r]
+        if selects:
+            con.execute(f'CREATE VIEW "{view}" AS ' + " UNION ALL BY NAME ".join(selects))
     return con
 
 

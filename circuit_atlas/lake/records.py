@@ -1,4 +1,4 @@
-"""The lake's small JSON records (_lake.json, _COMMIT.json, _MANIFEST.json, markers):
+"""The lake's small JSON records (_lake.json, writer markers):
 written to a temporary name and renamed, read back with a one-line error."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from circuit_atlas.lake import layout
 def write_json_atomic(fs, path: str, value: dict[str, Any]) -> None:
     """Write JSON to a temporary sibling and rename it into place."""
     tmp = layout.tmp_name(path, uuid.uuid4().hex[:8])
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(tmp, "wb") as f:
         f.write(json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False).encode())
     fs.mv(tmp, path)

@@ -123,14 +123,15 @@ GRAPHS = TableSpec(
     ),
     partitions=("model", "corpus", "shard"),
     doc="""One row per attribution graph (one prompt under one model and parameter set).
-graph_id: stable 64-bit id of (model, prompt_id, params_hash); nodes and edges refer to it.
+graph_id: stable 64-bit id of (model, prompt_id, params_hash); graph_nodes and graph_edges
+refer to it.
 n_tokens: prompt length in tokens; input_tokens: the token ids, position 0 first.
 target_tokens / target_probs: the logit targets at the last position and their probabilities.
-params_hash: hash of the attribution parameters (see the shard's _COMMIT.json for the values).""",
+params_hash: hash of the attribution parameters (the shard's commit record holds the values).""",
 )
 
-NODES = TableSpec(
-    name="nodes",
+GRAPH_NODES = TableSpec(
+    name="graph_nodes",
     version=2,
     fields=(
         _f("graph_id", pa.int64()),
@@ -149,8 +150,8 @@ score: RelP relevance, activation * d(probability-weighted logit reads)/d(activa
 influence: share of the graph's path weight from this node to the logits (used to prune).""",
 )
 
-EDGES = TableSpec(
-    name="edges",
+GRAPH_EDGES = TableSpec(
+    name="graph_edges",
     version=2,
     fields=(
         _f("graph_id", pa.int64()),
@@ -163,11 +164,12 @@ EDGES = TableSpec(
         _f("weight", pa.float32()),
     ),
     partitions=("model", "corpus", "shard"),
-    doc="""One row per edge of a graph, from a source node to a target node (ids as in nodes).
+    doc="""One row per edge of a graph, from a source node to a target node (ids as in
+graph_nodes).
 weight: the linearised contribution source_activation * d(target)/d(source).""",
 )
 
-TABLES: dict[str, TableSpec] = {t.name: t for t in (PROMPTS, GRAPHS, NODES, EDGES)}
+TABLES: dict[str, TableSpec] = {t.name: t for t in (PROMPTS, GRAPHS, GRAPH_NODES, GRAPH_EDGES)}
 
 # Derived tables, under tables/model=<m>/corpus=<c>/<name>/ (see lake.derived).
 _DERIVED = ("model", "corpus")
@@ -426,7 +428,7 @@ DERIVED: dict[str, TableSpec] = {
                         LABEL_PROMPTS, CLUSTER_LABELS)}
 
 # The tables a graph shard holds, written together and committed together.
-SHARD_TABLES: tuple[str, ...] = ("graphs", "nodes", "edges")
+SHARD_TABLES: tuple[str, ...] = ("graphs", "graph_nodes", "graph_edges")
 
 
 def spec(name: str) -> TableSpec:

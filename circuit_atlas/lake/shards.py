@@ -1,26 +1,28 @@
-"""Graph shards: written under temporary names, committed atomically, cleaned up.
+"""Graph shards: one file in each per-graph table, committed by one log record.
 
-A shard is one directory ``graphs/model=<m>/corpus=<c>/shard=<s>/`` holding
-``graphs.parquet``, ``nodes.parquet`` and ``edges.parquet`` for a group of prompts.
-The commit protocol:
+A shard is a group of prompts' graphs under one (model, corpus): the files
+``graphs/…/shard=<s>/part-0.parquet``, ``graph_nodes/…`` and ``graph_edges/…``, and
+one record in ``_log/shards/model=<m>/corpus=<c>/``. The commit protocol:
 
-1. ``_WRITING.json`` (host, pid, start time) marks the directory as in progress;
-2. each table streams into ``.<table>.parquet.tmp-<token>``;
-3. on commit the files are closed, checked for consistency and renamed to their
-   final names;
-4. ``_COMMIT.json`` (row counts, bytes, schema versions, model, revision, code
-   version, parameters, prompt ids) is written to a temporary name and renamed
-   last. Readers list only directories that have it.
+1. ``_log/writing/<s>.json`` (host, pid, start time) marks the shard as in progress;
+2. each table streams into a temporary file ``.part-0.parquet.tmp-<token>`` in its
+   shard directory;
+3. on commit the files are closed and checked (every node and edge belongs to a
+   graph of the shard); graphs that another shard committed meanwhile are dropped
+   from them; they are renamed to their final names;
+4. the record (row counts, bytes, schema versions, model, revision, shape, code
+   version, parameters, prompt ids) is created as the log's next number (see
+   :mod:`log`): readers see the shard from that instant. A shard that lost the race
+   for that number to one holding some of the same graphs drops those and tries
+   the next, so every graph is committed once.
 
-A process killed at any instant therefore leaves either a committed shard or a
-directory without ``_COMMIT.json`` (debris), which readers never see and
-:func:`cleanup` removes.
+A process killed at any instant leaves a committed shard or files no record names
+(debris), which readers through the lake never see and :func:`cleanup` removes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import socket
 import uuid
@@ -34,8 +36,10 @@ import pyarrow.parquet as pq
 from circuit_atlas._version import __version__
 from circuit_atlas.errors import LakeError
 from circuit_atlas.lake import layout
+from circuit_atlas.lake.ids import graph_id
 from circuit_atlas.lake.ids import params_hash as hash_params
-from circuit_atlas.lake.records import read_record, write_json_atomic
+from circuit_atlas.lake.log import CommitLog
+from circuit_atlas.lake.records import write_json_atomic
 from circuit_atlas.lake.schemas import SHARD_TABLES, parquet_options, spec
 from circuit_atlas.lake.validate import conform
 
@@ -47,13 +51,13 @@ COMMIT_FORMAT = "circuit-atlas-shard"
 
 @dataclass(frozen=True)
 class Shard:
-    """A committed shard: where it is and what its ``_COMMIT.json`` says."""
+    """A committed shard: where its files are and what its commit record says."""
 
-    model: str
+    model: str  # the model key (partition value)
     corpus: str
     shard: str
-    path: str
     commit: dict[str, Any]
+    root: str = field(repr=False)
 
     @property
     def rows(self) -> dict[str, int]:
@@ -67,8 +71,21 @@ class Shard:
     def prompt_ids(self) -> list[str]:
         return self.commit["prompt_ids"]
 
+    @property
+    def seq(self) -> int:
+        """The number of its record in the (model, corpus) log: commit order."""
+        return self.commit["seq"]
+
+    @property
+    def id(self) -> str:
+        return f"{self.corpus}/{self.shard}"
+
+    def graph_ids(self) -> list[int]:
+        return [graph_id(self.commit["model"], p, self.params_hash) for p in self.prompt_ids]
+
     def file(self, table: str) -> str:
-        return f"{self.path}/{table}.parquet"
+        """The shard's file in the per-graph ``table``."""
+        return f"{self.root}/{layout.shard_file(table, self.model, self.corpus, self.shard)}"
 
 
 def new_shard_name() -> str:
@@ -78,8 +95,11 @@ def new_shard_name() -> str:
 
 
 def _now() -> str:
-    # microseconds: the reduce folds shards in commit order, and ties must be rare
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+def shards_log(lake: Lake, model_key: str, corpus: str) -> CommitLog:
+    return CommitLog(lake.fs, lake.path(layout.shards_log(model_key, corpus)))
 
 
 @dataclass
@@ -101,8 +121,8 @@ class ShardWriter:
         with lake.open_shard("HuggingFaceTB/SmolLM2-135M-Instruct", "medical",
                              params={"max_logits": 10}) as shard:
             shard.write("graphs", graphs_table)
-            shard.write("nodes", nodes_table)
-            shard.write("edges", edges_table)
+            shard.write("graph_nodes", nodes_table)
+            shard.write("graph_edges", edges_table)
     """
 
     lake: Lake
@@ -115,38 +135,44 @@ class ShardWriter:
 
     def __post_init__(self) -> None:
         self.model_key = layout.model_key(self.model)
+        layout.check_name("corpus", self.corpus)
         self.params_hash = hash_params(self.params)
-        self.dir = layout.shard_dir(self.model_key, self.corpus, self.shard)
         self._token = uuid.uuid4().hex[:8]
         self._streams: dict[str, _Stream] = {}
         self._graph_ids: list[pa.Array] = []
-        self._referenced: dict[str, list[pa.Array]] = {"nodes": [], "edges": []}
+        self._referenced: dict[str, list[pa.Array]] = {t: [] for t in SHARD_TABLES[1:]}
         self._prompt_ids: list[str] = []
         self._state = "open"
         self.committed: Shard | None = None
-        fs = self.lake.fs
-        fs.makedirs(self.lake.path(self.dir), exist_ok=True)
-        write_json_atomic(
-            fs,
-            self.lake.path(f"{self.dir}/{layout.WRITING_FILE}"),
-            {"host": socket.gethostname(), "pid": os.getpid(), "started_at": _now()},
-        )
+        self.marker = self.lake.path(layout.writing_marker(self.shard))
+        write_json_atomic(self.lake.fs, self.marker, {
+            "host": socket.gethostname(), "pid": os.getpid(), "started_at": _now(),
+            "model_key": self.model_key, "corpus": self.corpus, "shard": self.shard})
+
+    def final(self, table: str) -> str:
+        return self.lake.path(layout.shard_file(table, self.model_key, self.corpus, self.shard))
+
+    def dirs(self) -> list[str]:
+        """The shard's directory in each per-graph table."""
+        return [self.final(t).rsplit("/", 1)[0] for t in SHARD_TABLES]
 
     def write(self, table: str, data: pa.Table) -> None:
         """Append ``data`` (any column order; safely cast) to the shard's ``table``."""
         if self._state != "open":
-            raise LakeError(f"{self.dir}: shard is already {self._state}")
+            raise LakeError(f"shard {self.shard}: already {self._state}")
         if table not in SHARD_TABLES:
             raise LakeError(f"a graph shard holds {', '.join(SHARD_TABLES)}, not {table!r}")
         t_spec = spec(table)
-        data = conform(data, t_spec, origin=f"{self.dir}/{table}")
+        data = conform(data, t_spec, origin=f"shard {self.shard}/{table}")
         if table == "graphs":
             self._check_graphs(data)
         else:
             self._referenced[table].append(pc.unique(data.column("graph_id")))
         stream = self._streams.get(table)
         if stream is None:
-            tmp = self.lake.path(layout.tmp_name(f"{self.dir}/{table}.parquet", self._token))
+            final = self.final(table)
+            self.lake.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            tmp = layout.tmp_name(final, self._token)
             sink = self.lake.fs.open(tmp, "wb")
             writer = pq.ParquetWriter(sink, t_spec.schema, **parquet_options(t_spec.schema))
             stream = self._streams[table] = _Stream(tmp, sink, writer)
@@ -157,7 +183,7 @@ class ShardWriter:
         hashes = set(data.column("params_hash").to_pylist())
         if hashes - {self.params_hash}:
             raise LakeError(
-                f"{self.dir}: graphs rows carry params_hash {sorted(hashes)}, "
+                f"shard {self.shard}: graphs rows carry params_hash {sorted(hashes)}, "
                 f"but the shard was opened with params hashing to {self.params_hash}"
             )
         self._graph_ids.append(data.column("graph_id").combine_chunks())
@@ -166,61 +192,98 @@ class ShardWriter:
     def _check_references(self) -> None:
         known = pa.concat_arrays(self._graph_ids) if self._graph_ids else pa.array([], pa.int64())
         if len(pc.unique(known)) != len(known):
-            raise LakeError(f"{self.dir}: graphs table repeats a graph_id")
+            raise LakeError(f"shard {self.shard}: graphs table repeats a graph_id")
         for table, chunks in self._referenced.items():
             for ids in chunks:
                 unknown = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=known)))
                 if len(unknown):
                     raise LakeError(
-                        f"{self.dir}: {table} rows refer to graph_id {unknown[0].as_py()} "
-                        "that is not in the shard's graphs table"
-                    )
+                        f"shard {self.shard}: {table} rows refer to graph_id "
+                        f"{unknown[0].as_py()} that is not in the shard's graphs table")
 
-    def commit(self) -> Shard:
-        """Close, check, rename into place and write ``_COMMIT.json`` last."""
+    def _taken(self, records: list[dict[str, Any]]) -> set[str]:
+        """The prompts of this shard that ``records`` already commit with its params."""
+        mine = set(self._prompt_ids)
+        return {p for r in records if r.get("params_hash") == self.params_hash
+                for p in r.get("prompt_ids", ()) if p in mine}
+
+    def _drop(self, prompts: set[str], paths: dict[str, str]) -> None:
+        """Rewrite the shard's files at ``paths`` without the graphs of ``prompts``."""
+        gone = pa.array([graph_id(self.model, p, self.params_hash) for p in prompts],
+                        pa.int64())
+        fs = self.lake.fs
+        for table, path in paths.items():
+            with fs.open(path, "rb") as f:
+                data = pq.read_table(f)
+            kept = data.filter(pc.invert(pc.is_in(data.column("graph_id"), value_set=gone)))
+            tmp = layout.tmp_name(path, uuid.uuid4().hex[:8])
+            with fs.open(tmp, "wb") as f:
+                pq.write_table(kept.replace_schema_metadata(spec(table).schema.metadata), f,
+                               **parquet_options(data.schema))
+            fs.mv(tmp, path)
+            self._streams[table].rows = kept.num_rows
+        self._prompt_ids = [p for p in self._prompt_ids if p not in prompts]
+
+    def commit(self) -> Shard | None:
+        """Close, check, rename into place and create the commit record last. Returns
+        the committed shard, or None when every graph of it was committed by another
+        shard first (nothing is left then)."""
         if self._state != "open":
-            raise LakeError(f"{self.dir}: shard is already {self._state}")
+            raise LakeError(f"shard {self.shard}: already {self._state}")
+        fs = self.lake.fs
+        log = shards_log(self.lake, self.model_key, self.corpus)
         try:
             for table in SHARD_TABLES:
                 if table not in self._streams:  # an empty table is still a table
                     self.write(table, spec(table).schema.empty_table())
             self._check_references()
-            fs = self.lake.fs
-            rows, sizes = {}, {}
-            for table, stream in self._streams.items():
+            for stream in self._streams.values():
                 stream.writer.close()
                 stream.sink.close()
-                final = self.lake.path(f"{self.dir}/{table}.parquet")
-                fs.mv(stream.tmp, final)
-                rows[table] = stream.rows
-                sizes[table] = fs.size(final)
+            before = log.records()
+            since = before[-1]["seq"] if before else -1
+            taken = self._taken(before)
+            if taken:
+                self._drop(taken, {t: s.tmp for t, s in self._streams.items()})
+            for table, stream in self._streams.items():
+                fs.mv(stream.tmp, self.final(table))
         except BaseException:
             self.abort()
             raise
-        record = {
-            "format": COMMIT_FORMAT,
-            "schema_versions": {t: spec(t).version for t in SHARD_TABLES},
-            "rows": rows,
-            "bytes": sizes,
-            "model": self.model,
-            "model_key": self.model_key,
-            "model_revision": self.model_revision,
-            "model_shape": self.model_shape,
-            "corpus": self.corpus,
-            "shard": self.shard,
-            "code_version": __version__,
-            "params": self.params,
-            "params_hash": self.params_hash,
-            "prompt_ids": self._prompt_ids,
-            "committed_at": _now(),
-        }
-        write_json_atomic(fs, self.lake.path(f"{self.dir}/{layout.COMMIT_FILE}"), record)
+
+        def record() -> dict[str, Any]:
+            return {
+                "format": COMMIT_FORMAT,
+                "schema_versions": {t: spec(t).version for t in SHARD_TABLES},
+                "rows": {t: s.rows for t, s in self._streams.items()},
+                "bytes": {t: fs.size(self.final(t)) for t in SHARD_TABLES},
+                "model": self.model, "model_key": self.model_key,
+                "model_revision": self.model_revision, "model_shape": self.model_shape,
+                "corpus": self.corpus, "shard": self.shard, "code_version": __version__,
+                "params": self.params, "params_hash": self.params_hash,
+                "prompt_ids": self._prompt_ids, "committed_at": _now(),
+            }
+
+        current = {"record": record()}
+
+        def on_conflict(mine: dict[str, Any], theirs: list[dict[str, Any]]):
+            taken = self._taken(theirs)
+            if not taken:
+                return mine
+            self._drop(taken, {t: self.final(t) for t in SHARD_TABLES})
+            current["record"] = record() if self._prompt_ids else None
+            return current["record"]
+
+        seq = log.commit(current["record"], on_conflict, since) if self._prompt_ids else -1
+        if seq < 0:  # every graph of it was committed by another shard first
+            self.abort()
+            self._state = "superseded"
+            return None
         self._state = "committed"
-        # The marker only helps cleanup; a kill before this line leaves a committed shard.
-        fs.rm(self.lake.path(f"{self.dir}/{layout.WRITING_FILE}"))
-        self.committed = Shard(
-            self.model_key, self.corpus, self.shard, self.lake.path(self.dir), record
-        )
+        # the marker only helps cleanup; a kill before this line leaves a committed shard
+        fs.rm(self.marker)
+        self.committed = Shard(self.model_key, self.corpus, self.shard,
+                               {**current["record"], "seq": seq}, self.lake.root)
         return self.committed
 
     def abort(self) -> None:
@@ -235,9 +298,9 @@ class ShardWriter:
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
         fs = self.lake.fs
-        path = self.lake.path(self.dir)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        for path in [*self.dirs(), self.marker]:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -249,138 +312,52 @@ class ShardWriter:
             self.abort()
 
 
-def read_commit(fs, path: str) -> dict[str, Any]:
-    """A shard's ``_COMMIT.json``, checked, or a LakeError naming the file."""
-    record = read_record(fs, path, COMMIT_FORMAT, "shard commit record")
+def _check_record(record: dict[str, Any], where: str) -> dict[str, Any]:
+    if record.get("format") != COMMIT_FORMAT:
+        raise LakeError(f"{where}: not a circuit-atlas shard commit record")
     for table, version in record.get("schema_versions", {}).items():
         if table in SHARD_TABLES and version != spec(table).version:
             raise LakeError(
-                f"{path}: shard written with {table} schema version {version}, "
-                f"this circuit-atlas reads version {spec(table).version}"
-            )
+                f"{where}: shard written with {table} schema version {version}, "
+                f"this circuit-atlas reads version {spec(table).version}")
     return record
 
 
+def shard_logs(lake: Lake, model_key: str | None = None, corpus: str | None = None
+               ) -> list[tuple[str, str]]:
+    """(model key, corpus) of every shard log, or of those matching the arguments."""
+    m = layout.check_name("model", model_key) if model_key else "*"
+    c = layout.check_name("corpus", corpus) if corpus else "*"
+    base = lake.path(f"{layout.LOG}/shards")
+    out = []
+    for path in sorted(lake.fs.glob(f"{base}/model={m}/corpus={c}")):
+        parts = layout.partition_values(path[len(lake.root):])
+        if "model" in parts and "corpus" in parts and lake.fs.isdir(path):
+            out.append((parts["model"], parts["corpus"]))
+    return out
+
+
 def list_shards(lake: Lake, model: str | None = None, corpus: str | None = None) -> list[Shard]:
-    """Committed shards, oldest first; uncommitted directories are not listed."""
-    fs = lake.fs
+    """Committed shards, in commit order within each (model, corpus)."""
     key = layout.model_key(model) if model else None
-    pattern = lake.path(f"{layout.shard_glob(key, corpus)}/{layout.COMMIT_FILE}")
     shards = []
-    for commit_path in sorted(fs.glob(pattern)):
-        shard_path = commit_path.rsplit("/", 1)[0]
-        parts = layout.partition_values(shard_path[len(lake.root) :])
-        shards.append(
-            Shard(parts["model"], parts["corpus"], parts["shard"], shard_path,
-                  read_commit(fs, commit_path))
-        )
+    for model_key, c in shard_logs(lake, key, corpus):
+        log = shards_log(lake, model_key, c)
+        for record in log.records():
+            where = f"{log.path}/{record['seq']:012d}.json"
+            _check_record(record, where)
+            shards.append(Shard(model_key, c, record["shard"], record, lake.root))
     return shards
 
 
-def uncommitted_shard_dirs(lake: Lake) -> list[str]:
-    """Shard directories without ``_COMMIT.json``: in progress, or debris."""
-    fs = lake.fs
-    return [
-        p for p in sorted(fs.glob(lake.path(layout.shard_glob())))
-        if not fs.exists(f"{p}/{layout.COMMIT_FILE}")
-    ]
-
-
-@dataclass
-class CleanupReport:
-    removed: list[str] = field(default_factory=list)
-    in_progress: list[str] = field(default_factory=list)
-
-
-def _mtime(info: dict[str, Any]) -> float | None:
-    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        value = info.get(key)
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, dt.datetime):
-            return value.timestamp()
-        if isinstance(value, str):
-            try:
-                return dt.datetime.fromisoformat(value).timestamp()
-            except ValueError:
-                continue
-    return None
-
-
-def _read_marker(fs, marker: str) -> dict[str, Any] | None:
-    """The writer marker, or its temporary copy: a writer killed between writing the
-    marker and renaming it into place leaves only that."""
-    for path in [marker, *sorted(fs.glob(layout.tmp_name(marker, "*")))]:
-        try:
-            with fs.open(path, "rb") as f:
-                return json.loads(f.read())
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def _writer_alive(fs, marker: str) -> bool | None:
-    """True/False when the writer ran on this host and we can tell; None otherwise."""
-    info = _read_marker(fs, marker)
-    if not isinstance(info, dict):
-        return None
-    if info.get("host") != socket.gethostname():
-        return None
-    try:
-        os.kill(int(info["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError, TypeError):
-        return None
-    return True
-
-
-def _is_debris(fs, path: str, min_age_s: float, now: float) -> bool:
-    """Uncommitted and abandoned: its writer is dead, or it has not changed for min_age_s."""
-    alive = _writer_alive(fs, f"{path}/{layout.WRITING_FILE}")
-    if alive is False:
-        return True
-    if alive is True and min_age_s > 0:
-        return False
-    entries = fs.find(path, withdirs=True, detail=True) if fs.isdir(path) else {}
-    times = [t for t in (_mtime(i) for i in [fs.info(path), *entries.values()]) if t is not None]
-    return not times or now - max(times) >= min_age_s
-
-
-def cleanup(
-    lake: Lake, min_age_s: float = 3600.0, dry_run: bool = False, _now_s: float | None = None,
-    unpublished: list[str] = (),
-) -> CleanupReport:
-    """Remove uncommitted shards, temporary files that no live writer owns, and the
-    ``unpublished`` derived-table versions (a killed reduce) under the same age rule.
-
-    A directory whose writer ran on this host and is dead goes at once; others go
-    when nothing in them changed for ``min_age_s`` seconds (a writer on another
-    node may still be working). ``min_age_s=0`` removes all debris.
-    """
-    import time
-
-    fs = lake.fs
-    now = time.time() if _now_s is None else _now_s
-    report = CleanupReport()
-    for shard_path in [*uncommitted_shard_dirs(lake), *unpublished]:
-        if _is_debris(fs, shard_path, min_age_s, now):
-            report.removed.append(shard_path)
-            if not dry_run:
-                fs.rm(shard_path, recursive=True)
-        else:
-            report.in_progress.append(shard_path)
-    for area in (layout.PROMPTS, layout.GRAPHS):
-        base = lake.path(area)
-        if not fs.exists(base):
-            continue
-        for path, info in fs.find(base, detail=True).items():
-            handled = tuple(f"{d}/" for d in report.removed + report.in_progress)
-            if layout.TMP_MARK not in path.rsplit("/", 1)[-1] or path.startswith(handled):
-                continue
-            age = now - (_mtime(info) or 0.0)
-            if age >= min_age_s:
-                report.removed.append(path)
-                if not dry_run:
-                    fs.rm(path)
-    return report
+def repeated_graphs(shards: list[Shard]) -> list[list[int]]:
+    """Per shard, the graph ids an earlier shard of the list already holds: each graph
+    is read once, from the first shard that has it. Empty lists where, as the commit
+    protocol ensures, no graph was committed twice."""
+    seen: set[int] = set()
+    out = []
+    for s in shards:
+        ids = s.graph_ids()
+        out.append([g for g in ids if g in seen])
+        seen.update(ids)
+    return out

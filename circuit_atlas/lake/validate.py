@@ -99,3 +99,15 @@ def conform(table: pa.Table, spec: TableSpec, origin: str) -> pa.Table:
                 ) from e
         columns.append(col)
     return pa.Table.from_arrays(columns, schema=spec.schema)
+
+
+def read_parquet(path: str, spec: TableSpec, filesystem=None, columns: list[str] | None = None
+                 ) -> pa.Table:
+    """The Parquet file at ``path``, checked against ``spec`` (some ``columns``), or a
+    one-line LakeError naming the file."""
+    check_file(path, spec, filesystem)
+    try:
+        return pq.read_table(path, columns=columns, filesystem=filesystem)
+    except (pa.ArrowException, OSError) as e:
+        raise LakeError(f"{path}: not a readable {spec.name} file (truncated or corrupt?): "
+                        f"{e}") from e

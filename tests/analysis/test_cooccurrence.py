@@ -21,7 +21,7 @@ def make_lake(path, shards=4, neurons=25):
 
 
 def oracle(lake, k, min_count, max_share, rank_by):
-    nodes = lake.scan("nodes").filter(
+    nodes = lake.scan("graph_nodes").filter(
         pl.col("layer").is_between(0, N_LAYERS - 1) & (pl.col("neuron") >= 0)).select(
         "graph_id", "layer", "neuron").unique().collect()
     graphs = np.unique(lake.scan("graphs").select("graph_id").collect()["graph_id"])

@@ -121,7 +121,7 @@ def test_sql_over_the_lake_and_tables(atlas):
     duck_out = pl.from_arrow(lake.duckdb().sql(query).arrow())
     assert polars_out.equals(duck_out.cast(polars_out.schema))
     raw = lake.sql("SELECT count(*) AS n FROM graph_edges")["n"][0]
-    assert raw == lake.scan("edges").select(pl.len()).collect().item()
+    assert raw == lake.scan("graph_edges").select(pl.len()).collect().item()
     out = runner.invoke(cli, ["sql", "SELECT layer, count(*) AS n FROM neurons GROUP BY layer",
                               "--lake", lake.url, "--format", "csv"])
     assert out.exit_code == 0 and out.output.startswith("layer,n")

@@ -51,7 +51,7 @@ def test_projections_table(lake, smollm2):
 def test_effects_tables(lake, smollm2):
     counts = write_effects(lake, smollm2, ["c"], batch=64)
     pairs = lake.table("effects").collect()
-    nodes = lake.scan("nodes").filter((pl.col("layer").is_between(0, 29))
+    nodes = lake.scan("graph_nodes").filter((pl.col("layer").is_between(0, 29))
                                       & (pl.col("neuron") >= 0)).collect()
     graphs = lake.scan("graphs").collect()
     want = nodes.join(graphs, on="graph_id").select("prompt_id", "layer", "neuron").unique()

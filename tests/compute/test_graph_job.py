@@ -30,7 +30,7 @@ def test_job_writes_valid_graphs_and_resumes(lake, smollm2):
     assert {s.commit["model_shape"]["n_layers"] for s in lake.shards()} == {30}
     graphs = lake.scan("graphs").collect()
     assert sorted(graphs["prompt_id"]) == sorted(prompt_id(t) for t in PROMPTS)
-    nodes, edges = lake.scan("nodes").collect(), lake.scan("edges").collect()
+    nodes, edges = lake.scan("graph_nodes").collect(), lake.scan("graph_edges").collect()
     top = logit_layer(smollm2.adapter.n_layers)
     for g in graphs.iter_rows(named=True):
         n = nodes.filter(pl.col("graph_id") == g["graph_id"])
@@ -48,8 +48,8 @@ def test_job_writes_valid_graphs_and_resumes(lake, smollm2):
 
 def assert_stored_graphs_complete(lake, n_layers: int, n_neurons: int, rtol: float) -> None:
     """Every stored neuron node's incoming edges sum to its activation."""
-    nodes = lake.scan("nodes").collect()
-    incoming = (lake.scan("edges").group_by("graph_id", "tgt_layer", "tgt_neuron", "tgt_pos")
+    nodes = lake.scan("graph_nodes").collect()
+    incoming = (lake.scan("graph_edges").group_by("graph_id", "tgt_layer", "tgt_neuron", "tgt_pos")
                 .agg(pl.col("weight").cast(pl.Float64).sum()).collect())
     neurons = nodes.filter((pl.col("layer") >= 0) & (pl.col("layer") < n_layers)
                            & (pl.col("neuron") >= 0))
@@ -95,7 +95,7 @@ def test_export_graph_json(lake, tmp_path):
     assert all(n["layer"] == "31" for n in logits)
     emb = [n for n in data["nodes"] if n["feature_type"] == "embedding"]
     assert len(emb) == len(data["metadata"]["prompt_tokens"])
-    stored = lake.scan("edges").collect()
+    stored = lake.scan("graph_edges").collect()
     graph_ids = lake.scan("graphs").collect().filter(pl.col("prompt_id") == prompt_id(PROMPTS[0]))
     assert len(data["links"]) == stored.filter(
         pl.col("graph_id") == graph_ids["graph_id"][0]).height
@@ -112,11 +112,11 @@ def test_graph_shards_on_a_dask_cluster(lake, smollm2, client):
     assert (report.computed, report.shards) == (3, 2)
     assert len(lake.shards()) == 2
     key = ["graph_id", "tgt_layer", "tgt_neuron", "tgt_pos", "src_layer", "src_neuron", "src_pos"]
-    on_cluster = lake.scan("edges").collect().sort(key)
+    on_cluster = lake.scan("graph_edges").collect().sort(key)
     here = Lake.init(lake.path("..") + "/here")
     here.import_prompts([{"text": t} for t in PROMPTS], "c")
     run_graphs(here, smollm2, "c", params)
-    local = here.scan("edges").collect().sort(key)
+    local = here.scan("graph_edges").collect().sort(key)
     assert (on_cluster.select(key) == local.select(key)).to_numpy().all()
     assert on_cluster.height == local.height
     np.testing.assert_allclose(on_cluster["weight"].to_numpy(), local["weight"].to_numpy(),
@@ -175,6 +175,6 @@ def test_a_model_folder_of_another_family(lake, smollm2, tmp_path, family):
     assert result.exit_code == 0, result.output
     assert "3 computed" in result.output
     graphs = lake.scan("graphs").collect()
-    constants = lake.scan("nodes").filter((pl.col("layer") == -1) & (pl.col("neuron") == -1))
+    constants = lake.scan("graph_nodes").filter((pl.col("layer") == -1) & (pl.col("neuron") == -1))
     assert constants.collect().height == (graphs["n_tokens"].sum() if family == "qwen2" else 0)
     assert_stored_graphs_complete(lake, 3, 3 * 50, rtol=1e-4)

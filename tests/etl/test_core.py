@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from circuit_atlas.etl.edge_reduce import PARTIAL_SCHEMA as PARTIAL
 from circuit_atlas.etl.edge_reduce import RAW_SCHEMA as RAW
 from circuit_atlas.etl.edge_reduce import finalize, fold_layer, pack, shard_rows, unpack
-from circuit_atlas.lake import EDGES
+from circuit_atlas.lake import GRAPH_EDGES
 from tests.etl.oracle import assert_same, edge_oracle
 
 
@@ -28,7 +28,7 @@ def random_edges(rng, n_graphs, rows_per_graph, n_neurons, first_graph=0, shuffl
     if shuffle:  # rows of a graph interleaved with other graphs' rows
         order = rng.permutation(n)
         t = {k: v[order] for k, v in t.items()}
-    return pa.table(t, schema=EDGES.schema)
+    return pa.table(t, schema=GRAPH_EDGES.schema)
 
 
 @settings(max_examples=60, deadline=None)

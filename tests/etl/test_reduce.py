@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from circuit_atlas import CircuitAtlasError
 from circuit_atlas.cli import cli
 from circuit_atlas.etl.reduce import reduce_lake
-from circuit_atlas.lake import Lake, LakeError
+from circuit_atlas.lake import Lake, LakeError, layout
 from tests.etl.oracle import assert_same, edge_oracle, neuron_oracle
-from tests.factories import MODEL, SHAPE, prompts_of, write_shard
+from tests.factories import MODEL, SHAPE, commit_twice, prompts_of, write_shard
 
 KEY = ["src_layer", "src_neuron", "tgt_layer", "tgt_neuron"]
 
@@ -35,8 +35,8 @@ def test_reduce_equals_duckdb(tmp_path, client):
     lake = make_lake(tmp_path / "l", shards=4)
     report = reduce_lake(lake, MODEL, ["c"], client)
     assert report.from_scratch and report.new_shards == 4
-    assert lake.fs.glob(lake.path("tables/*/*/*/v-*/_scratch")) == []  # removed after use
-    raw_edges, raw_nodes = lake.read("edges"), lake.read("nodes")
+    assert lake.fs.glob(lake.path("_scratch/**/v-*")) == []  # removed after use
+    raw_edges, raw_nodes = lake.read("graph_edges"), lake.read("graph_nodes")
     edges = published(lake, "edges")
     assert_same(edges.select(edge_oracle(raw_edges).column_names), edge_oracle(raw_edges))
     count = edges.column("count").to_numpy()
@@ -63,7 +63,7 @@ def test_several_corpora_and_token_associations(tmp_path, client):
     tokens = lake.table("neuron_tokens").collect()
     assert tokens.group_by("layer", "neuron", "kind").len()["len"].max() <= 3
     # oracle for the input-token association of one neuron: count its rows per token
-    nodes, graphs = lake.read("nodes").to_pylist(), {
+    nodes, graphs = lake.read("graph_nodes").to_pylist(), {
         g["graph_id"]: g for g in lake.read("graphs").to_pylist()}
     row = tokens.filter(tokens["kind"] == "input").sort("count", descending=True).row(
         0, named=True)
@@ -83,8 +83,7 @@ def pa_sum(name):
 
 
 def table_bytes(lake, table):
-    files = sorted(lake.fs.glob(lake.path(f"tables/*/*/{table}/v-*/*.parquet")))
-    return [open(f, "rb").read() for f in files]  # noqa: SIM115
+    return [open(f, "rb").read() for f in sorted(lake.files(table))]  # noqa: SIM115
 
 
 @pytest.mark.parametrize("min_count", [1, 2])
@@ -96,14 +95,16 @@ def test_incremental_equals_scratch_byte_for_byte(tmp_path, client, min_count):
     again = reduce_lake(lake, MODEL, ["c"], client, min_count=min_count)
     assert not again.from_scratch and again.new_shards == 2
     scratch_lake = Lake.init(tmp_path / "scratch")
-    shutil.copytree(lake.path("graphs"), scratch_lake.path("graphs"))
+    for area in (*layout.GRAPH_TABLES, f"{layout.LOG}/shards"):  # the graphs, not the tables
+        shutil.copytree(lake.path(area), scratch_lake.path(area))
     assert reduce_lake(scratch_lake, MODEL, ["c"], client, min_count=min_count).from_scratch
     for table in ("edges", "neurons", "neuron_tokens", "neuron_corpora"):
         assert table_bytes(lake, table) == table_bytes(scratch_lake, table), table
     edges = published(lake, "edges")
     assert edges.num_rows > 100 and edges.column("count").to_numpy().min() >= min_count
-    assert_same(published(lake, "edges").select(edge_oracle(lake.read("edges")).column_names),
-                edge_oracle(lake.read("edges"), min_count))
+    raw = lake.read("graph_edges")
+    assert_same(published(lake, "edges").select(edge_oracle(raw).column_names),
+                edge_oracle(raw, min_count))
     # changed parameters start over instead of mixing
     assert reduce_lake(lake, MODEL, ["c"], client, min_count=min_count + 1).from_scratch
 
@@ -121,7 +122,7 @@ def test_a_killed_worker_does_not_change_the_result(tmp_path, client):
     reduce_lake(lake, MODEL, ["c"], client, chunk=2, on_progress=kill_one)
     assert killed
     client.wait_for_workers(2, timeout=60)
-    raw = lake.read("edges")
+    raw = lake.read("graph_edges")
     assert_same(published(lake, "edges").select(edge_oracle(raw).column_names), edge_oracle(raw))
 
 
@@ -129,12 +130,12 @@ def test_bad_shards(tmp_path, client):
     lake = make_lake(tmp_path / "l", shards=2)
     lake.open_shard(MODEL, "c", params={})  # uncommitted: ignored
     reduce_lake(lake, MODEL, ["c"], client)
-    raw = lake.read("edges")
+    raw = lake.read("graph_edges")
     assert published(lake, "edges").num_rows == edge_oracle(raw).num_rows
     shard = lake.shards()[0]
-    with open(shard.file("edges"), "r+b") as f:
+    with open(shard.file("graph_edges"), "r+b") as f:
         f.truncate(100)
-    with pytest.raises(LakeError, match=r"edges.parquet: not a readable Parquet file"):
+    with pytest.raises(LakeError, match=r"graph_edges/.*part-0.parquet: not a readable Parquet"):
         reduce_lake(lake, MODEL, ["c"], client, min_count=2)
     with pytest.raises(CircuitAtlasError, match="no committed graphs of model 'other'"):
         reduce_lake(lake, "other", ["c"], client)
@@ -150,19 +151,22 @@ def test_reduce_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert "dashboard http" in result.output and "from scratch" in result.output
     edges = lake.table("edges").collect()
-    assert edges.height == edge_oracle(lake.read("edges"), 2).num_rows > 0
+    assert edges.height == edge_oracle(lake.read("graph_edges"), 2).num_rows > 0
     info = CliRunner().invoke(cli, ["lake", "info", "--lake", lake.url])
     assert "edges" in info.output and "neurons" in info.output
 
 
 def test_a_graph_committed_twice_counts_once(tmp_path, client):
-    """Two jobs that computed the same prompts commit the same graphs in two shards."""
+    """A job that computed the same prompts as an earlier one commits nothing of them;
+    where the filesystem let a second commit through, the reduce counts them once."""
     lake = make_lake(tmp_path / "l", shards=2)
-    write_shard(lake, "c", prompts_of(5, "c0"), seed=0, neurons=6)  # shard 0 again
+    again, _ = write_shard(lake, "c", prompts_of(5, "c0"), seed=0, neurons=6)
+    assert again is None and len(lake.shards()) == 2
+    commit_twice(lake, lake.shards()[0])
     assert len(lake.shards()) == 3
     reduce_lake(lake, MODEL, ["c"], client)
-    first_two = pa.concat_tables([pq.read_table(s.file("edges")) for s in sorted(
-        lake.shards(), key=lambda s: s.commit["committed_at"])[:2]])
+    first_two = pa.concat_tables([pq.read_table(s.file("graph_edges"))
+                                  for s in lake.shards()[:2]])
     assert_same(published(lake, "edges").select(edge_oracle(first_two).column_names),
                 edge_oracle(first_two))
     neurons = published(lake, "neurons")
@@ -175,10 +179,11 @@ def test_cleanup_removes_the_debris_of_a_killed_reduce(tmp_path, client):
     reduce_lake(lake, MODEL, ["c"], client)
     published_files = sorted(lake.fs.find(lake.path("tables")))
     killed = lake.new_table_version(MODEL, "c", "edges")  # wrote, never published
-    killed.write("src_layer-000.parquet", lake.read("edges").slice(0, 0))
+    killed.write("src_layer-000.parquet", lake.read("graph_edges").slice(0, 0))
     killed.scratch("x.parquet")
     assert lake.cleanup(min_age_s=3600).removed == []  # recent: a reduce may be running
     report = lake.cleanup(min_age_s=0)
-    assert report.removed == [lake.path(f"{killed.dir}/{killed.version}")]
+    assert report.removed == [lake.path(f"{killed.dir}/{killed.version}"),
+                              lake.path(killed._scratch_dir())]
     assert sorted(lake.fs.find(lake.path("tables"))) == published_files
     assert published(lake, "edges").num_rows > 0

@@ -86,8 +86,8 @@ def test_graph_job_on_slurm_cpu_workers(tmp_path, slurm, smollm2):
     run_graphs(here, smollm2, "c", params)
     cols = ["graph_id", "src_layer", "src_neuron", "src_pos", "tgt_layer", "tgt_neuron", "tgt_pos",
             "weight"]
-    a = lake.scan("edges").select(cols).sort(cols[:7]).collect()
-    b = here.scan("edges").select(cols).sort(cols[:7]).collect()
+    a = lake.scan("graph_edges").select(cols).sort(cols[:7]).collect()
+    b = here.scan("graph_edges").select(cols).sort(cols[:7]).collect()
     assert a.drop("weight").equals(b.drop("weight"))  # the same edges
     # weights to float32 rounding: a one-core worker sums in another order than here
     np.testing.assert_allclose(a["weight"].to_numpy(), b["weight"].to_numpy(), rtol=1e-3,
@@ -104,15 +104,14 @@ def test_gpu_directives_are_rendered(slurm):
     assert out.exit_code == 0 and "--gres" not in out.output and "#SBATCH -p debug" in out.output
 
 
+@pytest.mark.timeout(90)  # both are refused before anything waits for a worker
 def test_wrong_partition_and_impossible_jobs_are_clear_errors(tmp_path, slurm):
-    t0 = time.time()
     with pytest.raises(CircuitAtlasError, match="partition 'nope' does not exist"), \
             dask_client("slurm", queue="nope", cores=1, memory="1GB", echo=None):
         pass
     with pytest.raises(CircuitAtlasError, match="pend forever"), \
             dask_client("slurm", cores=512, memory="1GB", echo=None):
         pass
-    assert time.time() - t0 < 30
     lake = make_lake(tmp_path / "l", shards=1)
     out = CliRunner().invoke(cli, ["reduce", "--lake", lake.url, "--corpus", "c", "--model",
                                    "test-org/tiny-llama", "--cluster", "slurm", "--partition",
@@ -124,7 +123,7 @@ def test_cancelled_graph_job_is_recomputed_and_its_debris_cleaned(tmp_path, slur
     """A graph job's worker cancelled mid-run: its shard is computed again on the job
     that replaces it, every prompt is committed exactly once, and what the killed
     writer left behind is debris that cleanup removes."""
-    from circuit_atlas.lake.shards import uncommitted_shard_dirs
+    from circuit_atlas.lake.cleanup import uncommitted_shards
 
     texts = [f"Patient {i} was given a dose of" for i in range(8)]
     lake = Lake.init(tmp_path / "lake")
@@ -146,5 +145,6 @@ def test_cancelled_graph_job_is_recomputed_and_its_debris_cleaned(tmp_path, slur
     committed = [p for s in lake.shards() for p in s.prompt_ids]
     assert sorted(committed) == sorted(map(prompt_id, texts))  # each exactly once
     assert run_graphs(lake, smollm2, "c", params).computed == 0  # nothing left to do
+    assert uncommitted_shards(lake), "the cancelled worker was writing a shard"
     lake.cleanup(min_age_s=0)
-    assert uncommitted_shard_dirs(lake) == []
+    assert uncommitted_shards(lake) == []

@@ -5,7 +5,16 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from circuit_atlas.lake import EDGES, GRAPHS, NODES, PROMPTS, TABLES, Lake, LakeError, model_key
+from circuit_atlas.lake import (
+    GRAPH_EDGES,
+    GRAPH_NODES,
+    GRAPHS,
+    PROMPTS,
+    TABLES,
+    Lake,
+    LakeError,
+    model_key,
+)
 from circuit_atlas.lake.validate import conform
 from tests.factories import MODEL, graph_tables, prompts_of, write_shard
 
@@ -16,18 +25,18 @@ def lake(tmp_path):
 
 
 def test_narrow_types_are_declared_once():
-    assert NODES.schema.field("layer").type == pa.int16()
-    assert NODES.schema.field("neuron").type == pa.int32()
-    assert EDGES.schema.field("src_layer").type == pa.int16()
-    assert EDGES.schema.field("tgt_pos").type == pa.int32()
-    assert EDGES.schema.field("weight").type == pa.float32()
-    assert set(TABLES) == {"prompts", "graphs", "nodes", "edges"}
+    assert GRAPH_NODES.schema.field("layer").type == pa.int16()
+    assert GRAPH_NODES.schema.field("neuron").type == pa.int32()
+    assert GRAPH_EDGES.schema.field("src_layer").type == pa.int16()
+    assert GRAPH_EDGES.schema.field("tgt_pos").type == pa.int32()
+    assert GRAPH_EDGES.schema.field("weight").type == pa.float32()
+    assert set(TABLES) == {"prompts", "graphs", "graph_nodes", "graph_edges"}
     for t in TABLES.values():
         assert t.schema.metadata[b"circuit_atlas.table"] == t.name.encode()
         assert t.schema.metadata[b"circuit_atlas.schema_version"] == str(t.version).encode()
 
 
-@pytest.mark.parametrize("table", ["graphs", "nodes", "edges"])
+@pytest.mark.parametrize("table", ["graphs", "graph_nodes", "graph_edges"])
 def test_graph_tables_round_trip_with_partitions(lake, table):
     _, written_a = write_shard(lake, "medical", prompts_of(5, "a"), seed=1)
     _, written_b = write_shard(lake, "general", prompts_of(4, "b"), seed=2)
@@ -65,27 +74,27 @@ def test_prompts_round_trip_with_corpus_partition(lake):
 
 
 def test_empty_lake_reads_empty_tables_with_schema(lake):
-    assert lake.read("edges").num_rows == 0
-    frame = lake.scan("nodes").collect()
+    assert lake.read("graph_edges").num_rows == 0
+    frame = lake.scan("graph_nodes").collect()
     assert frame.height == 0 and "layer" in frame.columns and "corpus" in frame.columns
 
 
 def test_conform_casts_safely_and_refuses_overflow_nulls_and_typos():
     rng = np.random.default_rng(0)
-    edges = graph_tables(rng, ["x"])["edges"]
+    edges = graph_tables(rng, ["x"])["graph_edges"]
     wide = pa.table({c: edges.column(c).cast(pa.int64()) if c.endswith(("layer", "neuron", "pos"))
                      else edges.column(c) for c in reversed(edges.column_names)})
-    assert conform(wide, EDGES, "t").equals(edges)  # reordered and narrowed back
+    assert conform(wide, GRAPH_EDGES, "t").equals(edges)  # reordered and narrowed back
 
     overflow = wide.set_column(wide.column_names.index("src_layer"), "src_layer",
                                pa.array([40000] * wide.num_rows, pa.int64()))
     if wide.num_rows:
         with pytest.raises(LakeError, match="src_layer.*does not fit int16"):
-            conform(overflow, EDGES, "t")
+            conform(overflow, GRAPH_EDGES, "t")
     with pytest.raises(LakeError, match="missing column.*weight"):
-        conform(edges.drop_columns(["weight"]), EDGES, "t")
+        conform(edges.drop_columns(["weight"]), GRAPH_EDGES, "t")
     with pytest.raises(LakeError, match="unknown column.*wieght"):
-        conform(edges.append_column("wieght", edges.column("weight")), EDGES, "t")
+        conform(edges.append_column("wieght", edges.column("weight")), GRAPH_EDGES, "t")
     with pytest.raises(LakeError, match="'graph_id' has 1 null"):
         conform(pa.table({**{f.name: pa.array([1], f.type) for f in GRAPHS.fields
                              if f.type != pa.string() and not pa.types.is_list(f.type)},
