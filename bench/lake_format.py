@@ -4,9 +4,9 @@ Delta Lake (delta-rs), for the graph job's workload.
 One *shard commit* is what a graph job does per shard: a graphs table (one row per
 graph), a nodes table and an edges table for ``--graphs-per-shard`` graphs.
 
-* ours: ``Lake.open_shard`` ... commit (three Parquet files renamed into place, the
-  commit record last); opening a snapshot is ``Lake.shards()`` (a glob and one small
-  JSON per shard) plus the file list;
+* ours: ``Lake.open_shard`` ... commit (three Parquet files renamed into place, then
+  the shard's commit record created exclusively in the log); opening a snapshot is
+  reading the log (the last checkpoint and the records after it) plus the file list;
 * Delta: one ``write_deltalake(mode="append")`` per table (three tables: Delta commits
   one table at a time), with the commit metadata in ``custom_metadata``; opening a
   snapshot is ``DeltaTable(path)`` plus ``file_uris()`` for each of the three tables.
@@ -90,11 +90,12 @@ def open_snapshot(kind: str, root: str) -> tuple[float, int]:
         from circuit_atlas.lake import Lake
 
         lake = Lake(root)
-        files = [f for t in ("graphs", "nodes", "edges") for f in lake.files(t, validate=False)]
+        files = [f for t in ("graphs", "graph_nodes", "graph_edges")
+                 for f in lake.files(t, validate=False)]
     else:
         from deltalake import DeltaTable
 
-        files = [f for t in ("graphs", "nodes", "edges")
+        files = [f for t in ("graphs", "graph_nodes", "graph_edges")
                  for f in DeltaTable(f"{root}/{t}").file_uris()]
     return time.perf_counter() - t0, len(files)
 

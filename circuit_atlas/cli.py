@@ -126,6 +126,37 @@ def lake_info(lake_path: str, as_json: bool) -> None:
                       "(in progress, or debris: `circuit-atlas lake cleanup`)")
 
 
+@lake.command("files")
+@lake_option
+@click.argument("table")
+@click.option("--model", default=None, help="Only this model (hub id or partition key).")
+@click.option("--corpus", default=None, help="Only this corpus.")
+@click.option("--version", "version", default=None,
+              help="A derived table's earlier version: its number (negative counts back) "
+                   "or id.")
+def lake_files(lake_path: str, table: str, model: str | None, corpus: str | None,
+               version: str | None) -> None:
+    """The committed files of one snapshot of TABLE, one per line: what a reader
+    without circuit-atlas reads (duckdb's read_parquet, spark, pandas)."""
+    from circuit_atlas.lake import Lake
+
+    parsed = int(version) if version and version.lstrip("-").isdigit() else version
+    for path in Lake(lake_path).files(table, model, corpus, version=parsed):
+        click.echo(path)
+
+
+@lake.command("migrate")
+@lake_option
+def lake_migrate(lake_path: str) -> None:
+    """Rewrite a lake of an older format in place as the current one (resumable)."""
+    from circuit_atlas.lake.migrate import migrate
+
+    report = migrate(lake_path)
+    click.echo(f"migrated {lake_path}: {report.prompt_parts} prompt part(s), {report.shards} "
+               f"shard(s), {len(report.tables)} table(s); removed {len(report.removed)} "
+               "uncommitted item(s). The next reduce folds every shard again.")
+
+
 @lake.command("cleanup")
 @lake_option
 @click.option("--min-age", type=float, default=3600.0, show_default=True,
@@ -134,16 +165,22 @@ def lake_info(lake_path: str, as_json: bool) -> None:
                    "host is dead go regardless. 0 removes all debris.")
 @click.option("--dry-run", is_flag=True, help="List what would be removed, remove nothing.")
 def lake_cleanup(lake_path: str, min_age: float, dry_run: bool) -> None:
-    """Remove uncommitted shards and temporary files left by killed jobs."""
+    """Remove what killed jobs left (uncommitted shards, unpublished versions, scratch,
+    temporary files) and the table versions superseded for longer than the lake's
+    retention period."""
     from circuit_atlas.lake import Lake
 
-    report = Lake(lake_path).cleanup(min_age_s=min_age, dry_run=dry_run)
+    opened = Lake(lake_path)
+    report = opened.cleanup(min_age_s=min_age, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for path in report.removed:
         click.echo(f"{verb} {path}")
+    for path in report.expired:
+        click.echo(f"{verb} (retention of {opened.retention_s / 86400:g} days over) {path}")
     for path in report.in_progress:
         click.echo(f"kept (writer alive or recent) {path}")
-    click.echo(f"{verb} {len(report.removed)} item(s); kept {len(report.in_progress)} in progress")
+    click.echo(f"{verb} {len(report.removed)} item(s) and {len(report.expired)} expired "
+               f"version(s); kept {len(report.in_progress)} in progress")
 
 
 # prompts ---------------------------------------------------------------------------

@@ -162,7 +162,8 @@ def _bar(console, what: str):
     )
 
     return Progress(TextColumn(f"[bold]{what}[/]"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                    transient=True)  # the summary line that follows says what was done
 
 
 def compute_projections(lake, model, params, console, layers=None, corpora=None):

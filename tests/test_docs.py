@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from circuit_atlas.cli import cli
@@ -51,8 +52,21 @@ def test_readme_python_and_atlas_commands_run_on_the_demo_lake(tmp_path, monkeyp
     out = CliRunner().invoke(cli, ["demo", "--lake", "demo-lake", "--limit", "1"])
     assert out.exit_code == 0, out.output
     assert "clusters.html" in out.output and "circuit-atlas sql" in out.output
+    names: dict = {}
     for block in blocks("python"):
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "README.md", "exec"), names)
+    # the Dask batch job's answer, from polars
+    import polars as pl
+
+    from circuit_atlas import open_lake
+
+    expected = (open_lake("demo-lake").table("edges")
+                .filter(pl.col("tgt_layer") > pl.col("src_layer") + 1)
+                .group_by("tgt_layer").agg(pl.col("weight_abs_sum").sum()).collect())
+    got = dict(zip(names["skip_weight"].index, names["skip_weight"].to_numpy(), strict=True))
+    assert len(got) == expected.height > 0
+    for layer, total in expected.iter_rows():
+        assert got[layer] == pytest.approx(total, rel=1e-9)
     for block in blocks("console")[1:]:  # the commands that use the demo lake
         result = run_console(block, tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr

@@ -12,7 +12,6 @@ each optional. :func:`assemble` turns a layer's evidence into chat messages.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import polars as pl
 
 from circuit_atlas.analysis.profile import NodeNames
 from circuit_atlas.analysis.templates import messages
-from circuit_atlas.errors import CircuitAtlasError, LakeError
+from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake
 from circuit_atlas.lake.schemas import STATIC_CORPUS
 
@@ -71,8 +70,9 @@ class Atlas:
         for name, part in (("projections", STATIC_CORPUS), ("neuron_effects", corpus),
                            ("specificity", corpus), ("neuron_tokens", corpus),
                            ("cooccurrence", corpus)):
-            with contextlib.suppress(LakeError):
-                tables[name] = lake.table(name, model, part).drop("model", "corpus")
+            table = lake.optional_table(name, model, part)
+            if table is not None:
+                tables[name] = table
         return cls(lake, model, corpus, n_layers, NodeNames(tokenizer, n_layers), neurons,
                    lake.table("edges", model, corpus).drop("model", "corpus"), tables)
 

@@ -39,6 +39,7 @@ from circuit_atlas.analysis.label_prompts import Atlas, assemble, layer_evidence
 from circuit_atlas.analysis.labels import append_labels, known_labels, latest_ok
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake, layout
+from circuit_atlas.lake.records import write_json_atomic
 from circuit_atlas.lake.schemas import LABELS
 
 
@@ -124,37 +125,72 @@ class LabelReport:
 
 
 def _journal_dir(lake: Lake, model: str, corpus: str) -> str:
-    return lake.path(f"labels_journal/model={layout.model_key(model)}/corpus={corpus}")
+    return lake.path(f"{layout.LOG}/journal/labels/model={layout.model_key(model)}/"
+                     f"corpus={corpus}")
 
 
 class Journal:
-    """Append-only JSONL of answers, fsync'd per line."""
+    """Every answer as it arrives, through the lake's filesystem.
+
+    On a local filesystem: one JSONL file per run, each line fsync'd as it is written,
+    so a kill loses no answer. Elsewhere (object stores cannot append): answers are
+    written in parts of ``FLUSH_ROWS`` or every ``FLUSH_S`` seconds, each part a new
+    file, so a kill loses at most the answers since the last part."""
+
+    FLUSH_ROWS, FLUSH_S = 32, 10.0
 
     def __init__(self, lake: Lake, model: str, corpus: str) -> None:
-        self.dir = _journal_dir(lake, model, corpus)
-        os.makedirs(self.dir, exist_ok=True)
-        self.path = f"{self.dir}/run-{uuid.uuid4().hex[:12]}.jsonl"
-        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.fs, self.dir = lake.fs, _journal_dir(lake, model, corpus)
+        self.fs.makedirs(self.dir, exist_ok=True)
+        self.run = f"run-{uuid.uuid4().hex[:12]}"
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self._pending: list[str] = []
+        self._parts, self._last = 0, time.monotonic()
+        self._f = open(f"{self.dir}/{self.run}.jsonl", "a", encoding="utf-8") if (  # noqa: SIM115
+            self.local) else None
 
     def write(self, row: dict[str, Any]) -> None:
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        line = json.dumps(row) + "\n"
+        if self._f is not None:
+            self._f.write(line)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            return
+        self._pending.append(line)
+        if (len(self._pending) >= self.FLUSH_ROWS
+                or time.monotonic() - self._last >= self.FLUSH_S):
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            path = f"{self.dir}/{self.run}-{self._parts:06d}.jsonl"
+            tmp = layout.tmp_name(path, uuid.uuid4().hex[:8])
+            with self.fs.open(tmp, "wb") as f:
+                f.write("".join(self._pending).encode("utf-8"))
+            self.fs.mv(tmp, path)
+            self._pending, self._parts = [], self._parts + 1
+        self._last = time.monotonic()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
+        else:
+            self._flush()
 
 
 def fold_journals(lake: Lake, model: str, corpus: str) -> int:
     """Move every journaled answer into the labels table (one batch); rows moved."""
-    d = _journal_dir(lake, model, corpus)
-    if not os.path.isdir(d):
+    fs, d = lake.fs, _journal_dir(lake, model, corpus)
+    if not fs.exists(d):
         return 0
-    paths = sorted(p for p in os.listdir(d) if p.endswith(".jsonl"))
+    paths = sorted(p for p in fs.ls(d, detail=False) if p.endswith(".jsonl")
+                   and layout.TMP_MARK not in p)
     rows = []
     for p in paths:
-        with open(f"{d}/{p}", encoding="utf-8") as f:
-            for line in f:
+        with fs.open(p, "rb") as f:
+            for line in f.read().decode("utf-8").splitlines():
                 # a line cut by a kill is an answer that was not recorded
                 with contextlib.suppress(json.JSONDecodeError):
                     rows.append(json.loads(line))
@@ -162,7 +198,7 @@ def fold_journals(lake: Lake, model: str, corpus: str) -> int:
         schema = pl.from_arrow(LABELS.schema.empty_table()).schema
         append_labels(lake, model, corpus, pl.DataFrame(rows, schema=schema))
     for p in paths:
-        os.remove(f"{d}/{p}")
+        fs.rm(p)
     return len(rows)
 
 
@@ -239,13 +275,15 @@ async def _ask_layer(settings: LLMSettings, pass_: str, layer: int,
 def _batch_layer(settings: LLMSettings, pass_: str, layer: int,
                  todo: list[tuple[int, list[dict[str, str]], str]], journal: Journal,
                  report: LabelReport, tick: Callable[[], None], state_path: str) -> None:
-    """One layer through the Batch API; the batch id survives a kill in ``state_path``."""
+    """One layer through the Batch API; the batch id survives a kill in ``state_path``
+    (on the journal's filesystem)."""
+    fs = journal.fs
     client = settings.client(async_=False)
     by_id = {f"L{layer}/N{n}": (n, msgs, phash) for n, msgs, phash in todo}
     state = None
-    if os.path.exists(state_path):
-        with open(state_path) as f:
-            state = json.load(f)
+    if fs.exists(state_path):
+        with fs.open(state_path, "rb") as f:
+            state = json.loads(f.read())
     if state is None or set(state["ids"]) != set(by_id):
         lines = [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
                              "body": {"model": settings.model, "messages": msgs,
@@ -257,8 +295,7 @@ def _batch_layer(settings: LLMSettings, pass_: str, layer: int,
         batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
                                       completion_window="24h")
         state = {"batch": batch.id, "ids": sorted(by_id)}
-        with open(state_path, "w") as f:
-            json.dump(state, f)
+        write_json_atomic(fs, state_path, state)
     while True:
         batch = client.batches.retrieve(state["batch"])
         if batch.status in ("completed", "failed", "expired", "cancelled"):
@@ -291,7 +328,7 @@ def _batch_layer(settings: LLMSettings, pass_: str, layer: int,
         tick()
     if retry:
         asyncio.run(_ask_layer(settings, pass_, layer, retry, journal, report, tick))
-    os.remove(state_path)
+    fs.rm(state_path)
 
 
 # the run ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 
 import polars as pl
 
-from circuit_atlas.errors import CircuitAtlasError, LakeError
+from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake
 from circuit_atlas.lake.schemas import STATIC_CORPUS
 
@@ -42,10 +42,7 @@ def default_corpus(lake: Lake, model: str) -> str:
 
 
 def _table(lake: Lake, name: str, model: str, corpus: str) -> pl.LazyFrame | None:
-    try:
-        return lake.table(name, model, corpus).drop("model", "corpus")
-    except LakeError:
-        return None
+    return lake.optional_table(name, model, corpus)
 
 
 class NodeNames:
@@ -76,7 +73,7 @@ def neuron_profile(lake: Lake, model: str, layer: int, neuron: int, corpus: str 
     n_layers = (manifest["inputs"].get("model_shape") or {}).get("n_layers")
     names = NodeNames(tokenizer, n_layers)
     me = (pl.col("layer") == layer)
-    stats = _table(lake, "neurons", model, corpus).filter(
+    stats = lake.table("neurons", model, corpus).drop("model", "corpus").filter(
         me & (pl.col("neuron") == neuron)).collect()
     if stats.is_empty():
         raise CircuitAtlasError(f"L{layer}/N{neuron} is in no graph of {corpus!r}")

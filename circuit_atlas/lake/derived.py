@@ -31,7 +31,7 @@ from circuit_atlas.errors import LakeError
 from circuit_atlas.lake import layout
 from circuit_atlas.lake.log import CommitLog
 from circuit_atlas.lake.schemas import DERIVED, TableSpec, parquet_options
-from circuit_atlas.lake.validate import check_file, conform
+from circuit_atlas.lake.validate import MissingFile, check_file, conform
 
 if TYPE_CHECKING:
     from circuit_atlas.lake.lake import Lake
@@ -245,6 +245,7 @@ def table_logs(lake: Lake, table: str, model: str | None = None, corpus: str | N
     c = layout.check_name("corpus", corpus) if corpus else "*"
     name = layout.check_name("table", table)
     base = lake.path(f"{layout.LOG}/{layout.TABLES}")
+    lake.fs.invalidate_cache(base)
     out = []
     for path in sorted(lake.fs.glob(f"{base}/model={m}/corpus={c}/{name}")):
         parts = layout.partition_values(path[len(lake.root):])
@@ -269,11 +270,8 @@ def table_files(lake: Lake, table: str, model: str | None = None, corpus: str | 
         for f, seq in files:
             try:
                 check_file(f, spec, lake.fs)
-            except LakeError:
-                if not lake.fs.exists(f):
-                    raise LakeError(
-                        f"{f}: missing: version {seq} of {table} lists it, but it was "
-                        "removed (by lake cleanup after the retention period, or by hand)"
-                    ) from None
-                raise
+            except MissingFile:
+                raise MissingFile(
+                    f"{f}: missing: version {seq} of {table} lists it, but it was removed "
+                    "(by lake cleanup after the retention period, or by hand)") from None
     return [f for f, _ in files]

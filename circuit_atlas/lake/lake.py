@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -36,6 +35,7 @@ from circuit_atlas.lake.validate import check_file, conform, read_parquet
 
 if TYPE_CHECKING:
     import polars as pl
+    import pyarrow.dataset as ds  # imported where used: it imports pandas (~1 s)
 
 FORMAT_NAME = "circuit-atlas-lake"
 FORMAT_VERSION = 2
@@ -132,6 +132,7 @@ class Lake:
     def corpora(self) -> list[str]:
         """Names of the corpora that hold prompts."""
         base = self.path(f"{layout.LOG}/{layout.PROMPTS}")
+        self.fs.invalidate_cache(base)
         return sorted(layout.partition_values(p[len(self.root):])["corpus"]
                       for p in self.fs.glob(f"{base}/corpus=*")
                       if self._prompt_log(layout.partition_values(
@@ -291,6 +292,8 @@ class Lake:
         return out
 
     def _dataset(self, t_spec: TableSpec, files: list[str]) -> ds.Dataset:
+        import pyarrow.dataset as ds
+
         base = self._base(t_spec)
         values = [layout.partition_values(f[len(base):]) for f in files]
         dictionaries = {
@@ -357,11 +360,49 @@ class Lake:
 
     def table(self, name: str, model: str | None = None, corpus: str | None = None,
               version: Version = None) -> pl.LazyFrame:
-        """A derived table (``edges``, ``neurons``, ...) as a polars LazyFrame, with
-        ``model`` and ``corpus`` as columns: ``lake.table("neurons").collect()``.
-        ``version``: an earlier one still kept (its number, id or a datetime)."""
-        return self._scan(DERIVED.get(name) or spec(name),
-                          self._derived_files(name, model, corpus, version))
+        """A table as a polars LazyFrame: ``lake.table("neurons").collect()``.
+
+        Derived tables (``edges``, ``neurons``, ...) have ``model`` and ``corpus``
+        columns, and ``version`` reads an earlier one still kept (its number, id or a
+        datetime); the per-graph tables (``graphs``, ``graph_nodes``, ``graph_edges``)
+        and ``prompts`` are :meth:`scan`'s. ``model`` is a hub id or its partition key.
+        """
+        if name not in DERIVED:
+            self._no_versions(name, version)
+            return self.scan(name, model, corpus)
+        return self._scan(DERIVED[name], self._derived_files(name, model, corpus, version))
+
+    def optional_table(self, name: str, model: str, corpus: str) -> pl.LazyFrame | None:
+        """A derived table that a stage may not have built: None when it was never
+        published. A table that exists but cannot be read is an error, never absent."""
+        if not table_logs(self, name, model, corpus):
+            return None
+        return self.table(name, model, corpus).drop("model", "corpus")
+
+    def _no_versions(self, name: str, version: Version) -> None:
+        if version is not None:
+            raise LakeError(f"{name} is read as committed (shards are never replaced); "
+                            "version= applies to derived tables")
+
+    def arrow(self, name: str, model: str | None = None, corpus: str | None = None,
+              version: Version = None) -> ds.Dataset:
+        """A table as a pyarrow Dataset (the same rows as :meth:`table`)."""
+        if name not in DERIVED:
+            self._no_versions(name, version)
+        return self.dataset(name, model, corpus, version)
+
+    def dask(self, name: str, model: str | None = None, corpus: str | None = None,
+             version: Version = None):
+        """A table as a dask.dataframe (the same rows as :meth:`table`), one partition
+        per file: per shard for the per-graph tables, per source layer for ``edges``
+        (indexed by ``src_layer``, divisions known)."""
+        from circuit_atlas.lake.frames import dask_frame
+
+        if name in DERIVED:
+            files = self._derived_files(name, model, corpus, version)
+            return dask_frame(self, DERIVED[name], [(f, []) for f in files])
+        self._no_versions(name, version)
+        return dask_frame(self, spec(name), self._files_and_repeats(name, model, corpus))
 
     def table_path(self, name: str, model: str, corpus: str, version: Version = None) -> str:
         """The directory of a derived table's current version (or ``version``): it
@@ -386,14 +427,14 @@ class Lake:
         import polars as pl
 
         if not files:
-            return pl.from_arrow(t_spec.dataset_schema.empty_table()).lazy().with_columns(
-                pl.col(p).cast(pl.String) for p in t_spec.partitions)
+            return pl.LazyFrame(schema={**polars_schema(t_spec.schema),
+                                        **{p: pl.String for p in t_spec.partitions}})
         if not isinstance(self.fs, LocalFileSystem):
             return pl.scan_pyarrow_dataset(self._dataset(t_spec, files)).with_columns(
                 pl.col(p).cast(pl.String) for p in t_spec.partitions)
         return pl.scan_parquet(
             files,
-            schema=pl.Schema(pl.from_arrow(t_spec.schema.empty_table()).schema),
+            schema=polars_schema(t_spec.schema),
             hive_partitioning=True,
             hive_schema={p: pl.String for p in t_spec.partitions},
         )
@@ -431,6 +472,8 @@ class Lake:
         corpora = {}
         for c in self.corpora():
             files = self._prompt_files(c)
+            for f in files:
+                check_file(f, PROMPTS, self.fs)
             corpora[c] = {
                 "prompts": sum(_metadata(f, self.fs).num_rows for f in files),
                 "files": len(files),
@@ -462,11 +505,30 @@ class Lake:
         """{model: {corpus: [table, ...]}} of the published derived tables."""
         out: dict[str, dict[str, list[str]]] = {}
         base = self.path(f"{layout.LOG}/{layout.TABLES}")
+        self.fs.invalidate_cache(base)
         for p in sorted(self.fs.glob(f"{base}/model=*/corpus=*/*")):
             parts = layout.partition_values(p[len(self.root):])
             name = p.rsplit("/", 1)[-1]
             out.setdefault(parts["model"], {}).setdefault(parts["corpus"], []).append(name)
         return out
+
+
+def polars_schema(schema: pa.Schema) -> pl.Schema:
+    """The polars schema of a lake table's Arrow schema (``pl.from_arrow`` would do, but
+    it imports pandas where installed: a second on every command's start)."""
+    import polars as pl
+
+    def dtype(t: pa.DataType):
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            return pl.List(dtype(t.value_type))
+        if pa.types.is_dictionary(t):
+            return pl.String
+        return {pa.int8(): pl.Int8, pa.int16(): pl.Int16, pa.int32(): pl.Int32,
+                pa.int64(): pl.Int64, pa.float32(): pl.Float32, pa.float64(): pl.Float64,
+                pa.string(): pl.String, pa.large_string(): pl.String,
+                pa.bool_(): pl.Boolean}[t]
+
+    return pl.Schema({f.name: dtype(f.type) for f in schema})
 
 
 def _metadata(path: str, fs) -> pq.FileMetaData:
@@ -478,6 +540,8 @@ def _metadata(path: str, fs) -> pq.FileMetaData:
 
 
 def _repeat_filter(parts: list[tuple[str, list[int]]]) -> ds.Expression:
+    import pyarrow.dataset as ds
+
     """An expression true on the rows of graphs read from an earlier shard already."""
     expr = None
     for shard, repeats in parts:

@@ -74,6 +74,7 @@ class CommitLog:
 
     def _listing(self) -> tuple[list[int], list[int]]:
         """(record numbers, checkpoint numbers), sorted; empty where there is no log."""
+        self.fs.invalidate_cache(self.path)  # object stores cache listings: commits are new
         try:
             names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
         except FileNotFoundError:

@@ -52,8 +52,11 @@ def duckdb_connection(lake: Lake, database: str = ":memory:",
     """A DuckDB connection with every table of the lake as a view over the files of its
     snapshot (or with ``views``, polars frames, registered instead)."""
     import duckdb
+    from fsspec.implementations.local import LocalFileSystem
 
     con = duckdb.connect(database)
+    if not isinstance(lake.fs, LocalFileSystem):
+        con.register_filesystem(lake.fs)
     if views is not None:
         for name, df in views.items():
             con.register(name, df.to_arrow())
@@ -80,11 +83,12 @@ def duckdb_connection(lake: Lake, database: str = ":memory:",
 
 
 def _list(lake: Lake, files: list[str]) -> str:
+    """A DuckDB list literal of ``files``: local paths, or URLs of the lake's fsspec
+    filesystem (registered with the connection)."""
     from fsspec.implementations.local import LocalFileSystem
 
     if not isinstance(lake.fs, LocalFileSystem):
-        raise LakeError("DuckDB views need a local lake (this one is "
-                        f"{lake.url}); use Lake.sql (polars) instead")
+        files = [lake.fs.unstrip_protocol(f) for f in files]
     return "[" + ", ".join(_lit(f) for f in files) + "]"
 
 

@@ -329,6 +329,7 @@ def shard_logs(lake: Lake, model_key: str | None = None, corpus: str | None = No
     m = layout.check_name("model", model_key) if model_key else "*"
     c = layout.check_name("corpus", corpus) if corpus else "*"
     base = lake.path(f"{layout.LOG}/shards")
+    lake.fs.invalidate_cache(base)
     out = []
     for path in sorted(lake.fs.glob(f"{base}/model={m}/corpus={c}")):
         parts = layout.partition_values(path[len(lake.root):])

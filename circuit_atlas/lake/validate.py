@@ -15,6 +15,10 @@ from circuit_atlas.errors import LakeError
 from circuit_atlas.lake.schemas import META_TABLE, META_VERSION, TableSpec
 
 
+class MissingFile(LakeError):
+    """A file that a commit record names is not there."""
+
+
 def _normal(t: pa.DataType) -> pa.DataType:
     """Large variants are the same column to us: polars writes large_string."""
     if pa.types.is_large_string(t):
@@ -52,6 +56,9 @@ def read_schema(path: str, filesystem=None) -> pa.Schema:
     """The schema in a Parquet file's footer, or a LakeError naming the file."""
     try:
         return pq.read_schema(path, filesystem=filesystem)
+    except FileNotFoundError as e:
+        raise MissingFile(f"{path}: missing: a commit record lists it, but it is not there "
+                        "(removed by hand, or by a cleanup after its retention period)") from e
     except (pa.ArrowException, OSError) as e:
         raise LakeError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from e
 
