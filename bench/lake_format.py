@@ -87,8 +87,9 @@ def delta(root: str, worker: int, start: int, n: int, graphs: int) -> list[float
 def open_snapshot(kind: str, root: str) -> tuple[float, int]:
     t0 = time.perf_counter()
     if kind == "ours":
-        from circuit_atlas.lake import Lake
+        from circuit_atlas.lake import Lake, log
 
+        log._CACHE.clear()  # a reader's first open, not the records this process holds
         lake = Lake(root)
         files = [f for t in ("graphs", "graph_nodes", "graph_edges")
                  for f in lake.files(t, validate=False)]

@@ -7,7 +7,7 @@ both), ``count`` and ``other_count`` (graphs holding each), ``jaccard`` and the
 normalised PMI ``npmi = log(p_ab / (p_a p_b)) / -log(p_ab)`` (1: always together, 0:
 independent), with ``p = graphs / all graphs``.
 
-**Hub neurons.** A neuron in nearly every graph (the seeds' L1/N2427 was in 200 of
+**Hub neurons.** A neuron in nearly every graph (the original atlas's L1/N2427 was in 200 of
 200) co-occurs with everything: it adds a full row of pairs to every graph's square,
 and its npmi with anyone is ~0. Neurons in more than ``max_share`` (default 0.5) of
 the graphs are therefore left out of pair counting; they keep their counts in the
@@ -31,7 +31,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from circuit_atlas.analysis.params import CooccurrenceParams
 from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.stage import Progress, Report, as_corpora, connect, open_lake
 
 RANK_BY = ("jaccard", "npmi", "joint_count")
 SHIFT = 1 << 32  # key = layer * SHIFT + index (layer >= 0 here)
@@ -100,12 +102,16 @@ def top_pairs(pairs: pl.DataFrame, counts: pl.DataFrame, n_graphs: int, k: int,
 
 
 @dataclass
-class CooccurrenceReport:
+class CooccurrenceReport(Report):
     corpus: str
     graphs: int
     hubs: int
     rows: int
     seconds: float
+
+    def __str__(self) -> str:
+        return (f"cooccurrence {self.corpus}: {self.graphs:,} graphs, {self.hubs:,} hub "
+                f"neuron(s) left out, {self.rows:,} rows, {self.seconds:.1f} s")
 
 
 def _shard_task(lake, shard, n_layers: int, skip: list[int], hubs: np.ndarray,
@@ -169,7 +175,7 @@ def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int 
     buckets = buckets or max(1, min(256, 4 * workers, len(counts) // 1000 + 1))
     version = lake.new_table_version(model, ck, "cooccurrence")
     scratch = [version.scratch(f"shard-{i:06d}.arrow") for i in range(len(shards))]
-    skips = repeated_graphs(shards)
+    skips = repeated_graphs(lake, shards)
     parts = [client.submit(_shard_task, lake, s, n_layers, skip, hubs, buckets, path,
                            version, pure=False)
              for s, skip, path in zip(shards, skips, scratch, strict=True)]
@@ -189,3 +195,21 @@ def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int 
                    "rank_by": rank_by}})
     return CooccurrenceReport(ck, n_graphs, len(hubs), sum(w[1] for w in written),
                               time.perf_counter() - t0)
+
+
+def run_cooccurrence(lake, *, model, corpora=None, params: CooccurrenceParams | None = None,
+                     cluster=None, progress: Progress | None = None) -> CooccurrenceReport:
+    """The ``cooccurrence`` table: for each neuron the neurons found in the same graphs
+    (top k, with joint count, Jaccard and normalised PMI), on a Dask cluster (a local
+    one by default). ``corpora``: those of a reduce (default: the only one)."""
+    from circuit_atlas.compute.names import model_name
+
+    lake, params = open_lake(lake), params or CooccurrenceParams()
+    progress = progress or Progress()
+    model = model_name(model)
+    corpora = lake.reduced_corpus(model, as_corpora(corpora)).split("+")
+    with connect(cluster, default="local", progress=progress) as client:
+        return cooccurrence_lake(lake, model, corpora, client, k=params.k,
+                                 min_count=params.min_count, max_share=params.max_share,
+                                 rank_by=params.rank_by, on_progress=lambda d, t:
+                                 progress.update("cooccurrence", d, t))

@@ -37,10 +37,12 @@ from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.etl import edge_reduce as er
 from circuit_atlas.etl import neuron_reduce as nr
 from circuit_atlas.etl.fold import fold
+from circuit_atlas.etl.params import ReduceParams
 from circuit_atlas.lake import GRAPH_EDGES, GRAPH_NODES, GRAPHS, Lake, layout
 from circuit_atlas.lake.schemas import EDGE_STATS, NEURON_CORPORA, NEURON_STATS, NEURON_TOKENS
 from circuit_atlas.lake.shards import Shard, repeated_graphs
 from circuit_atlas.lake.validate import read_parquet
+from circuit_atlas.stage import Progress, Report, as_corpora, connect, open_lake
 
 EDGE_COLUMNS = ["graph_id", "src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "weight"]
 NODE_COLUMNS = ["graph_id", "layer", "neuron", "position", "activation", "score"]
@@ -49,13 +51,35 @@ MERGES = {"edges": er.EDGE_MERGE, "neurons": nr.STATS_MERGE, "neuron_tokens": nr
 
 
 @dataclass
-class ReduceReport:
+class ReduceReport(Report):
     corpus: str
     shards: int
     new_shards: int
     from_scratch: bool
     rows: dict[str, int]
     seconds: float
+
+    def __str__(self) -> str:
+        what = "from scratch" if self.from_scratch else f"{self.new_shards} new shard(s)"
+        tables = ", ".join(f"{t} {n:,} rows" for t, n in self.rows.items()) or "unchanged"
+        return (f"reduce {self.corpus}: {self.shards} shard(s), {what}; {tables}; "
+                f"{self.seconds:.1f} s")
+
+
+def run_reduce(lake, *, model, corpora, params: ReduceParams | None = None, cluster=None,
+               progress: Progress | None = None) -> ReduceReport:
+    """Reduce the committed graph shards of ``model`` over ``corpora`` into the
+    edges, neurons, neuron_corpora and neuron_tokens tables, on a Dask cluster (a
+    local one by default). A rerun folds only the shards committed since."""
+    from circuit_atlas.compute.names import model_name
+
+    lake, params = open_lake(lake), params or ReduceParams()
+    progress = progress or Progress()
+    with connect(cluster, default="local", progress=progress) as client:
+        return reduce_lake(lake, model_name(model), as_corpora(corpora), client,
+                           min_count=params.min_count, top_k=params.top_k,
+                           chunk=params.chunk,
+                           on_progress=lambda d, t: progress.update("reduce", d, t))
 
 
 def _read(lake: Lake, path: str, spec, columns: list[str]) -> pa.Table:
@@ -243,7 +267,7 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
         return ReduceReport(corpus_key, len(shards), 0, False, {}, time.perf_counter() - t0)
     fold_order = (old or []) + [ids[i] for i in fresh]
     versions = {t: lake.new_table_version(model, corpus_key, t) for t in MERGES}
-    skips = repeated_graphs(shards)
+    skips = repeated_graphs(lake, shards)
     results = client.map(shard_task, [lake] * len(fresh), [shards[i] for i in fresh],
                          [corpora.index(shards[i].corpus) for i in fresh],
                          [skips[i] for i in fresh],

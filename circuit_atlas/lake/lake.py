@@ -251,12 +251,10 @@ class Lake:
 
     def committed_prompt_ids(self, model: str, corpus: str, params_hash: str) -> set[str]:
         """Prompt ids whose graphs are committed for (model, corpus, params): a rerun skips them."""
-        return {
-            pid
-            for s in self.shards(model, corpus)
-            if s.params_hash == params_hash
-            for pid in s.prompt_ids
-        }
+        from circuit_atlas.lake.shards import committed_prompts, shards_log
+
+        return set(committed_prompts(shards_log(self, layout.model_key(model), corpus)).get(
+            params_hash, ()))
 
     def cleanup(self, min_age_s: float = 3600.0, dry_run: bool = False) -> CleanupReport:
         """Remove debris and expired versions; see :mod:`circuit_atlas.lake.cleanup`."""
@@ -284,7 +282,7 @@ class Lake:
             out = [(f, []) for c in corpora for f in self._prompt_files(c)]
         else:
             shards = self.shards(model, corpus)
-            out = list(zip([s.file(table) for s in shards], repeated_graphs(shards),
+            out = list(zip([s.file(table) for s in shards], repeated_graphs(self, shards),
                            strict=True))
         if validate:
             for f, _ in out:
@@ -500,6 +498,22 @@ class Lake:
             "uncommitted_shards": len(uncommitted_shards(self)),
             "tables": self.derived_tables(),
         }
+
+    def reduced_corpus(self, model: str, corpora: str | list[str] | tuple[str, ...] | None
+                       = None) -> str:
+        """The corpus key of a table set of ``model``: ``corpora``'s, or when none are
+        given the only set the lake holds (an error naming the sets otherwise)."""
+        from circuit_atlas.lake.schemas import STATIC_CORPUS
+
+        if corpora:
+            return layout.corpus_key([corpora] if isinstance(corpora, str) else list(corpora))
+        keys = sorted(c for c in self.derived_tables().get(layout.model_key(model), {})
+                      if c != STATIC_CORPUS)
+        if len(keys) != 1:
+            raise LakeError(
+                f"the lake holds reduced tables of {model!r} for {len(keys)} corpus sets "
+                f"({', '.join(keys) or 'none'}); say which with --corpus")
+        return keys[0]
 
     def derived_tables(self) -> dict[str, dict[str, list[str]]]:
         """{model: {corpus: [table, ...]}} of the published derived tables."""

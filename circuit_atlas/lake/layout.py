@@ -20,6 +20,7 @@ Table directories hold Parquet data files only; everything else is under ``_log`
 
 from __future__ import annotations
 
+import functools
 import re
 
 from circuit_atlas.errors import LakeError
@@ -38,6 +39,7 @@ PART = "part-0.parquet"  # the one file of a shard in each per-graph table
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
+@functools.lru_cache(maxsize=65536)  # called for every file of every snapshot
 def check_name(kind: str, value: str) -> str:
     """A corpus, model key, shard or table name, checked to be safe as a path part."""
     if not isinstance(value, str) or not _NAME.match(value) or len(value) > 200:

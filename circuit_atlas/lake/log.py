@@ -11,15 +11,22 @@ Every write that readers may see is one record in a log directory::
    asks its ``on_conflict`` whether its record still stands (a graph shard drops
    the graphs the winner already holds), then tries the next number. So records
    are totally ordered, never overwritten, and no lock is held.
-2. A reader lists the log once, reads the newest checkpoint and the records after
-   it: one listing and, at most, one Parquet file and ``CHECKPOINT_EVERY`` small
-   JSON files, however long the log.
+2. Numbers have no gaps (a committer takes the number after the newest it saw), so
+   a reader needs no listing: it reads the newest checkpoint (``_last_checkpoint``
+   names it) and then records one number after another until one is missing. That
+   is one small JSON, at most one Parquet file and ``CHECKPOINT_EVERY`` records,
+   however long the log.
 3. The committer of every ``CHECKPOINT_EVERY``-th record writes the checkpoint (to
-   a temporary name, renamed into place). A checkpoint that is missing or
-   unreadable only costs time: the records are all still there.
+   a temporary name, renamed into place), then ``_last_checkpoint``. A checkpoint or
+   hint that is missing, stale or unreadable only costs time: the records are all
+   still there (without a hint the reader lists the log once to find the newest
+   checkpoint).
 
 Records are immutable once created; what they describe (data files) is written
-before the record, so a reader that sees a record finds its files.
+before the record, so a reader that sees a record finds its files. That makes them
+safe to keep in memory: a process reads each record once, and afterwards only the
+ones added since (after checking that the newest it holds is still the same, so a
+log deleted and begun again at the same path is read afresh).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import os
 import re
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +48,10 @@ CHECKPOINT_EVERY = 100
 _RECORD = re.compile(r"^(\d{12})\.json$")
 _CHECKPOINT = re.compile(r"^_checkpoint-(\d{12})\.parquet$")
 MAX_ATTEMPTS = 10_000  # a committer racing this many others in a row: something is wrong
+LAST_CHECKPOINT = "_last_checkpoint"
+# log -> (its records by number, {fold name: (records folded, value)})
+_CACHE: OrderedDict[tuple, tuple[dict[int, dict[str, Any]], dict[str, Any]]] = OrderedDict()
+_CACHED_LOGS = 256
 
 
 def record_name(seq: int) -> str:
@@ -72,22 +84,26 @@ class CommitLog:
     def __init__(self, fs, path: str) -> None:
         self.fs, self.path = fs, path.rstrip("/")
 
-    def _listing(self) -> tuple[list[int], list[int]]:
-        """(record numbers, checkpoint numbers), sorted; empty where there is no log."""
+    def _key(self) -> tuple:
+        return (type(self.fs).__name__, getattr(self.fs, "_fs_token", id(self.fs)), self.path)
+
+    def _checkpoints(self) -> list[int]:
+        """Checkpoint numbers from a listing of the log, sorted; [] without a log."""
         self.fs.invalidate_cache(self.path)  # object stores cache listings: commits are new
         try:
             names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
         except FileNotFoundError:
-            return [], []
-        records = sorted(int(m.group(1)) for n in names if (m := _RECORD.match(n)))
-        checkpoints = sorted(int(m.group(1)) for n in names if (m := _CHECKPOINT.match(n)))
-        return records, checkpoints
+            return []
+        return sorted(int(m.group(1)) for n in names if (m := _CHECKPOINT.match(n)))
 
-    def _read(self, seq: int) -> dict[str, Any]:
+    def _read(self, seq: int) -> dict[str, Any] | None:
+        """Record ``seq``, or None when there is none (yet)."""
         path = f"{self.path}/{record_name(seq)}"
         try:
             with self.fs.open(path, "rb") as f:
                 record = json.loads(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            return None
         except (OSError, ValueError) as e:
             raise LakeError(f"{path}: unreadable commit record: {e}") from e
         if not isinstance(record, dict):
@@ -105,23 +121,68 @@ class CommitLog:
         except (OSError, ValueError, pa.ArrowException):
             return None  # a checkpoint is a shortcut: the records are the truth
 
+    def _from_checkpoint(self) -> dict[int, dict[str, Any]]:
+        """The records of the newest readable checkpoint ({} if none)."""
+        try:
+            with self.fs.open(f"{self.path}/{LAST_CHECKPOINT}", "rb") as f:
+                candidates = [int(json.loads(f.read())["seq"])]
+        except (OSError, ValueError, KeyError, TypeError):
+            candidates = []
+        for cps in (candidates, None):
+            for cp in cps if cps is not None else reversed(self._checkpoints()):
+                got = self._read_checkpoint(cp)
+                if got is not None and sorted(got) == list(range(cp + 1)):
+                    return got
+        return {}
+
+    def _entry(self) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
+        """(every record by number, the folds over them): those this process holds if
+        the newest of them is unchanged, else from the newest checkpoint; then each
+        record after them."""
+        key = self._key()
+        known, folds = _CACHE.pop(key, ({}, {}))
+        if known:
+            newest = max(known)
+            if self._read(newest) != known[newest]:
+                known, folds = {}, {}
+        if not known:
+            known = self._from_checkpoint()
+        seq = max(known) + 1 if known else 0
+        while (record := self._read(seq)) is not None:
+            known[seq] = record
+            seq += 1
+        if known:
+            _CACHE[key] = (known, folds)
+            while len(_CACHE) > _CACHED_LOGS:
+                _CACHE.popitem(last=False)
+        return known, folds
+
+    def _all(self) -> dict[int, dict[str, Any]]:
+        return self._entry()[0]
+
+    def fold(self, name: str, init: Callable[[], Any], step: Callable[[Any, dict[str, Any]],
+                                                                      None]) -> Any:
+        """``init()`` updated by ``step(value, record)`` for every record, oldest first,
+        kept in memory and brought up to date with the records added since, so that
+        an index over a long log (the prompts it commits) costs only what is new. The
+        value is shared: treat it as read-only."""
+        known, folds = self._entry()
+        done, value = folds.get(name, (0, None))
+        if value is None:
+            value = init()
+        for seq in range(done, len(known)):
+            step(value, known[seq])
+        folds[name] = (len(known), value)
+        return value
+
     def records(self, after: int = -1) -> list[dict[str, Any]]:
         """Every record numbered above ``after``, oldest first, each with its ``seq``."""
-        numbers, checkpoints = self._listing()
-        known: dict[int, dict[str, Any]] = {}
-        for cp in reversed(checkpoints):
-            if cp <= after:
-                break
-            got = self._read_checkpoint(cp)
-            if got is not None:
-                known = got
-                break
-        return [known[s] if s in known else self._read(s) for s in numbers if s > after]
+        known = self._all()  # numbered 0..n-1 without gaps
+        return [dict(known[s]) for s in range(max(after + 1, 0), len(known))]
 
     def last(self) -> int:
         """The number of the newest record, -1 for an empty log."""
-        numbers, _ = self._listing()
-        return numbers[-1] if numbers else -1
+        return len(self._all()) - 1
 
     def commit(self, record: dict[str, Any],
                on_conflict: Callable[[dict[str, Any], list[dict[str, Any]]],
@@ -163,3 +224,7 @@ class CommitLog:
         with self.fs.open(tmp, "wb") as f:
             pq.write_table(table, f, compression="zstd")
         self.fs.mv(tmp, final)
+        hint = f"{self.path}/.{LAST_CHECKPOINT}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open(hint, "wb") as f:
+            f.write(json.dumps({"seq": seq}).encode())
+        self.fs.mv(hint, f"{self.path}/{LAST_CHECKPOINT}")

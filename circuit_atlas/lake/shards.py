@@ -102,6 +102,26 @@ def shards_log(lake: Lake, model_key: str, corpus: str) -> CommitLog:
     return CommitLog(lake.fs, lake.path(layout.shards_log(model_key, corpus)))
 
 
+def _index_prompts(index: dict[str, Any], record: dict[str, Any]) -> None:
+    held = index["held"].setdefault(record.get("params_hash"), {})
+    again = [p for p in record.get("prompt_ids", ()) if p in held]
+    if again:
+        index["repeats"][record["seq"]] = again
+    for p in record.get("prompt_ids", ()):
+        held.setdefault(p, record["seq"])
+
+
+def _prompt_index(log: CommitLog) -> dict[str, Any]:
+    """{"held": {params hash: {prompt id: first seq}}, "repeats": {seq: prompt ids an
+    earlier record of the log commits}}, kept up to date incrementally."""
+    return log.fold("prompts", lambda: {"held": {}, "repeats": {}}, _index_prompts)
+
+
+def committed_prompts(log: CommitLog) -> dict[str, dict[str, int]]:
+    """{params hash: {prompt id: seq of the record that first commits it}} of a shard log."""
+    return _prompt_index(log)["held"]
+
+
 @dataclass
 class _Stream:
     tmp: str
@@ -207,6 +227,11 @@ class ShardWriter:
         return {p for r in records if r.get("params_hash") == self.params_hash
                 for p in r.get("prompt_ids", ()) if p in mine}
 
+    def _committed(self, log: CommitLog) -> set[str]:
+        """The prompts of this shard that the log already commits with its params."""
+        held = committed_prompts(log).get(self.params_hash, {})
+        return {p for p in self._prompt_ids if p in held}
+
     def _drop(self, prompts: set[str], paths: dict[str, str]) -> None:
         """Rewrite the shard's files at ``paths`` without the graphs of ``prompts``."""
         gone = pa.array([graph_id(self.model, p, self.params_hash) for p in prompts],
@@ -240,9 +265,8 @@ class ShardWriter:
             for stream in self._streams.values():
                 stream.writer.close()
                 stream.sink.close()
-            before = log.records()
-            since = before[-1]["seq"] if before else -1
-            taken = self._taken(before)
+            since = log.last()
+            taken = self._committed(log)
             if taken:
                 self._drop(taken, {t: s.tmp for t, s in self._streams.items()})
             for table, stream in self._streams.items():
@@ -341,24 +365,44 @@ def shard_logs(lake: Lake, model_key: str | None = None, corpus: str | None = No
 def list_shards(lake: Lake, model: str | None = None, corpus: str | None = None) -> list[Shard]:
     """Committed shards, in commit order within each (model, corpus)."""
     key = layout.model_key(model) if model else None
-    shards = []
+    shards: list[Shard] = []
     for model_key, c in shard_logs(lake, key, corpus):
         log = shards_log(lake, model_key, c)
-        for record in log.records():
-            where = f"{log.path}/{record['seq']:012d}.json"
-            _check_record(record, where)
-            shards.append(Shard(model_key, c, record["shard"], record, lake.root))
+
+        def add(out: list[Shard], record: dict[str, Any], model_key=model_key, c=c,
+                log=log) -> None:
+            _check_record(record, f"{log.path}/{record['seq']:012d}.json")
+            out.append(Shard(model_key, c, record["shard"], record, lake.root))
+
+        shards += log.fold(f"shards@{lake.root}", list, add)
     return shards
 
 
-def repeated_graphs(shards: list[Shard]) -> list[list[int]]:
+def repeated_graphs(lake: Lake, shards: list[Shard]) -> list[list[int]]:
     """Per shard, the graph ids an earlier shard of the list already holds: each graph
-    is read once, from the first shard that has it. Empty lists where, as the commit
-    protocol ensures, no graph was committed twice."""
-    seen: set[int] = set()
+    is read once, from the first shard that has it. Within one (model, corpus) log
+    the commit protocol ensures no graph is committed twice (only a filesystem
+    without exclusive create lets two racing writers both commit), and the log's
+    prompt index says where it did; across corpora a prompt in both is one graph."""
+    indexes: dict[tuple[str, str], dict[str, Any]] = {}
+    for s in shards:
+        if (s.model, s.corpus) not in indexes:
+            indexes[(s.model, s.corpus)] = _prompt_index(shards_log(lake, s.model, s.corpus))
+    earlier: dict[str, list[dict[str, dict[str, int]]]] = {}  # model -> held of its logs
+    before: dict[tuple[str, str], list[dict[str, dict[str, int]]]] = {}
+    for model, corpus in indexes:
+        before[(model, corpus)] = list(earlier.get(model, []))
+        earlier.setdefault(model, []).append(indexes[(model, corpus)]["held"])
     out = []
     for s in shards:
-        ids = s.graph_ids()
-        out.append([g for g in ids if g in seen])
-        seen.update(ids)
+        again = set(indexes[(s.model, s.corpus)]["repeats"].get(s.seq, ()))
+        if not again and not before[(s.model, s.corpus)]:
+            out.append([])
+            continue
+        for held in before[(s.model, s.corpus)]:
+            other = held.get(s.params_hash)
+            if other:
+                again.update(p for p in s.prompt_ids if p in other)
+        out.append([graph_id(s.commit["model"], p, s.params_hash)
+                    for p in s.prompt_ids if p in again])
     return out

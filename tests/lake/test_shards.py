@@ -251,21 +251,21 @@ def test_a_shard_that_loses_the_race_drops_the_graphs_the_winner_holds(lake):
         for name in TABLES:
             w.write(name, t[name])
     # b looks at the log before a commits, then a takes number 0 under it
-    real = commit_log.CommitLog.records
+    real = commit_log.CommitLog.last
     calls = []
 
-    def records_then_a_commits(self, after=-1):
-        got = real(self, after)
+    def last_then_a_commits(self):
+        got = real(self)
         if not calls:
             calls.append(1)
             assert a.commit() is not None
         return got
 
-    commit_log.CommitLog.records = records_then_a_commits
+    commit_log.CommitLog.last = last_then_a_commits
     try:
         committed = b.commit()
     finally:
-        commit_log.CommitLog.records = real
+        commit_log.CommitLog.last = real
     assert [s.seq for s in lake.shards()] == [0, 1] and committed.seq == 1
     assert sorted(committed.prompt_ids) == sorted(prompt_id(p) for p in prompts_of(6)[4:])
     graphs = lake.read("graphs")
