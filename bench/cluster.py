@@ -7,7 +7,7 @@
 Each run happens in a fresh subprocess so that its peak RSS (``ru_maxrss``) is its
 own; the parent prints time, peak memory, the estimate the CLI would have made
 before starting (``clustering.run.estimate_memory``) and the NMI to the planted
-modules. Side by side, the seeds' way of loading Infomap (``add_link`` once per link
+modules. Side by side, the original atlas's way of loading Infomap (``add_link`` once per link
 from Python) against ours (one numpy array).
 
 ``--flow-models`` compares Infomap's flow models: recovery of planted modules on
@@ -76,7 +76,7 @@ def one(method: str, n_links: int, loader: str) -> dict:
     t = time.perf_counter()
     net = build_network(links, network_params())
     del links
-    if loader == "python":  # the seeds' way: one add_link call per link
+    if loader == "python":  # the original atlas's way: one add_link call per link
         import infomap
 
         t = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Direct/indirect effects: neuron-prompt pairs per second, ours against the seeds' plan.
+"""Direct/indirect effects: neuron-prompt pairs per second, ours against the original atlas's plan.
 
     .venv/bin/python bench/effects.py                  # SmolLM2 on the CPU
     python bench/effects.py --device cuda              # on a GPU
@@ -7,8 +7,9 @@ Pairs: for each of the first --prompts prompts of the demo medical corpus, the
 --neurons neurons with the largest activation at its last position, the same number
 in every layer (a graph's neurons spread over all layers). Ours: one clean forward per
 prompt, the direct effect with no forward, the total effect by rerunning the later
-layers for the last position only, all neurons of the prompt in one batch. The seeds' plan: one full
-forward of the prompt with V added at the neuron's layer (a forward hook), per neuron,
+layers for the last position only, all neurons of the prompt in one batch. The
+original atlas's plan: one full forward of the prompt with V added at the neuron's
+layer (a forward hook), per neuron,
 plus the clean one. Both give the same total effect (checked); the parent prints
 pairs per second, the ratio, and the work per pair in layer x position passes.
 """
@@ -47,8 +48,8 @@ def pick_neurons(model, tokens, n: int) -> dict[int, np.ndarray]:
 
 
 @torch.no_grad()
-def seeds_plan(model, tokens, pairs: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """The seeds' plan for one prompt: a clean forward (recording every layer's
+def original_plan(model, tokens, pairs: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The original atlas's plan for one prompt: a clean forward (recording every layer's
     activations), then one whole forward per neuron with V added at its layer."""
     hf = model.model
     acts = {}
@@ -78,8 +79,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--neurons", type=int, default=150)
-    ap.add_argument("--seed-pairs", type=int, default=300,
-                    help="Pairs the seeds' plan runs (its rate is measured on these).")
+    ap.add_argument("--original-pairs", type=int, default=300,
+                    help="Pairs the original plan runs (its rate is measured on these).")
     args = ap.parse_args()
     model = load_model("smollm2", device=args.device, dtype="float32")
     texts = [json.loads(line)["prompt"]
@@ -96,22 +97,22 @@ def main() -> None:
     pairs = sum(len(r["layer"]) for r in results)
     passes = sum(((L - 1 - r["layer"]).sum() + L * tok.shape[1])
                  for r, (tok, _) in zip(results, work, strict=True))
-    seeds_passes = sum((1 + len(r["layer"])) * L * tok.shape[1]
+    original_passes = sum((1 + len(r["layer"])) * L * tok.shape[1]
                        for r, (tok, _) in zip(results, work, strict=True))
-    # the seeds' plan on the first prompts' pairs, checked against ours
+    # the original atlas's plan on the first prompts' pairs, checked against ours
     t = time.perf_counter()
     worst, done = 0.0, 0
     for r, (tok, _) in zip(results, work, strict=True):
         todo = list(zip(r["layer"].tolist(), r["neuron"].tolist(), strict=True))
-        todo = todo[:args.seed_pairs - done]
+        todo = todo[:args.original_pairs - done]
         target = int(r["target_token"][0])
-        for row, total in enumerate(seeds_plan(model, tok, todo)):
+        for row, total in enumerate(original_plan(model, tok, todo)):
             worst = max(worst, abs(total[target].item() - r["total"][row]))
         done += len(todo)
-        if done >= args.seed_pairs:
+        if done >= args.original_pairs:
             break
     sync(args.device)
-    seeds = (time.perf_counter() - t) / done
+    original = (time.perf_counter() - t) / done
     tokens = np.mean([tok.shape[1] for tok, _ in work])
     print(f"{describe()}, torch {torch.__version__}, "
           f"{args.device}, {time.strftime('%Y-%m-%d')}")
@@ -121,9 +122,10 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| ours: cached residual, last position only, batched | {pairs / ours:,.0f} | "
           f"{passes / pairs:.1f} |")
-    print(f"| seeds: one full forward per neuron (+1 clean) | {1 / seeds:,.1f} | "
-          f"{seeds_passes / pairs:.1f} |")
-    print(f"speed-up {seeds * pairs / ours:,.0f}x; work per pair {seeds_passes / passes:.0f}x "
+    print(f"| original plan: one full forward per neuron (+1 clean) | {1 / original:,.1f} | "
+          f"{original_passes / pairs:.1f} |")
+    print(f"speed-up {original * pairs / ours:,.0f}x; work per pair "
+          f"{original_passes / passes:.0f}x "
           f"less; largest |total effect| difference on the target over {done} pairs: "
           f"{worst:.2e}")
 

@@ -1,7 +1,7 @@
 """``circuit-atlas demo``: the whole pipeline on the built-in demo corpora.
 
 The demo corpora are short completion prompts written for this project: a medical
-corpus and a general baseline (the comparison the seeds made between a medical
+corpus and a general baseline (the comparison the original atlas made between a medical
 corpus and general web text). Each stage of the pipeline adds its step here.
 """
 
@@ -76,50 +76,50 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
                                          source=f"demo:{path.name}")
             console.print(f"[green]prompts[/] corpus {corpus!r}: {report.added} new, "
                           f"{report.already_present} already imported")
-    from circuit_atlas.analysis.roles import write_roles
-    from circuit_atlas.analysis.specificity import write_specificity
-    from circuit_atlas.clustering.network import network_params
-    from circuit_atlas.compute.attribution import AttributionParams
+    from circuit_atlas.analysis.cooccurrence import run_cooccurrence
+    from circuit_atlas.analysis.params import SpecificityParams
+    from circuit_atlas.analysis.roles import run_roles
+    from circuit_atlas.analysis.specificity import run_specificity
+    from circuit_atlas.cli.display import print_comparison, run_stage
+    from circuit_atlas.clustering.params import ClusteringParams
+    from circuit_atlas.clustering.run import run_clustering
+    from circuit_atlas.compute.effects import run_effects
+    from circuit_atlas.compute.graphs import run_graphs
     from circuit_atlas.compute.models import load_model
+    from circuit_atlas.compute.params import GraphsParams
     from circuit_atlas.compute.precision import auto_dtype
-    from circuit_atlas.compute.projections import ProjectionParams
-    from circuit_atlas.pipeline import (
-        cluster_tables,
-        compute_effects,
-        compute_graphs,
-        compute_projections,
-        cooccurrence_table,
-        reduce_tables,
-    )
+    from circuit_atlas.compute.projections import run_projections
+    from circuit_atlas.etl.reduce import run_reduce
 
     with clock.stage("load model"), console.status(f"loading {model} ..."):
         # effects need float32 (and the projections re-score the real weights); the
         # graphs take bfloat16 where this CPU runs it fast
         exact = load_model(model, dtype="float32")
         fast = exact if auto_dtype("cpu", "graphs") == "float32" else load_model(model)
+    corpora = list(DEMO_CORPORA)
     with clock.stage("graphs"):
-        for corpus in DEMO_CORPORA:
-            compute_graphs(lake, fast, corpus, AttributionParams(), console, limit=limit)
+        run_stage(run_graphs, console, lake, model=fast, corpora=corpora,
+                  params=GraphsParams(limit=limit))
     with clock.stage("reduce"):
-        reduce_tables(lake, exact.name, list(DEMO_CORPORA), console)
+        run_stage(run_reduce, console, lake, model=exact.name, corpora=corpora)
     with clock.stage("projections"):
-        compute_projections(lake, exact, ProjectionParams(), console,
-                            corpora=None if full else list(DEMO_CORPORA))
+        run_stage(run_projections, console, lake, model=exact,
+                  corpora=None if full else corpora)
     with clock.stage("effects"):
-        compute_effects(lake, exact, list(DEMO_CORPORA), console)
+        run_stage(run_effects, console, lake, model=exact, corpora=corpora)
     with clock.stage("cooccurrence"):
-        cooccurrence_table(lake, exact.name, list(DEMO_CORPORA), console)
+        run_stage(run_cooccurrence, console, lake, model=exact.name, corpora=corpora)
     with clock.stage("specificity, roles"):
-        rows = write_specificity(lake, exact.name, list(DEMO_CORPORA), "medical", "general")
-        console.print(f"[green]specificity[/] medical against general: {rows:,} neurons")
-        counts = write_roles(lake, exact.name, list(DEMO_CORPORA))
-        console.print("[green]roles[/] " + ", ".join(f"{r} {n:,}" for r, n in sorted(
-            counts.items(), key=lambda kv: -kv[1])))
+        run_stage(run_specificity, console, lake, model=exact.name, corpora=corpora,
+                  params=SpecificityParams(domain="medical", baseline="general"))
+        run_stage(run_roles, console, lake, model=exact.name, corpora=corpora)
     with clock.stage("cluster"):
         # a few graphs (--limit) share few edges five times: keep every edge then
-        cluster_tables(lake, exact.name, list(DEMO_CORPORA), ["infomap", "leiden"],
-                       network_params(min_count=5 if limit is None or limit >= DEMO_PROMPTS
-                                      else 1), {}, console)
+        few = limit is not None and limit < DEMO_PROMPTS
+        report = run_stage(run_clustering, console, lake, model=exact.name, corpora=corpora,
+                           params=ClusteringParams(methods=("infomap", "leiden"),
+                                                   min_count=1 if few else 5))
+        print_comparison(report.comparison, console)
     from circuit_atlas.analysis.labeler import label_lake
     from circuit_atlas.clustering.export import export_duckdb
     from circuit_atlas.clustering.html import export_html

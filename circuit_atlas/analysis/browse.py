@@ -15,10 +15,10 @@ import polars as pl
 
 from circuit_atlas.analysis.label_prompts import Atlas, layer_evidence
 from circuit_atlas.analysis.labels import known_labels, latest_ok
-from circuit_atlas.analysis.profile import parse_neuron
 from circuit_atlas.analysis.templates import input_prompt, output_prompt
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake
+from circuit_atlas.lake.neurons import parse_neuron
 
 HELP = "n/Enter next, b back, r random, g go to neuron, l jump to layer, q quit"
 

@@ -37,10 +37,12 @@ from pydantic import BaseModel, Field, ValidationError
 
 from circuit_atlas.analysis.label_prompts import Atlas, assemble, layer_evidence, layer_order
 from circuit_atlas.analysis.labels import append_labels, known_labels, latest_ok
+from circuit_atlas.analysis.params import LabelParams
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake, layout
 from circuit_atlas.lake.records import write_json_atomic
 from circuit_atlas.lake.schemas import LABELS
+from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
 
 
 class OutputLabel(BaseModel):
@@ -488,3 +490,62 @@ def label_clusters(lake: Lake, model: str, corpus: str, settings: LLMSettings,
                  df.to_arrow(), {"model": model})
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@dataclass
+class LabelsReport(Report):
+    corpus: str
+    passes: list[LabelReport]
+    clusters: LabelReport | None
+    settings: LLMSettings | None
+
+    def __str__(self) -> str:
+        lines = []
+        s = self.settings
+        for r in self.passes:
+            if s is None:
+                lines.append(f"label prompts {r.pass_}: layers {r.layers[0]}..{r.layers[-1]} "
+                             "assembled into the label_prompts table (dry run, no LLM)")
+                continue
+            lines.append(
+                f"labels {r.pass_}: {r.ok:,} ok, {r.failed:,} failed, {r.skipped:,} already "
+                f"labelled; {r.prompt_tokens:,} prompt + {r.completion_tokens:,} completion "
+                f"tokens, ${r.cost(s):.4f}{' (batch price)' if s.batch else ''}; "
+                f"{r.seconds:.1f} s")
+        if self.clusters is not None and s is not None:
+            c = self.clusters
+            lines.append(f"cluster labels: {c.ok:,} ok, {c.failed:,} failed, {c.skipped:,} "
+                         f"already named; ${c.cost(s):.4f}")
+        return "\n".join(lines)
+
+
+def run_labels(lake, *, model, corpora=None, params: LabelParams | None = None,
+               cluster=None, progress: Progress | None = None) -> LabelsReport:
+    """Label every neuron of a reduce (``corpora``: default the only one) twice with an
+    LLM: the output pass (what it does; late layers first, showing its targets'
+    labels) and the input pass (what triggers it; early layers first, showing its
+    sources' labels), then name the clusters. Resumable: a rerun asks only what is
+    missing or failed. ``params.dry_run`` assembles the prompts without an LLM."""
+    from circuit_atlas.compute.models import optional_tokenizer
+    from circuit_atlas.compute.names import model_name
+
+    lake, params = open_lake(lake), params or LabelParams()
+    progress = progress or Progress()
+    spec, model = model, model_name(model)
+    corpus = lake.reduced_corpus(model, as_corpora(corpora))
+    settings = params.settings()
+    tokenizer = optional_tokenizer(spec)
+    reports = []
+    for pass_ in params.passes:
+        task = f"{'prompts' if settings is None else 'label'} {pass_}"
+        reports.append(label_lake(
+            lake, model, corpus, pass_, settings, layers=list(params.layers) or None,
+            per_layer=params.per_layer, only_failed=params.only_failed, tokenizer=tokenizer,
+            on_progress=lambda layer, d, t, task=task: progress.update(
+                f"{task} L{layer}", d, t)))
+    named = None
+    if settings is not None and params.name_clusters and lake.table_manifest(
+            model, corpus, "cluster_assignments") is not None:
+        progress.update("naming the clusters", 0, None)
+        named = label_clusters(lake, model, corpus, settings, params.cluster_method)
+    return LabelsReport(corpus, reports, named, settings)

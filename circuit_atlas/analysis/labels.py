@@ -34,7 +34,7 @@ def read_label_file(path: str | Path) -> pl.DataFrame:
     """Labels from CSV, JSON (a list of objects) or JSONL: a neuron as ``layer`` and
     ``neuron`` columns or an ``id`` like L12/N345, a ``label`` and optionally a
     ``description``. Errors name the file and what is missing."""
-    from circuit_atlas.analysis.profile import parse_neuron
+    from circuit_atlas.lake.neurons import parse_neuron
 
     path = Path(path)
     try:

@@ -1,44 +1,27 @@
 """One neuron's profile, gathered from every table the lake holds for it.
 
-What the seeds' ``build_neuron_profile.py`` printed: appearances, upstream sources and
-downstream targets (embedding and logit nodes decoded to text), token associations,
-co-occurring neurons, projections, direct-effect ratio, role, clusters and labels.
+What the original atlas scripts' ``build_neuron_profile.py`` printed: appearances,
+upstream sources and downstream targets (embedding and logit nodes decoded to text),
+token associations, co-occurring neurons, projections, direct-effect ratio, role,
+clusters and labels.
 A table the lake does not have is left out of the profile, not shown as empty.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import polars as pl
 
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake
+from circuit_atlas.lake.neurons import parse_neuron  # noqa: F401 - also imported from here
 from circuit_atlas.lake.schemas import STATIC_CORPUS
-
-_ID = re.compile(r"L?(\d+)[/:]N?(\d+)")
-
-
-def parse_neuron(text: str) -> tuple[int, int]:
-    """``L12/N345`` or ``12:345`` -> (12, 345)."""
-    m = _ID.fullmatch(text.strip())
-    if not m:
-        raise CircuitAtlasError(f"{text!r}: write a neuron as L12/N345 or 12:345")
-    return int(m[1]), int(m[2])
 
 
 def default_corpus(lake: Lake, model: str) -> str:
     """The corpus key of the model's reduced tables, when there is exactly one."""
-    from circuit_atlas.lake.layout import model_key
-
-    keys = sorted(c for c in lake.derived_tables().get(model_key(model), {})
-                  if c != STATIC_CORPUS)
-    if len(keys) != 1:
-        raise CircuitAtlasError(
-            f"the lake holds reduced tables of {model!r} for {len(keys)} corpus sets "
-            f"({', '.join(keys) or 'none'}); say which with --corpus")
-    return keys[0]
+    return lake.reduced_corpus(model)
 
 
 def _table(lake: Lake, name: str, model: str, corpus: str) -> pl.LazyFrame | None:

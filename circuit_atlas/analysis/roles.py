@@ -23,7 +23,12 @@ The role is the first rule that holds, in this order (thresholds are arguments):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import polars as pl
+
+from circuit_atlas.analysis.params import RolesParams
+from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
 
 ROLES = ("output formatter", "feature detector", "inhibitor", "integrator", "relay", "other")
 
@@ -90,3 +95,28 @@ def write_roles(lake, model: str, corpora: list[str], **thresholds: float) -> di
     version.publish([name], {"thresholds": thresholds, "model": model,
                              "shards": [f"{s.corpus}/{s.shard}" for s in inputs.shards]})
     return dict(table.group_by("role").len().iter_rows())
+
+
+@dataclass
+class RolesReport(Report):
+    corpus: str
+    counts: dict[str, int]
+
+    def __str__(self) -> str:
+        return "roles " + ", ".join(f"{role} {n:,}" for role, n in
+                                    sorted(self.counts.items(), key=lambda kv: -kv[1]))
+
+
+def run_roles(lake, *, model, corpora=None, params: RolesParams | None = None, cluster=None,
+              progress: Progress | None = None) -> RolesReport:
+    """The circuit role of every neuron with edges (feature detector, relay,
+    integrator, output formatter, inhibitor, other): the ``roles`` table."""
+    from dataclasses import asdict
+
+    from circuit_atlas.compute.names import model_name
+
+    lake, params = open_lake(lake), params or RolesParams()
+    model = model_name(model)
+    corpora = lake.reduced_corpus(model, as_corpora(corpora)).split("+")
+    counts = write_roles(lake, model, corpora, **asdict(params))
+    return RolesReport("+".join(sorted(corpora)), counts)

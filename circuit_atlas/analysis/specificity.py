@@ -7,7 +7,7 @@ With c_D of N_D domain graphs and c_B of N_B baseline graphs holding the neuron:
 * ``specificity = p_D / (p_D + p_B)`` with add-one smoothed rates
   p = (c + 1) / (N + 2): in [0, 1], 0.5 for no preference. Smoothing pulls rare
   neurons towards 0.5 (seen once in the domain and never in the baseline is 0.67 with
-  100 graphs each, not 1), which is what the seeds' raw ratio lacked;
+  100 graphs each, not 1), which is what the original atlas's raw ratio lacked;
 * ``log_odds``: the log odds ratio with Haldane's +0.5 correction, and its 95%
   Wald interval ``log_odds_low .. log_odds_high`` (SE = sqrt of the four 1/(cell+0.5));
   an interval above 0 is significant domain preference at the 5% level (before any
@@ -16,9 +16,13 @@ With c_D of N_D domain graphs and c_B of N_B baseline graphs holding the neuron:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import polars as pl
 
+from circuit_atlas.analysis.params import SpecificityParams
 from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
 
 Z95 = 1.959963984540054
 
@@ -69,3 +73,36 @@ def write_specificity(lake, model: str, corpora: list[str], domain: str, baselin
                              "shards": [f"{s.corpus}/{s.shard}" for s in inputs.shards],
                              "model": model})
     return len(table)
+
+
+@dataclass
+class SpecificityReport(Report):
+    corpus: str
+    domain: str
+    baseline: str
+    neurons: int
+
+    def __str__(self) -> str:
+        return f"specificity {self.domain} against {self.baseline}: {self.neurons:,} neurons"
+
+
+def run_specificity(lake, *, model, corpora=None, params: SpecificityParams | None = None,
+                    cluster=None, progress: Progress | None = None) -> SpecificityReport:
+    """Domain specificity of every neuron (a smoothed score, and the log odds with a
+    95% interval) from a joint reduce of the domain and baseline corpora (``corpora``:
+    default the only reduce; ``params.domain``/``baseline`` default to its two corpora
+    when one of them is given)."""
+    from circuit_atlas.compute.names import model_name
+
+    lake, params = open_lake(lake), params or SpecificityParams()
+    model = model_name(model)
+    corpora = lake.reduced_corpus(model, as_corpora(corpora)).split("+")
+    domain, baseline = params.domain, params.baseline
+    if len(corpora) == 2 and bool(domain) != bool(baseline):
+        domain = domain or next(c for c in corpora if c != baseline)
+        baseline = baseline or next(c for c in corpora if c != domain)
+    if not domain or not baseline:
+        raise CircuitAtlasError(f"say which of {', '.join(corpora)} is the domain and "
+                                "which the baseline (--domain, --baseline)")
+    rows = write_specificity(lake, model, corpora, domain, baseline)
+    return SpecificityReport("+".join(sorted(corpora)), domain, baseline, rows)

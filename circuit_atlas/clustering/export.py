@@ -1,7 +1,7 @@
-"""Exports of an atlas: one DuckDB file with the seeds' tables and column names, and
+"""Exports of an atlas: one DuckDB file with the original atlas's tables and column names, and
 the network for Gephi (GEXF, GraphML).
 
-The DuckDB file has, so that the seeds' queries keep working:
+The DuckDB file has, so that the original atlas's queries keep working:
 
 * ``neurons``: layer, neuron, feature_id (layer * neurons per layer + neuron), label,
   description (the output-pass label, else an imported one), max_activation,

@@ -18,7 +18,7 @@ bench/cluster.py --flow-models``; figures in bench/RESULTS.md):
 
 A circuit is a set of neurons that exchange much weight, upstream or downstream, and
 the undirected flow (proportional to a node's total link weight) finds exactly that
-without depending on teleportation. Hence ``undirected`` is the default (the seeds
+without depending on teleportation. Hence ``undirected`` is the default (the original atlas
 used ``directed``, still selectable with the other models).
 
 **Leiden** (python-igraph) optimises directed modularity or CPM at a resolution and

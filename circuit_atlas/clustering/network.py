@@ -99,7 +99,7 @@ def link_frame(edges: pl.LazyFrame, params: dict[str, Any], n_layers: int | None
     lf = lf.select("src_layer", "src_neuron", "tgt_layer", "tgt_neuron",
                    WEIGHTS[params["weight"]].alias("w")).filter(pl.col("w") > 0)
     if params["top_k"] is not None:
-        # the seeds' "top-k downstream edges per neuron": strongest outgoing links;
+        # the original atlas's "top-k downstream edges per neuron": strongest outgoing links;
         # ties broken by target so that the network is deterministic
         lf = lf.sort(["src_layer", "src_neuron", "w", "tgt_layer", "tgt_neuron"],
                      descending=[False, False, True, False, False]).filter(

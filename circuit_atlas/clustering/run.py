@@ -19,11 +19,13 @@ import polars as pl
 
 from circuit_atlas.clustering.methods import cluster
 from circuit_atlas.clustering.network import build_network, link_frame
+from circuit_atlas.clustering.params import ClusteringParams
 from circuit_atlas.clustering.tables import assignment_table, cluster_table, nmi
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake
 from circuit_atlas.lake.derived import TableVersion
 from circuit_atlas.lake.schemas import CLUSTER_ASSIGNMENTS, CLUSTERS
+from circuit_atlas.stage import Progress, Report, as_corpora, connect, open_lake
 
 # Bytes per link and per node, measured by bench/cluster.py (see bench/RESULTS.md):
 # the network arrays, the method's own structures and the modularity check.
@@ -33,7 +35,7 @@ MEMORY_SHARE = 0.9  # of the available memory (or a worker's limit) a run may pl
 
 
 @dataclass
-class ClusterReport:
+class ClusterReport(Report):
     method: str
     nodes: int
     links: int
@@ -41,6 +43,23 @@ class ClusterReport:
     stats: dict[str, Any]
     phases: dict[str, float]
     where: str
+
+    def __str__(self) -> str:
+        phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
+        s = self.stats
+        return (f"cluster {self.method} on {self.where}: {self.nodes:,} nodes, "
+                f"{self.links:,} links (estimated {self.estimate_bytes / 2**20:,.0f} MiB); "
+                f"{s['top_modules']:,} top modules, {s['levels']} level(s); {phases}")
+
+
+@dataclass
+class ClusteringReport(Report):
+    corpus: str
+    runs: list[ClusterReport]
+    comparison: dict[str, Any]
+
+    def __str__(self) -> str:
+        return "\n".join(str(r) for r in self.runs)
 
 
 def estimate_memory(method: str, n_nodes: int, n_links: int) -> int:
@@ -165,3 +184,28 @@ def compare_methods(lake: Lake, model: str, corpus: str) -> dict[str, Any]:
                               "nmi_path": nmi(both["cluster_path"].to_numpy(),
                                               both["cluster_path_right"].to_numpy())})
     return {"methods": rows, "nmi": pairs}
+
+
+def run_clustering(lake, *, model, corpora=None, params: ClusteringParams | None = None,
+                   cluster=None, progress: Progress | None = None) -> ClusteringReport:
+    """Cluster the edges table of a reduce (``corpora``: default the only one) into
+    circuits with each of ``params.methods`` (Infomap multi-level, Leiden); writes
+    the cluster_assignments and clusters tables and returns the comparison of every
+    method the lake holds for them. In this process by default; with a ``cluster``,
+    on the worker with the most memory."""
+    from circuit_atlas.compute.names import model_name
+
+    lake, params = open_lake(lake), params or ClusteringParams()
+    progress = progress or Progress()
+    model = model_name(model)
+    corpus = lake.reduced_corpus(model, as_corpora(corpora))
+    net = params.network()
+    methods = list(dict.fromkeys(params.methods))
+    checked = {m: params.method(m) for m in methods}
+    runs = []
+    with connect(cluster, default="none", progress=progress) as client:
+        for method in methods:
+            runs.append(cluster_lake(lake, model, corpus, method, net, checked[method], client,
+                                     on_phase=lambda p, m=method: progress.update(
+                                         f"{m}: {p}", 0, None)))
+    return ClusteringReport(corpus, runs, compare_methods(lake, model, corpus))

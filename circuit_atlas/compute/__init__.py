@@ -2,3 +2,25 @@
 
 Writes graph shards through :mod:`circuit_atlas.lake`; imports torch only here.
 """
+
+from __future__ import annotations
+
+from circuit_atlas.stage import lazy_exports
+
+# the stage's public names, imported on first use (heavy dependencies load late)
+_EXPORTS = {
+    "run_graphs": "graphs",
+    "run_projections": "projections",
+    "run_effects": "effects",
+    "GraphsParams": "params",
+    "ProjectionsParams": "params",
+    "EffectsParams": "params",
+    "AttributionParams": "params",
+    "GraphsReport": "graphs",
+    "ProjectionsReport": "projections",
+    "EffectsReport": "effects",
+    "load_model": "models",
+}
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

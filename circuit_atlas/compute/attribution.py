@@ -33,38 +33,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from circuit_atlas.compute.adapters import Adapter
+from circuit_atlas.compute.params import AttributionParams
 from circuit_atlas.compute.trace import Trace, at, forward, neuron_writes, scaled
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AttributionParams:
-    """How graphs are computed; saved with every shard (they decide graph identity)."""
-
-    max_logits: int = 10
-    """At most this many logit targets."""
-    logit_prob: float = 0.95
-    """Add logit targets until their probabilities sum to this."""
-    candidates: int = 500
-    """Neurons kept as graph nodes: the top ones by |relevance|."""
-    last_positions: int | None = None
-    """Only consider candidates in the last K positions (None: all positions)."""
-    prune: bool = True
-    """Prune by influence (False keeps the complete graph)."""
-    node_threshold: float = 0.8
-    """Keep the nodes that carry this share of the influence on the logits."""
-    edge_threshold: float = 0.98
-    """Keep the edges that carry this share of the influence."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -19,12 +19,13 @@ i have the same sign. Per neuron across prompts: mean, std and median ratio, a c
 (routing-dominant < 0.3 <= mixed <= 0.7 < logit-dominant, on the mean), the share of
 prompts whose own ratio falls in that class, and the share with aligned signs.
 
-Cost per pair: ``L - l - 1`` one-position layer passes, against the seeds' plan of a
+Cost per pair: ``L - l - 1`` one-position layer passes, against the original atlas's plan of a
 whole forward pass over all T positions per neuron (``python bench/effects.py``).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ import polars as pl
 import torch
 
 from circuit_atlas.compute.adapters import Adapter
+from circuit_atlas.compute.params import EffectsParams
 from circuit_atlas.compute.trace import (
     at,
     cached_attention,
@@ -43,6 +45,7 @@ from circuit_atlas.compute.trace import (
     qkv,
 )
 from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
 
 ROUTING, LOGIT = 0.3, 0.7  # direct-ratio class boundaries
 
@@ -220,7 +223,7 @@ def summarise(pairs: pl.DataFrame) -> pl.DataFrame:
     return stats.join(agree, on=key).sort(key)
 
 
-def run_effects(adapter: Adapter, prompts: list[tuple[str, torch.Tensor, dict[int, np.ndarray]]],
+def effect_rows(adapter: Adapter, prompts: list[tuple[str, torch.Tensor, dict[int, np.ndarray]]],
                 batch: int = 256, on_prompt: Callable[[int], None] | None = None
                 ) -> pl.DataFrame:
     """Per-pair effect rows for (prompt_id, tokens, {layer: neurons}) triples."""
@@ -299,7 +302,7 @@ def write_effects(lake, model, corpora: list[str], neurons: list[tuple[int, int]
         pid, text = group["prompt_id"][0], group["text"][0]
         by_layer = {int(layer): g["neuron"].to_numpy()
                     for (layer,), g in group.partition_by("layer", as_dict=True).items()}
-        frame = run_effects(model.adapter, [(pid, tokenize(model, text, MAX_TOKENS), by_layer)],
+        frame = effect_rows(model.adapter, [(pid, tokenize(model, text, MAX_TOKENS), by_layer)],
                             batch)
         if len(frame):
             frames.append(frame)
@@ -319,3 +322,42 @@ def write_effects(lake, model, corpora: list[str], neurons: list[tuple[int, int]
                                  NEURON_EFFECTS)
     summary_version.publish([name], inputs)
     return {"effects": rows, "neuron_effects": len(summary), "prompts": len(groups)}
+
+
+@dataclass
+class EffectsReport(Report):
+    corpus: str
+    effects: int
+    prompts: int
+    neurons: int
+    dtype: str
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"effects {self.corpus}: {self.effects:,} neuron-prompt pairs over "
+                f"{self.prompts:,} prompts, {self.neurons:,} neurons summarised, "
+                f"{self.dtype}, {self.seconds:.1f} s "
+                f"({self.effects / max(self.seconds, 1e-9):,.0f} pairs/s)")
+
+
+def run_effects(lake, *, model, corpora, params: EffectsParams | None = None, cluster=None,
+                progress: Progress | None = None) -> EffectsReport:
+    """Direct and indirect effects of neurons on the predictions of the prompts of
+    ``corpora``: the ``effects`` and ``neuron_effects`` (direct effect ratio) tables.
+    Runs in this process (``cluster`` unused)."""
+    from circuit_atlas.compute.models import loaded
+    from circuit_atlas.lake.layout import corpus_key
+    from circuit_atlas.lake.neurons import parse_neuron
+
+    lake, params = open_lake(lake), params or EffectsParams()
+    progress = progress or Progress()
+    corpora = as_corpora(corpora)
+    wanted = [parse_neuron(n) for n in params.neurons] or None
+    start = time.perf_counter()
+    model = loaded(model, params.device, params.dtype, "effects", progress)
+    counts = write_effects(lake, model, corpora, neurons=wanted, limit=params.limit,
+                           batch=params.batch,
+                           on_prompt=lambda d, t: progress.update("effects", d, t))
+    return EffectsReport(corpus_key(corpora), counts["effects"], counts["prompts"],
+                         counts["neuron_effects"], model.dtype_name,
+                         time.perf_counter() - start)

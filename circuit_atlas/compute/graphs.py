@@ -16,12 +16,11 @@ import torch
 
 from circuit_atlas.compute.attribution import AttributionParams, RawGraph, attribute_batch
 from circuit_atlas.compute.models import LoadedModel, ModelRef
+from circuit_atlas.compute.params import MAX_TOKENS, PROMPT_BATCH, GraphsParams
 from circuit_atlas.compute.prune import node_influence, prune
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import GRAPH_EDGES, GRAPH_NODES, GRAPHS, Lake, graph_id, params_hash
-
-MAX_TOKENS = 256
-PROMPT_BATCH = 8  # prompts sharing one forward and relevance backward
+from circuit_atlas.stage import Progress, Report, as_cluster, as_corpora, connect, open_lake
 
 
 def run_params(model: LoadedModel | ModelRef, params: AttributionParams, max_tokens: int
@@ -156,7 +155,7 @@ def worker_dtype(client, device: str, dtype: str) -> str:
 
 
 @dataclass
-class GraphRunReport:
+class GraphRunReport(Report):
     model: str
     corpus: str
     params_hash: str
@@ -164,9 +163,78 @@ class GraphRunReport:
     skipped: int
     shards: int
     seconds: float
+    dtype: str = ""
+
+    def __str__(self) -> str:
+        return (f"graphs {self.corpus}: {self.computed} computed, {self.skipped} already "
+                f"committed, {self.shards} shard(s), {self.seconds:.1f} s (model "
+                f"{self.model}, {self.dtype}, params {self.params_hash})")
 
 
-def run_graphs(
+@dataclass
+class GraphsReport(Report):
+    runs: list[GraphRunReport]
+
+    @property
+    def computed(self) -> int:
+        return sum(r.computed for r in self.runs)
+
+    def __str__(self) -> str:
+        return "\n".join(str(r) for r in self.runs)
+
+
+def run_graphs(lake: Lake | str, *, model: str | LoadedModel, corpora: str | list[str],
+               params: GraphsParams | None = None, cluster=None,
+               progress: Progress | None = None) -> GraphsReport:
+    """Compute and commit the RelP attribution graphs of every prompt of ``corpora``
+    not yet in the lake (a killed run resumes where it stopped).
+
+    ``model``: a name (loaded here, or by each Dask worker) or a loaded model.
+    ``cluster``: None or 'none' computes in this process; 'local', 'slurm', an
+    address or a Client run one task per shard (with ``device='cuda'`` on SLURM the
+    jobs ask for a GPU each).
+    """
+    from circuit_atlas.compute.models import load_model, model_ref
+
+    lake, params = open_lake(lake), params or GraphsParams()
+    progress = progress or Progress()
+    corpora = as_corpora(corpora)
+    for corpus in corpora:
+        lake.check_corpus(corpus)
+    cluster = as_cluster(cluster, "none")
+    on_slurm = getattr(cluster, "cluster", None) == "slurm"
+    gpus = 1 if on_slurm and params.device.startswith("cuda") else 0  # a GPU per job
+    with connect(cluster, default="none", progress=progress, gpus=gpus) as client:
+        if isinstance(model, str) and client is not None:
+            loaded = model_ref(model, device=params.device,
+                               dtype=worker_dtype(client, params.device, params.dtype))
+        elif isinstance(model, str):
+            progress.message(f"loading {model} ...")
+            loaded = load_model(model, device=params.device, dtype=params.dtype,
+                                warn=progress.message)
+        else:
+            loaded = model
+        runs = []
+        for corpus in corpora:
+            done = 0
+
+            def tick(n: int, total: int, corpus=corpus) -> None:
+                nonlocal done
+                done += n
+                progress.update(f"graphs {corpus}", done, total)
+
+            report = graph_job(lake, loaded, corpus, params.attribution(),
+                               shard_size=params.shard_size, limit=params.limit,
+                               max_tokens=params.max_tokens, batch_rows=params.batch_rows,
+                               on_graph=tick, client=client,
+                               model_spec=model if isinstance(model, str) else None,
+                               prompt_batch=params.prompt_batch)
+            report.dtype = loaded.dtype_name
+            runs.append(report)
+    return GraphsReport(runs)
+
+
+def graph_job(
     lake: Lake, model: LoadedModel | ModelRef, corpus: str, params: AttributionParams,
     shard_size: int = 32, limit: int | None = None, max_tokens: int = MAX_TOKENS,
     batch_rows: int = 256, on_graph: Callable[[int, int], None] | None = None,

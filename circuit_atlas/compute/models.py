@@ -208,3 +208,24 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "aut
     if revision is None:
         revision = getattr(model.config, "_commit_hash", None) or "local"
     return LoadedModel(name, revision, model, tokenizer, adapter_for(model))
+
+
+def loaded(model: str | LoadedModel, device: str, dtype: str, stage: str,
+           progress=None) -> LoadedModel:
+    """``model`` as a loaded model: loaded here when it is a name."""
+    if isinstance(model, LoadedModel):
+        return model
+    from circuit_atlas.stage import Progress
+
+    progress = progress or Progress()
+    progress.message(f"loading {model} ...")
+    return load_model(model, device=device, dtype=dtype, stage=stage, warn=progress.message)
+
+
+def optional_tokenizer(spec: str):
+    """The model's tokenizer to decode token nodes, or None when it cannot be loaded
+    here (ids are shown then)."""
+    try:
+        return load_tokenizer(spec)
+    except (CircuitAtlasError, OSError, ValueError):
+        return None

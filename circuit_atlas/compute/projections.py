@@ -5,7 +5,7 @@ For neuron n of layer l, with W_U the unembedding, E the embedding, g the final 
 weight and w_l the layer's MLP-norm weight:
 
 * output: ``W_U @ (g * W_down[:, n])`` over the vocabulary (with ``norm=False``:
-  ``W_U @ W_down[:, n]``, the seeds' formula). The final RMSNorm divides by a positive
+  ``W_U @ W_down[:, n]``, the original atlas's formula). The final RMSNorm divides by a positive
   scalar and multiplies by g, so with g this is the direction of the neuron's logit
   effect; top-k promoted and suppressed tokens, and ``|W_down[:, n]|``. In post-norm
   families (OLMo) the MLP's output norm weight multiplies W_down[:, n] first: it is
@@ -25,39 +25,20 @@ exists at once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from circuit_atlas.compute.adapters import Adapter
-from circuit_atlas.compute.precision import AUTO, resolve_dtype
+from circuit_atlas.compute.params import ProjectionParams, ProjectionsParams
 from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
 
 CHUNK_BYTES = 256 * 2**20  # one vocab x chunk score matrix
-
-
-@dataclass(frozen=True)
-class ProjectionParams:
-    k: int = 20
-    norm: bool = True
-    dtype: str = AUTO
-    margin: int = 12  # extra candidates per sign re-scored exactly
-
-    def __post_init__(self) -> None:
-        if self.k < 1 or self.margin < 0:
-            raise CircuitAtlasError(f"k must be >= 1 and margin >= 0, got {self.k}, {self.margin}")
-        if self.dtype not in (AUTO, "bfloat16", "float16", "float32", "float64"):
-            raise CircuitAtlasError(f"unknown projection dtype {self.dtype!r}")
-
-    def resolved(self, device: str, warn=None) -> ProjectionParams:
-        """These parameters with ``auto`` replaced by the search dtype for ``device``."""
-        return replace(self, dtype=resolve_dtype(self.dtype, device, "projections", warn))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -244,3 +225,49 @@ def write_projections(lake, model, params: ProjectionParams, layers: list[int] |
                             "model_revision": model.revision, "model_shape": model.shape,
                             "neurons": counted, "neurons_from": neurons_from})
     return rows, params
+
+
+@dataclass
+class ProjectionsReport(Report):
+    model: str
+    rows: int
+    neurons: int | None  # None: every neuron
+    source: str | None
+    params: ProjectionParams
+    seconds: float
+
+    def __str__(self) -> str:
+        which = ("every neuron" if self.neurons is None
+                 else f"{self.neurons:,} {self.source}")
+        p = self.params
+        return (f"projections {self.model}: {self.rows:,} rows for {which} (top {p.k} per "
+                f"sign, norm {'on' if p.norm else 'off'}, search in {p.dtype}), "
+                f"{self.seconds:.1f} s")
+
+
+def run_projections(lake, *, model, corpora=None, params: ProjectionsParams | None = None,
+                    cluster=None, progress: Progress | None = None) -> ProjectionsReport:
+    """The static output and input projections of a model's neurons onto the
+    vocabulary: the ``projections`` table (corpus ``static``). With ``corpora``, of
+    the neurons their reduced ``neurons`` table holds only (the neurons an atlas of
+    them describes); else of every neuron. Runs in this process (``cluster`` unused:
+    it is one pass over the weights)."""
+    from circuit_atlas.compute.models import loaded
+    from circuit_atlas.lake.layout import corpus_key
+
+    lake, params = open_lake(lake), params or ProjectionsParams()
+    progress = progress or Progress()
+    corpora = as_corpora(corpora)
+    start = time.perf_counter()
+    model = loaded(model, params.device, "float32", "projections", progress)
+    neurons = source = None
+    if corpora:
+        neurons = reduced_neurons(lake, model.name, corpora, model.adapter.n_layers)
+        source = f"neurons of {corpus_key(corpora)}"
+    rows, ran = write_projections(
+        lake, model, params.projection(), list(params.layers) or None,
+        on_layer=lambda d, t: progress.update("projections", d, t), warn=progress.message,
+        neurons=neurons, neurons_from=source)
+    counted = None if neurons is None else int(sum(len(v) for v in neurons.values()))
+    return ProjectionsReport(model.name, rows, counted, source, ran,
+                             time.perf_counter() - start)

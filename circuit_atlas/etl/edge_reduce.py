@@ -1,7 +1,7 @@
 """The edge reduce, as pure functions over Arrow tables (no Dask here).
 
 From per-graph edge rows to one row per (src_layer, src_neuron, tgt_layer, tgt_neuron)
-with the seeds' aggregator semantics: ``count`` = edge rows (position-level
+with the original atlas's aggregator semantics: ``count`` = edge rows (position-level
 observations), ``graph_count`` = distinct graphs, ``weight_sum``,
 ``weight_abs_sum``, ``weight_sq_sum``, ``weight_min``, ``weight_max`` over those
 rows, ``mean_weight = weight_sum / count``, ``mean_abs_weight = weight_abs_sum / count``.

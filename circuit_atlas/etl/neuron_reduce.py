@@ -8,7 +8,7 @@ included, so token frequencies come for free):
   activation and score sums, sums of squares, max, and means;
 * ``neuron_corpora``: graph_count per corpus when several corpora are reduced
   together (the input of domain specificity);
-* ``neuron_tokens``: the seeds' token associations, top-k with counts: ``input``,
+* ``neuron_tokens``: the original atlas's token associations, top-k with counts: ``input``,
   the input token at the neuron's positions; ``output``, the top predicted token
   of the graphs it appears in.
 

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from circuit_atlas.analysis.labeler import LLMSettings, label_lake
 from circuit_atlas.cli import cli
+from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.etl.reduce import reduce_lake
 from circuit_atlas.lake import Lake
 from tests.factories import MODEL, N_LAYERS, prompts_of, write_edge_table, write_shard
@@ -217,7 +218,7 @@ def test_cluster_labels_from_member_labels(lake, tmp_path):
     cluster_lake(lake, MODEL, "c", "leiden", network_params(min_count=1),
                  method_params("leiden", resolution=0.5))
     with LLMServer() as server:
-        with pytest.raises(Exception, match="no output labels"):
+        with pytest.raises(CircuitAtlasError, match="no output labels"):
             label_clusters(lake, MODEL, "c", settings(server), "leiden")
         label_lake(lake, MODEL, "c", "output", settings(server))
         report = label_clusters(lake, MODEL, "c", settings(server), "leiden")

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from circuit_atlas.cli import cli
 from circuit_atlas.compute.attribution import AttributionParams
 from circuit_atlas.compute.effects import clean_run, neuron_effects, write_effects
-from circuit_atlas.compute.graphs import MAX_TOKENS, run_graphs, tokenize
+from circuit_atlas.compute.graphs import MAX_TOKENS, graph_job, tokenize
 from circuit_atlas.compute.precision import auto_dtype
 from circuit_atlas.compute.projections import ProjectionParams, write_projections
 from circuit_atlas.lake import Lake, LakeError
@@ -22,7 +22,7 @@ PROMPTS = ["The capital of France is", "Insulin is produced by the"]
 def lake(tmp_path_factory, smollm2):
     lake = Lake.init(tmp_path_factory.mktemp("atlas") / "lake")
     lake.import_prompts([{"text": t} for t in PROMPTS], "c")
-    run_graphs(lake, smollm2, "c", AttributionParams(candidates=30))
+    graph_job(lake, smollm2, "c", AttributionParams(candidates=30))
     return lake
 
 

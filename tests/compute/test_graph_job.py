@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from circuit_atlas.cli import cli
 from circuit_atlas.compute.attribution import AttributionParams
-from circuit_atlas.compute.graphs import run_graphs
+from circuit_atlas.compute.graphs import graph_job
 from circuit_atlas.lake import Lake, logit_layer, prompt_id
 
 PROMPTS = ["The capital of France is", "Insulin is produced by the", "Two plus two equals"]
@@ -22,11 +22,11 @@ def lake(tmp_path):
 
 def test_job_writes_valid_graphs_and_resumes(lake, smollm2):
     params = AttributionParams(candidates=60)
-    first = run_graphs(lake, smollm2, "c", params, shard_size=2, limit=2)
+    first = graph_job(lake, smollm2, "c", params, shard_size=2, limit=2)
     assert (first.computed, first.skipped, first.shards) == (2, 0, 1)
-    rest = run_graphs(lake, smollm2, "c", params, shard_size=2)
+    rest = graph_job(lake, smollm2, "c", params, shard_size=2)
     assert (rest.computed, rest.skipped) == (1, 2)
-    assert run_graphs(lake, smollm2, "c", params).computed == 0
+    assert graph_job(lake, smollm2, "c", params).computed == 0
     assert {s.commit["model_shape"]["n_layers"] for s in lake.shards()} == {30}
     graphs = lake.scan("graphs").collect()
     assert sorted(graphs["prompt_id"]) == sorted(prompt_id(t) for t in PROMPTS)
@@ -43,7 +43,7 @@ def test_job_writes_valid_graphs_and_resumes(lake, smollm2):
         assert set(e.select("src_layer", "src_neuron", "src_pos").iter_rows()) <= keys
         assert set(e.select("tgt_layer", "tgt_neuron", "tgt_pos").iter_rows()) <= keys
     # different parameters are a different graph set
-    assert run_graphs(lake, smollm2, "c", AttributionParams(candidates=61), limit=1).computed == 1
+    assert graph_job(lake, smollm2, "c", AttributionParams(candidates=61), limit=1).computed == 1
 
 
 def assert_stored_graphs_complete(lake, n_layers: int, n_neurons: int, rtol: float) -> None:
@@ -61,7 +61,7 @@ def assert_stored_graphs_complete(lake, n_layers: int, n_neurons: int, rtol: flo
 
 
 def test_unpruned_graphs_stay_complete_after_storage(lake, smollm2):
-    run_graphs(lake, smollm2, "c", AttributionParams(candidates=80, prune=False), limit=1)
+    graph_job(lake, smollm2, "c", AttributionParams(candidates=80, prune=False), limit=1)
     assert_stored_graphs_complete(lake, 30, 80, rtol=1e-3)
 
 
@@ -107,7 +107,7 @@ def test_export_graph_json(lake, tmp_path):
 def test_graph_shards_on_a_dask_cluster(lake, smollm2, client):
     """One task per shard on real worker processes; the graphs equal in-process ones."""
     params = AttributionParams(candidates=40, prune=False)  # pruning could flip at a threshold
-    report = run_graphs(lake, smollm2, "c", params, shard_size=2, client=client,
+    report = graph_job(lake, smollm2, "c", params, shard_size=2, client=client,
                         model_spec="smollm2")
     assert (report.computed, report.shards) == (3, 2)
     assert len(lake.shards()) == 2
@@ -115,13 +115,13 @@ def test_graph_shards_on_a_dask_cluster(lake, smollm2, client):
     on_cluster = lake.scan("graph_edges").collect().sort(key)
     here = Lake.init(lake.path("..") + "/here")
     here.import_prompts([{"text": t} for t in PROMPTS], "c")
-    run_graphs(here, smollm2, "c", params)
+    graph_job(here, smollm2, "c", params)
     local = here.scan("graph_edges").collect().sort(key)
     assert (on_cluster.select(key) == local.select(key)).to_numpy().all()
     assert on_cluster.height == local.height
     np.testing.assert_allclose(on_cluster["weight"].to_numpy(), local["weight"].to_numpy(),
                                rtol=1e-4, atol=1e-5)
-    assert run_graphs(lake, smollm2, "c", params, client=client, model_spec="smollm2"
+    assert graph_job(lake, smollm2, "c", params, client=client, model_spec="smollm2"
                       ).computed == 0
 
 
@@ -136,13 +136,13 @@ def test_cluster_job_client_loads_no_weights(lake, smollm2, client):
     ref = model_ref("smollm2")
     assert (ref.name, ref.revision) == (smollm2.name, smollm2.revision)
     assert run_params(ref, params, 256) == run_params(smollm2, params, 256)
-    report = run_graphs(lake, ref, "c", params, shard_size=3, client=client)
+    report = graph_job(lake, ref, "c", params, shard_size=3, client=client)
     assert report.computed == 3
-    assert run_graphs(lake, smollm2, "c", params).computed == 0  # same identity
+    assert graph_job(lake, smollm2, "c", params).computed == 0  # same identity
     gpu = model_ref("smollm2", device="cuda", dtype="bfloat16")
     assert gpu.dtype_name == "bfloat16"
     with pytest.raises(CircuitAtlasError, match="no Dask worker declares a GPU"):
-        run_graphs(lake, gpu, "c", params, client=client)
+        graph_job(lake, gpu, "c", params, client=client)
     with pytest.raises(CircuitAtlasError, match="unknown model"):
         model_ref("no-such-org/no-such-model")
 

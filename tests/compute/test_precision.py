@@ -84,7 +84,7 @@ def test_projections_record_the_dtype_auto_chose(monkeypatch, probe):
 
 def test_graphs_on_a_cpu_without_fast_bf16_run_and_record_float32(monkeypatch, tmp_path):
     from circuit_atlas.compute.attribution import AttributionParams
-    from circuit_atlas.compute.graphs import run_graphs
+    from circuit_atlas.compute.graphs import graph_job
     from circuit_atlas.compute.models import load_model
     from circuit_atlas.lake import Lake
 
@@ -93,7 +93,7 @@ def test_graphs_on_a_cpu_without_fast_bf16_run_and_record_float32(monkeypatch, t
     assert model.dtype_name == "float32"
     lake = Lake.init(tmp_path / "lake")
     lake.import_prompts([{"text": "The capital of France is"}], "c")
-    run_graphs(lake, model, "c", AttributionParams(candidates=20))
+    graph_job(lake, model, "c", AttributionParams(candidates=20))
     (shard,) = lake.shards()
     assert shard.commit["params"]["dtype"] == "float32"
 

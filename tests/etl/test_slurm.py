@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from circuit_atlas import CircuitAtlasError
 from circuit_atlas.cli import cli
 from circuit_atlas.compute.attribution import AttributionParams
-from circuit_atlas.compute.graphs import run_graphs
+from circuit_atlas.compute.graphs import graph_job
 from circuit_atlas.etl.clusters import dask_client
 from circuit_atlas.etl.reduce import reduce_lake
 from circuit_atlas.lake import Lake, prompt_id
@@ -76,14 +76,14 @@ def test_graph_job_on_slurm_cpu_workers(tmp_path, slurm, smollm2):
     lake.import_prompts([{"text": t} for t in texts], "c")
     params = AttributionParams(candidates=30)
     with slurm_client(tmp_path, memory="4GB") as sc:
-        report = run_graphs(lake, smollm2, "c", params, client=sc, model_spec="smollm2",
+        report = graph_job(lake, smollm2, "c", params, client=sc, model_spec="smollm2",
                             shard_size=1)
     assert report.computed == 3
     assert sorted(lake.scan("graphs").collect()["prompt_id"]) == sorted(map(prompt_id, texts))
     # the same graphs as computed in this process
     here = Lake.init(tmp_path / "here")
     here.import_prompts([{"text": t} for t in texts], "c")
-    run_graphs(here, smollm2, "c", params)
+    graph_job(here, smollm2, "c", params)
     cols = ["graph_id", "src_layer", "src_neuron", "src_pos", "tgt_layer", "tgt_neuron", "tgt_pos",
             "weight"]
     a = lake.scan("graph_edges").select(cols).sort(cols[:7]).collect()
@@ -139,12 +139,12 @@ def test_cancelled_graph_job_is_recomputed_and_its_debris_cleaned(tmp_path, slur
                 subprocess.run(["scancel", *sorted(before)], check=True)
                 cancelled.append(True)
 
-        report = run_graphs(lake, smollm2, "c", params, client=sc, model_spec="smollm2",
+        report = graph_job(lake, smollm2, "c", params, client=sc, model_spec="smollm2",
                             shard_size=2, on_graph=tick)
     assert cancelled and report.computed == len(texts)
     committed = [p for s in lake.shards() for p in s.prompt_ids]
     assert sorted(committed) == sorted(map(prompt_id, texts))  # each exactly once
-    assert run_graphs(lake, smollm2, "c", params).computed == 0  # nothing left to do
+    assert graph_job(lake, smollm2, "c", params).computed == 0  # nothing left to do
     assert uncommitted_shards(lake), "the cancelled worker was writing a shard"
     lake.cleanup(min_age_s=0)
     assert uncommitted_shards(lake) == []

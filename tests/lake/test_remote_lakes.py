@@ -61,7 +61,7 @@ def pipeline(lake: Lake, model, client, out_dir) -> dict:
     from circuit_atlas.clustering.run import cluster_lake
     from circuit_atlas.compute.attribution import AttributionParams
     from circuit_atlas.compute.effects import write_effects
-    from circuit_atlas.compute.graphs import run_graphs
+    from circuit_atlas.compute.graphs import graph_job
     from circuit_atlas.compute.projections import (
         ProjectionParams,
         reduced_neurons,
@@ -72,7 +72,7 @@ def pipeline(lake: Lake, model, client, out_dir) -> dict:
     corpora = sorted(CORPORA)
     for corpus, texts in CORPORA.items():
         lake.import_prompts([{"text": t} for t in texts], corpus)
-        run_graphs(lake, model, corpus, AttributionParams(candidates=30))
+        graph_job(lake, model, corpus, AttributionParams(candidates=30))
     reduce_lake(lake, model.name, corpora, client)
     neurons = reduced_neurons(lake, model.name, corpora, model.adapter.n_layers)
     write_projections(lake, model, ProjectionParams(k=3, dtype="float32"), neurons=neurons)

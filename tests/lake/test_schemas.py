@@ -4,7 +4,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import (
     GRAPH_EDGES,
     GRAPH_NODES,
@@ -104,7 +107,28 @@ def test_conform_casts_safely_and_refuses_overflow_nulls_and_typos():
                           "target_probs": [[0.5]]}), GRAPHS, "t")
 
 
-def test_node_identity_conventions():
-    from circuit_atlas.lake import EMBEDDING_LAYER, REMAINDER_INDEX, logit_layer
+@given(st.lists(st.tuples(st.integers(-1, 200), st.integers(0, 2**32 - 1)), min_size=1))
+def test_neuron_ids_parse_format_and_pack_round_trip(pairs):
+    """Every (layer, neuron) a table can hold, embedding nodes included: the display
+    form parses back, and packing is one-to-one and order-preserving by layer."""
+    from circuit_atlas.lake.neurons import neuron_label, pack, parse_neuron, unpack
 
-    assert EMBEDDING_LAYER == -1 and REMAINDER_INDEX == -1 and logit_layer(30) == 30
+    for layer, neuron in pairs:
+        assert parse_neuron(neuron_label(layer, neuron)) == (layer, neuron)
+        assert parse_neuron(f"{layer}:{neuron}") == (layer, neuron)
+    layers, neurons = (np.array(c, np.int64) for c in zip(*pairs, strict=True))
+    keys = pack(layers, neurons)
+    back = unpack(keys)
+    assert back[0].tolist() == layers.tolist() and back[1].tolist() == neurons.tolist()
+    assert len(set(keys.tolist())) == len(set(pairs))
+    order = np.argsort(keys, kind="stable")
+    assert list(zip(layers[order].tolist(), neurons[order].tolist(), strict=True)) == sorted(
+        zip(layers.tolist(), neurons.tolist(), strict=True))
+
+
+def test_bad_neuron_ids_are_one_line_errors():
+    from circuit_atlas.lake.neurons import parse_neuron
+
+    for text in ("L12", "N3", "12-345", "L1/N2/N3", ""):
+        with pytest.raises(CircuitAtlasError, match="write a neuron as L12/N345"):
+            parse_neuron(text)

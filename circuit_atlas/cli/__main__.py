@@ -1,0 +1,3 @@
+from circuit_atlas.cli import main
+
+main()

@@ -1,0 +1,83 @@
+"""label, labels import and browse: neuron labels from an LLM, from a file, on screen."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from circuit_atlas.analysis.params import LabelParams
+from circuit_atlas.cli import Group, cli, display
+from circuit_atlas.cli.options import (
+    corpora_option,
+    lake_option,
+    model_option,
+    params_options,
+    take_params,
+)
+
+
+@cli.command()
+@lake_option
+@model_option
+@corpora_option()
+@params_options(LabelParams, names={"passes": "pass", "layers": "layer",
+                                    "name_clusters": "clusters"})
+def label(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) -> None:
+    """Label every neuron twice with an LLM: the output pass (what it does; late layers
+    first, showing its targets' labels) and the input pass (what triggers it; early
+    layers first, showing its sources' labels), then name the clusters. Resumable: a
+    rerun asks only what is missing or failed."""
+    from circuit_atlas.analysis.labeler import run_labels
+
+    display.run_stage(run_labels, display.console(), lake_path, model=model, corpora=corpora,
+                      params=take_params(LabelParams, options))
+
+
+@cli.group(cls=Group)
+def labels() -> None:
+    """Neuron labels: import the ones you have."""
+
+
+@labels.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@lake_option
+@model_option
+@corpora_option()
+@click.option("--pass", "pass_", default="prior", show_default=True,
+              type=click.Choice(["prior", "output", "input"]),
+              help="What the labels describe; prior: evidence for the output pass.")
+def labels_import(file: str, lake_path: str, model: str, corpora: tuple[str, ...],
+                  pass_: str) -> None:
+    """Add labels from CSV, JSON or JSONL (layer and neuron columns, or an id such as
+    L12/N345; a label; optionally a description) to the labels table."""
+    from circuit_atlas.analysis.labels import import_labels
+    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.lake import Lake
+
+    opened, name = Lake(lake_path), model_name(model)
+    n = import_labels(opened, name, opened.reduced_corpus(name, corpora), file, pass_)
+    display.console().print(f"[green]labels[/] {n:,} imported from {file} (pass {pass_})")
+
+
+@cli.command()
+@lake_option
+@model_option
+@corpora_option()
+@click.option("--pass", "pass_", type=click.Choice(["output", "input"]), default=None,
+              help="Only neurons with this pass's label.")
+def browse(lake_path: str, model: str, corpora: tuple[str, ...], pass_: str | None) -> None:
+    """Page through labelled neurons with their evidence (n/Enter next, b back,
+    r random, g go to a neuron, l jump to a layer, q quit). No LLM calls."""
+    from circuit_atlas.analysis.browse import browse as run
+    from circuit_atlas.compute.models import optional_tokenizer
+    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.lake import Lake
+
+    opened, name = Lake(lake_path), model_name(model)
+
+    def read(prompt: str) -> str:
+        return click.prompt(prompt, default="", show_default=False, prompt_suffix="")
+
+    run(opened, name, opened.reduced_corpus(name, corpora), pass_, read, click.echo,
+        optional_tokenizer(model))

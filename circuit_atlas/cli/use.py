@@ -1,0 +1,161 @@
+"""sql, tables and export: the atlas for SQL, DuckDB, browsers and Gephi."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from circuit_atlas.cli import Group, cli, display
+from circuit_atlas.cli.options import corpora_option, json_option, lake_option, model_option
+
+method_option = click.option("--method", default="infomap", show_default=True,
+                             type=click.Choice(["infomap", "leiden"]),
+                             help="Clustering whose assignments to use.")
+
+
+def _atlas_key(lake, model: str, corpora: tuple[str, ...]) -> tuple[str, str]:
+    from circuit_atlas.compute.names import model_name
+
+    name = model_name(model)
+    return name, lake.reduced_corpus(name, corpora)
+
+
+@cli.command("sql")
+@click.argument("query")
+@lake_option
+@click.option("--engine", default="polars", show_default=True,
+              type=click.Choice(["polars", "duckdb"]), help="SQL engine.")
+@click.option("--format", "fmt", default="table", show_default=True,
+              type=click.Choice(["table", "csv", "json", "parquet"]), help="Output format.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write to this file (required for parquet).")
+@click.option("--limit", default=50, show_default=True,
+              help="Rows to print in table format (0: all).")
+@click.option("--atlas", is_flag=True,
+              help="Query the atlas tables instead (neurons, edges, clusters, metadata with "
+                   "the original atlas's columns, as `export duckdb` writes them).")
+@model_option
+@corpora_option(help="With --atlas: corpus of the reduced tables (default: the only set).")
+@method_option
+def sql_cmd(query: str, lake_path: str, engine: str, fmt: str, output: str | None,
+            limit: int, atlas: bool, model: str, corpora: tuple[str, ...],
+            method: str) -> None:
+    """Run SQL over every table of the lake (derived tables by name; the per-graph
+    tables as prompts, graphs, graph_nodes, graph_edges), or with --atlas over the
+    atlas tables."""
+    import polars as pl
+
+    from circuit_atlas.errors import LakeError
+    from circuit_atlas.lake import Lake
+
+    opened = Lake(lake_path)
+    views = None
+    if atlas:
+        from circuit_atlas.clustering.export import atlas_tables
+
+        views = atlas_tables(opened, *_atlas_key(opened, model, corpora), method)
+    if engine == "polars":
+        df = opened.sql(query, views)
+    else:
+        import duckdb
+
+        try:
+            df = pl.from_arrow(opened.duckdb(views=views).sql(query).arrow())
+        except duckdb.Error as e:
+            raise LakeError(f"SQL: {str(e).strip().splitlines()[0]}") from e
+    display.write_frame(df, fmt, output, limit)
+
+
+@cli.command()
+@lake_option
+@json_option
+def tables(lake_path: str, as_json: bool) -> None:
+    """List the lake's tables with their columns and row counts."""
+    import polars as pl
+
+    from circuit_atlas.lake import Lake
+    from circuit_atlas.lake.query import frames
+
+    rows = []
+    for name, lf in frames(Lake(lake_path)).items():
+        schema = lf.collect_schema()
+        n = lf.select(pl.len()).collect().item()
+        rows.append({"table": name, "rows": n,
+                     "columns": [f"{c} {t}" for c, t in schema.items()]})
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    from rich.table import Table
+
+    table = Table("table", "rows", "columns")
+    for r in rows:
+        table.add_row(r["table"], f"{r['rows']:,}", ", ".join(r["columns"]))
+    display.console().print(table)
+
+
+@cli.group(cls=Group)
+def export() -> None:
+    """Export the atlas: a DuckDB file, an HTML view, a network for Gephi."""
+
+
+def _export_options(f):
+    for option in reversed([
+            lake_option, model_option, corpora_option(), method_option]):
+        f = option(f)
+    return f
+
+
+@export.command("duckdb")
+@click.argument("path", type=click.Path(dir_okay=False))
+@_export_options
+def export_duckdb_cmd(path: str, lake_path: str, model: str, corpora: tuple[str, ...],
+                      method: str) -> None:
+    """One DuckDB file with the neurons, edges, clusters and metadata tables (the
+    original atlas's columns): duckdb.connect(PATH) answers the original atlas's queries."""
+    from circuit_atlas.clustering.export import export_duckdb
+    from circuit_atlas.lake import Lake
+
+    opened = Lake(lake_path)
+    model, corpus = _atlas_key(opened, model, corpora)
+    counts = export_duckdb(opened, model, corpus, path, method)
+    display.console().print(f"[green]export[/] {path}: " + ", ".join(
+        f"{t} {n:,} rows" for t, n in counts.items()))
+
+
+@export.command("html")
+@click.argument("path", type=click.Path(dir_okay=False))
+@_export_options
+@click.option("--links", default=5, show_default=True, help="Strongest links kept per neuron.")
+def export_html_cmd(path: str, lake_path: str, model: str, corpora: tuple[str, ...],
+                    method: str, links: int) -> None:
+    """One self-contained HTML file: the clusters as a constellation to drill into,
+    search by label, links above a threshold. Opens offline in any browser."""
+    from circuit_atlas.clustering.html import export_html
+    from circuit_atlas.lake import Lake
+
+    opened = Lake(lake_path)
+    model, corpus = _atlas_key(opened, model, corpora)
+    counts = export_html(opened, model, corpus, path, method, links_per_neuron=links)
+    display.console().print(f"[green]export[/] {path}: {counts['neurons']:,} neurons, "
+                     f"{counts['modules']:,} modules, {counts['links']:,} links")
+
+
+@export.command("network")
+@click.argument("path", type=click.Path(dir_okay=False))
+@_export_options
+@click.option("--format", "fmt", type=click.Choice(["gexf", "graphml"]), default=None,
+              help="Default: from the file name's extension.")
+@click.option("--min-count", default=1, show_default=True, help="Keep edges seen this often.")
+def export_network_cmd(path: str, lake_path: str, model: str, corpora: tuple[str, ...],
+                       method: str, fmt: str | None, min_count: int) -> None:
+    """The neuron network with labels and clusters as node attributes, for Gephi."""
+    from circuit_atlas.clustering.export import export_network
+    from circuit_atlas.lake import Lake
+
+    opened = Lake(lake_path)
+    model, corpus = _atlas_key(opened, model, corpora)
+    counts = export_network(opened, model, corpus, path, fmt or path.rsplit(".", 1)[-1],
+                            method, min_count)
+    display.console().print(f"[green]export[/] {path}: {counts['nodes']:,} nodes, "
+                     f"{counts['edges']:,} edges")

@@ -1,0 +1,130 @@
+"""The parameters of the compute stages, importable without torch (the CLI builds
+its options from them at ``--help`` time).
+
+:class:`AttributionParams` and :class:`ProjectionParams` decide what a graph or a
+projection is (they are hashed or recorded with it); :class:`GraphsParams`,
+:class:`ProjectionsParams` and :class:`EffectsParams` add how a run goes (device,
+batching, limits), which does not change the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal
+
+from circuit_atlas.errors import CircuitAtlasError
+
+AUTO = "auto"
+MAX_TOKENS = 256
+PROMPT_BATCH = 8
+
+
+@dataclass(frozen=True)
+class AttributionParams:
+    """How graphs are computed; saved with every shard (they decide graph identity)."""
+
+    max_logits: int = 10
+    """At most this many logit targets."""
+    logit_prob: float = 0.95
+    """Add logit targets until their probabilities sum to this."""
+    candidates: int = 500
+    """Neurons kept as graph nodes: the top ones by |relevance|."""
+    last_positions: int | None = None
+    """Only take candidates from the last K positions (default: all positions)."""
+    prune: bool = True
+    """Prune by influence (--no-prune keeps the complete graph)."""
+    node_threshold: float = 0.8
+    """Keep the nodes that carry this share of the influence on the logits."""
+    edge_threshold: float = 0.98
+    """Keep the edges that carry this share of the influence."""
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(AttributionParams)}
+
+    def attribution(self) -> AttributionParams:
+        """Only the fields that decide a graph (a GraphsParams has more)."""
+        return AttributionParams(**self.to_dict())
+
+
+@dataclass(frozen=True)
+class GraphsParams(AttributionParams):
+    """The graph stage: the attribution parameters and how the run goes."""
+
+    device: str = "cpu"
+    """torch device, e.g. cuda."""
+    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = AUTO
+    """Model and attribution precision; auto: bfloat16 where the device runs it fast
+    (measured once per process), else float32."""
+    max_tokens: int = MAX_TOKENS
+    """Truncate prompts to this many tokens."""
+    shard_size: int = 32
+    """Graphs per committed shard."""
+    batch_rows: int = 256
+    """Targets replayed together in one batch (memory vs. speed)."""
+    prompt_batch: int = PROMPT_BATCH
+    """Prompts sharing one forward and relevance backward (memory vs. speed)."""
+    limit: int | None = None
+    """Only the first N prompts of each corpus (by id)."""
+
+
+@dataclass(frozen=True)
+class ProjectionParams:
+    """What a projections table is; recorded in its manifest."""
+
+    k: int = 20
+    """Tokens per neuron, kind and sign."""
+    norm: bool = True
+    """Include the final and MLP norm weights (--no-norm: the raw W_U @ W_down
+    product of the original atlas scripts)."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32", "float64"] = AUTO
+    """Precision of the candidate search (candidates are re-scored in float32); auto:
+    bfloat16 where the device runs it fast, else float32."""
+    margin: int = 12
+    """Extra candidates per sign re-scored exactly."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.margin < 0:
+            raise CircuitAtlasError(f"k must be >= 1 and margin >= 0, got {self.k}, {self.margin}")
+        if self.dtype not in (AUTO, "bfloat16", "float16", "float32", "float64"):
+            raise CircuitAtlasError(f"unknown projection dtype {self.dtype!r}")
+
+    def projection(self) -> ProjectionParams:
+        return ProjectionParams(**{f.name: getattr(self, f.name)
+                                   for f in fields(ProjectionParams)})
+
+    def resolved(self, device: str, warn=None) -> ProjectionParams:
+        """These parameters with ``auto`` replaced by the search dtype for ``device``."""
+        from circuit_atlas.compute.precision import resolve_dtype
+
+        return replace(self, dtype=resolve_dtype(self.dtype, device, "projections", warn))
+
+    def to_dict(self) -> dict:
+        return asdict(self.projection())
+
+
+@dataclass(frozen=True)
+class ProjectionsParams(ProjectionParams):
+    """The projections stage: what the table is, and where it runs."""
+
+    device: str = "cpu"
+    """torch device, e.g. cuda."""
+    layers: tuple[int, ...] = ()
+    """Only these layers (repeatable; default: every layer)."""
+
+
+@dataclass
+class EffectsParams:
+    """The effects stage."""
+
+    neurons: tuple[str, ...] = ()
+    """Evaluate this neuron (L12/N345 or 12:345) on every prompt (repeatable); default:
+    each graph's neurons on its own prompt."""
+    limit: int | None = None
+    """Only the first N prompts (by id)."""
+    batch: int = 256
+    """Neurons rerun together from the cached residual."""
+    device: str = "cpu"
+    """torch device, e.g. cuda."""
+    dtype: Literal["auto", "float32", "float64"] = AUTO
+    """Model precision; auto: float32 on every device (effects are differences of
+    logits, which bfloat16 rounds away)."""
