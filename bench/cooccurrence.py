@@ -47,7 +47,7 @@ def run_duckdb(lake_path: str, out: str, k: int, min_count: int, threads: int) -
 
     from circuit_atlas.lake import Lake
 
-    files = Lake(lake_path).files("nodes", MODEL, CORPUS)
+    files = Lake(lake_path).files("graph_nodes", MODEL, CORPUS)
     con = duckdb.connect()
     con.execute(f"SET threads = {threads}")
     con.execute(f"""

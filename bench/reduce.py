@@ -113,8 +113,8 @@ def run_duckdb(lake_path: str, out: str, threads: int) -> None:
     from circuit_atlas.lake import Lake
 
     lake = Lake(lake_path)
-    edges = [f"'{f}'" for f in lake.files("edges", MODEL, CORPUS, validate=False)]
-    nodes = [f"'{f}'" for f in lake.files("nodes", MODEL, CORPUS, validate=False)]
+    edges = [f"'{f}'" for f in lake.files("graph_edges", MODEL, CORPUS, validate=False)]
+    nodes = [f"'{f}'" for f in lake.files("graph_nodes", MODEL, CORPUS, validate=False)]
     con = duckdb.connect(config={"threads": threads})
     con.sql(f"""COPY (SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, count(*) AS count,
             count(DISTINCT graph_id) AS graph_count, sum(weight::DOUBLE) AS weight_sum,
@@ -128,17 +128,18 @@ def run_duckdb(lake_path: str, out: str, threads: int) -> None:
             TO '{out}/neurons.parquet' (FORMAT parquet)""")
 
 
-def run_ours(lake_path: str, workers: int, worker_memory: str | None) -> None:
+def run_ours(lake_path: str, workers: int, worker_memory: str | None, chunk: int) -> None:
     from circuit_atlas.etl.clusters import dask_client
     from circuit_atlas.etl.reduce import reduce_lake
     from circuit_atlas.lake import Lake
 
     lake = Lake(lake_path)
-    for table in ("edges", "neurons", "neuron_tokens", "neuron_corpora"):  # from scratch
-        shutil.rmtree(lake.path(f"tables/model={MODEL.replace('/', '--')}/corpus={CORPUS}/"
-                                f"{table}"), ignore_errors=True)
+    where = f"model={MODEL.replace('/', '--')}/corpus={CORPUS}"
+    for table in ("edges", "neurons", "neuron_tokens", "neuron_corpora"):  # from scratch:
+        for area in ("tables", "_log/tables", "_state"):  # versions, their log, fold state
+            shutil.rmtree(lake.path(f"{area}/{where}/{table}"), ignore_errors=True)
     with dask_client(n_workers=workers, memory_limit=worker_memory, echo=None) as client:
-        reduce_lake(lake, MODEL, [CORPUS], client)
+        reduce_lake(lake, MODEL, [CORPUS], client, chunk=chunk)
 
 
 def measure(argv: list[str]) -> tuple[float, float]:
@@ -185,6 +186,7 @@ def main() -> None:
     lake_arguments(ap)
     ap.add_argument("--workers", type=int, default=None, help="default: one per core")
     ap.add_argument("--worker-memory", default=None)
+    ap.add_argument("--chunk", type=int, default=64, help="shards folded per task (ours)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="DuckDB threads")
     ap.add_argument("--repeat", type=int, default=1,
                     help="alternate the engines this many times; medians are reported")
@@ -195,7 +197,7 @@ def main() -> None:
     if args.engine == "duckdb":
         return run_duckdb(lake_path, args.out, args.threads)
     if args.engine == "ours":
-        return run_ours(lake_path, args.workers, args.worker_memory)
+        return run_ours(lake_path, args.workers, args.worker_memory, args.chunk)
 
     ensure_lake(lake_path, args.graphs, args.per_shard, args.seed)
     from circuit_atlas.lake import Lake
@@ -206,7 +208,7 @@ def main() -> None:
               str(args.seed), "--dir", args.dir]
     duck_argv = ["--engine", "duckdb", "--out", duck_out, "--threads", str(args.threads),
                  *common]
-    ours_argv = ["--engine", "ours", *common,
+    ours_argv = ["--engine", "ours", *common, "--chunk", str(args.chunk),
                  *(["--workers", str(args.workers)] if args.workers else []),
                  *(["--worker-memory", args.worker_memory] if args.worker_memory else [])]
     runs = []

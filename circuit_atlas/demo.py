@@ -120,9 +120,9 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
                            params=ClusteringParams(methods=("infomap", "leiden"),
                                                    min_count=1 if few else 5))
         print_comparison(report.comparison, console)
-    from circuit_atlas.analysis.labeler import label_lake
     from circuit_atlas.clustering.export import export_duckdb
     from circuit_atlas.clustering.html import export_html
+    from circuit_atlas.labeling.run import label_lake
 
     key = "+".join(sorted(DEMO_CORPORA))
     with clock.stage("label prompts"), console.status(

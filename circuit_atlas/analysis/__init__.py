@@ -1,5 +1,5 @@
-"""analysis: co-occurrence, domain specificity, neuron profiles, label prompts and
-LLM labeling, from the lake's derived tables."""
+"""analysis: co-occurrence, domain specificity, circuit roles and neuron profiles, from
+the lake's derived tables."""
 
 from __future__ import annotations
 
@@ -10,15 +10,12 @@ _EXPORTS = {
     "run_cooccurrence": "cooccurrence",
     "run_specificity": "specificity",
     "run_roles": "roles",
-    "run_labels": "labeler",
     "CooccurrenceParams": "params",
     "SpecificityParams": "params",
     "RolesParams": "params",
-    "LabelParams": "params",
     "CooccurrenceReport": "cooccurrence",
     "SpecificityReport": "specificity",
     "RolesReport": "roles",
-    "LabelsReport": "labeler",
 }
 __all__ = sorted(_EXPORTS)
 

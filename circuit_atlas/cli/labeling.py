@@ -6,7 +6,6 @@ from typing import Any
 
 import click
 
-from circuit_atlas.analysis.params import LabelParams
 from circuit_atlas.cli import Group, cli, display
 from circuit_atlas.cli.options import (
     corpora_option,
@@ -15,6 +14,7 @@ from circuit_atlas.cli.options import (
     params_options,
     take_params,
 )
+from circuit_atlas.labeling.params import LabelParams
 
 
 @cli.command()
@@ -28,7 +28,7 @@ def label(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) 
     first, showing its targets' labels) and the input pass (what triggers it; early
     layers first, showing its sources' labels), then name the clusters. Resumable: a
     rerun asks only what is missing or failed."""
-    from circuit_atlas.analysis.labeler import run_labels
+    from circuit_atlas.labeling.run import run_labels
 
     display.run_stage(run_labels, display.console(), lake_path, model=model, corpora=corpora,
                       params=take_params(LabelParams, options))
@@ -51,8 +51,8 @@ def labels_import(file: str, lake_path: str, model: str, corpora: tuple[str, ...
                   pass_: str) -> None:
     """Add labels from CSV, JSON or JSONL (layer and neuron columns, or an id such as
     L12/N345; a label; optionally a description) to the labels table."""
-    from circuit_atlas.analysis.labels import import_labels
     from circuit_atlas.compute.names import model_name
+    from circuit_atlas.labeling.label_files import import_labels
     from circuit_atlas.lake import Lake
 
     opened, name = Lake(lake_path), model_name(model)
@@ -69,9 +69,9 @@ def labels_import(file: str, lake_path: str, model: str, corpora: tuple[str, ...
 def browse(lake_path: str, model: str, corpora: tuple[str, ...], pass_: str | None) -> None:
     """Page through labelled neurons with their evidence (n/Enter next, b back,
     r random, g go to a neuron, l jump to a layer, q quit). No LLM calls."""
-    from circuit_atlas.analysis.browse import browse as run
     from circuit_atlas.compute.models import optional_tokenizer
     from circuit_atlas.compute.names import model_name
+    from circuit_atlas.labeling.browse import browse as run
     from circuit_atlas.lake import Lake
 
     opened, name = Lake(lake_path), model_name(model)

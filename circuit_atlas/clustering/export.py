@@ -40,7 +40,7 @@ def _optional(lake: Lake, name: str, model: str, corpus: str) -> pl.DataFrame | 
 def atlas_tables(lake: Lake, model: str, corpus: str, method: str = "infomap"
                  ) -> dict[str, pl.DataFrame]:
     """The four tables of the atlas file, as polars frames."""
-    from circuit_atlas.analysis.labels import current_labels
+    from circuit_atlas.lake.labels import current_labels
 
     manifest = lake.table_manifest(model, corpus, "neurons")
     if manifest is None:

@@ -2,8 +2,8 @@
 
 bfloat16 is the fast path on GPUs and on CPUs with native bf16 instructions
 (AVX512-BF16, AMX). Elsewhere torch falls back to a scalar path: on an AVX2-only
-x86-64 CPU a bf16 matrix product runs ~100-230x slower than float32. So ``auto``
-never assumes; it decides per device:
+x86-64 CPU a bf16 matrix product runs ~100-230x slower than float32
+(``bench/precision.py``). So ``auto`` never assumes; it decides per device:
 
 1. CUDA: bfloat16 where ``torch.cuda.is_bf16_supported()``, else float32;
 2. any other device: a small timed product in both precisions (a warm-up, then the

@@ -43,8 +43,9 @@ def parquet_options(schema: pa.Schema, compression: str = "zstd") -> dict:
 
     Dictionary encoding only for non-float columns (ids, layers, counts, text repeat;
     float sums and weights almost never do, and trying costs time); floats get
-    BYTE_STREAM_SPLIT, which zstd compresses better. Measured on an edge table of
-    3.3M rows: 33% faster to write, 16% smaller, twice as fast to read.
+    BYTE_STREAM_SPLIT, which zstd compresses better. On a reduced edge table of 3.3M
+    rows (``bench/parquet_options.py``, against pyarrow's defaults with zstd): about
+    half the time to write and to read, 11% smaller.
     """
     floats = [f.name for f in schema if pa.types.is_floating(f.type)]
     return {"compression": compression,
@@ -77,7 +78,8 @@ class TableSpec:
     @property
     def partitioning_schema(self) -> pa.Schema:
         """Partition columns are dictionary-encoded strings: one value per file, so a
-        plain string column would copy it into every row (0.1 s per 6M rows)."""
+        plain string column would hold a copy in every row (memory; the read time is
+        about the same, ``bench/parquet_options.py``)."""
         return pa.schema([(p, pa.dictionary(pa.int32(), pa.string())) for p in self.partitions])
 
     @property

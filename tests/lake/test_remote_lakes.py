@@ -51,7 +51,6 @@ def threads():
 
 def pipeline(lake: Lake, model, client, out_dir) -> dict:
     from circuit_atlas.analysis.cooccurrence import cooccurrence_lake
-    from circuit_atlas.analysis.labeler import LLMSettings, label_lake
     from circuit_atlas.analysis.roles import write_roles
     from circuit_atlas.analysis.specificity import write_specificity
     from circuit_atlas.clustering.export import export_duckdb
@@ -68,6 +67,7 @@ def pipeline(lake: Lake, model, client, out_dir) -> dict:
         write_projections,
     )
     from circuit_atlas.etl.reduce import reduce_lake
+    from circuit_atlas.labeling import LLMSettings, label_lake
 
     corpora = sorted(CORPORA)
     for corpus, texts in CORPORA.items():

@@ -14,10 +14,10 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from circuit_atlas.analysis.labeler import LLMSettings, label_lake
 from circuit_atlas.cli import cli
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.etl.reduce import reduce_lake
+from circuit_atlas.labeling import LLMSettings, label_lake
 from circuit_atlas.lake import Lake
 from tests.factories import MODEL, N_LAYERS, prompts_of, write_edge_table, write_shard
 from tests.llm_server import LLMServer
@@ -138,7 +138,7 @@ def test_killed_run_resumes_to_the_same_table(lake, reduced, tmp_path):
         server.requests.clear()
         server.delay_s = 0.15
         script = textwrap.dedent(f"""
-            from circuit_atlas.analysis.labeler import LLMSettings, label_lake
+            from circuit_atlas.labeling import LLMSettings, label_lake
             from circuit_atlas.lake import Lake
             label_lake(Lake({str(lake.root)!r}), {MODEL!r}, "c", "output",
                        LLMSettings(model="fake-llm", base_url={server.url!r}, concurrency=2,
@@ -209,11 +209,11 @@ def test_dry_run_cli_and_browser(lake):
 
 
 def test_cluster_labels_from_member_labels(lake, tmp_path):
-    from circuit_atlas.analysis.labeler import label_clusters
     from circuit_atlas.clustering.export import atlas_tables
     from circuit_atlas.clustering.methods import method_params
     from circuit_atlas.clustering.network import network_params
     from circuit_atlas.clustering.run import cluster_lake
+    from circuit_atlas.labeling import label_clusters
 
     cluster_lake(lake, MODEL, "c", "leiden", network_params(min_count=1),
                  method_params("leiden", resolution=0.5))
@@ -235,3 +235,38 @@ def test_cluster_labels_from_member_labels(lake, tmp_path):
         assert label_clusters(lake, MODEL, "c", settings(server), "leiden").asked == 0
     clusters = atlas_tables(lake, MODEL, "c", "leiden")["clusters"]
     assert clusters["label"].drop_nulls().len() == len(named)
+
+
+def test_cluster_names_are_journaled_so_a_killed_run_asks_none_again(lake, monkeypatch):
+    """Names answered before a kill (here: the run dies right after the last answer,
+    before anything is folded into the table) are in the journal: the next run folds
+    them and asks the LLM nothing."""
+    from circuit_atlas.clustering.methods import method_params
+    from circuit_atlas.clustering.network import network_params
+    from circuit_atlas.clustering.run import cluster_lake
+    from circuit_atlas.labeling import label_clusters
+    from circuit_atlas.labeling import run as labeling_run
+
+    cluster_lake(lake, MODEL, "c", "leiden", network_params(min_count=1),
+                 method_params("leiden", resolution=0.5))
+    real = labeling_run.fold_journals
+    calls = []
+
+    def killed_before_the_fold(lake_, model, corpus, table="labels"):
+        if table == "cluster_labels":
+            calls.append(1)
+            if len(calls) == 2:  # the fold after the answers
+                raise KeyboardInterrupt
+        return real(lake_, model, corpus, table)
+
+    with LLMServer() as server:
+        label_lake(lake, MODEL, "c", "output", settings(server))
+        monkeypatch.setattr(labeling_run, "fold_journals", killed_before_the_fold)
+        with pytest.raises(KeyboardInterrupt):
+            label_clusters(lake, MODEL, "c", settings(server), "leiden")
+        asked = len(server.requests)
+        assert lake.table_manifest(MODEL, "c", "cluster_labels") is None  # nothing folded
+        monkeypatch.setattr(labeling_run, "fold_journals", real)
+        report = label_clusters(lake, MODEL, "c", settings(server), "leiden")
+        assert report.asked == 0 and report.skipped > 0 and len(server.requests) == asked
+    assert lake.table("cluster_labels").collect().height == report.skipped

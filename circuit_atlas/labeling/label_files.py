@@ -1,33 +1,16 @@
-"""The ``labels`` table: labels of neurons, appended batch by batch.
-
-Each batch is one file; publishing a batch lists the earlier batches' files again
-(nothing is copied), so a run killed between batches loses nothing published. The
-labels a user already has (``circuit-atlas labels import``) come in as pass "prior".
-"""
+"""Labels a user already has, from CSV, JSON or JSONL files (``circuit-atlas labels
+import``): they come into the labels table as pass "prior"."""
 
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from pathlib import Path
 
 import polars as pl
 
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake
-from circuit_atlas.lake.derived import add_part
-from circuit_atlas.lake.schemas import LABELS
-
-PASSES = ("output", "input", "prior")
-
-
-def append_labels(lake: Lake, model: str, corpus: str, rows: pl.DataFrame) -> int:
-    """Publish ``rows`` (LABELS columns) as one more batch of the labels table."""
-    if rows.is_empty():
-        return 0
-    add_part(lake, model, corpus, "labels", f"batch-{uuid.uuid4().hex[:12]}.parquet",
-             rows.select(LABELS.schema.names).to_arrow(), {"model": model})
-    return len(rows)
+from circuit_atlas.lake.labels import PASSES, append_labels
 
 
 def read_label_file(path: str | Path) -> pl.DataFrame:
@@ -83,29 +66,3 @@ def import_labels(lake: Lake, model: str, corpus: str, path: str | Path,
     return append_labels(lake, model, corpus, rows)
 
 
-def known_labels(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
-    """Every row of the labels table, or None when there is none."""
-    if lake.table_manifest(model, corpus, "labels") is None:
-        return None
-    return lake.table("labels", model, corpus).drop("model", "corpus").collect()
-
-
-def latest_ok(labels: pl.DataFrame | None) -> pl.DataFrame | None:
-    """The newest ok label per (layer, neuron, pass): what prompts show."""
-    if labels is None:
-        return None
-    return (labels.filter(pl.col("status") == "ok").sort("created_at", descending=True)
-            .unique(["layer", "neuron", "pass"], keep="first"))
-
-
-def current_labels(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
-    """One label per neuron, the newest ok one of the output pass, else prior, else input;
-    None when the lake has no labels."""
-    latest = latest_ok(known_labels(lake, model, corpus))
-    if latest is None:
-        return None
-    order = {"output": 0, "prior": 1, "input": 2}
-    return (latest.with_columns(rank=pl.col("pass").replace_strict(order, default=3))
-            .sort("layer", "neuron", "rank")
-            .unique(["layer", "neuron"], keep="first", maintain_order=True)
-            .select("layer", "neuron", "pass", "label", "description"))

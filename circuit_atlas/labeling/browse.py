@@ -13,11 +13,11 @@ from typing import Any
 
 import polars as pl
 
-from circuit_atlas.analysis.label_prompts import Atlas, layer_evidence
-from circuit_atlas.analysis.labels import known_labels, latest_ok
-from circuit_atlas.analysis.templates import input_prompt, output_prompt
 from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.labeling.evidence import Atlas, layer_evidence
+from circuit_atlas.labeling.templates import input_prompt, output_prompt
 from circuit_atlas.lake import Lake
+from circuit_atlas.lake.labels import known_labels, latest_ok
 from circuit_atlas.lake.neurons import parse_neuron
 
 HELP = "n/Enter next, b back, r random, g go to neuron, l jump to layer, q quit"

@@ -20,8 +20,8 @@ from typing import Any
 import polars as pl
 
 from circuit_atlas.analysis.profile import NodeNames
-from circuit_atlas.analysis.templates import messages
 from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.labeling.templates import messages
 from circuit_atlas.lake import Lake
 from circuit_atlas.lake.schemas import STATIC_CORPUS
 

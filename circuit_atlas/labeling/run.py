@@ -1,0 +1,282 @@
+"""The labeling run: the passes in their order, layer by layer, then the clusters.
+
+The official ``openai`` client talks to ``base_url`` (OpenAI, vLLM, Ollama, ...);
+its own retries give exponential backoff on 429, 5xx and timeouts. Every reply is
+asked for as structured output (a JSON schema) and validated; one that does not parse
+or validate is asked once more, then recorded as a failure with the reason, never
+stored as a label.
+
+Resumable through the journal (``labeling.journal``): a rerun skips every neuron that
+has an ok label for the same pass, labeler and prompt, and every cluster named from
+the same prompt.
+
+``batch=True`` sends a layer as one OpenAI Batch API job (half the price): the
+requests go up as a JSONL file, the batch is polled, its output downloaded and
+validated; a batch's id is journaled, so a resumed run polls it instead of paying
+twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.labeling.batch import batch_layer
+from circuit_atlas.labeling.client import LLMSettings, fan_out
+from circuit_atlas.labeling.evidence import Atlas, assemble, layer_evidence, layer_order
+from circuit_atlas.labeling.journal import Journal, fold_journals, journal_dir, label_row
+from circuit_atlas.labeling.params import LabelParams
+from circuit_atlas.lake import Lake
+from circuit_atlas.lake.labels import known_labels, latest_ok
+from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
+
+
+@dataclass
+class LabelReport:
+    pass_: str
+    asked: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    layers: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def answered(self, ok: bool) -> None:
+        self.asked += 1
+        self.ok += ok
+        self.failed += not ok
+
+    def cost(self, s: LLMSettings) -> float:
+        factor = 0.5 if s.batch else 1.0
+        return factor * (self.prompt_tokens * s.price_in
+                         + self.completion_tokens * s.price_out) / 1e6
+
+
+def label_lake(lake: Lake, model: str, corpus: str, pass_: str, settings: LLMSettings | None,
+               layers: list[int] | None = None, per_layer: int | None = None,
+               only_failed: bool = False, tokenizer: Any = None,
+               on_progress: Callable[[int, int, int], None] | None = None) -> LabelReport:
+    """Label the neurons of (model, corpus) for ``pass_``, layer by layer in the pass's
+    order. ``settings`` None: a dry run that writes every assembled prompt to the
+    ``label_prompts`` table instead. ``per_layer``: only the N neurons of each layer
+    that are in the most graphs."""
+    t0 = time.perf_counter()
+    report = LabelReport(pass_)
+    fold_journals(lake, model, corpus)
+    atlas = Atlas.open(lake, model, corpus, tokenizer)
+    order = [x for x in layer_order(pass_, atlas.n_layers) if layers is None or x in layers]
+    dry_rows: list[dict[str, Any]] = []
+    for layer in order:
+        labels = known_labels(lake, model, corpus)
+        neurons = None
+        if per_layer is not None:
+            neurons = atlas.neurons.filter(pl.col("layer") == layer).sort(
+                ["graph_count", "neuron"], descending=[True, False]).head(per_layer)[
+                "neuron"].to_list()
+        prompts = assemble(pass_, layer_evidence(atlas, pass_, layer, latest_ok(labels),
+                                                 neurons))
+        report.layers.append(layer)
+        if settings is None:
+            dry_rows += [{"layer": layer, "neuron": n, "pass": pass_, "prompt_hash": h,
+                          "system_message": m[0]["content"],
+                          "user_message": m[1]["content"]}
+                         for n, m, h in prompts]
+            continue
+        todo = _todo(prompts, labels, layer, pass_, settings.model, only_failed)
+        report.skipped += len(prompts) - len(todo)
+        if not todo:
+            continue
+        journal = Journal(lake, model, corpus)
+        done = [0]
+
+        def tick(layer=layer, todo=todo, done=done) -> None:
+            done[0] += 1
+            if on_progress:
+                on_progress(layer, done[0], len(todo))
+
+        def answered(item: tuple, parsed: dict[str, Any] | None, error: str | None,
+                     layer=layer, journal=journal, tick=tick) -> None:
+            neuron, _, phash = item
+            journal.write(label_row(layer, neuron, pass_, settings.model, phash, parsed,
+                                    error))
+            report.answered(parsed is not None)
+            tick()
+
+        def ask_all(items: list[tuple], answered=answered) -> None:
+            asyncio.run(fan_out(settings, pass_, [(t, t[1]) for t in items], answered,
+                                report))
+
+        try:
+            if settings.batch:
+                state = f"{journal_dir(lake, model, corpus)}/batch-{pass_}-L{layer}.json"
+                batch_layer(settings, pass_, layer, todo, answered, ask_all, report, lake.fs,
+                            state)
+            else:
+                ask_all(todo)
+        finally:
+            journal.close()
+        fold_journals(lake, model, corpus)  # the next layer's prompts show these labels
+    if settings is None:
+        _write_prompts(lake, model, corpus, pass_, dry_rows)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _todo(prompts, labels: pl.DataFrame | None, layer: int, pass_: str, labeler: str,
+          only_failed: bool):
+    if labels is None:
+        return [] if only_failed else prompts
+    mine = labels.filter((pl.col("layer") == layer) & (pl.col("pass") == pass_)
+                         & (pl.col("labeler") == labeler))
+    ok = set(mine.filter(pl.col("status") == "ok").select("neuron", "prompt_hash").iter_rows())
+    if only_failed:  # neurons whose latest answer failed, whatever their prompt is now
+        latest = mine.sort("created_at").unique("neuron", keep="last")
+        failed = set(latest.filter(pl.col("status") == "failed")["neuron"])
+        return [p for p in prompts if p[0] in failed]
+    return [p for p in prompts if (p[0], p[2]) not in ok]
+
+
+def _write_prompts(lake: Lake, model: str, corpus: str, pass_: str,
+                   rows: list[dict[str, Any]]) -> None:
+    from circuit_atlas.lake.derived import add_part
+
+    df = pl.DataFrame(rows, schema={"layer": pl.Int16, "neuron": pl.Int32, "pass": pl.String,
+                                    "prompt_hash": pl.String, "system_message": pl.String,
+                                    "user_message": pl.String})
+    add_part(lake, model, corpus, "label_prompts", f"{pass_}.parquet", df.to_arrow(),
+             {"model": model})
+
+
+def label_clusters(lake: Lake, model: str, corpus: str, settings: LLMSettings,
+                   method: str = "infomap", max_level: int = 2, min_labelled: int = 3,
+                   members: int = 30) -> LabelReport:
+    """Name each cluster (levels 1..``max_level``) with at least ``min_labelled``
+    output-labelled members from up to ``members`` of their labels (by flow), as
+    Transluce groups neuron descriptions; clusters already named from the same prompt
+    are skipped."""
+    from circuit_atlas.labeling.evidence import prompt_hash
+    from circuit_atlas.labeling.templates import cluster_messages
+
+    t0 = time.perf_counter()
+    report = LabelReport("cluster")
+    fold_journals(lake, model, corpus, "cluster_labels")  # what a killed run recorded
+    labels = latest_ok(known_labels(lake, model, corpus))
+    if labels is None or labels.filter(pl.col("pass") == "output").is_empty():
+        raise CircuitAtlasError("no output labels yet: run circuit-atlas label --pass output")
+    if lake.table_manifest(model, corpus, "cluster_assignments") is None:
+        raise CircuitAtlasError("no clustering yet: run circuit-atlas cluster")
+    assigned = lake.table("cluster_assignments", model, corpus).filter(
+        pl.col("method") == method).collect().join(
+        labels.filter(pl.col("pass") == "output").select("layer", "neuron", "label"),
+        on=["layer", "neuron"])
+    todo = []
+    done = set()
+    if lake.table_manifest(model, corpus, "cluster_labels") is not None:
+        done = set(lake.table("cluster_labels", model, corpus).filter(
+            (pl.col("status") == "ok") & (pl.col("labeler") == settings.model)).select(
+            "cluster_path", "prompt_hash").collect().iter_rows())
+    for level in range(1, max_level + 1):
+        with_prefix = assigned.filter(pl.col("depth") >= level).with_columns(
+            prefix=pl.col("cluster_path").str.split(":").list.head(level).list.join(":"))
+        for (path,), group in with_prefix.group_by("prefix", maintain_order=True):
+            if len(group) < min_labelled:
+                continue
+            top = group.sort("flow", descending=True).head(members)
+            msgs = cluster_messages(path, [(f"L{a}/N{b}", c) for a, b, c in zip(
+                top["layer"], top["neuron"], top["label"], strict=True)])
+            h = prompt_hash(msgs)
+            if (path, h) in done:
+                report.skipped += 1
+                continue
+            todo.append((path, msgs, h, len(group)))
+
+    journal = Journal(lake, model, corpus, "cluster_labels")
+
+    def answered(item: tuple, parsed: dict[str, Any] | None, error: str | None) -> None:
+        path, _, h, n = item
+        report.answered(parsed is not None)
+        journal.write({"method": method, "cluster_path": path,
+                       "label": parsed["label"] if parsed else None,
+                       "coherence": parsed["coherence"] if parsed else None,
+                       "members_labelled": n, "labeler": settings.model, "prompt_hash": h,
+                       "status": "ok" if parsed else "failed", "error": error,
+                       "created_at": dt.datetime.now(dt.UTC).isoformat(
+                           timespec="microseconds")})
+
+    try:
+        if todo:
+            asyncio.run(fan_out(settings, "cluster", [(t, t[1]) for t in todo], answered,
+                                report))
+    finally:
+        journal.close()
+    fold_journals(lake, model, corpus, "cluster_labels")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@dataclass
+class LabelsReport(Report):
+    corpus: str
+    passes: list[LabelReport]
+    clusters: LabelReport | None
+    settings: LLMSettings | None
+
+    def __str__(self) -> str:
+        lines = []
+        s = self.settings
+        for r in self.passes:
+            if s is None:
+                lines.append(f"label prompts {r.pass_}: layers {r.layers[0]}..{r.layers[-1]} "
+                             "assembled into the label_prompts table (dry run, no LLM)")
+                continue
+            lines.append(
+                f"labels {r.pass_}: {r.ok:,} ok, {r.failed:,} failed, {r.skipped:,} already "
+                f"labelled; {r.prompt_tokens:,} prompt + {r.completion_tokens:,} completion "
+                f"tokens, ${r.cost(s):.4f}{' (batch price)' if s.batch else ''}; "
+                f"{r.seconds:.1f} s")
+        if self.clusters is not None and s is not None:
+            c = self.clusters
+            lines.append(f"cluster labels: {c.ok:,} ok, {c.failed:,} failed, {c.skipped:,} "
+                         f"already named; ${c.cost(s):.4f}")
+        return "\n".join(lines)
+
+
+def run_labels(lake, *, model, corpora=None, params: LabelParams | None = None,
+               cluster=None, progress: Progress | None = None) -> LabelsReport:
+    """Label every neuron of a reduce (``corpora``: default the only one) twice with an
+    LLM: the output pass (what it does; late layers first, showing its targets'
+    labels) and the input pass (what triggers it; early layers first, showing its
+    sources' labels), then name the clusters. Resumable: a rerun asks only what is
+    missing or failed. ``params.dry_run`` assembles the prompts without an LLM."""
+    from circuit_atlas.compute.models import optional_tokenizer
+    from circuit_atlas.compute.names import model_name
+
+    lake, params = open_lake(lake), params or LabelParams()
+    progress = progress or Progress()
+    spec, model = model, model_name(model)
+    corpus = lake.reduced_corpus(model, as_corpora(corpora))
+    settings = params.settings()
+    tokenizer = optional_tokenizer(spec)
+    reports = []
+    for pass_ in params.passes:
+        task = f"{'prompts' if settings is None else 'label'} {pass_}"
+        reports.append(label_lake(
+            lake, model, corpus, pass_, settings, layers=list(params.layers) or None,
+            per_layer=params.per_layer, only_failed=params.only_failed, tokenizer=tokenizer,
+            on_progress=lambda layer, d, t, task=task: progress.update(
+                f"{task} L{layer}", d, t)))
+    named = None
+    if settings is not None and params.name_clusters and lake.table_manifest(
+            model, corpus, "cluster_assignments") is not None:
+        progress.update("naming the clusters", 0, None)
+        named = label_clusters(lake, model, corpus, settings, params.cluster_method)
+    return LabelsReport(corpus, reports, named, settings)
