@@ -15,6 +15,8 @@ from pathlib import Path
 import polars as pl
 from rich.console import Console
 
+from circuit_atlas.lake.neurons import neuron_label
+
 DEMO_CORPORA = ("medical", "general")
 # prompts per corpus by default: every stage in under 5 minutes on a 2-core AVX2-only
 # CPU (bench/RESULTS.md, "The demo"); --full runs all 40
@@ -141,7 +143,7 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
         export_html(lake, exact.name, key, html)
         export_duckdb(lake, exact.name, key, lake.path("atlas.duckdb"))
     top = lake.table("specificity").sort("log_odds_low", descending=True).head(1).collect()
-    neuron = f"L{top['layer'][0]}/N{top['neuron'][0]}"
+    neuron = neuron_label(top['layer'][0], top['neuron'][0])
     queries = [
         "SELECT layer, count(*) AS neurons, avg(der_mean) AS der FROM neuron_effects "
         "GROUP BY layer ORDER BY layer",

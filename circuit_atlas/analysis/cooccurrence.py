@@ -33,18 +33,16 @@ import pyarrow as pa
 
 from circuit_atlas.analysis.params import CooccurrenceParams
 from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.lake.neurons import layer_of, neuron_label, neuron_of, pack, unpack
 from circuit_atlas.stage import Progress, Report, as_corpora, connect, open_lake
 
 RANK_BY = ("jaccard", "npmi", "joint_count")
-SHIFT = 1 << 32  # key = layer * SHIFT + index (layer >= 0 here)
 PAIR_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("joint", pa.int64())])
 
 
-def key(layer: pl.Expr | np.ndarray, index: pl.Expr | np.ndarray):
-    """One int64 per neuron (layer, index): ``layer << 32 | index``."""
-    if isinstance(layer, pl.Expr):
-        return layer.cast(pl.Int64) * SHIFT + index.cast(pl.Int64)
-    return (np.asarray(layer, np.int64) << 32) | np.asarray(index, np.int64)
+def key(layer: pl.Expr | np.ndarray, neuron: pl.Expr | np.ndarray):
+    """One int64 per neuron (see ``lake.neurons.pack``)."""
+    return pack(layer, neuron)
 
 
 def graph_neurons(nodes: pl.DataFrame, n_layers: int, skip: list[int] = ()) -> pl.DataFrame:
@@ -91,9 +89,9 @@ def top_pairs(pairs: pl.DataFrame, counts: pl.DataFrame, n_graphs: int, k: int,
            .sort(["a", rank_by, "joint_count", "b"], descending=[False, True, True, False])
            .filter(pl.int_range(pl.len()).over("a") < k))
     return out.select(
-        layer=(pl.col("a") // SHIFT).cast(pl.Int16), neuron=(pl.col("a") % SHIFT).cast(pl.Int32),
-        other_layer=(pl.col("b") // SHIFT).cast(pl.Int16),
-        other_neuron=(pl.col("b") % SHIFT).cast(pl.Int32),
+        layer=layer_of(pl.col("a")).cast(pl.Int16), neuron=neuron_of(pl.col("a")).cast(pl.Int32),
+        other_layer=layer_of(pl.col("b")).cast(pl.Int16),
+        other_neuron=neuron_of(pl.col("b")).cast(pl.Int32),
         joint_count="joint_count", count="count", other_count="other_count",
         jaccard="jaccard", npmi="npmi")
 
@@ -124,7 +122,7 @@ def _shard_task(lake, shard, n_layers: int, skip: list[int], hubs: np.ndarray,
     nodes = pl.from_arrow(read_parquet(shard.file("graph_nodes"), GRAPH_NODES, lake.fs,
                                        ["graph_id", "layer", "neuron"]))
     pairs = pair_counts(graph_neurons(nodes, n_layers, skip), hubs).with_columns(
-        bucket=((pl.col("a") // SHIFT * 1_000_003 + pl.col("a") % SHIFT) % buckets)
+        bucket=((layer_of(pl.col("a")) * 1_000_003 + neuron_of(pl.col("a"))) % buckets)
         .cast(pl.Int32)).sort("bucket")
     parts = [pairs.filter(pl.col("bucket") == b).drop("bucket").to_arrow().cast(PAIR_SCHEMA)
              for b in range(buckets)]
@@ -188,7 +186,7 @@ def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int 
             on_progress(done, total)
     written = client.gather(finals)
     version.drop_scratch()
-    hub_ids = [f"L{h >> 32}/N{h & 0xFFFFFFFF}" for h in hubs.tolist()]
+    hub_ids = [neuron_label(a, b) for a, b in zip(*unpack(hubs), strict=True)]
     version.publish([w[0] for w in written], {
         "shards": held, "graphs": n_graphs, "hubs": hub_ids, "model": model,
         "params": {"k": k, "min_count": min_count, "max_share": max_share,
@@ -202,7 +200,7 @@ def run_cooccurrence(lake, *, model, corpora=None, params: CooccurrenceParams | 
     """The ``cooccurrence`` table: for each neuron the neurons found in the same graphs
     (top k, with joint count, Jaccard and normalised PMI), on a Dask cluster (a local
     one by default). ``corpora``: those of a reduce (default: the only one)."""
-    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.names import model_name
 
     lake, params = open_lake(lake), params or CooccurrenceParams()
     progress = progress or Progress()

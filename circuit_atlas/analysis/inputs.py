@@ -21,7 +21,7 @@ class Reduced:
 def reduced(lake: Lake, model: str, corpora: list[str]) -> Reduced:
     """The reduce of (model, corpora), checked to be current and to know the model's
     layer count; a clear error naming the command to run otherwise."""
-    from circuit_atlas.etl.reduce import ordered_shards
+    from circuit_atlas.lake.shards import ordered_shards
 
     ck = corpus_key(corpora)
     manifest = lake.table_manifest(model, ck, "neurons")

@@ -15,7 +15,7 @@ import polars as pl
 
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake
-from circuit_atlas.lake.neurons import parse_neuron  # noqa: F401 - also imported from here
+from circuit_atlas.lake.neurons import NodeNames, neuron_label
 from circuit_atlas.lake.schemas import STATIC_CORPUS
 
 
@@ -26,23 +26,6 @@ def default_corpus(lake: Lake, model: str) -> str:
 
 def _table(lake: Lake, name: str, model: str, corpus: str) -> pl.LazyFrame | None:
     return lake.optional_table(name, model, corpus)
-
-
-class NodeNames:
-    """Display names of nodes: neurons as L12/N345, token nodes decoded."""
-
-    def __init__(self, tokenizer: Any, n_layers: int | None) -> None:
-        self.tok, self.n_layers = tokenizer, n_layers
-
-    def token(self, token_id: int) -> str:
-        return repr(self.tok.decode([token_id])) if self.tok is not None else f"#{token_id}"
-
-    def node(self, layer: int, index: int) -> str:
-        if layer < 0:
-            return f"emb {self.token(index)}"
-        if self.n_layers is not None and layer >= self.n_layers:
-            return f"logit {self.token(index)}"
-        return f"L{layer}/N{index}"
 
 
 def neuron_profile(lake: Lake, model: str, layer: int, neuron: int, corpus: str | None = None,
@@ -59,8 +42,8 @@ def neuron_profile(lake: Lake, model: str, layer: int, neuron: int, corpus: str 
     stats = lake.table("neurons", model, corpus).drop("model", "corpus").filter(
         me & (pl.col("neuron") == neuron)).collect()
     if stats.is_empty():
-        raise CircuitAtlasError(f"L{layer}/N{neuron} is in no graph of {corpus!r}")
-    out: dict[str, Any] = {"id": f"L{layer}/N{neuron}", "layer": layer, "neuron": neuron,
+        raise CircuitAtlasError(f"{neuron_label(layer, neuron)} is in no graph of {corpus!r}")
+    out: dict[str, Any] = {"id": neuron_label(layer, neuron), "layer": layer, "neuron": neuron,
                            "model": model, "corpus": corpus,
                            "appearances": stats.drop("layer", "neuron").to_dicts()[0]}
     corpora = _table(lake, "neuron_corpora", model, corpus)

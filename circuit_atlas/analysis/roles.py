@@ -113,7 +113,7 @@ def run_roles(lake, *, model, corpora=None, params: RolesParams | None = None, c
     integrator, output formatter, inhibitor, other): the ``roles`` table."""
     from dataclasses import asdict
 
-    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.names import model_name
 
     lake, params = open_lake(lake), params or RolesParams()
     model = model_name(model)

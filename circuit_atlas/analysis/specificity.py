@@ -92,7 +92,7 @@ def run_specificity(lake, *, model, corpora=None, params: SpecificityParams | No
     95% interval) from a joint reduce of the domain and baseline corpora (``corpora``:
     default the only reduce; ``params.domain``/``baseline`` default to its two corpora
     when one of them is given)."""
-    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.names import model_name
 
     lake, params = open_lake(lake), params or SpecificityParams()
     model = model_name(model)

@@ -77,9 +77,9 @@ def profile(neuron: str, lake_path: str, model: str, corpora: tuple[str, ...], t
     """Everything the lake knows about one neuron (L12/N345 or 12:345)."""
     from circuit_atlas.analysis.profile import neuron_profile
     from circuit_atlas.compute.models import optional_tokenizer
-    from circuit_atlas.compute.names import model_name
     from circuit_atlas.lake import Lake
     from circuit_atlas.lake.neurons import parse_neuron
+    from circuit_atlas.names import model_name
 
     layer, number = parse_neuron(neuron)
     opened, name = Lake(lake_path), model_name(model)

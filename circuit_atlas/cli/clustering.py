@@ -34,8 +34,8 @@ def cluster_cmd(lake_path: str, corpora: tuple[str, ...], model: str, report_onl
     """Cluster the edges table into circuits (Infomap multi-level, or Leiden) and write
     the cluster_assignments and clusters tables; prints a comparison of the methods."""
     from circuit_atlas.clustering.run import compare_methods, run_clustering
-    from circuit_atlas.compute.names import model_name
     from circuit_atlas.lake import Lake
+    from circuit_atlas.names import model_name
 
     params = take_params(ClusteringParams, options)
     out = display.console(quiet=as_json)

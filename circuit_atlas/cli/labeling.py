@@ -51,9 +51,9 @@ def labels_import(file: str, lake_path: str, model: str, corpora: tuple[str, ...
                   pass_: str) -> None:
     """Add labels from CSV, JSON or JSONL (layer and neuron columns, or an id such as
     L12/N345; a label; optionally a description) to the labels table."""
-    from circuit_atlas.compute.names import model_name
     from circuit_atlas.labeling.label_files import import_labels
     from circuit_atlas.lake import Lake
+    from circuit_atlas.names import model_name
 
     opened, name = Lake(lake_path), model_name(model)
     n = import_labels(opened, name, opened.reduced_corpus(name, corpora), file, pass_)
@@ -70,9 +70,9 @@ def browse(lake_path: str, model: str, corpora: tuple[str, ...], pass_: str | No
     """Page through labelled neurons with their evidence (n/Enter next, b back,
     r random, g go to a neuron, l jump to a layer, q quit). No LLM calls."""
     from circuit_atlas.compute.models import optional_tokenizer
-    from circuit_atlas.compute.names import model_name
     from circuit_atlas.labeling.browse import browse as run
     from circuit_atlas.lake import Lake
+    from circuit_atlas.names import model_name
 
     opened, name = Lake(lake_path), model_name(model)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from circuit_atlas.compute.names import DEFAULT_MODEL
+from circuit_atlas.names import DEFAULT_MODEL
 from circuit_atlas.params import Param, params
 from circuit_atlas.stage import ClusterSpec
 

@@ -15,7 +15,7 @@ method_option = click.option("--method", default="infomap", show_default=True,
 
 
 def _atlas_key(lake, model: str, corpora: tuple[str, ...]) -> tuple[str, str]:
-    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.names import model_name
 
     name = model_name(model)
     return name, lake.reduced_corpus(name, corpora)

@@ -29,6 +29,7 @@ import polars as pl
 from circuit_atlas._version import __version__
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake
+from circuit_atlas.lake.neurons import neuron_label
 
 
 def _optional(lake: Lake, name: str, model: str, corpus: str) -> pl.DataFrame | None:
@@ -155,7 +156,7 @@ def export_network(lake: Lake, model: str, corpus: str, path: str, fmt: str,
         & pl.col("tgt_layer").is_between(0, n_layers - 1))
     graph = nx.DiGraph()
     for r in neurons.iter_rows(named=True):
-        node = f"L{r['layer']}/N{r['neuron']}"
+        node = neuron_label(r['layer'], r['neuron'])
         # "label" is what Gephi shows: the neuron's label, else its id
         attrs = {"layer": int(r["layer"]), "neuron": int(r["neuron"]),
                  "label": r["label"] or node, "labelled": r["label"] is not None,
@@ -164,8 +165,9 @@ def export_network(lake: Lake, model: str, corpus: str, path: str, fmt: str,
                  "graph_count": int(r["num_exemplars"])}
         graph.add_node(node, **attrs)
     for r in edges.iter_rows(named=True):
-        graph.add_edge(f"L{r['src_layer']}/N{r['src_neuron']}",
-                       f"L{r['tgt_layer']}/N{r['tgt_neuron']}", weight=float(r["mean_weight"]),
+        graph.add_edge(neuron_label(r["src_layer"], r["src_neuron"]),
+                       neuron_label(r["tgt_layer"], r["tgt_neuron"]),
+                       weight=float(r["mean_weight"]),
                        abs_weight=float(r["mean_abs_weight"]), count=int(r["count"]))
     if fmt == "gexf":
         nx.write_gexf(graph, path)

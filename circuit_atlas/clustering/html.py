@@ -20,6 +20,7 @@ import polars as pl
 from circuit_atlas.clustering.export import atlas_tables
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake
+from circuit_atlas.lake.neurons import neuron_label
 
 PLACEHOLDER = "/*__DATA__*/null"
 
@@ -53,7 +54,7 @@ def viewer_data(lake: Lake, model: str, corpus: str, method: str = "infomap",
                      "top": r["top_members"], "label": r.get("label")}
                     for r in modules.iter_rows(named=True)],
         "neurons": {
-            "id": [f"L{a}/N{b}" for a, b in zip(neurons["layer"], neurons["neuron"],
+            "id": [neuron_label(a, b) for a, b in zip(neurons["layer"], neurons["neuron"],
                                                  strict=True)],
             "layer": neurons["layer"].to_list(), "path": neurons["cluster_path"].to_list(),
             "flow": [round(f, 9) for f in neurons["infomap_flow"].to_list()],

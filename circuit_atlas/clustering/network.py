@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 
 from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.lake.neurons import layer_of, neuron_label, neuron_of, pack
 from circuit_atlas.lake.schemas import EMBEDDING_LAYER
 
 # Link weight choices, as polars expressions over the edges table.
@@ -65,7 +66,7 @@ class Network:
 
     def node_ids(self, dense: np.ndarray) -> list[str]:
         """Display ids ``L12/N345`` of dense node ids."""
-        return [f"L{self.layer[i]}/N{self.index[i]}" for i in dense]
+        return [neuron_label(self.layer[i], self.index[i]) for i in dense]
 
 
 def network_params(min_count: int = DEFAULT_MIN_COUNT, top_k: int | None = None,
@@ -107,23 +108,18 @@ def link_frame(edges: pl.LazyFrame, params: dict[str, Any], n_layers: int | None
     return lf
 
 
-def _packed(layer: np.ndarray, index: np.ndarray) -> np.ndarray:
-    # layer >= -1 and index >= 0: the key orders by layer, then index
-    return ((layer.astype(np.int64) + 1) << 32) | index.astype(np.int64)
-
-
 def build_network(links: pl.DataFrame, params: dict[str, Any],
                   nodes: pl.DataFrame | None = None) -> Network:
     """The dense network of ``links`` (from :func:`link_frame`). ``nodes`` (layer, index)
     adds nodes that may have no link: they end up in modules of their own."""
-    keys = [_packed(links[f"{e}_layer"].to_numpy(), links[f"{e}_neuron"].to_numpy())
+    keys = [pack(links[f"{e}_layer"].to_numpy(), links[f"{e}_neuron"].to_numpy())
             for e in ("src", "tgt")]
     if nodes is not None and len(nodes):
-        keys.append(_packed(nodes["layer"].to_numpy(), nodes["neuron"].to_numpy()))
+        keys.append(pack(nodes["layer"].to_numpy(), nodes["neuron"].to_numpy()))
     unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
     n = len(links)
     return Network(
-        layer=((unique >> 32) - 1).astype(np.int16),
-        index=(unique & 0xFFFFFFFF).astype(np.int32),
+        layer=layer_of(unique).astype(np.int16),
+        index=neuron_of(unique).astype(np.int32),
         src=inverse[:n].astype(np.int64), tgt=inverse[n:2 * n].astype(np.int64),
         weight=links["w"].to_numpy().astype(np.float64), params=params)

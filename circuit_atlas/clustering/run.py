@@ -193,7 +193,7 @@ def run_clustering(lake, *, model, corpora=None, params: ClusteringParams | None
     the cluster_assignments and clusters tables and returns the comparison of every
     method the lake holds for them. In this process by default; with a ``cluster``,
     on the worker with the most memory."""
-    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.names import model_name
 
     lake, params = open_lake(lake), params or ClusteringParams()
     progress = progress or Progress()

@@ -15,6 +15,7 @@ import polars as pl
 
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import REMAINDER_INDEX, Lake
+from circuit_atlas.lake.neurons import neuron_label
 
 
 def _cantor(x: int, y: int) -> int:
@@ -37,7 +38,7 @@ def _node(layer: int, index: int, pos: int, n_layers: int, decode, **extra) -> d
         js, clerp = f"{layer}_-1-{pos}", f"L{layer} other neurons"
     else:
         nid, kind, shown = f"{layer}_{index}_{pos}", "cross layer transcoder", str(layer)
-        feature, js, clerp = _cantor(layer, index), f"{layer}_{index}-0", f"L{layer}/N{index}"
+        feature, js, clerp = _cantor(layer, index), f"{layer}_{index}-0", neuron_label(layer, index)
     return {"node_id": nid, "feature": feature, "layer": shown, "ctx_idx": pos,
             "feature_type": kind, "jsNodeId": js, "clerp": clerp, "run_idx": 0,
             "reverse_ctx_idx": 0, **extra}

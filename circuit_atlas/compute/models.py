@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from circuit_atlas.compute.adapters import Adapter, adapter_for
-from circuit_atlas.compute.names import ALIASES, DEFAULT_MODEL
 from circuit_atlas.compute.precision import DTYPES, resolve_dtype
 from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.names import ALIASES, DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from circuit_atlas.etl.fold import fold
 from circuit_atlas.etl.params import ReduceParams
 from circuit_atlas.lake import GRAPH_EDGES, GRAPH_NODES, GRAPHS, Lake, layout
 from circuit_atlas.lake.schemas import EDGE_STATS, NEURON_CORPORA, NEURON_STATS, NEURON_TOKENS
-from circuit_atlas.lake.shards import Shard, repeated_graphs
+from circuit_atlas.lake.shards import Shard, ordered_shards, repeated_graphs
 from circuit_atlas.lake.validate import read_parquet
 from circuit_atlas.stage import Progress, Report, as_corpora, connect, open_lake
 
@@ -71,7 +71,7 @@ def run_reduce(lake, *, model, corpora, params: ReduceParams | None = None, clus
     """Reduce the committed graph shards of ``model`` over ``corpora`` into the
     edges, neurons, neuron_corpora and neuron_tokens tables, on a Dask cluster (a
     local one by default). A rerun folds only the shards committed since."""
-    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.names import model_name
 
     lake, params = open_lake(lake), params or ReduceParams()
     progress = progress or Progress()
@@ -228,11 +228,6 @@ def finish_task(version, table: str, layers: list[int] | None, state: pa.Table,
         states.append(version.part_path(part) if params["min_count"] == 1
                       else version.write_state(layer_file(layer), layer_state))
     return parts, states, rows
-
-
-def ordered_shards(lake: Lake, model: str, corpora: list[str]) -> list[Shard]:
-    """Committed shards of (model, corpora) in commit order: the order of the fold."""
-    return [s for s in lake.shards(model) if s.corpus in set(corpora)]
 
 
 def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_count: int = 1,

@@ -12,6 +12,7 @@ from typing import Any
 
 from circuit_atlas.labeling.client import LLMSettings, Usage
 from circuit_atlas.labeling.replies import response_format, validate
+from circuit_atlas.lake.neurons import neuron_label
 from circuit_atlas.lake.records import write_json_atomic
 
 
@@ -24,7 +25,7 @@ def batch_layer(settings: LLMSettings, pass_: str, layer: int,
     ``todo``, and ``retry(items)`` for the replies that did not validate (asked once
     more, one by one). The batch id survives a kill in ``state_path`` (on ``fs``)."""
     client = settings.client(async_=False)
-    by_id = {f"L{layer}/N{n}": (n, msgs, phash) for n, msgs, phash in todo}
+    by_id = {neuron_label(layer, n): (n, msgs, phash) for n, msgs, phash in todo}
     state = None
     if fs.exists(state_path):
         with fs.open(state_path, "rb") as f:

@@ -18,7 +18,7 @@ from circuit_atlas.labeling.evidence import Atlas, layer_evidence
 from circuit_atlas.labeling.templates import input_prompt, output_prompt
 from circuit_atlas.lake import Lake
 from circuit_atlas.lake.labels import known_labels, latest_ok
-from circuit_atlas.lake.neurons import parse_neuron
+from circuit_atlas.lake.neurons import neuron_label, parse_neuron
 
 HELP = "n/Enter next, b back, r random, g go to neuron, l jump to layer, q quit"
 
@@ -41,7 +41,7 @@ class Browser:
     def page(self) -> str:
         layer, neuron = self.order[self.pos]
         mine = self.labels.filter((pl.col("layer") == layer) & (pl.col("neuron") == neuron))
-        lines = [f"[{self.pos + 1}/{len(self.order)}] L{layer}/N{neuron}"]
+        lines = [f"[{self.pos + 1}/{len(self.order)}] {neuron_label(layer, neuron)}"]
         for r in mine.sort("pass").iter_rows(named=True):
             lines.append(f"  {r['pass'].upper()}: {r['label']}"
                          + (f" ({r['type']}, {r['interpretability']})" if r["type"] else ""))

@@ -19,10 +19,10 @@ from typing import Any
 
 import polars as pl
 
-from circuit_atlas.analysis.profile import NodeNames
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.labeling.templates import messages
 from circuit_atlas.lake import Lake
+from circuit_atlas.lake.neurons import NodeNames, neuron_label
 from circuit_atlas.lake.schemas import STATIC_CORPUS
 
 PASSES = ("output", "input")
@@ -97,7 +97,7 @@ def layer_evidence(atlas: Atlas, pass_: str, layer: int, labels: pl.DataFrame | 
     if neurons is not None:
         base = base.filter(pl.col("neuron").is_in(neurons))
     ids = base["neuron"].to_list()
-    ev = {n: {"neuron": f"L{layer}/N{n}", "layer": layer, "n_layers": atlas.n_layers,
+    ev = {n: {"neuron": neuron_label(layer, n), "layer": layer, "n_layers": atlas.n_layers,
               "appearances": c} for n, c in zip(ids, base["graph_count"], strict=True)}
     if not ids:
         return ev
@@ -156,7 +156,7 @@ def layer_evidence(atlas: Atlas, pass_: str, layer: int, labels: pl.DataFrame | 
         rows = _top_per(t["cooccurrence"].filter(mine), "neuron", "jaccard", top).collect()
         for n, rs in _by_neuron(rows).items():
             ev[n]["cooccurring"] = [
-                {"node": f"L{r['other_layer']}/N{r['other_neuron']}", "jaccard": r["jaccard"],
+                {"node": neuron_label(r['other_layer'], r['other_neuron']), "jaccard": r["jaccard"],
                  "label": output_labels.get((r["other_layer"], r["other_neuron"]))}
                 for r in rs]
     return ev

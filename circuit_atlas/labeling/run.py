@@ -35,6 +35,7 @@ from circuit_atlas.labeling.journal import Journal, fold_journals, journal_dir, 
 from circuit_atlas.labeling.params import LabelParams
 from circuit_atlas.lake import Lake
 from circuit_atlas.lake.labels import known_labels, latest_ok
+from circuit_atlas.lake.neurons import neuron_label
 from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
 
 
@@ -191,7 +192,7 @@ def label_clusters(lake: Lake, model: str, corpus: str, settings: LLMSettings,
             if len(group) < min_labelled:
                 continue
             top = group.sort("flow", descending=True).head(members)
-            msgs = cluster_messages(path, [(f"L{a}/N{b}", c) for a, b, c in zip(
+            msgs = cluster_messages(path, [(neuron_label(a, b), c) for a, b, c in zip(
                 top["layer"], top["neuron"], top["label"], strict=True)])
             h = prompt_hash(msgs)
             if (path, h) in done:
@@ -258,7 +259,7 @@ def run_labels(lake, *, model, corpora=None, params: LabelParams | None = None,
     sources' labels), then name the clusters. Resumable: a rerun asks only what is
     missing or failed. ``params.dry_run`` assembles the prompts without an LLM."""
     from circuit_atlas.compute.models import optional_tokenizer
-    from circuit_atlas.compute.names import model_name
+    from circuit_atlas.names import model_name
 
     lake, params = open_lake(lake), params or LabelParams()
     progress = progress or Progress()

@@ -9,8 +9,10 @@ neuron -1, are never packed).
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
+import polars as pl
 
 from circuit_atlas.errors import CircuitAtlasError
 
@@ -30,12 +32,47 @@ def neuron_label(layer: int, neuron: int) -> str:
     return f"L{int(layer)}/N{int(neuron)}"
 
 
-def pack(layer, neuron) -> np.ndarray:
-    """One int64 per (layer, neuron), arrays or scalars."""
+SHIFT = 1 << 32
+
+
+def pack(layer, neuron):
+    """One int64 per (layer, neuron): numpy arrays or scalars, or polars expressions."""
+    if isinstance(layer, pl.Expr):
+        return (layer.cast(pl.Int64) + 1) * SHIFT + neuron.cast(pl.Int64)
     return ((np.asarray(layer, np.int64) + 1) << 32) | np.asarray(neuron, np.int64)
+
+
+def layer_of(key):
+    """The layer of packed keys (arrays or a polars expression)."""
+    if isinstance(key, pl.Expr):
+        return key // SHIFT - 1
+    return (np.asarray(key, np.int64) >> 32) - 1
+
+
+def neuron_of(key):
+    """The neuron number of packed keys (arrays or a polars expression)."""
+    if isinstance(key, pl.Expr):
+        return key % SHIFT
+    return np.asarray(key, np.int64) & 0xFFFFFFFF
 
 
 def unpack(key) -> tuple[np.ndarray, np.ndarray]:
     """The (layer, neuron) arrays of packed keys."""
-    key = np.asarray(key, np.int64)
-    return (key >> 32) - 1, key & 0xFFFFFFFF
+    return layer_of(key), neuron_of(key)
+
+
+class NodeNames:
+    """Display names of nodes: neurons as L12/N345, token nodes decoded."""
+
+    def __init__(self, tokenizer: Any, n_layers: int | None) -> None:
+        self.tok, self.n_layers = tokenizer, n_layers  # any object with .decode(ids)
+
+    def token(self, token_id: int) -> str:
+        return repr(self.tok.decode([token_id])) if self.tok is not None else f"#{token_id}"
+
+    def node(self, layer: int, index: int) -> str:
+        if layer < 0:
+            return f"emb {self.token(index)}"
+        if self.n_layers is not None and layer >= self.n_layers:
+            return f"logit {self.token(index)}"
+        return neuron_label(layer, index)

@@ -378,6 +378,11 @@ def list_shards(lake: Lake, model: str | None = None, corpus: str | None = None)
     return shards
 
 
+def ordered_shards(lake: Lake, model: str, corpora: list[str]) -> list[Shard]:
+    """Committed shards of (model, corpora) in commit order: the order a reduce folds."""
+    return [s for s in lake.shards(model) if s.corpus in set(corpora)]
+
+
 def repeated_graphs(lake: Lake, shards: list[Shard]) -> list[list[int]]:
     """Per shard, the graph ids an earlier shard of the list already holds: each graph
     is read once, from the first shard that has it. Within one (model, corpus) log

@@ -9,12 +9,13 @@ import pytest
 from click.testing import CliRunner
 
 from circuit_atlas import CircuitAtlasError
-from circuit_atlas.analysis.profile import neuron_profile, parse_neuron
+from circuit_atlas.analysis.profile import neuron_profile
 from circuit_atlas.analysis.roles import classify, role_features
 from circuit_atlas.analysis.specificity import specificity
 from circuit_atlas.cli import cli
 from circuit_atlas.etl.reduce import reduce_lake
 from circuit_atlas.lake import Lake
+from circuit_atlas.lake.neurons import parse_neuron
 from tests.factories import MODEL, N_LAYERS, prompts_of, write_shard
 
 
