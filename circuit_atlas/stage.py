@@ -129,10 +129,9 @@ def connect(cluster: Any, *, default: str, progress: Progress | None = None, gpu
     from circuit_atlas.etl.clusters import dask_client
 
     echo = (progress or Progress()).message
-    slurm = {k: v for k, v in spec.slurm_overrides().items()}
     with dask_client(spec.cluster, n_workers=spec.workers, memory_limit=spec.worker_memory,
                      jobs=spec.jobs, adapt=spec.adapt(), echo=echo, gpus=gpus,
-                     **slurm) as client:
+                     **spec.slurm_overrides()) as client:
         yield client
 
 
@@ -143,6 +142,12 @@ def as_corpora(corpora: str | Sequence[str] | None) -> list[str]:
     if isinstance(corpora, str):
         return [corpora]
     return list(corpora)
+
+
+def atlas_corpora(lake: Any, model: str, corpora: str | Sequence[str] | None) -> list[str]:
+    """The corpora of a reduce: ``corpora``, or those of the only table set the lake
+    holds for ``model`` (see ``Lake.reduced_corpus``)."""
+    return lake.reduced_corpus(model, as_corpora(corpora)).split("+")
 
 
 def open_lake(lake: Any) -> Any:

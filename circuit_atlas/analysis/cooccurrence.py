@@ -34,7 +34,7 @@ import pyarrow as pa
 from circuit_atlas.analysis.params import CooccurrenceParams
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake.neurons import layer_of, neuron_label, neuron_of, pack, unpack
-from circuit_atlas.stage import Progress, Report, as_corpora, connect, open_lake
+from circuit_atlas.stage import Progress, Report, atlas_corpora, connect, open_lake
 
 RANK_BY = ("jaccard", "npmi", "joint_count")
 PAIR_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("joint", pa.int64())])
@@ -205,7 +205,7 @@ def run_cooccurrence(lake, *, model, corpora=None, params: CooccurrenceParams | 
     lake, params = open_lake(lake), params or CooccurrenceParams()
     progress = progress or Progress()
     model = model_name(model)
-    corpora = lake.reduced_corpus(model, as_corpora(corpora)).split("+")
+    corpora = atlas_corpora(lake, model, corpora)
     with connect(cluster, default="local", progress=progress) as client:
         return cooccurrence_lake(lake, model, corpora, client, k=params.k,
                                  min_count=params.min_count, max_share=params.max_share,

@@ -19,11 +19,6 @@ from circuit_atlas.lake.neurons import NodeNames, neuron_label
 from circuit_atlas.lake.schemas import STATIC_CORPUS
 
 
-def default_corpus(lake: Lake, model: str) -> str:
-    """The corpus key of the model's reduced tables, when there is exactly one."""
-    return lake.reduced_corpus(model)
-
-
 def _table(lake: Lake, name: str, model: str, corpus: str) -> pl.LazyFrame | None:
     return lake.optional_table(name, model, corpus)
 
@@ -31,7 +26,7 @@ def _table(lake: Lake, name: str, model: str, corpus: str) -> pl.LazyFrame | Non
 def neuron_profile(lake: Lake, model: str, layer: int, neuron: int, corpus: str | None = None,
                    top: int = 10, tokenizer: Any = None) -> dict[str, Any]:
     """The profile of neuron (layer, neuron) as a JSON-ready dict of sections."""
-    corpus = corpus or default_corpus(lake, model)
+    corpus = corpus or lake.reduced_corpus(model)
     manifest = lake.table_manifest(model, corpus, "neurons")
     if manifest is None:
         raise CircuitAtlasError(f"no reduced tables for {model!r} / {corpus!r}; "

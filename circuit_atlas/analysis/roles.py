@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from circuit_atlas.analysis.params import RolesParams
-from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
+from circuit_atlas.stage import Progress, Report, atlas_corpora, open_lake
 
 ROLES = ("output formatter", "feature detector", "inhibitor", "integrator", "relay", "other")
 
@@ -117,6 +117,6 @@ def run_roles(lake, *, model, corpora=None, params: RolesParams | None = None, c
 
     lake, params = open_lake(lake), params or RolesParams()
     model = model_name(model)
-    corpora = lake.reduced_corpus(model, as_corpora(corpora)).split("+")
+    corpora = atlas_corpora(lake, model, corpora)
     counts = write_roles(lake, model, corpora, **asdict(params))
     return RolesReport("+".join(sorted(corpora)), counts)

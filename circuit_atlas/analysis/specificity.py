@@ -22,7 +22,7 @@ import polars as pl
 
 from circuit_atlas.analysis.params import SpecificityParams
 from circuit_atlas.errors import CircuitAtlasError
-from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
+from circuit_atlas.stage import Progress, Report, atlas_corpora, open_lake
 
 Z95 = 1.959963984540054
 
@@ -96,7 +96,7 @@ def run_specificity(lake, *, model, corpora=None, params: SpecificityParams | No
 
     lake, params = open_lake(lake), params or SpecificityParams()
     model = model_name(model)
-    corpora = lake.reduced_corpus(model, as_corpora(corpora)).split("+")
+    corpora = atlas_corpora(lake, model, corpora)
     domain, baseline = params.domain, params.baseline
     if len(corpora) == 2 and bool(domain) != bool(baseline):
         domain = domain or next(c for c in corpora if c != baseline)

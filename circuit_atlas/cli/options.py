@@ -48,16 +48,13 @@ def _option(p: Param, names: tuple[str, ...], default: Any) -> Callable:
 
 
 def params_options(cls: type, names: dict[str, str | tuple[str, ...]] | None = None,
-                   defaults: dict[str, Any] | None = None, exclude: tuple[str, ...] = ()
-                   ) -> Callable:
+                   defaults: dict[str, Any] | None = None) -> Callable:
     """A decorator adding one option per field of ``cls``: ``--field-name`` (``names``:
     other flags), the field's default (``defaults``: others), its docstring as help."""
     names, defaults = names or {}, defaults or {}
 
     def decorate(f: Callable) -> Callable:
         for p in reversed(params(cls)):
-            if p.name in exclude:
-                continue
             flags = names.get(p.name, p.name)
             flags = (flags,) if isinstance(flags, str) else flags
             f = _option(p, flags, defaults.get(p.name, p.default))(f)
@@ -65,14 +62,14 @@ def params_options(cls: type, names: dict[str, str | tuple[str, ...]] | None = N
     return decorate
 
 
-def take_params(cls: type, kwargs: dict[str, Any], **fixed: Any) -> Any:
+def take_params(cls: type, kwargs: dict[str, Any]) -> Any:
     """An instance of ``cls`` from (and removed from) a command's keyword arguments."""
     values = {}
     for p in params(cls):
         if p.name in kwargs:
             value = kwargs.pop(p.name)
             values[p.name] = tuple(value) if p.many else value
-    return cls(**values, **fixed)
+    return cls(**values)
 
 
 def cluster_options(default: str = "local") -> Callable:

@@ -19,6 +19,7 @@ import torch
 
 from circuit_atlas.compute.exemplars import BIN_EDGES, K, LayerState, merge
 from circuit_atlas.compute.models import LoadedModel
+from circuit_atlas.errors import CircuitAtlasError
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def batches(windows: Iterable[Window], batch_tokens: int) -> Iterator[list[Windo
 def _mlp_inputs(model: LoadedModel) -> list[torch.nn.Module]:
     mods = [m for name, m in model.model.named_modules() if name.endswith("mlp.down_proj")]
     if len(mods) != model.adapter.n_layers:
-        raise RuntimeError(f"found {len(mods)} mlp.down_proj modules for "
+        raise CircuitAtlasError(f"found {len(mods)} mlp.down_proj modules for "
                            f"{model.adapter.n_layers} layers")
     return mods
 

@@ -194,7 +194,7 @@ def run_graphs(lake: Lake | str, *, model: str | LoadedModel, corpora: str | lis
     address or a Client run one task per shard (with ``device='cuda'`` on SLURM the
     jobs ask for a GPU each).
     """
-    from circuit_atlas.compute.models import load_model, model_ref
+    from circuit_atlas.compute.models import loaded, model_ref
 
     lake, params = open_lake(lake), params or GraphsParams()
     progress = progress or Progress()
@@ -205,15 +205,11 @@ def run_graphs(lake: Lake | str, *, model: str | LoadedModel, corpora: str | lis
     on_slurm = getattr(cluster, "cluster", None) == "slurm"
     gpus = 1 if on_slurm and params.device.startswith("cuda") else 0  # a GPU per job
     with connect(cluster, default="none", progress=progress, gpus=gpus) as client:
-        if isinstance(model, str) and client is not None:
-            loaded = model_ref(model, device=params.device,
-                               dtype=worker_dtype(client, params.device, params.dtype))
-        elif isinstance(model, str):
-            progress.message(f"loading {model} ...")
-            loaded = load_model(model, device=params.device, dtype=params.dtype,
-                                warn=progress.message)
+        if isinstance(model, str) and client is not None:  # the workers load it
+            ready = model_ref(model, device=params.device,
+                              dtype=worker_dtype(client, params.device, params.dtype))
         else:
-            loaded = model
+            ready = loaded(model, params.device, params.dtype, "graphs", progress)
         runs = []
         for corpus in corpora:
             done = 0
@@ -223,13 +219,13 @@ def run_graphs(lake: Lake | str, *, model: str | LoadedModel, corpora: str | lis
                 done += n
                 progress.update(f"graphs {corpus}", done, total)
 
-            report = graph_job(lake, loaded, corpus, params.attribution(),
+            report = graph_job(lake, ready, corpus, params.attribution(),
                                shard_size=params.shard_size, limit=params.limit,
                                max_tokens=params.max_tokens, batch_rows=params.batch_rows,
                                on_graph=tick, client=client,
                                model_spec=model if isinstance(model, str) else None,
                                prompt_batch=params.prompt_batch)
-            report.dtype = loaded.dtype_name
+            report.dtype = ready.dtype_name
             runs.append(report)
     return GraphsReport(runs)
 

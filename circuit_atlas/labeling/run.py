@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,20 +98,16 @@ def label_lake(lake: Lake, model: str, corpus: str, pass_: str, settings: LLMSet
         if not todo:
             continue
         journal = Journal(lake, model, corpus)
-        done = [0]
-
-        def tick(layer=layer, todo=todo, done=done) -> None:
-            done[0] += 1
-            if on_progress:
-                on_progress(layer, done[0], len(todo))
+        counter = itertools.count(1)
 
         def answered(item: tuple, parsed: dict[str, Any] | None, error: str | None,
-                     layer=layer, journal=journal, tick=tick) -> None:
+                     layer=layer, journal=journal, todo=todo, counter=counter) -> None:
             neuron, _, phash = item
             journal.write(label_row(layer, neuron, pass_, settings.model, phash, parsed,
                                     error))
             report.answered(parsed is not None)
-            tick()
+            if on_progress:
+                on_progress(layer, next(counter), len(todo))
 
         def ask_all(items: list[tuple], answered=answered) -> None:
             asyncio.run(fan_out(settings, pass_, [(t, t[1]) for t in items], answered,

@@ -39,15 +39,23 @@ PART = "part-0.parquet"  # the one file of a shard in each per-graph table
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
-@functools.lru_cache(maxsize=65536)  # called for every file of every snapshot
 def check_name(kind: str, value: str) -> str:
     """A corpus, model key, shard or table name, checked to be safe as a path part."""
-    if not isinstance(value, str) or not _NAME.match(value) or len(value) > 200:
-        raise LakeError(
-            f"invalid {kind} name {value!r}: use letters, digits and . _ + - "
-            "(starting with a letter or digit, at most 200 characters)"
-        )
+    if not isinstance(value, str):
+        raise LakeError(_invalid(kind, value))
+    return _checked_name(kind, value)
+
+
+@functools.lru_cache(maxsize=65536)  # called for every file of every snapshot
+def _checked_name(kind: str, value: str) -> str:
+    if not _NAME.match(value) or len(value) > 200:
+        raise LakeError(_invalid(kind, value))
     return value
+
+
+def _invalid(kind: str, value: object) -> str:
+    return (f"invalid {kind} name {value!r}: use letters, digits and . _ + - "
+            "(starting with a letter or digit, at most 200 characters)")
 
 
 def model_key(model: str) -> str:

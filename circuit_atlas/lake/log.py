@@ -36,7 +36,7 @@ import os
 import re
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -123,17 +123,21 @@ class CommitLog:
 
     def _from_checkpoint(self) -> dict[int, dict[str, Any]]:
         """The records of the newest readable checkpoint ({} if none)."""
+        for cp in self._checkpoint_candidates():
+            got = self._read_checkpoint(cp)
+            if got is not None and sorted(got) == list(range(cp + 1)):
+                return got
+        return {}
+
+    def _checkpoint_candidates(self) -> Iterator[int]:
+        """The checkpoint ``_last_checkpoint`` names, then (only if that one does not
+        serve) every checkpoint a listing finds, newest first."""
         try:
             with self.fs.open(f"{self.path}/{LAST_CHECKPOINT}", "rb") as f:
-                candidates = [int(json.loads(f.read())["seq"])]
+                yield int(json.loads(f.read())["seq"])
         except (OSError, ValueError, KeyError, TypeError):
-            candidates = []
-        for cps in (candidates, None):
-            for cp in cps if cps is not None else reversed(self._checkpoints()):
-                got = self._read_checkpoint(cp)
-                if got is not None and sorted(got) == list(range(cp + 1)):
-                    return got
-        return {}
+            pass
+        yield from reversed(self._checkpoints())
 
     def _entry(self) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
         """(every record by number, the folds over them): those this process holds if

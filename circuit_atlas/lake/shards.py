@@ -221,12 +221,6 @@ class ShardWriter:
                         f"shard {self.shard}: {table} rows refer to graph_id "
                         f"{unknown[0].as_py()} that is not in the shard's graphs table")
 
-    def _taken(self, records: list[dict[str, Any]]) -> set[str]:
-        """The prompts of this shard that ``records`` already commit with its params."""
-        mine = set(self._prompt_ids)
-        return {p for r in records if r.get("params_hash") == self.params_hash
-                for p in r.get("prompt_ids", ()) if p in mine}
-
     def _committed(self, log: CommitLog) -> set[str]:
         """The prompts of this shard that the log already commits with its params."""
         held = committed_prompts(log).get(self.params_hash, {})
@@ -291,7 +285,7 @@ class ShardWriter:
         current = {"record": record()}
 
         def on_conflict(mine: dict[str, Any], theirs: list[dict[str, Any]]):
-            taken = self._taken(theirs)
+            taken = self._committed(log)  # the log's index now holds theirs too
             if not taken:
                 return mine
             self._drop(taken, {t: self.final(t) for t in SHARD_TABLES})
