@@ -126,6 +126,8 @@ def run(kind: str, commits: int, every: int, processes: int, graphs: int) -> Non
                 wall = time.perf_counter() - t0
                 done += len(lat)
                 opened, files = open_snapshot(kind, root)
+                if files != 3 * done:  # every commit landed, each one shard's 3 files
+                    raise SystemExit(f"{kind}: {files} files after {done} commits")
                 p50, p99 = np.percentile(lat, [50, 99]) * 1e3
                 print(f"| {kind} | {processes} | {done:,} | {p50:.0f} ms | {p99:.0f} ms | "
                       f"{len(lat) / wall:.1f} | "
