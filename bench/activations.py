@@ -33,7 +33,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    from circuit_atlas.compute.activations import activation_pass, batches, text_windows
+    from circuit_atlas.compute.activations import (
+        activation_pass,
+        batches,
+        padded,
+        text_windows,
+    )
     from circuit_atlas.compute.models import load_model
     from circuit_atlas.demo import DEMO_CORPORA, demo_corpus_file
     from circuit_atlas.lake import read_prompt_file
@@ -45,15 +50,14 @@ def main() -> None:
     while len(ids) < args.windows * args.context:
         ids = ids + ids
     windows = text_windows("demo", ids[:args.windows * args.context], args.context,
-                           args.context, 0)
+                           args.context)
     tokens = sum(len(w.tokens) for w in windows)
     base = model.model.base_model
 
     @torch.no_grad()
     def plain() -> None:
         for group in batches(windows, args.batch_tokens):
-            base(input_ids=torch.tensor([w.tokens for w in group], device=args.device),
-                 use_cache=False)
+            base(input_ids=padded(group, args.device), use_cache=False)
 
     def ours() -> None:
         activation_pass(model, windows, k=args.k, batch_tokens=args.batch_tokens)

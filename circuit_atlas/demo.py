@@ -85,6 +85,7 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     from circuit_atlas.cli.display import print_comparison, run_stage
     from circuit_atlas.clustering.params import ClusteringParams
     from circuit_atlas.clustering.run import run_clustering
+    from circuit_atlas.compute.activation_run import run_activations
     from circuit_atlas.compute.effects import run_effects
     from circuit_atlas.compute.graphs import run_graphs
     from circuit_atlas.compute.models import load_model
@@ -102,6 +103,8 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     with clock.stage("graphs"):
         run_stage(run_graphs, console, lake, model=fast, corpora=corpora,
                   params=GraphsParams(limit=limit))
+    with clock.stage("activations"):
+        run_stage(run_activations, console, lake, model=fast, corpora=corpora)
     with clock.stage("reduce"):
         run_stage(run_reduce, console, lake, model=exact.name, corpora=corpora)
     with clock.stage("projections"):

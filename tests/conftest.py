@@ -10,6 +10,21 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One ``circuit-atlas demo --limit 2`` for every test that reads a demo lake:
+    (its lake folder, what it printed). A test that writes to the lake works on a copy
+    (``shutil.copytree``)."""
+    from click.testing import CliRunner
+
+    from circuit_atlas.cli import cli
+
+    root = tmp_path_factory.mktemp("demo") / "demo-lake"
+    result = CliRunner().invoke(cli, ["demo", "--lake", str(root), "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    return root, result.output
+
+
+@pytest.fixture(scope="session")
 def client():
     """A real LocalCluster (two worker processes) shared by the Dask tests."""
     from circuit_atlas.etl.clusters import dask_client

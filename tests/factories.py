@@ -190,3 +190,22 @@ def write_edge_table(lake: Lake, table, model: str = MODEL, corpus: str = "c",
     shape = {**SHAPE, "n_layers": n_layers} if n_layers is not None else None
     version.publish([name], {"shards": [], "params": {}, "state": [], "model": model,
                              "model_shape": shape})
+
+
+WORDS = [f"w{i}" for i in range(63)]
+
+
+def tiny_model_dir(path, seed: int = 0, **kwargs) -> str:
+    """A tiny random llama saved as a model folder with a real word-level tokenizer
+    (one token per word of :data:`WORDS`, "[UNK]" for the rest), loadable by name like
+    any local model (by Dask workers too)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    model = tiny_llama(seed=seed, vocab=len(vocab), **kwargs)
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    return str(path)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import click
+import polars as pl
 import pytest
 from click.testing import CliRunner
 
@@ -41,17 +42,31 @@ def test_help_imports_neither_torch_nor_dask():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path):
+def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path, demo_run):
+    import shutil
+
     runner = CliRunner()
     lake = str(tmp_path / "demo-lake")
-    result = runner.invoke(cli, ["demo", "--lake", lake, "--limit", "2"])
-    assert result.exit_code == 0, result.output
+    shutil.copytree(demo_run[0], lake)
+    output = demo_run[1]
     # the machine first, the time of every stage last
-    assert machine.cpu_model() in result.output.split("\n", 3)[1]
-    table = result.output[result.output.index("time per stage"):]
-    for stage in ("graphs", "reduce", "projections", "effects", "cooccurrence", "cluster",
-                  "label prompts", "total"):
+    assert machine.cpu_model() in output.split("\n", 3)[1]
+    table = output[output.index("time per stage"):]
+    for stage in ("graphs", "activations", "reduce", "projections", "effects",
+                  "cooccurrence", "cluster", "label prompts", "total"):
         assert re.search(rf"│ {stage}\s+│ \d+\.\d", table), stage
+    # every neuron has exemplars: the profile shows them marked, the label prompts carry
+    # them (input pass) and the next tokens at them (output pass)
+    shown = runner.invoke(cli, ["profile", "L29/N66", "--lake", lake])
+    assert shown.exit_code == 0, shown.output
+    assert "top exemplars" in shown.output and "<<" in shown.output
+    assert "activation over" in shown.output
+    from circuit_atlas.lake import Lake
+
+    prompts = Lake(lake).table("label_prompts").collect()
+    by_pass = {p: prompts.filter(pl.col("pass") == p)["user_message"] for p in ("input", "output")}
+    assert by_pass["input"].str.contains("Contexts where it fires most").all()
+    assert by_pass["output"].str.contains("the model predicts next").any()
     info = runner.invoke(cli, ["lake", "info", "--lake", lake])
     assert info.exit_code == 0 and "medical" in info.output and "general" in info.output
     data = json.loads(runner.invoke(cli, ["lake", "info", "--lake", lake, "--json"]).output)

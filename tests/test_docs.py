@@ -6,9 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
-
-from circuit_atlas.cli import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()  # noqa: SIM115
@@ -47,11 +44,13 @@ def test_readme_tour_runs(tmp_path):
     assert "general" in result.stdout
 
 
-def test_readme_python_and_atlas_commands_run_on_the_demo_lake(tmp_path, monkeypatch):
+def test_readme_python_and_atlas_commands_run_on_the_demo_lake(tmp_path, monkeypatch,
+                                                               demo_run):
+    import shutil
+
     monkeypatch.chdir(tmp_path)
-    out = CliRunner().invoke(cli, ["demo", "--lake", "demo-lake", "--limit", "1"])
-    assert out.exit_code == 0, out.output
-    assert "clusters.html" in out.output and "circuit-atlas sql" in out.output
+    shutil.copytree(demo_run[0], tmp_path / "demo-lake")
+    assert "clusters.html" in demo_run[1] and "circuit-atlas sql" in demo_run[1]
     names: dict = {}
     for block in blocks("python"):
         exec(compile(block, "README.md", "exec"), names)

@@ -3,7 +3,8 @@
 What the original atlas scripts' ``build_neuron_profile.py`` printed: appearances,
 upstream sources and downstream targets (embedding and logit nodes decoded to text),
 token associations, co-occurring neurons, projections, direct-effect ratio, role,
-clusters and labels.
+clusters and labels; and, once the activations stage has run, the activation
+statistics and the top and bottom exemplars, activating tokens marked.
 A table the lake does not have is left out of the profile, not shown as empty.
 """
 
@@ -87,6 +88,14 @@ def neuron_profile(lake: Lake, model: str, layer: int, neuron: int, corpus: str 
     if clusters is not None:
         out["clusters"] = clusters.filter(mine).select(
             "method", "cluster_path", "depth", "flow").collect().to_dicts()
+    from circuit_atlas.analysis.exemplars import activation_stats, neuron_exemplars
+
+    stats = activation_stats(lake, model, corpus, layer, neuron)
+    if stats:
+        out["activation"] = stats
+    exemplars = neuron_exemplars(lake, model, corpus, layer, neuron, min(top, 5), tokenizer)
+    if exemplars is not None:
+        out["exemplars"] = exemplars
     labels = _table(lake, "labels", model, corpus)  # once labeling has run
     if labels is not None:
         out["labels"] = labels.filter(mine).collect().to_dicts()

@@ -1,4 +1,4 @@
-"""graphs, export-graph, projections, effects: the compute stages (torch)."""
+"""graphs, activations, export-graph, projections, effects: the compute stages (torch)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,12 @@ from circuit_atlas.cli.options import (
     take_cluster,
     take_params,
 )
-from circuit_atlas.compute.params import EffectsParams, GraphsParams, ProjectionsParams
+from circuit_atlas.compute.params import (
+    ActivationsParams,
+    EffectsParams,
+    GraphsParams,
+    ProjectionsParams,
+)
 
 
 @cli.command()
@@ -38,6 +43,28 @@ def graphs(model: str, corpora: tuple[str, ...], lake_path: str, **options: Any)
     params = take_params(GraphsParams, options)
     display.run_stage(run_graphs, display.console(), lake_path, model=model, corpora=corpora,
                       params=params, cluster=take_cluster(options))
+
+
+@cli.command()
+@model_option
+@corpora_option(required=True, help="Corpus whose texts to run (repeatable).")
+@lake_option
+@params_options(ActivationsParams)
+@cluster_options(default="none")
+def activations(model: str, corpora: tuple[str, ...], lake_path: str, **options: Any) -> None:
+    """Every neuron's exemplars (top and bottom contexts, with its activation at every
+    token) and activation statistics over a corpus, forward passes only.
+
+    Texts are cut into windows of --context tokens; shards of --shard-tokens are
+    committed as they finish, so a killed run resumes, and a rerun after adding
+    texts runs and merges only the new ones. Writes the exemplars, exemplar_windows
+    and activation_stats tables of each corpus.
+    """
+    from circuit_atlas.compute.activation_run import run_activations
+
+    params = take_params(ActivationsParams, options)
+    display.run_stage(run_activations, display.console(), lake_path, model=model,
+                      corpora=corpora, params=params, cluster=take_cluster(options))
 
 
 @cli.command("export-graph")

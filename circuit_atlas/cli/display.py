@@ -159,3 +159,19 @@ def print_profile(profile: dict, out: Any) -> None:
     for key, rows in profile.get("projections", {}).items():
         out.print(f"[bold]projection {key}[/]: " + ", ".join(
             f"{t!r} {v:.3g}" for t, v in rows))
+    for s in profile.get("activation", []):
+        q = s["quantiles"]
+        out.print(f"[bold]activation[/] over {s['count']:,} tokens of {s['corpus']}: mean "
+                  f"{s['mean']:.3g}, std {s['std']:.3g}, {s['frac_positive']:.0%} positive, "
+                  f"min {s['min']:.3g}, median {q[4]:.3g}, 99th percentile {q[8]:.3g}, "
+                  f"max {s['max']:.3g}")
+    for key, title in (("top", "top exemplars"), ("bottom", "bottom exemplars")):
+        rows = profile.get("exemplars", {}).get(key)
+        if not rows:
+            continue
+        out.print(f"[bold]{title}[/] (<<marked>>: at least half the peak; then the "
+                  "model's next tokens there):")
+        for r in rows:
+            out.print(f"  {r['activation']:+.3g}  {r['text']!r}  -> "
+                      + ", ".join(repr(t) for t in r["next_tokens"][:3]),
+                      soft_wrap=True, markup=False, highlight=False)

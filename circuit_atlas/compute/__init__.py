@@ -1,6 +1,8 @@
-"""compute: model loading, RelP attribution graphs, projections and effects (torch).
+"""compute: model loading, RelP attribution graphs, activation exemplars, projections
+and effects (torch).
 
-Writes graph shards through :mod:`circuit_atlas.lake`; imports torch only here.
+Writes graph and activation shards through :mod:`circuit_atlas.lake`; imports torch
+only here.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from circuit_atlas.stage import lazy_exports
 # the stage's public names, imported on first use (heavy dependencies load late)
 _EXPORTS = {
     "run_graphs": "graphs",
+    "run_activations": "activation_run",
+    "ActivationsParams": "params",
+    "ActivationsReport": "activation_run",
     "run_projections": "projections",
     "run_effects": "effects",
     "GraphsParams": "params",

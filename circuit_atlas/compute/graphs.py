@@ -18,9 +18,8 @@ from circuit_atlas.compute.attribution import AttributionParams, RawGraph, attri
 from circuit_atlas.compute.models import LoadedModel, ModelRef
 from circuit_atlas.compute.params import MAX_TOKENS, PROMPT_BATCH, GraphsParams
 from circuit_atlas.compute.prune import node_influence, prune
-from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import GRAPH_EDGES, GRAPH_NODES, GRAPHS, Lake, graph_id, params_hash
-from circuit_atlas.stage import Progress, Report, as_cluster, as_corpora, connect, open_lake
+from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
 
 
 def run_params(model: LoadedModel | ModelRef, params: AttributionParams, max_tokens: int
@@ -104,19 +103,13 @@ def commit_shard(lake: Lake, model: LoadedModel, corpus: str, prompts: list[tupl
     return len(prompts)
 
 
-_WORKER_MODELS: dict[tuple[str, str, str], LoadedModel] = {}
-
-
 def shard_task(lake: Lake, model_spec: str, device: str, dtype: str, corpus: str,
                prompts: list[tuple[str, str]], params: AttributionParams, max_tokens: int,
                batch_rows: int, prompt_batch: int = PROMPT_BATCH) -> int:
     """A Dask task: one shard of graphs; the model is loaded once per worker process."""
-    from circuit_atlas.compute.models import load_model
+    from circuit_atlas.compute.workers import worker_model
 
-    key = (model_spec, device, dtype)
-    if key not in _WORKER_MODELS:
-        _WORKER_MODELS[key] = load_model(model_spec, device=device, dtype=dtype)
-    model = _WORKER_MODELS[key]
+    model = worker_model(model_spec, device, dtype)
     # a retried task (its worker died after the commit, before Dask heard of it) must
     # not commit the same graphs twice
     done = lake.committed_prompt_ids(model.name, corpus,
@@ -126,32 +119,6 @@ def shard_task(lake: Lake, model_spec: str, device: str, dtype: str, corpus: str
         commit_shard(lake, model, corpus, todo, params, max_tokens, batch_rows,
                      prompt_batch=prompt_batch)
     return len(prompts)
-
-
-def worker_resources(client, device: str) -> dict[str, int] | None:
-    """The Dask resources a task on ``device`` needs: a GPU device asks for a ``GPU``
-    worker (refused at once when no worker declares one: the task would wait forever)."""
-    if not device.startswith("cuda"):
-        return None
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    if not any(w.get("resources", {}).get("GPU") for w in workers):
-        raise CircuitAtlasError(
-            f"device {device!r}, but no Dask worker declares a GPU resource, so the "
-            "tasks would wait forever: start workers with --resources GPU=1 (with "
-            "--cluster slurm and --device cuda this is done for you)")
-    return {"GPU": 1}
-
-
-def worker_dtype(client, device: str, dtype: str) -> str:
-    """``dtype`` for graphs on the workers' ``device``: ``auto`` is resolved on a worker
-    (the client may have no GPU, or another CPU), and every shard of the job then runs
-    in that one dtype, so that the job's graphs share one identity."""
-    from circuit_atlas.compute.precision import AUTO, auto_dtype
-
-    if dtype != AUTO:
-        return dtype
-    return client.submit(auto_dtype, device, "graphs", pure=False,
-                         resources=worker_resources(client, device)).result()
 
 
 @dataclass
@@ -194,22 +161,15 @@ def run_graphs(lake: Lake | str, *, model: str | LoadedModel, corpora: str | lis
     address or a Client run one task per shard (with ``device='cuda'`` on SLURM the
     jobs ask for a GPU each).
     """
-    from circuit_atlas.compute.models import loaded, model_ref
+    from circuit_atlas.compute.workers import compute_session
 
     lake, params = open_lake(lake), params or GraphsParams()
     progress = progress or Progress()
     corpora = as_corpora(corpora)
     for corpus in corpora:
         lake.check_corpus(corpus)
-    cluster = as_cluster(cluster, "none")
-    on_slurm = getattr(cluster, "cluster", None) == "slurm"
-    gpus = 1 if on_slurm and params.device.startswith("cuda") else 0  # a GPU per job
-    with connect(cluster, default="none", progress=progress, gpus=gpus) as client:
-        if isinstance(model, str) and client is not None:  # the workers load it
-            ready = model_ref(model, device=params.device,
-                              dtype=worker_dtype(client, params.device, params.dtype))
-        else:
-            ready = loaded(model, params.device, params.dtype, "graphs", progress)
+    with compute_session(model, params.device, params.dtype, "graphs", cluster,
+                         progress) as (client, ready):
         runs = []
         for corpus in corpora:
             done = 0
@@ -264,6 +224,8 @@ def graph_job(
         from distributed import as_completed
 
         device, dtype = model.device, model.dtype_name
+        from circuit_atlas.compute.workers import worker_resources
+
         resources = worker_resources(client, device) if todo else None
         spec = model_spec or getattr(model, "spec", None) or model.name
         futures = [client.submit(shard_task, lake, spec, device, dtype,

@@ -153,7 +153,7 @@ def model_ref(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "floa
     """Resolve ``spec`` and read only its config: the family is checked and the revision
     known, here, even on a login node without the GPU the workers will use. ``dtype``
     must be resolved already (``auto`` means the workers' device: see
-    ``compute.graphs.worker_dtype``)."""
+    ``compute.workers.worker_dtype``)."""
     from transformers import AutoConfig
 
     from circuit_atlas.compute.adapters import check_family

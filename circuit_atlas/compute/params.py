@@ -128,3 +128,47 @@ class EffectsParams:
     dtype: Literal["auto", "float32", "float64"] = AUTO
     """Model precision; auto: float32 on every device (effects are differences of
     logits, which bfloat16 rounds away)."""
+
+
+@dataclass(frozen=True)
+class ActivationsParams:
+    """The activations stage: every neuron's exemplars and activation statistics."""
+
+    k: int = 20
+    """Top and bottom contexts kept per neuron (each sign)."""
+    context: int = 64
+    """Window length in tokens: longer texts are cut into windows."""
+    stride: int | None = None
+    """Tokens between window starts (default: --context, windows do not overlap;
+    where they do, each position counts once)."""
+    skip_first: int = 1
+    """Positions at the start of each text that are not counted: a text's first token
+    carries outsized activations in most models (the attention sink), which would
+    otherwise top many neurons' exemplars."""
+    max_tokens: int | None = None
+    """Token budget: texts (by id) until their tokens reach it (default: all)."""
+    limit: int | None = None
+    """Only the first N texts of each corpus (by id)."""
+    shard_tokens: int = 32768
+    """Tokens per committed shard (one Dask task each)."""
+    batch_tokens: int = 4096
+    """Tokens per forward batch (memory vs. speed)."""
+    device: str = "cpu"
+    """torch device, e.g. cuda."""
+    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = AUTO
+    """Model precision; auto: bfloat16 where the device runs it fast, else float32."""
+
+    def __post_init__(self) -> None:
+        stride = self.context if self.stride is None else self.stride
+        if self.k < 1 or self.context < 1 or not 1 <= stride <= self.context:
+            raise CircuitAtlasError(
+                f"need k >= 1 and 1 <= stride <= context, got k {self.k}, context "
+                f"{self.context}, stride {stride}")
+        if not 0 <= self.skip_first < self.context:
+            raise CircuitAtlasError(f"need 0 <= skip_first < context, got {self.skip_first}")
+        if min(self.shard_tokens, self.batch_tokens) < 1:
+            raise CircuitAtlasError("--shard-tokens and --batch-tokens must be at least 1")
+
+    @property
+    def window_stride(self) -> int:
+        return self.context if self.stride is None else self.stride

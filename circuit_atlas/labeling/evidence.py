@@ -52,6 +52,7 @@ class Atlas:
     neurons: pl.DataFrame  # layer, neuron, graph_count
     edges: pl.LazyFrame
     tables: dict[str, pl.LazyFrame]  # the optional ones that exist
+    exemplars: bool = False  # whether the activations stage ran on a corpus of the atlas
 
     @classmethod
     def open(cls, lake: Lake, model: str, corpus: str, tokenizer: Any = None) -> Atlas:
@@ -73,8 +74,13 @@ class Atlas:
             table = lake.optional_table(name, model, part)
             if table is not None:
                 tables[name] = table
+        from circuit_atlas.analysis.exemplars import corpora_of
+
+        exemplars = any(lake.optional_table("exemplars", model, c) is not None
+                        for c in corpora_of(corpus))
         return cls(lake, model, corpus, n_layers, NodeNames(tokenizer, n_layers), neurons,
-                   lake.table("edges", model, corpus).drop("model", "corpus"), tables)
+                   lake.table("edges", model, corpus).drop("model", "corpus"), tables,
+                   exemplars)
 
 
 def _by_neuron(df: pl.DataFrame) -> dict[int, list[dict[str, Any]]]:
@@ -115,6 +121,8 @@ def layer_evidence(atlas: Atlas, pass_: str, layer: int, labels: pl.DataFrame | 
         for n, rs in _by_neuron(rows).items():
             ev[n][keys[0]] = [(r["token"], r["value"]) for r in rs if r["sign"] > 0]
             ev[n][keys[1]] = [(r["token"], r["value"]) for r in rs if r["sign"] < 0]
+    if atlas.exemplars:
+        _exemplar_evidence(atlas, pass_, layer, ids, ev)
     if pass_ == "output":
         if labels is not None:
             for r in labels.filter((pl.col("pass") == "prior") & (pl.col("layer") == layer)
@@ -160,6 +168,33 @@ def layer_evidence(atlas: Atlas, pass_: str, layer: int, labels: pl.DataFrame | 
                  "label": output_labels.get((r["other_layer"], r["other_neuron"]))}
                 for r in rs]
     return ev
+
+
+EXEMPLARS_SHOWN = 5
+
+
+def _exemplar_evidence(atlas: Atlas, pass_: str, layer: int, ids: list[int],
+                       ev: dict[int, dict[str, Any]]) -> None:
+    """Input pass: the contexts where each neuron fires most, and where it is most
+    negative. Output pass: what the model predicts next at its top contexts."""
+    from collections import Counter
+
+    from circuit_atlas.analysis.exemplars import exemplar_dicts, read_exemplars, token_texts
+
+    rows = read_exemplars(atlas.lake, atlas.model, atlas.corpus, layer, ids, EXEMPLARS_SHOWN)
+    if rows is None:
+        return
+    texts = token_texts(rows, atlas.names.tok)
+    for n, part in rows.partition_by("neuron", as_dict=True).items():
+        found = exemplar_dicts(part, texts=texts)
+        top = [e for e in found if e["sign"] > 0]
+        if pass_ == "input":
+            ev[n[0]]["exemplars"] = [(e["activation"], e["text"]) for e in top]
+            ev[n[0]]["negative_exemplars"] = [(e["activation"], e["text"]) for e in found
+                                              if e["sign"] < 0][:2]
+        else:
+            nxt = Counter(e["next_tokens"][0] for e in top if e["next_tokens"])
+            ev[n[0]]["next_tokens"] = nxt.most_common(EXEMPLARS_SHOWN)
 
 
 def _link(atlas: Atlas, layer: int, index: int, row: dict[str, Any],

@@ -65,6 +65,9 @@ def output_prompt(ev: dict[str, Any]) -> str:
         d = ev["der"]
         lines.append(f"Direct effect ratio {d['der_mean']:.2f} over {d['prompts']} prompts: "
                      f"{d['der_class']} ({DER_MEANING[d['der_class']]}).")
+    if ev.get("next_tokens"):
+        lines.append("Where it fires most, the model predicts next: " + ", ".join(
+            f"{t!r} ({n} of its top contexts)" for t, n in ev["next_tokens"]))
     if ev.get("downstream"):
         lines.append("Strongest downstream targets:")
         lines += _neighbours(ev["downstream"], "excites", "inhibits")
@@ -75,6 +78,13 @@ def input_prompt(ev: dict[str, Any]) -> str:
     lines = [f"Neuron {ev['neuron']} (layer {ev['layer']} of {ev['n_layers']})."]
     if ev.get("output_label"):
         lines.append(f'Its output label (what it does): "{ev["output_label"]}"')
+    if ev.get("exemplars"):
+        lines.append("Contexts where it fires most (activation first; <<marked>> tokens "
+                     "reach at least half of that):")
+        lines += [f"- {a:+.3g}: {t!r}" for a, t in ev["exemplars"]]
+    if ev.get("negative_exemplars"):
+        lines.append("Contexts where it is most negative:")
+        lines += [f"- {a:+.3g}: {t!r}" for a, t in ev["negative_exemplars"]]
     if ev.get("activating"):
         lines.append("Static input projection, tokens that activate it: "
                      + _tokens(ev["activating"]))

@@ -3,7 +3,8 @@
 Removed:
 
 1. shards no record commits: files of a writer that was killed, or that died before
-   its record (its ``_log/writing`` marker says who wrote it);
+   its record (its ``_log/writing`` marker says who wrote it); activation shards
+   (which have no marker) once nothing in them changed for ``min_age_s``;
 2. versions of derived tables that no record names (a run killed before it
    published), with their state;
 3. versions whose retention ran out: superseded for longer than the lake's retention
@@ -210,6 +211,12 @@ def cleanup(lake: Lake, min_age_s: float = 3600.0, dry_run: bool = False,
             continue
         judge(paths, paths[0], info)
 
+    # 1b. activation shards that no record commits
+    from circuit_atlas.lake.activation_shards import loose_shard_dirs
+
+    for d in loose_shard_dirs(lake):
+        judge([d], d)
+
     # 2 and 3. derived tables: unpublished versions by age, expired ones by retention
     for table_dir in _dirs(fs, lake.path(f"{layout.TABLES}/model=*/corpus=*/*")):
         p = layout.partition_values(table_dir[len(lake.root):])
@@ -237,7 +244,8 @@ def cleanup(lake: Lake, min_age_s: float = 3600.0, dry_run: bool = False,
     for scratch in _dirs(fs, lake.path(f"{layout.SCRATCH}/**/v-*")):
         judge([scratch], scratch)
     handled = tuple(f"{d}/" for d in report.removed + report.in_progress)
-    for area in (layout.PROMPTS, *layout.GRAPH_TABLES, layout.TABLES, layout.LOG):
+    for area in (layout.PROMPTS, *layout.GRAPH_TABLES, layout.ACTIVATIONS, layout.TABLES,
+                 layout.LOG):
         base = lake.path(area)
         if not fs.exists(base):
             continue

@@ -61,20 +61,22 @@ class TableVersion:
         self.dir = layout.table_dir(self.model_key, corpus, table)
         self.version = f"v-{_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
 
-    def _write(self, path: str, data: pa.Table, compression: str) -> None:
+    def _write(self, path: str, data: pa.Table, compression: str,
+               row_group_size: int = 1 << 20) -> None:
         self.lake.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with self.lake.fs.open(path, "wb") as f:
-            pq.write_table(data, f, row_group_size=1 << 20,
+            pq.write_table(data, f, row_group_size=row_group_size,
                            **parquet_options(data.schema, compression))
 
     def write(self, name: str, data: pa.Table, spec: TableSpec | None = None,
-              compression: str = "zstd") -> str:
+              compression: str = "zstd", row_group_size: int = 1 << 20) -> str:
         """Write one part file (``name``, e.g. "src_layer-05.parquet"); returns its path
-        relative to the table's directory."""
+        relative to the table's directory. Smaller row groups let a reader that filters
+        on the sort key skip more of the file."""
         path = self.lake.path(f"{self.dir}/{self.version}/{name}")
         if spec is not None:
             data = conform(data, spec, origin=path)
-        self._write(path, data, compression)
+        self._write(path, data, compression, row_group_size)
         return f"{self.version}/{name}"
 
     def write_state(self, name: str, data: pa.Table, compression: str = "lz4") -> str:

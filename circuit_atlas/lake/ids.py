@@ -26,3 +26,10 @@ def graph_id(model: str, prompt: str, params: str) -> int:
     """A signed 64-bit id for the graph of prompt id ``prompt`` under (model, params hash)."""
     digest = hashlib.sha256(f"{model}\x00{prompt}\x00{params}".encode()).digest()
     return int.from_bytes(digest[:8], "little", signed=True)
+
+
+def window_id(prompt: str, start: int) -> int:
+    """A non-negative 63-bit id for the window of prompt id ``prompt`` that begins at
+    token ``start`` (an activation exemplar's context; -1 marks an empty slot)."""
+    digest = hashlib.sha256(f"window\x00{prompt}\x00{start}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

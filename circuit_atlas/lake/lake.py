@@ -501,14 +501,14 @@ class Lake:
 
     def reduced_corpus(self, model: str, corpora: str | list[str] | tuple[str, ...] | None
                        = None) -> str:
-        """The corpus key of a table set of ``model``: ``corpora``'s, or when none are
-        given the only set the lake holds (an error naming the sets otherwise)."""
-        from circuit_atlas.lake.schemas import STATIC_CORPUS
-
+        """The corpus key of a reduced table set of ``model``: ``corpora``'s, or when none
+        are given the only set with a ``neurons`` table (an error naming the sets
+        otherwise; per-corpus tables such as exemplars do not make a set)."""
         if corpora:
             return layout.corpus_key([corpora] if isinstance(corpora, str) else list(corpora))
-        keys = sorted(c for c in self.derived_tables().get(layout.model_key(model), {})
-                      if c != STATIC_CORPUS)
+        keys = sorted(c for c, tables in self.derived_tables().get(layout.model_key(model),
+                                                                   {}).items()
+                      if "neurons" in tables)
         if len(keys) != 1:
             raise LakeError(
                 f"the lake holds reduced tables of {model!r} for {len(keys)} corpus sets "

@@ -5,9 +5,11 @@
     <root>/graphs/model=<m>/corpus=<c>/shard=<s>/part-0.parquet        (and graph_nodes/,
     <root>/graph_nodes/model=<m>/corpus=<c>/shard=<s>/part-0.parquet    graph_edges/: the
     <root>/graph_edges/model=<m>/corpus=<c>/shard=<s>/part-0.parquet    three per-graph tables)
+    <root>/activations/model=<m>/corpus=<c>/shard=<s>/<table>.parquet   activation shards
     <root>/tables/model=<m>/corpus=<c>/<table>/v-<id>/<file>.parquet    derived tables
     <root>/_log/prompts/corpus=<c>/<n>.json                 commit records (see ``log``)
     <root>/_log/shards/model=<m>/corpus=<c>/<n>.json
+    <root>/_log/activations/model=<m>/corpus=<c>/<n>.json
     <root>/_log/tables/model=<m>/corpus=<c>/<table>/<n>.json
     <root>/_log/writing/<shard>.json                        markers of shards being written
     <root>/_state/model=<m>/corpus=<c>/<table>/v-<id>/...   what an incremental run resumes from
@@ -30,6 +32,7 @@ TMP_MARK = ".tmp-"
 
 PROMPTS = "prompts"
 GRAPH_TABLES = ("graphs", "graph_nodes", "graph_edges")  # a shard writes one file of each
+ACTIVATIONS = "activations"  # activation shards: one directory each, one file per table
 TABLES = "tables"
 LOG = "_log"
 STATE = "_state"
@@ -95,6 +98,14 @@ def shard_file(table: str, model: str, corpus: str, shard: str) -> str:
 
 def shards_log(model: str, corpus: str) -> str:
     return f"{LOG}/shards/{_model_corpus(model, corpus)}"
+
+
+def activation_dir(model: str, corpus: str, shard: str) -> str:
+    return f"{ACTIVATIONS}/{_model_corpus(model, corpus)}/shard={check_name('shard', shard)}"
+
+
+def activations_log(model: str, corpus: str) -> str:
+    return f"{LOG}/{ACTIVATIONS}/{_model_corpus(model, corpus)}"
 
 
 def writing_marker(shard: str) -> str:

@@ -66,8 +66,11 @@ def duckdb_connection(lake: Lake, database: str = ":memory:",
         for key, corpus in table_logs(lake, name):
             files = table_files(lake, name, key, corpus)
             if files:
+                # the partition columns from the log, not from DuckDB's reading of
+                # the path (which would add them a second time)
                 parts.append(f"SELECT *, {_lit(key)} AS model, {_lit(corpus)} AS "
-                             f"corpus FROM read_parquet({_list(lake, files)})")
+                             f"corpus FROM read_parquet({_list(lake, files)}, "
+                             "hive_partitioning = false)")
         if parts:
             con.execute(f'CREATE VIEW "{name}" AS ' + " UNION ALL BY NAME ".join(parts))
     for view in GRAPH_VIEWS:

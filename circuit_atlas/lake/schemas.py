@@ -423,11 +423,101 @@ CLUSTER_LABELS = TableSpec(
 coherence in [0, 1] (how much the members share one theme), as the LLM judged it.""",
 )
 
+# Activation shards: what one task of the activations stage saw, committed whole.
+ACTIVATION_STATE = TableSpec(
+    name="activation_state",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()),
+        _f("top_value", pa.list_(pa.float32())), _f("top_window", pa.list_(pa.int64())),
+        _f("top_pos", pa.list_(pa.int32())),
+        _f("bottom_value", pa.list_(pa.float32())), _f("bottom_window", pa.list_(pa.int64())),
+        _f("bottom_pos", pa.list_(pa.int32())),
+        _f("count", pa.int64()), _f("total", pa.float64()), _f("total_sq", pa.float64()),
+        _f("positive", pa.int64()), _f("min", pa.float32()), _f("max", pa.float32()),
+        _f("hist", pa.list_(pa.int64())),
+    ),
+    partitions=("model", "corpus", "shard"),
+    doc="""The mergeable exemplar state of every neuron over one activation shard's windows:
+top and bottom k (value, window_id, position in the window; window -1 where fewer than
+k positions were seen), positions seen, sum, sum of squares, positives, min, max and
+the counts over fixed bin edges (below the first edge .. above the last).""",
+)
+
+ACTIVATION_WINDOWS = TableSpec(
+    name="activation_windows",
+    version=1,
+    fields=(
+        _f("window_id", pa.int64()), _f("prompt_id", pa.string()), _f("start", pa.int32()),
+        _f("skip", pa.int32()), _f("token_ids", pa.list_(pa.int32())),
+    ),
+    partitions=("model", "corpus", "shard"),
+    doc="""The windows an activation shard ran (one per short prompt; a document cut every
+stride tokens): window_id (stable hash of prompt_id and start), the text's prompt_id,
+start (the window's first token in the text), skip (leading positions not counted: an
+earlier window of the text counted them, or they open the text, see the manifest's
+skip_first) and the window's token ids.""",
+)
+
+ACTIVATION_TABLES: tuple[str, ...] = ("activation_state", "activation_windows")
+
+ACTIVATION_STATS = TableSpec(
+    name="activation_stats",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("count", pa.int64()),
+        _f("mean", pa.float64()), _f("std", pa.float64()),
+        _f("frac_positive", pa.float64()), _f("min", pa.float32()), _f("max", pa.float32()),
+        _f("quantiles", pa.list_(pa.float32())), _f("hist", pa.list_(pa.int64())),
+    ),
+    partitions=_DERIVED,
+    doc="""Every neuron's activation h = SiLU(gate) * up over every token the activations
+stage saw: count (tokens), mean, std, frac_positive, min, max; quantiles: the 1st, 5th,
+10th, 25th, 50th, 75th, 90th, 95th and 99th percentiles read off the histogram
+(linear within a bin); hist: counts over the manifest's bin_edges (below the first
+edge .. above the last), which merge exactly across shards.""",
+)
+
+EXEMPLARS = TableSpec(
+    name="exemplars",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("sign", pa.int8()),
+        _f("rank", pa.int16()), _f("activation", pa.float32()), _f("window_id", pa.int64()),
+        _f("prompt_id", pa.string()), _f("start", pa.int32()), _f("position", pa.int32()),
+        _f("acts", pa.list_(pa.float32())),
+    ),
+    partitions=_DERIVED,
+    doc="""Every neuron's top k contexts (sign 1, highest activation first) and bottom k
+(sign -1, most negative first): the window (window_id; its tokens in the
+exemplar_windows table), the text (prompt_id) and the window's first token in it
+(start), the position in the window where the neuron reached activation, and acts,
+the neuron's activation at every token of the window. Ties are broken by
+(window_id, position).""",
+)
+
+EXEMPLAR_WINDOWS = TableSpec(
+    name="exemplar_windows",
+    version=1,
+    fields=(
+        _f("window_id", pa.int64()), _f("prompt_id", pa.string()), _f("start", pa.int32()),
+        _f("skip", pa.int32()), _f("token_ids", pa.list_(pa.int32())),
+        _f("next_tokens", pa.list_(pa.int32())),
+    ),
+    partitions=_DERIVED,
+    doc="""The windows the exemplars table refers to: their text (prompt_id), first token
+in it (start), leading positions not counted (skip: see activation_windows), token ids,
+and next_tokens: the model's top 5 next-token predictions at
+every position of the window (token ids, position-major: entries 5p .. 5p+4 follow
+position p, most likely first).""",
+)
+
 DERIVED: dict[str, TableSpec] = {
     t.name: t for t in (EDGE_STATS, NEURON_STATS, NEURON_CORPORA, NEURON_TOKENS,
                         CLUSTER_ASSIGNMENTS, CLUSTERS, PROJECTIONS, EFFECTS,
                         NEURON_EFFECTS, COOCCURRENCE, SPECIFICITY, ROLES, LABELS,
-                        LABEL_PROMPTS, CLUSTER_LABELS)}
+                        LABEL_PROMPTS, CLUSTER_LABELS, ACTIVATION_STATS,
+                        EXEMPLARS, EXEMPLAR_WINDOWS)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "graph_nodes", "graph_edges")

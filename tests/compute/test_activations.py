@@ -10,19 +10,29 @@ import torch
 from circuit_atlas.compute.activations import activation_pass, batches, text_windows
 from circuit_atlas.compute.exemplars import from_positions
 from circuit_atlas.compute.trace import forward
+from circuit_atlas.errors import CircuitAtlasError
 
 
 def test_windows_cover_a_text_and_end_at_its_end():
     ids = list(range(50))
-    ws = text_windows("d", ids, context=16, stride=12, first=7)
-    assert [w.window for w in ws] == list(range(7, 7 + len(ws)))
+    ws = text_windows("d", ids, context=16, stride=12)
+    assert len({w.window for w in ws}) == len(ws) and min(w.window for w in ws) >= 0
     assert all(len(w.tokens) == 16 for w in ws) and ws[-1].tokens[-1] == 49
-    covered = {w.start + i for w in ws for i in range(len(w.tokens))}
-    assert covered == set(ids)
-    assert [w.tokens for w in text_windows("d", ids[:5], 16, 12, 0)] == [tuple(ids[:5])]
-    groups = list(batches(ws + text_windows("e", ids[:5], 16, 12, 99), batch_tokens=40))
-    assert all(len({len(w.tokens) for w in g}) == 1 for g in groups)
-    assert max(len(g) * len(g[0].tokens) for g in groups) <= 40
+    # every position is counted once: in the first window that holds it
+    counted = [w.start + i for w in ws for i in range(w.skip, len(w.tokens))]
+    assert sorted(counted) == ids
+    ws = text_windows("d", ids, context=16, stride=12, skip_first=2)  # not the text's first two
+    assert sorted(w.start + i for w in ws for i in range(w.skip, len(w.tokens))) == ids[2:]
+    assert [w.tokens for w in text_windows("d", ids[:5], 16, 12)] == [tuple(ids[:5])]
+    with pytest.raises(CircuitAtlasError, match="stride"):
+        text_windows("d", ids, context=8, stride=9)
+    some = ws + text_windows("e", ids[:5], 16, 12) + text_windows("f", ids[:14], 16, 12)
+    groups = list(batches(some, batch_tokens=40))
+    assert sorted(w.window for g in groups for w in g) == sorted(w.window for w in some)
+    for g in groups:  # padded to the longest, within the budget and the padding share
+        size = len(g) * max(len(w.tokens) for w in g)
+        assert len(g) == 1 or size <= 40
+        assert size - sum(len(w.tokens) for w in g) <= 0.25 * size
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +42,7 @@ def windows(smollm2):
     out = []
     for i, t in enumerate(texts):
         ids = smollm2.tokenizer(t).input_ids
-        out += text_windows(f"t{i}", ids, context=12, stride=8, first=len(out))
+        out += text_windows(f"t{i}", ids, context=12, stride=8)
     return out
 
 
@@ -46,7 +56,9 @@ def dump(smollm2, windows):
             for layer, a in enumerate(trace.act):
                 acts[layer].append(a[0].double().numpy())
             where += [(w.window, p) for p in range(len(w.tokens))]
-    return {k: np.concatenate(v) for k, v in acts.items()}, np.array(where)
+    keep = np.concatenate([np.arange(len(w.tokens)) >= w.skip for w in windows])
+    acts = {k: np.concatenate(v)[keep] for k, v in acts.items()}
+    return acts, np.array(where)[keep]
 
 
 def test_exemplars_and_statistics_equal_the_written_out_forward(smollm2, windows):

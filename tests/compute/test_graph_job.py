@@ -149,7 +149,8 @@ def test_cluster_job_client_loads_no_weights(lake, smollm2, client):
 
 def test_a_retried_shard_task_commits_nothing_twice(lake, smollm2):
     """Dask reruns a task whose worker died after its commit: the rerun adds nothing."""
-    from circuit_atlas.compute.graphs import _WORKER_MODELS, shard_task
+    from circuit_atlas.compute.graphs import shard_task
+    from circuit_atlas.compute.workers import _WORKER_MODELS
 
     _WORKER_MODELS[("smollm2", "cpu", "float32")] = smollm2
     params = AttributionParams(candidates=30)

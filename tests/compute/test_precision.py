@@ -122,7 +122,7 @@ def test_projections_of_some_neurons_equal_those_rows_of_all():
 
 
 def test_auto_on_dask_workers_is_decided_on_a_worker(client, monkeypatch):
-    from circuit_atlas.compute.graphs import worker_dtype
+    from circuit_atlas.compute.workers import worker_dtype
 
     on_workers = set(client.run(auto_dtype, "cpu", "graphs").values())
     # this process claims the opposite: the job must follow its workers, not its client

@@ -40,6 +40,9 @@ READERS = {
     "cluster_assignments": [PROFILE, DUCKDB],
     "clusters": [DUCKDB],
     "label_prompts": [],
+    "exemplars": [PROFILE, LABEL],
+    "exemplar_windows": [PROFILE],
+    "activation_stats": [PROFILE],
 }
 
 
@@ -78,10 +81,9 @@ BREAKS = {"truncated": (truncated, "truncated or corrupt"),
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, demo_run):
     root = tmp_path_factory.mktemp("matrix")
-    result = CliRunner().invoke(cli, ["demo", "--lake", str(root / "lake"), "--limit", "2"])
-    assert result.exit_code == 0, result.output
+    shutil.copytree(demo_run[0], root / "lake")
     lake = Lake(root / "lake")
     for extra in ("clusters.html", "atlas.duckdb"):
         os.remove(lake.path(extra))

@@ -1,0 +1,117 @@
+"""A neuron's exemplars as a person or an LLM reads them: the contexts with the
+activating tokens marked, delphi's ``<<token>>`` style, and what the model predicts
+next there.
+
+The activations stage writes one exemplars table per corpus; an atlas reduced over
+several corpora (``general+medical``) reads them all and keeps each neuron's
+strongest contexts across them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from circuit_atlas.lake import Lake
+
+MARK = 0.5  # a token is marked where its activation reaches this share of the exemplar's
+
+
+def corpora_of(corpus: str) -> list[str]:
+    """The corpora of a (possibly joint, ``a+b``) corpus partition."""
+    return corpus.split("+")
+
+
+def read_exemplars(lake: Lake, model: str, corpus: str, layer: int,
+                   neurons: list[int] | None = None, top: int = 5) -> pl.DataFrame | None:
+    """The ``top`` exemplars per sign of the neurons of ``layer`` (all, or
+    ``neurons``) over the corpora of ``corpus``, strongest first, with each window's
+    token ids and next-token predictions; None when no corpus has exemplars."""
+    parts = []
+    for c in corpora_of(corpus):
+        ex = lake.optional_table("exemplars", model, c)
+        win = lake.optional_table("exemplar_windows", model, c)
+        if ex is None or win is None:
+            continue
+        mine = (pl.col("layer") == layer) & (pl.col("rank") < top)
+        if neurons is not None:
+            mine &= pl.col("neuron").is_in(neurons)
+        parts.append(ex.filter(mine).with_columns(corpus=pl.lit(c)).join(
+            win.select("window_id", "skip", "token_ids", "next_tokens"), on="window_id",
+            how="left"))
+    if not parts:
+        return None
+    rows = pl.concat(parts).collect()
+    strength = pl.col("activation") * pl.col("sign")
+    return (rows.sort(["neuron", "sign", strength], descending=[False, True, True])
+            .with_columns(rank=pl.int_range(pl.len()).over("neuron", "sign"))
+            .filter(pl.col("rank") < top))
+
+
+def highlighted(tokens: list[str], acts: list[float], peak: float, skip: int = 0,
+                mark: float = MARK) -> str:
+    """The context with every counted token (from ``skip`` on) whose activation
+    reaches ``mark`` of ``peak`` (the exemplar's, of its sign) between << and >>."""
+    def marked(i: int, a: float) -> bool:
+        return i >= skip and peak != 0 and a / peak >= mark
+
+    return "".join(f"<<{t}>>" if marked(i, a) else t
+                   for i, (t, a) in enumerate(zip(tokens, acts, strict=True)))
+
+
+def token_texts(rows: pl.DataFrame, tokenizer: Any = None) -> dict[int, str]:
+    """Every token id of the rows' windows and predictions, decoded once."""
+    ids = set()
+    for col in ("token_ids", "next_tokens"):
+        ids.update(rows[col].explode().drop_nulls().unique().to_list())
+    if tokenizer is None:
+        return {t: f"#{t}" for t in ids}
+    return {t: tokenizer.decode([t]) for t in ids}
+
+
+def exemplar_dicts(rows: pl.DataFrame, tokenizer: Any = None,
+                   texts: dict[int, str] | None = None) -> list[dict[str, Any]]:
+    """JSON-ready exemplars: the highlighted text, the token at the peak and the
+    model's top next-token predictions there (token ids when no tokenizer is given).
+    ``texts``: token id -> text, when the caller decoded them already."""
+    texts = texts if texts is not None else token_texts(rows, tokenizer)
+    out = []
+    for r in rows.iter_rows(named=True):
+        tokens = [texts[t] for t in r["token_ids"]]
+        nxt = r["next_tokens"] or []
+        p = r["position"]
+        out.append({
+            "sign": r["sign"], "rank": r["rank"], "activation": r["activation"],
+            "corpus": r["corpus"], "prompt_id": r["prompt_id"],
+            "position": r["start"] + p, "token": tokens[p] if p < len(tokens) else None,
+            "text": highlighted(tokens, r["acts"], r["activation"], r["skip"] or 0),
+            "next_tokens": [texts[t] for t in nxt[5 * p:5 * p + 5]],
+        })
+    return out
+
+
+def neuron_exemplars(lake: Lake, model: str, corpus: str, layer: int, neuron: int,
+                     top: int = 5, tokenizer: Any = None) -> dict[str, list[dict[str, Any]]] | None:
+    """{"top": [...], "bottom": [...]} exemplars of one neuron; None without exemplars."""
+    rows = read_exemplars(lake, model, corpus, layer, [neuron], top)
+    if rows is None:
+        return None
+    return {name: exemplar_dicts(rows.filter(pl.col("sign") == sign), tokenizer)
+            for name, sign in (("top", 1), ("bottom", -1))}
+
+
+def activation_stats(lake: Lake, model: str, corpus: str, layer: int, neuron: int
+                     ) -> list[dict[str, Any]]:
+    """The neuron's activation statistics, one row per corpus that has them."""
+    out = []
+    for c in corpora_of(corpus):
+        t = lake.optional_table("activation_stats", model, c)
+        if t is None:
+            continue
+        rows = t.filter((pl.col("layer") == layer) & (pl.col("neuron") == neuron)).select(
+            corpus=pl.lit(c), count="count", mean="mean", std="std",
+            frac_positive="frac_positive", min="min", max="max", quantiles="quantiles",
+        ).collect()
+        out += rows.to_dicts()
+    return out

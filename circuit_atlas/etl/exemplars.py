@@ -1,0 +1,110 @@
+"""The merge of activation shards: per layer, every shard's exemplar state folded into
+one (top k of the top k's, sums summed, histograms added), published as the
+``activation_stats`` table, kept as state for the next run, and turned into the
+exemplar index that the replay fills with each context's activations.
+
+One task per layer, so a worker holds one layer's state and one shard's rows of it
+at a time, however many shards the corpus has. A later run starts from the state of
+the version it finds (when its parameters match) and merges only the shards
+committed since: top k and histograms come out equal to a merge from scratch, sums
+equal up to float rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from circuit_atlas.compute.exemplars import (
+    BIN_EDGES,
+    QUANTILES,
+    LayerState,
+    merge,
+    quantiles,
+    state_from_table,
+    state_table,
+)
+from circuit_atlas.errors import LakeError
+from circuit_atlas.lake.activation_shards import ActivationShard, read_shard_table
+from circuit_atlas.lake.derived import TableVersion
+from circuit_atlas.lake.schemas import ACTIVATION_STATE, ACTIVATION_STATS
+from circuit_atlas.lake.validate import conform
+
+INDEX_SCHEMA = pa.schema([("layer", pa.int16()), ("neuron", pa.int32()), ("sign", pa.int8()),
+                          ("rank", pa.int16()), ("activation", pa.float32()),
+                          ("window_id", pa.int64()), ("position", pa.int32())])
+
+
+def layer_file(layer: int) -> str:
+    return f"layer-{layer:03d}.parquet"
+
+
+def merge_layer(lake, shards: list[ActivationShard], layer: int, base: str | None = None
+                ) -> LayerState | None:
+    """The state of ``layer`` over ``shards`` (and the state file ``base``, root-relative,
+    when a run resumes from one); None with neither."""
+    state = None
+    if base is not None:
+        path = lake.path(base)
+        try:
+            with lake.fs.open(path, "rb") as f:
+                state = state_from_table(conform(pq.read_table(f), ACTIVATION_STATE, path))
+        except (OSError, pa.ArrowException, ValueError) as e:
+            raise LakeError(f"{path}: unreadable activation state: {e}") from e
+    for shard in shards:
+        rows = read_shard_table(lake, shard, "activation_state", layer)
+        try:
+            part = state_from_table(rows)
+        except ValueError as e:
+            raise LakeError(f"activation shard {shard.shard}, layer {layer}: {e}") from e
+        state = part if state is None else merge(state, part)
+    return state
+
+
+def stats_table(layer: int, state: LayerState) -> pa.Table:
+    """The activation_stats rows of a layer."""
+    n = state.total.shape[0]
+    count = max(state.count, 1)
+    q = quantiles(state, QUANTILES)
+    return pa.table({
+        "layer": np.full(n, layer, np.int16), "neuron": np.arange(n, dtype=np.int32),
+        "count": np.full(n, state.count, np.int64), "mean": state.mean(), "std": state.std(),
+        "frac_positive": state.positive / count, "min": state.min, "max": state.max,
+        "quantiles": pa.FixedSizeListArray.from_arrays(pa.array(q.ravel()), len(QUANTILES)
+                                                        ).cast(pa.list_(pa.float32())),
+        "hist": state_table(layer, state).column("hist"),
+    })
+
+
+def exemplar_index(layer: int, state: LayerState) -> pa.Table:
+    """Every filled top and bottom slot of a layer: (layer, neuron, sign, rank,
+    activation, window_id, position), without the contexts' activations."""
+    parts = []
+    for sign, value, window, pos in ((1, state.top_value, state.top_window, state.top_pos),
+                                     (-1, state.bottom_value, state.bottom_window,
+                                      state.bottom_pos)):
+        neuron, rank = np.nonzero(window >= 0)
+        parts.append(pa.table({
+            "layer": np.full(len(neuron), layer, np.int16), "neuron": neuron.astype(np.int32),
+            "sign": np.full(len(neuron), sign, np.int8), "rank": rank.astype(np.int16),
+            "activation": value[neuron, rank], "window_id": window[neuron, rank],
+            "position": pos[neuron, rank]}, schema=INDEX_SCHEMA))
+    return pa.concat_tables(parts)
+
+
+def merge_task(lake, version: TableVersion, shards: list[ActivationShard], layer: int,
+               base: str | None) -> tuple[str, str, pa.Table]:
+    """A Dask task: merge one layer, write its activation_stats part and its state;
+    returns (part, state file, exemplar index)."""
+    state = merge_layer(lake, shards, layer, base)
+    if state is None:
+        raise LakeError(f"layer {layer}: no activation shards to merge")
+    part = version.write(layer_file(layer), stats_table(layer, state), ACTIVATION_STATS)
+    state_file = version.write_state(layer_file(layer), state_table(layer, state))
+    return part, state_file, exemplar_index(layer, state)
+
+
+def bin_edges() -> list[float]:
+    """The histogram's bin edges, as the activation_stats manifest records them."""
+    return [float(e) for e in BIN_EDGES]
