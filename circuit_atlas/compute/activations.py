@@ -165,18 +165,25 @@ class _Fold:
 
     def _ties(self, a: torch.Tensor, values: torch.Tensor, slots, largest: bool) -> None:
         """torch.topk keeps any of several values equal to the k-th: where such a tie
-        reaches past the k kept (often in bfloat16), choose again among those columns
-        by a stable sort. The batch's rows are in (window, position) order
-        (:func:`activation_pass` sorts each batch by window id), so a stable sort puts
-        equal values in that order, as a brute force ranks them."""
+        reaches past the k kept (often in bfloat16), choose again in those columns by
+        (value, row). The batch's rows are in (window, position) order
+        (:func:`activation_pass` sorts each batch by window id), so that is the order
+        a brute force ranks ties in."""
         kth = values[-1]
         tied = (a == kth).sum(0, dtype=torch.int32) > (values == kth).sum(0, dtype=torch.int32)
         if not bool(tied.any()):
             return
         cols = torch.nonzero(tied).view(-1)
-        sv, si = torch.sort(a[:, cols], dim=0, descending=largest, stable=True)
+        sub = a[:, cols] + 0.0  # -0.0 as 0.0: they are equal
+        bits = sub.view(torch.int32).to(torch.int64)
+        ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as integers
+        m = a.shape[0]
+        row = torch.arange(m, dtype=torch.int64, device=a.device)[:, None]
+        # one integer key per entry: the value, then the earlier row first
+        key = (ordered << 32) | ((m - 1 - row) if largest else row)
         k = values.shape[0]
-        v, w, p = self._slots(sv[:k], si[:k], -np.inf if largest else np.inf)
+        idx = torch.topk(key, k, dim=0, largest=largest).indices
+        v, w, p = self._slots(torch.gather(sub, 0, idx), idx, -np.inf if largest else np.inf)
         j = cols.cpu().numpy()
         slots[0][j], slots[1][j], slots[2][j] = v, w, p
 
