@@ -143,7 +143,7 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     console.print(example["user_message"][0], soft_wrap=True, markup=False)
     html = lake.path("clusters.html")
     with clock.stage("exports"):
-        export_html(lake, exact.name, key, html)
+        export_html(lake, exact.name, key, html, tokenizer=exact.tokenizer)
         export_duckdb(lake, exact.name, key, lake.path("atlas.duckdb"))
     top = lake.table("specificity").sort("log_odds_low", descending=True).head(1).collect()
     neuron = neuron_label(top['layer'][0], top['neuron'][0])

@@ -67,6 +67,8 @@ def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path, demo_run):
     by_pass = {p: prompts.filter(pl.col("pass") == p)["user_message"] for p in ("input", "output")}
     assert by_pass["input"].str.contains("Contexts where it fires most").all()
     assert by_pass["output"].str.contains("the model predicts next").any()
+    page = open(os.path.join(lake, "clusters.html"), encoding="utf-8").read()  # noqa: SIM115
+    assert '"exemplar":["' in page and "<<" in page  # the viewer shows where neurons fire
     info = runner.invoke(cli, ["lake", "info", "--lake", lake])
     assert info.exit_code == 0 and "medical" in info.output and "general" in info.output
     data = json.loads(runner.invoke(cli, ["lake", "info", "--lake", lake, "--json"]).output)

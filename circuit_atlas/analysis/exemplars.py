@@ -112,6 +112,31 @@ def activation_stats(lake: Lake, model: str, corpus: str, layer: int, neuron: in
         rows = t.filter((pl.col("layer") == layer) & (pl.col("neuron") == neuron)).select(
             corpus=pl.lit(c), count="count", mean="mean", std="std",
             frac_positive="frac_positive", min="min", max="max", quantiles="quantiles",
+            static_rank_corr="static_rank_corr", corr_tokens="corr_tokens",
         ).collect()
         out += rows.to_dicts()
+    return out
+
+
+def token_means(lake: Lake, model: str, corpus: str, layer: int, neurons: list[int],
+                tokenizer: Any = None, top: int = 10) -> dict[int, list[dict[str, Any]]]:
+    """Per neuron, the tokens at which its mean activation in context is highest
+    (from every corpus of ``corpus`` that has them, strongest first)."""
+    parts = []
+    for c in corpora_of(corpus):
+        t = lake.optional_table("token_activations", model, c)
+        if t is not None:
+            parts.append(t.filter((pl.col("layer") == layer) & pl.col("neuron").is_in(neurons)
+                                  ).with_columns(corpus=pl.lit(c)))
+    out: dict[int, list[dict[str, Any]]] = {}
+    if not parts:
+        return out
+    rows = pl.concat(parts).collect().sort(["neuron", "mean"], descending=[False, True])
+    for r in rows.iter_rows(named=True):
+        mine = out.setdefault(r["neuron"], [])
+        if len(mine) < top:
+            t = r["token_id"]
+            text = tokenizer.decode([t]) if tokenizer is not None else f"#{t}"
+            mine.append({"token": text, "count": r["count"], "mean": r["mean"],
+                         "static": r["static"], "corpus": r["corpus"]})
     return out

@@ -88,7 +88,7 @@ def neuron_profile(lake: Lake, model: str, layer: int, neuron: int, corpus: str 
     if clusters is not None:
         out["clusters"] = clusters.filter(mine).select(
             "method", "cluster_path", "depth", "flow").collect().to_dicts()
-    from circuit_atlas.analysis.exemplars import activation_stats, neuron_exemplars
+    from circuit_atlas.analysis.exemplars import activation_stats, neuron_exemplars, token_means
 
     stats = activation_stats(lake, model, corpus, layer, neuron)
     if stats:
@@ -96,6 +96,9 @@ def neuron_profile(lake: Lake, model: str, layer: int, neuron: int, corpus: str 
     exemplars = neuron_exemplars(lake, model, corpus, layer, neuron, min(top, 5), tokenizer)
     if exemplars is not None:
         out["exemplars"] = exemplars
+    in_context = token_means(lake, model, corpus, layer, [neuron], tokenizer, top)
+    if in_context:
+        out["token_means"] = in_context[neuron]
     labels = _table(lake, "labels", model, corpus)  # once labeling has run
     if labels is not None:
         out["labels"] = labels.filter(mine).collect().to_dicts()

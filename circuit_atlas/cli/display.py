@@ -161,10 +161,18 @@ def print_profile(profile: dict, out: Any) -> None:
             f"{t!r} {v:.3g}" for t, v in rows))
     for s in profile.get("activation", []):
         q = s["quantiles"]
+        corr = s.get("static_rank_corr")
         out.print(f"[bold]activation[/] over {s['count']:,} tokens of {s['corpus']}: mean "
                   f"{s['mean']:.3g}, std {s['std']:.3g}, {s['frac_positive']:.0%} positive, "
                   f"min {s['min']:.3g}, median {q[4]:.3g}, 99th percentile {q[8]:.3g}, "
-                  f"max {s['max']:.3g}")
+                  f"max {s['max']:.3g}" + ("" if corr is None else
+                                           f"; rank correlation of its mean per token with "
+                                           f"the static input projection {corr:+.2f} "
+                                           f"({s['corr_tokens']} tokens)"))
+    if profile.get("token_means"):
+        out.print("[bold]highest mean in context[/]: " + ", ".join(
+            f"{r['token']!r} {r['mean']:.3g} ({r['count']}x; static {r['static']:.3g})"
+            for r in profile["token_means"]), markup=True, highlight=False)
     for key, title in (("top", "top exemplars"), ("bottom", "bottom exemplars")):
         rows = profile.get("exemplars", {}).get(key)
         if not rows:

@@ -132,11 +132,14 @@ def export_html_cmd(path: str, lake_path: str, model: str, corpora: tuple[str, .
     """One self-contained HTML file: the clusters as a constellation to drill into,
     search by label, links above a threshold. Opens offline in any browser."""
     from circuit_atlas.clustering.html import export_html
+    from circuit_atlas.compute.models import optional_tokenizer
     from circuit_atlas.lake import Lake
 
     opened = Lake(lake_path)
+    given = model
     model, corpus = _atlas_key(opened, model, corpora)
-    counts = export_html(opened, model, corpus, path, method, links_per_neuron=links)
+    counts = export_html(opened, model, corpus, path, method, links_per_neuron=links,
+                         tokenizer=optional_tokenizer(given))
     display.console().print(f"[green]export[/] {path}: {counts['neurons']:,} neurons, "
                      f"{counts['modules']:,} modules, {counts['links']:,} links")
 

@@ -2,11 +2,11 @@
 
 The viewer (``viewer.html`` next to this module: plain canvas and DOM, no library, no
 network at view time) gets the data inlined as JSON: the modules of every level, the
-clustered neurons (id, layer, module path, flow, label) and each neuron's strongest
-outgoing links. It draws one level at a time, never all neurons at once: the top
-modules first (x: median layer, size: neurons); a click opens a module's sub-modules,
-and a module without sub-modules shows its members (x: layer), with links above a
-weight threshold. Search finds neurons by label or id.
+clustered neurons (id, layer, module path, flow, label, the context where it fires
+most) and each neuron's strongest outgoing links. It draws one level at a time, never
+all neurons at once: the top modules first (x: median layer, size: neurons); a click
+opens a module's sub-modules, and a module without sub-modules shows its members (x:
+layer), with links above a weight threshold. Search finds neurons by label or id.
 """
 
 from __future__ import annotations
@@ -25,8 +25,26 @@ from circuit_atlas.lake.neurons import neuron_label
 PLACEHOLDER = "/*__DATA__*/null"
 
 
+def top_exemplars(lake: Lake, model: str, corpus: str, neurons: pl.DataFrame,
+                  tokenizer: Any = None) -> list[str | None]:
+    """Each neuron's strongest context, activating tokens marked (None without
+    exemplars)."""
+    from circuit_atlas.analysis.exemplars import exemplar_dicts, read_exemplars
+
+    found: dict[tuple[int, int], str] = {}
+    for (layer,), part in neurons.group_by("layer"):
+        rows = read_exemplars(lake, model, corpus, layer, part["neuron"].to_list(), 1)
+        if rows is None:
+            return [None] * len(neurons)
+        rows = rows.filter(pl.col("sign") == 1)
+        for n, e in zip(rows["neuron"], exemplar_dicts(rows, tokenizer), strict=True):
+            found[(layer, n)] = f"{e['activation']:+.3g}: {e['text']}"
+    return [found.get(k) for k in zip(neurons["layer"], neurons["neuron"], strict=True)]
+
+
 def viewer_data(lake: Lake, model: str, corpus: str, method: str = "infomap",
-                links_per_neuron: int = 5, min_count: int = 1) -> dict[str, Any]:
+                links_per_neuron: int = 5, min_count: int = 1,
+                tokenizer: Any = None) -> dict[str, Any]:
     tables = atlas_tables(lake, model, corpus, method)
     neurons = tables["neurons"].filter(pl.col("cluster_path").is_not_null()).sort(
         "layer", "neuron")
@@ -58,7 +76,8 @@ def viewer_data(lake: Lake, model: str, corpus: str, method: str = "infomap",
                                                  strict=True)],
             "layer": neurons["layer"].to_list(), "path": neurons["cluster_path"].to_list(),
             "flow": [round(f, 9) for f in neurons["infomap_flow"].to_list()],
-            "label": neurons["label"].to_list()},
+            "label": neurons["label"].to_list(),
+            "exemplar": top_exemplars(lake, model, corpus, neurons, tokenizer)},
         "edges": {"src": edges["src"].to_list(), "tgt": edges["tgt"].to_list(),
                   "w": [round(w, 5) for w in edges["mean_weight"].to_list()]},
     }

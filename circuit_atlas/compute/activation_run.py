@@ -38,7 +38,12 @@ from circuit_atlas.lake.activation_shards import (
     committed_texts,
     read_shard_table,
 )
-from circuit_atlas.lake.schemas import EXEMPLAR_WINDOWS, EXEMPLARS
+from circuit_atlas.lake.schemas import (
+    ACTIVATION_SAMPLES,
+    EXEMPLAR_WINDOWS,
+    EXEMPLARS,
+    TOKEN_ACTIVATIONS,
+)
 from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
 
 Text = tuple[str, list[Window]]  # a text's prompt id and its windows
@@ -130,27 +135,48 @@ def shard_task(lake: Lake, spec: str, device: str, dtype: str, corpus: str,
     return sum(text_tokens(t) for t in texts)
 
 
+EXEMPLAR, SAMPLE = 0, 1  # the kinds of replay index entries
+
+
+def replay_index(exemplars: pa.Table, samples: pa.Table | None) -> pa.Table:
+    """One index of what the replay reads: exemplars (group: the sign) and quantile
+    samples (group: the bin)."""
+    parts = [exemplars.rename_columns(["group" if c == "sign" else c
+                                       for c in exemplars.column_names])
+             .append_column("kind", pa.array(np.full(exemplars.num_rows, EXEMPLAR, np.int8)))]
+    if samples is not None:
+        parts.append(samples.select(parts[0].column_names[:-1]).append_column(
+            "kind", pa.array(np.full(samples.num_rows, SAMPLE, np.int8))))
+    return pa.concat_tables(parts, promote_options="permissive")
+
+
 def exemplar_rows(model: LoadedModel, windows: list[Window], index: pa.Table,
                   batch_tokens: int, on_tokens: Callable[[int], None] | None = None
-                  ) -> tuple[pa.Table, pa.Table]:
-    """The exemplars and exemplar_windows rows of the index entries whose windows are
-    ``windows``: each entry's activations at every token of its window, by a replay."""
+                  ) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """The exemplars, activation_samples and exemplar_windows rows of the index entries
+    whose windows are ``windows``: each entry's activations at every token of its
+    window, by a replay."""
     wid = index.column("window_id").to_numpy()
     got = replay(model, windows, wid, index.column("layer").to_numpy(),
                  index.column("neuron").to_numpy(), batch_tokens, on_tokens)
     ids = np.array([w.window for w in windows], np.int64)
     at = np.argsort(ids)
     where = at[np.searchsorted(ids[at], wid)]
-    docs = pa.array([w.doc for w in windows]).take(pa.array(where))
-    starts = np.array([w.start for w in windows], np.int32)[where]
-    ex = pa.table({
-        **{c: index.column(c) for c in ("layer", "neuron", "sign", "rank", "activation",
+    rows = pa.table({
+        **{c: index.column(c) for c in ("layer", "neuron", "group", "rank", "activation",
                                         "window_id")},
-        "prompt_id": docs, "start": starts, "position": index.column("position"),
+        "prompt_id": pa.array([w.doc for w in windows]).take(pa.array(where)),
+        "start": np.array([w.start for w in windows], np.int32)[where],
+        "position": index.column("position"),
         "acts": pa.LargeListArray.from_arrays(pa.array(got.offsets), pa.array(got.values)
                                               ).cast(pa.list_(pa.float32())),
-    }).sort_by([("layer", "ascending"), ("neuron", "ascending"), ("sign", "descending"),
-                ("rank", "ascending")])
+    })
+    # the index holds the exemplars, then the samples, each in its table's order
+    n_ex = int(pc.sum(pc.equal(index.column("kind"), EXEMPLAR)).as_py() or 0)
+
+    def part(name: str, rows: pa.Table) -> pa.Table:
+        return rows.rename_columns([name if c == "group" else c for c in rows.column_names])
+
     win = pa.table({
         "window_id": pa.array([w.window for w in windows], pa.int64()),
         "prompt_id": [w.doc for w in windows],
@@ -160,23 +186,25 @@ def exemplar_rows(model: LoadedModel, windows: list[Window], index: pa.Table,
         "next_tokens": pa.array([got.next_tokens[w.window].ravel() for w in windows],
                                 pa.list_(pa.int32())),
     })
-    return ex, win
+    return part("sign", rows.slice(0, n_ex)), part("bin", rows.slice(n_ex)), win
 
 
 def replay_task(lake: Lake, model: LoadedModel | tuple[str, str, str], windows: list[Window],
                 index: pa.Table, versions: tuple, name: str, batch_tokens: int,
-                on_tokens: Callable[[int], None] | None = None) -> tuple[str, str, int]:
+                on_tokens: Callable[[int], None] | None = None) -> tuple[str, str, str, int]:
     """A Dask task (or a call here, with a loaded model): one group of windows replayed
-    and written as a part of the exemplars and exemplar_windows versions."""
+    and written as a part of the exemplars, activation_samples and exemplar_windows
+    versions; returns their parts and the exemplar rows."""
     if not isinstance(model, LoadedModel):
         from circuit_atlas.compute.workers import worker_model
 
         model = worker_model(*model)
-    ex, win = exemplar_rows(model, windows, index, batch_tokens, on_tokens)
-    ex_version, win_version = versions
+    ex, samples, win = exemplar_rows(model, windows, index, batch_tokens, on_tokens)
+    ex_version, sample_version, win_version = versions
     # sorted by layer and neuron: row groups of 64K rows let a reader of one layer skip
     # the others
     return (ex_version.write(name, ex, EXEMPLARS, row_group_size=1 << 16),
+            sample_version.write(name, samples, ACTIVATION_SAMPLES, row_group_size=1 << 16),
             win_version.write(name, win, EXEMPLAR_WINDOWS), ex.num_rows)
 
 
@@ -297,7 +325,8 @@ class _Job:
                ) -> tuple[int, int]:
         """Merge, replay and publish; (shards merged, exemplar rows), (0, 0) when the
         tables already hold every shard."""
-        from circuit_atlas.etl.exemplars import bin_edges, layer_file, merge_task
+        from circuit_atlas.compute.samples import sample_windows
+        from circuit_atlas.etl.exemplars import bin_edges, layer_file, merge_task, stats_task
         from circuit_atlas.lake.derived import TableVersion
 
         lake, name = self.lake, self.model.name
@@ -313,45 +342,75 @@ class _Job:
             base = {int(p.rsplit("layer-", 1)[1][:3]): p for p in inputs.get("state", [])}
         fresh = [s for s in shards if not resume or s.shard not in held]
         n_layers = shards[0].record["model_shape"]["n_layers"]
-        stats = TableVersion(lake, name, corpus, "activation_stats")
-        ex_version = TableVersion(lake, name, corpus, "exemplars")
-        win_version = TableVersion(lake, name, corpus, "exemplar_windows")
+        versions = {t: TableVersion(lake, name, corpus, t) for t in (
+            "activation_stats", "exemplars", "activation_samples", "exemplar_windows",
+            "token_activations")}
+        stats = versions["activation_stats"]
         self.progress.message(f"merging {len(fresh)} activation shard(s) of {corpus} ...")
-        args = [(lake, stats, fresh, layer, base.get(layer)) for layer in range(n_layers)]
-        if self.client is None:
-            results = [merge_task(*a) for a in args]
-        else:
-            results = self.client.gather([self.client.submit(merge_task, *a, pure=False)
-                                          for a in args])
-        parts, states = [r[0] for r in results], [r[1] for r in results]
-        index = pa.concat_tables([r[2] for r in results])
-        if any(layer_file(i) not in p for i, p in enumerate(parts)):
+        merged = self._tasks(merge_task, [(lake, stats, fresh, layer, base.get(layer))
+                                          for layer in range(n_layers)])
+        states = [r[0] for r in merged]
+        windows = self._all_windows(shards)
+        samples = sample_windows(list(windows.values()), self.params.sample_tokens)
+        self.progress.message(f"sampling {len(samples)} window(s) of {corpus} ...")
+        picked, tokens, corr, corr_tokens = self._sample(
+            samples, {layer: r[2] for layer, r in enumerate(merged)})
+        index = replay_index(pa.concat_tables([r[1] for r in merged]), picked)
+        wanted = np.unique(index.column("window_id").to_numpy())
+        parts = self._replay(corpus, [windows[w] for w in wanted.tolist()], index,
+                             (versions["exemplars"], versions["activation_samples"],
+                              versions["exemplar_windows"]))
+        stat_parts = self._tasks(stats_task, [(lake, stats, layer, states[layer],
+                                               corr.get(layer), corr_tokens)
+                                              for layer in range(n_layers)])
+        if any(layer_file(i) not in p for i, p in enumerate(stat_parts)):
             raise CircuitAtlasError("activation merge: a layer's part is missing")
-        windows = self._windows(shards, index)
-        ex_parts, win_parts, rows = self._replay(corpus, windows, index, ex_version, win_version)
         common = {"params_hash": phash, "params": shards[0].record["params"]}
-        win_version.publish(win_parts, common)
-        ex_version.publish(ex_parts, common)
-        stats.publish(parts, {**common, "shards": ids, "state": states,
-                              "bin_edges": bin_edges(),
-                              "tokens": int(sum(s.record["tokens"] for s in shards))})
+        token_parts = ([] if tokens is None else
+                       [versions["token_activations"].write("tokens.parquet", tokens,
+                                                            TOKEN_ACTIVATIONS)])
+        sampled = {**common, "sample_tokens": self.params.sample_tokens,
+                   "sample_windows": len(samples)}
+        # readers of the statistics find every table they refer to: those first
+        versions["exemplar_windows"].publish(parts[2], common)
+        versions["exemplars"].publish(parts[0], common)
+        versions["activation_samples"].publish(parts[1], sampled)
+        versions["token_activations"].publish(token_parts, sampled)
+        stats.publish(stat_parts, {**common, "shards": ids, "state": states,
+                                   "bin_edges": bin_edges(), **sampled,
+                                   "tokens": int(sum(s.record["tokens"] for s in shards))})
         stats.drop_scratch()
-        return len(fresh), rows
+        return len(fresh), parts[3]
 
-    def _windows(self, shards: list[ActivationShard], index: pa.Table) -> list[Window]:
-        """The windows the exemplar index names, from the shards that ran them."""
-        wanted = pa.array(np.unique(index.column("window_id").to_numpy()))
-        out = []
+    def _tasks(self, fn, args: list[tuple]) -> list:
+        """``fn`` over ``args`` here, or one Dask task each."""
+        if self.client is None:
+            return [fn(*a) for a in args]
+        return self.client.gather([self.client.submit(fn, *a, pure=False) for a in args])
+
+    def _all_windows(self, shards: list[ActivationShard]) -> dict[int, Window]:
+        """Every window the shards ran, by id."""
+        out = {}
         for shard in shards:
             t = read_shard_table(self.lake, shard, "activation_windows")
-            t = t.filter(pc.is_in(t.column("window_id"), value_set=wanted))
             for w, pid, start, skip, toks in zip(*(t.column(c).to_pylist() for c in (
                     "window_id", "prompt_id", "start", "skip", "token_ids")), strict=True):
-                out.append(Window(w, pid, start, tuple(toks), skip))
+                out[w] = Window(w, pid, start, tuple(toks), skip)
         return out
 
-    def _replay(self, corpus: str, windows: list[Window], index: pa.Table, ex_version,
-                win_version) -> tuple[list[str], list[str], int]:
+    def _sample(self, windows: list[Window], layer_bounds: dict) -> tuple:
+        """The quantile samples and token means over the sample windows (one task on a
+        worker, which holds the model, when there is a cluster)."""
+        from circuit_atlas.compute.samples import sample_task
+
+        if self.client is None:
+            return sample_task(self.model, windows, layer_bounds, self.params.batch_tokens)
+        return self.client.submit(sample_task, self.worker_key, windows, layer_bounds,
+                                  self.params.batch_tokens, resources=self.resources,
+                                  pure=False).result()
+
+    def _replay(self, corpus: str, windows: list[Window], index: pa.Table, versions: tuple
+                ) -> tuple[list[str], list[str], list[str], int]:
         groups = _window_groups(windows, self.params.shard_tokens)
         wid = index.column("window_id")
         total = sum(len(w.tokens) for w in windows)
@@ -366,7 +425,7 @@ class _Job:
         for i, group in enumerate(groups):
             ids = pa.array([w.window for w in group], pa.int64())
             part = index.filter(pc.is_in(wid, value_set=ids))
-            tasks.append((group, part, (ex_version, win_version), f"part-{i:05d}.parquet"))
+            tasks.append((group, part, versions, f"part-{i:05d}.parquet"))
         if self.client is None:
             results = [replay_task(self.lake, self.model, g, p, v, n,
                                    self.params.batch_tokens, tick) for g, p, v, n in tasks]
@@ -381,7 +440,8 @@ class _Job:
             for future in as_completed(futures):
                 results.append(future.result())
                 tick(futures[future])
-        return ([r[0] for r in results], [r[1] for r in results], sum(r[2] for r in results))
+        return ([r[0] for r in results], [r[1] for r in results], [r[2] for r in results],
+                sum(r[3] for r in results))
 
 
 def _window_groups(windows: list[Window], tokens: int) -> list[list[Window]]:

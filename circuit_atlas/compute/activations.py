@@ -201,20 +201,20 @@ class _Fold:
         return v, w.astype(np.int64), p.astype(np.int32)
 
 
-def _batch_places(fold: _Fold, group: list[Window], device) -> None:
-    """The (window, position) of every position of a batch that counts: not one
-    an earlier window counted (skip), not padding."""
+def batch_places(group: list[Window], device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(window, position, keep) of a batch: the window id and position of every
+    position that counts (not one an earlier window counted, not padding), and the
+    mask that picks those rows out of the batch's (None: all of them)."""
     T = max(len(w.tokens) for w in group)
     window = torch.tensor([w.window for w in group]).repeat_interleave(T)
     pos = torch.arange(T, dtype=torch.int32).repeat(len(group))
-    fold.keep = None
-    if any(w.skip or len(w.tokens) < T for w in group):
-        skip = torch.tensor([w.skip for w in group], dtype=torch.int32).repeat_interleave(T)
-        end = torch.tensor([len(w.tokens) for w in group], dtype=torch.int32
-                           ).repeat_interleave(T)
-        keep = (pos >= skip) & (pos < end)
-        window, pos, fold.keep = window[keep], pos[keep], keep.to(device)
-    fold.window, fold.pos = window, pos
+    if not any(w.skip or len(w.tokens) < T for w in group):
+        return window, pos, None
+    skip = torch.tensor([w.skip for w in group], dtype=torch.int32).repeat_interleave(T)
+    end = torch.tensor([len(w.tokens) for w in group], dtype=torch.int32).repeat_interleave(T)
+    keep = (pos >= skip) & (pos < end)
+    return window[keep], pos[keep], keep.to(device)
 
 
 @torch.no_grad()
@@ -232,7 +232,7 @@ def activation_pass(model: LoadedModel, windows: Iterable[Window], k: int = K,
     try:
         for group in batches(windows, batch_tokens):
             group = sorted(group, key=lambda w: w.window)  # rows in (window, position) order
-            _batch_places(fold, group, device)
+            fold.window, fold.pos, fold.keep = batch_places(group, device)
             base(input_ids=padded(group, device), use_cache=False)
             if on_batch:
                 on_batch(sum(len(w.tokens) for w in group))

@@ -149,6 +149,9 @@ class ActivationsParams:
     """Token budget: texts (by id) until their tokens reach it (default: all)."""
     limit: int | None = None
     """Only the first N texts of each corpus (by id)."""
+    sample_tokens: int = 16384
+    """Tokens of the random subset of windows that the quantile samples and the
+    per-token means are drawn from."""
     shard_tokens: int = 32768
     """Tokens per committed shard (one Dask task each)."""
     batch_tokens: int = 4096

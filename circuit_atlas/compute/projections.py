@@ -111,6 +111,16 @@ class Projector:
             parts.append((which[sl], out, inp, down[sl].norm(dim=1)))
         return _columns(parts)
 
+    def input_scores(self, layer: int, token_ids: np.ndarray) -> np.ndarray:
+        """(tokens, n) exact input projections of every neuron of ``layer`` for the
+        tokens ``token_ids``: what each token alone in the residual would make it."""
+        blk = self.a.blocks[layer]
+        ids = torch.as_tensor(token_ids, device=blk.down.device)
+        pre = self.p.norm and blk.mlp_norm is not None
+        x = self.embed_rms[ids] * blk.mlp_norm.to(self.exact) if pre else self.embed[ids]
+        gate, up = blk.gate.to(self.exact), blk.up.to(self.exact)
+        return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)).cpu().numpy()
+
 
 def _columns(parts) -> dict[str, np.ndarray]:
     cols: dict[str, list[np.ndarray]] = {c: [] for c in (

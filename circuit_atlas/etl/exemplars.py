@@ -62,11 +62,14 @@ def merge_layer(lake, shards: list[ActivationShard], layer: int, base: str | Non
     return state
 
 
-def stats_table(layer: int, state: LayerState) -> pa.Table:
-    """The activation_stats rows of a layer."""
+def stats_table(layer: int, state: LayerState, corr: np.ndarray | None = None,
+                corr_tokens: int = 0) -> pa.Table:
+    """The activation_stats rows of a layer (``corr``: the rank correlation of each
+    neuron's token means with its static input projection, over ``corr_tokens``)."""
     n = state.total.shape[0]
     count = max(state.count, 1)
     q = quantiles(state, QUANTILES)
+    corr = np.full(n, np.nan) if corr is None else corr
     return pa.table({
         "layer": np.full(n, layer, np.int16), "neuron": np.arange(n, dtype=np.int32),
         "count": np.full(n, state.count, np.int64), "mean": state.mean(), "std": state.std(),
@@ -74,35 +77,46 @@ def stats_table(layer: int, state: LayerState) -> pa.Table:
         "quantiles": pa.FixedSizeListArray.from_arrays(pa.array(q.ravel()), len(QUANTILES)
                                                         ).cast(pa.list_(pa.float32())),
         "hist": state_table(layer, state).column("hist"),
+        "static_rank_corr": pa.array(corr, pa.float64(), mask=~np.isfinite(corr)),
+        "corr_tokens": np.full(n, corr_tokens, np.int32),
     })
 
 
 def exemplar_index(layer: int, state: LayerState) -> pa.Table:
     """Every filled top and bottom slot of a layer: (layer, neuron, sign, rank,
-    activation, window_id, position), without the contexts' activations."""
-    parts = []
-    for sign, value, window, pos in ((1, state.top_value, state.top_window, state.top_pos),
-                                     (-1, state.bottom_value, state.bottom_window,
-                                      state.bottom_pos)):
-        neuron, rank = np.nonzero(window >= 0)
-        parts.append(pa.table({
-            "layer": np.full(len(neuron), layer, np.int16), "neuron": neuron.astype(np.int32),
-            "sign": np.full(len(neuron), sign, np.int8), "rank": rank.astype(np.int16),
-            "activation": value[neuron, rank], "window_id": window[neuron, rank],
-            "position": pos[neuron, rank]}, schema=INDEX_SCHEMA))
-    return pa.concat_tables(parts)
+    activation, window_id, position), without the contexts' activations, in the
+    exemplars table's order (neuron, sign descending, rank)."""
+    n, k = state.top_window.shape
+    value = np.concatenate([state.top_value, state.bottom_value], axis=1)  # (n, 2k)
+    window = np.concatenate([state.top_window, state.bottom_window], axis=1)
+    pos = np.concatenate([state.top_pos, state.bottom_pos], axis=1)
+    neuron, slot = np.nonzero(window >= 0)  # row-major: neuron, then top before bottom
+    return pa.table({
+        "layer": np.full(len(neuron), layer, np.int16), "neuron": neuron.astype(np.int32),
+        "sign": np.where(slot < k, 1, -1).astype(np.int8),
+        "rank": (slot % k).astype(np.int16), "activation": value[neuron, slot],
+        "window_id": window[neuron, slot], "position": pos[neuron, slot]}, schema=INDEX_SCHEMA)
 
 
 def merge_task(lake, version: TableVersion, shards: list[ActivationShard], layer: int,
-               base: str | None) -> tuple[str, str, pa.Table]:
-    """A Dask task: merge one layer, write its activation_stats part and its state;
-    returns (part, state file, exemplar index)."""
+               base: str | None) -> tuple[str, pa.Table, tuple[np.ndarray, np.ndarray]]:
+    """A Dask task: merge one layer and write its state; returns (state file,
+    exemplar index, the bounds of its quantile samples)."""
+    from circuit_atlas.compute.samples import bounds
+
     state = merge_layer(lake, shards, layer, base)
     if state is None:
         raise LakeError(f"layer {layer}: no activation shards to merge")
-    part = version.write(layer_file(layer), stats_table(layer, state), ACTIVATION_STATS)
     state_file = version.write_state(layer_file(layer), state_table(layer, state))
-    return part, state_file, exemplar_index(layer, state)
+    return state_file, exemplar_index(layer, state), bounds(state)
+
+
+def stats_task(lake, version: TableVersion, layer: int, state_file: str,
+               corr: np.ndarray | None, corr_tokens: int) -> str:
+    """A Dask task: a layer's activation_stats part, from its merged state."""
+    state = merge_layer(lake, [], layer, state_file)
+    return version.write(layer_file(layer), stats_table(layer, state, corr, corr_tokens),
+                         ACTIVATION_STATS)
 
 
 def bin_edges() -> list[float]:

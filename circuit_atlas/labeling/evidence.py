@@ -179,7 +179,13 @@ def _exemplar_evidence(atlas: Atlas, pass_: str, layer: int, ids: list[int],
     negative. Output pass: what the model predicts next at its top contexts."""
     from collections import Counter
 
-    from circuit_atlas.analysis.exemplars import exemplar_dicts, read_exemplars, token_texts
+    from circuit_atlas.analysis.exemplars import (
+        corpora_of,
+        exemplar_dicts,
+        read_exemplars,
+        token_means,
+        token_texts,
+    )
 
     rows = read_exemplars(atlas.lake, atlas.model, atlas.corpus, layer, ids, EXEMPLARS_SHOWN)
     if rows is None:
@@ -195,6 +201,19 @@ def _exemplar_evidence(atlas: Atlas, pass_: str, layer: int, ids: list[int],
         else:
             nxt = Counter(e["next_tokens"][0] for e in top if e["next_tokens"])
             ev[n[0]]["next_tokens"] = nxt.most_common(EXEMPLARS_SHOWN)
+    if pass_ != "input":
+        return
+    for n, means in token_means(atlas.lake, atlas.model, atlas.corpus, layer, ids,
+                                atlas.names.tok, EXEMPLARS_SHOWN).items():
+        ev[n]["token_means"] = [(r["token"], r["mean"]) for r in means]
+    for c in corpora_of(atlas.corpus):
+        t = atlas.lake.optional_table("activation_stats", atlas.model, c)
+        if t is None:
+            continue
+        for r in t.filter((pl.col("layer") == layer) & pl.col("neuron").is_in(ids)
+                          & pl.col("static_rank_corr").is_not_null()).select(
+                "neuron", "static_rank_corr", "corr_tokens").collect().iter_rows():
+            ev[r[0]].setdefault("static_corr", (r[1], r[2]))
 
 
 def _link(atlas: Atlas, layer: int, index: int, row: dict[str, Any],

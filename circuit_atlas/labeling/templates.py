@@ -85,6 +85,13 @@ def input_prompt(ev: dict[str, Any]) -> str:
     if ev.get("negative_exemplars"):
         lines.append("Contexts where it is most negative:")
         lines += [f"- {a:+.3g}: {t!r}" for a, t in ev["negative_exemplars"]]
+    if ev.get("token_means"):
+        lines.append("Tokens at which it is highest on average in context: "
+                     + _tokens(ev["token_means"]))
+    if ev.get("static_corr") is not None:
+        rho, n = ev["static_corr"]
+        lines.append(f"Rank correlation between that average per token and the static "
+                     f"input projection below: {rho:+.2f} over {n} tokens.")
     if ev.get("activating"):
         lines.append("Static input projection, tokens that activate it: "
                      + _tokens(ev["activating"]))

@@ -469,13 +469,17 @@ ACTIVATION_STATS = TableSpec(
         _f("mean", pa.float64()), _f("std", pa.float64()),
         _f("frac_positive", pa.float64()), _f("min", pa.float32()), _f("max", pa.float32()),
         _f("quantiles", pa.list_(pa.float32())), _f("hist", pa.list_(pa.int64())),
+        _f("static_rank_corr", pa.float64(), nullable=True), _f("corr_tokens", pa.int32()),
     ),
     partitions=_DERIVED,
     doc="""Every neuron's activation h = SiLU(gate) * up over every token the activations
 stage saw: count (tokens), mean, std, frac_positive, min, max; quantiles: the 1st, 5th,
 10th, 25th, 50th, 75th, 90th, 95th and 99th percentiles read off the histogram
 (linear within a bin); hist: counts over the manifest's bin_edges (below the first
-edge .. above the last), which merge exactly across shards.""",
+edge .. above the last), which merge exactly across shards; static_rank_corr: Spearman's
+rho between the neuron's mean activation at each token (in the sample windows, tokens
+seen at least 3 times: corr_tokens of them) and its static input projection of that
+token (null with fewer than 3).""",
 )
 
 EXEMPLARS = TableSpec(
@@ -494,6 +498,38 @@ exemplar_windows table), the text (prompt_id) and the window's first token in it
 (start), the position in the window where the neuron reached activation, and acts,
 the neuron's activation at every token of the window. Ties are broken by
 (window_id, position).""",
+)
+
+ACTIVATION_SAMPLES = TableSpec(
+    name="activation_samples",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("bin", pa.int8()),
+        _f("rank", pa.int16()), _f("activation", pa.float32()), _f("window_id", pa.int64()),
+        _f("prompt_id", pa.string()), _f("start", pa.int32()), _f("position", pa.int32()),
+        _f("acts", pa.list_(pa.float32())),
+    ),
+    partitions=_DERIVED,
+    doc="""Quantile samples of every neuron, from a fixed random subset of the windows (the
+manifest's sample_tokens): up to 3 contexts from each decile of its positive
+activations (bin 0 the weakest .. 9 the strongest) and from where it is near zero (bin
+-1: |activation| at most 1% of its largest), the negatives a label scorer needs. The
+other columns as in exemplars; windows in exemplar_windows.""",
+)
+
+TOKEN_ACTIVATIONS = TableSpec(
+    name="token_activations",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("rank", pa.int16()),
+        _f("token_id", pa.int32()), _f("count", pa.int32()), _f("mean", pa.float32()),
+        _f("static", pa.float32()),
+    ),
+    partitions=_DERIVED,
+    doc="""Per neuron, the 10 tokens at which its mean activation in context is highest
+(over the sample windows, tokens seen at least 3 times; rank 0 the highest): the
+token, its count, that mean, and the neuron's static input projection of the token
+alone.""",
 )
 
 EXEMPLAR_WINDOWS = TableSpec(
@@ -517,7 +553,7 @@ DERIVED: dict[str, TableSpec] = {
                         CLUSTER_ASSIGNMENTS, CLUSTERS, PROJECTIONS, EFFECTS,
                         NEURON_EFFECTS, COOCCURRENCE, SPECIFICITY, ROLES, LABELS,
                         LABEL_PROMPTS, CLUSTER_LABELS, ACTIVATION_STATS,
-                        EXEMPLARS, EXEMPLAR_WINDOWS)}
+                        EXEMPLARS, EXEMPLAR_WINDOWS, ACTIVATION_SAMPLES, TOKEN_ACTIVATIONS)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "graph_nodes", "graph_edges")

@@ -167,6 +167,13 @@ def test_new_texts_merge_into_what_a_run_from_scratch_gives(tmp_path, model):
     sb = scratch.table("activation_stats").sort("layer", "neuron").collect()
     assert sa.select("count", "hist", "min", "max").equals(sb.select("count", "hist", "min", "max"))
     np.testing.assert_allclose(sa["mean"].to_numpy(), sb["mean"].to_numpy(), rtol=1e-9, atol=1e-12)
+    for table, key in (("activation_samples", ["layer", "neuron", "bin", "rank"]),
+                       ("token_activations", ["layer", "neuron", "rank"])):
+        ta = lake.table(table).drop("model", "corpus").sort(key).collect()
+        tb = scratch.table(table).drop("model", "corpus").sort(key).collect()
+        assert ta.height > 0
+        assert ta.drop("acts", "activation", "mean", strict=False).equals(
+            tb.drop("acts", "activation", "mean", strict=False)), table
     # and a third run finds nothing to do
     third = run_activations(lake, model=model, corpora="c", params=PARAMS).runs[0]
     assert (third.texts, third.merged) == (0, 0)
@@ -188,16 +195,15 @@ def test_a_killed_job_rerun_commits_every_text_once(tmp_path, model_dir, model):
     cmd = [sys.executable, "-m", "circuit_atlas.cli", "activations", "--lake", lake.url,
            "--corpus", "c", "--model", model_dir, "--dtype", "float64", "--k", "4",
            "--context", "6", "--stride", "4", "--shard-tokens", "20"]
-    for _ in range(2):  # kill it as soon as it has committed one more shard
-        seen = len(activation_shards(lake, model.name, "c"))
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while len(activation_shards(lake, model.name, "c")) == seen:
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # killed as soon as it has committed a shard, while it writes the next ones
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not activation_shards(lake, model.name, "c"):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
     tables = lake.derived_tables().get(model_key(model.name), {}).get("c", [])
     assert "activation_stats" not in tables  # killed before the merge
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -246,3 +252,74 @@ def test_a_corrupt_shard_or_state_stops_the_run_with_an_error_naming_it(tmp_path
         run_activations(lake, model=model, corpora="c", params=PARAMS)
     assert lake.table_manifest(model.name, "c", "activation_stats")["version"] == manifest[
         "version"]  # nothing published
+
+
+def test_quantile_samples_and_token_means_equal_a_brute_force(tmp_path, model):
+    """Each sample is its (neuron, bin)'s smallest keys among the positions in that bin
+    (bins from the deciles of a brute-force state), and its activations are the hooked
+    forward's; token means and their rank correlation with the static input projection
+    (computed through the model's own norm and MLP modules) match numpy and scipy."""
+    from scipy.stats import spearmanr
+
+    from circuit_atlas.compute.exemplars import from_positions
+    from circuit_atlas.compute.samples import BINS, MIN_COUNT, SAMPLES, _keys, bounds
+
+    lake = new_lake(tmp_path / "lake", texts(6, 30))
+    run_activations(lake, model=model, corpora="c", params=PARAMS)
+    rows = lake.scan("prompts").select("prompt_id", "text").sort("prompt_id").collect().rows()
+    windows = [w for _, ws in plan_texts(model.tokenizer, rows, PARAMS) for w in ws]
+    samples = lake.table("activation_samples").drop("model", "corpus").collect()
+    tokens_table = lake.table("token_activations").collect()
+    stats = lake.table("activation_stats").sort("layer", "neuron").collect()
+    for layer in (0, 2):
+        acts, where, toks, full = [], [], [], {}
+        for w in windows:
+            a = hooked_activations(model, w.tokens)[layer]
+            full[w.window] = a
+            acts.append(a[w.skip:])
+            where += [(w.window, p) for p in range(w.skip, len(w.tokens))]
+            toks += list(w.tokens[w.skip:])
+        a = np.concatenate(acts).astype(np.float32)
+        where, toks = np.array(where), np.array(toks)
+        edges, zero = bounds(from_positions(a, where[:, 0], where[:, 1]))
+        key = _keys(torch.as_tensor(where[:, 0]), torch.as_tensor(where[:, 1]), a.shape[1],
+                    "cpu").numpy()
+        mine = samples.filter(pl.col("layer") == layer)
+        assert mine["bin"].n_unique() == BINS  # near zero and every decile
+        for n in range(a.shape[1]):
+            col = a[:, n]
+            decile = np.array([np.searchsorted(edges[n], v, side="right") for v in col])
+            group = np.where(np.abs(col) <= zero[n], -1, np.where(col > zero[n], decile, -2))
+            got = mine.filter(pl.col("neuron") == n).sort("bin", "rank")
+            want = []
+            for b in range(-1, BINS - 1):
+                inside = np.flatnonzero(group == b)
+                for i in inside[np.argsort(key[inside, n], kind="stable")][:SAMPLES]:
+                    want.append((b, int(where[i, 0]), int(where[i, 1]), float(col[i])))
+            assert [(r[0], r[1], r[2]) for r in want] == list(zip(
+                got["bin"], got["window_id"], got["position"], strict=True)), (layer, n)
+            np.testing.assert_allclose(got["activation"], [r[3] for r in want], rtol=1e-6,
+                                       atol=1e-7)
+            for wid, acts_row in zip(got["window_id"], got["acts"], strict=True):
+                np.testing.assert_allclose(acts_row, full[wid][:, n], rtol=1e-5, atol=1e-6)
+        # token means, against numpy; the static projection through the model's modules
+        ids, counts = np.unique(toks, return_counts=True)
+        frequent = ids[counts >= MIN_COUNT]
+        means = np.stack([a[toks == t].astype(np.float64).mean(0) for t in frequent])
+        blk = model.model.model.layers[layer]
+        with torch.no_grad():
+            x = blk.post_attention_layernorm(model.model.model.embed_tokens(
+                torch.as_tensor(frequent))[:, None, :])
+            static = (blk.mlp.act_fn(blk.mlp.gate_proj(x)) * blk.mlp.up_proj(x))[:, 0].numpy()
+        layer_stats = stats.filter(pl.col("layer") == layer)
+        assert (layer_stats["corr_tokens"] == len(frequent)).all()
+        rho = np.array([spearmanr(means[:, n], static[:, n]).statistic
+                        for n in range(a.shape[1])])
+        assert np.isfinite(rho).all() and len(frequent) > 5
+        np.testing.assert_allclose(layer_stats["static_rank_corr"].to_numpy(), rho, atol=1e-9)
+        top = tokens_table.filter((pl.col("layer") == layer) & (pl.col("neuron") == 0)
+                                  ).sort("rank")
+        order = np.argsort(-means[:, 0], kind="stable")[:top.height]
+        assert top["token_id"].to_list() == frequent[order].tolist()
+        np.testing.assert_allclose(top["mean"], means[order, 0], rtol=1e-5)
+        np.testing.assert_allclose(top["static"], static[order, 0], rtol=1e-5, atol=1e-7)

@@ -40,9 +40,11 @@ READERS = {
     "cluster_assignments": [PROFILE, DUCKDB],
     "clusters": [DUCKDB],
     "label_prompts": [],
-    "exemplars": [PROFILE, LABEL],
+    "exemplars": [PROFILE],
     "exemplar_windows": [PROFILE],
     "activation_stats": [PROFILE],
+    "activation_samples": [],
+    "token_activations": [PROFILE],
 }
 
 
