@@ -3,7 +3,8 @@
 It answers chat completions deterministically from the prompt (the label names the
 neuron and pass), serves files and batches for the Batch API, records every request,
 and can be told to misbehave per neuron: "429", "500", "hang", "malformed" (not
-JSON), "invalid" (JSON that breaks the schema). The client under test is the real
+JSON), "invalid" (JSON that breaks the schema), "reasoning", "nonanswer", "essay" (valid
+JSON whose label is not a label). The client under test is the real
 ``openai`` package talking HTTP to it.
 """
 
@@ -18,6 +19,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 NEURON = re.compile(r"Neuron (L\d+/N\d+)")
+# faults whose reply is schema-valid JSON with a label that label hygiene must refuse
+HYGIENE = {"reasoning": "Let me look at the evidence: the neuron seems to fire on commas",
+           "nonanswer": "No clear pattern",
+           "essay": " ".join(["fires"] * 30)}
 
 
 def answer(messages: list[dict[str, str]]) -> tuple[str, str, dict[str, Any]]:
@@ -129,6 +134,9 @@ class LLMServer:
             return 200, self.completion("this is not JSON {", n_prompt)
         if fault == "invalid":
             return 200, self.completion(json.dumps({**fields, "type": "vibes"}), n_prompt)
+        if fault in HYGIENE:  # valid JSON whose label is not a label
+            return 200, self.completion(json.dumps({**fields, "label": HYGIENE[fault]}),
+                                        n_prompt)
         return 200, self.completion(json.dumps(fields), n_prompt)
 
     def answered(self, pass_: str | None = None) -> list[str]:

@@ -16,6 +16,15 @@ import polars as pl
 from circuit_atlas.lake import Lake
 
 MARK = 0.5  # a token is marked where its activation reaches this share of the exemplar's
+HELD_OUT = 5  # one text in HELD_OUT is kept from the labeler, to score its labels on
+SPLITS = ("all", "shown", "held_out")
+
+
+def held_out(prompt_id: pl.Expr) -> pl.Expr:
+    """Whether a text is held out of the labeling prompts (kept to score the labels
+    on): by its id (a content hash), so the split is by document and the same in every
+    run and every table."""
+    return prompt_id.str.slice(0, 8).str.to_integer(base=16) % HELD_OUT == 0
 
 
 def corpora_of(corpus: str) -> list[str]:
@@ -24,17 +33,26 @@ def corpora_of(corpus: str) -> list[str]:
 
 
 def read_exemplars(lake: Lake, model: str, corpus: str, layer: int,
-                   neurons: list[int] | None = None, top: int = 5) -> pl.DataFrame | None:
+                   neurons: list[int] | None = None, top: int = 5, split: str = "all"
+                   ) -> pl.DataFrame | None:
     """The ``top`` exemplars per sign of the neurons of ``layer`` (all, or
     ``neurons``) over the corpora of ``corpus``, strongest first, with each window's
-    token ids and next-token predictions; None when no corpus has exemplars."""
+    token ids and next-token predictions; None when no corpus has exemplars.
+    ``split``: "shown" only texts the labeler may see, "held_out" only the others."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     parts = []
     for c in corpora_of(corpus):
         ex = lake.optional_table("exemplars", model, c)
         win = lake.optional_table("exemplar_windows", model, c)
         if ex is None or win is None:
             continue
-        mine = (pl.col("layer") == layer) & (pl.col("rank") < top)
+        mine = pl.col("layer") == layer
+        if split == "all":
+            mine &= pl.col("rank") < top
+        else:
+            out = held_out(pl.col("prompt_id"))
+            mine &= out if split == "held_out" else ~out
         if neurons is not None:
             mine &= pl.col("neuron").is_in(neurons)
         parts.append(ex.filter(mine).with_columns(corpus=pl.lit(c)).join(

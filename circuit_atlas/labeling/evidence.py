@@ -176,7 +176,8 @@ EXEMPLARS_SHOWN = 5
 def _exemplar_evidence(atlas: Atlas, pass_: str, layer: int, ids: list[int],
                        ev: dict[int, dict[str, Any]]) -> None:
     """Input pass: the contexts where each neuron fires most, and where it is most
-    negative. Output pass: what the model predicts next at its top contexts."""
+    negative. Output pass: what the model predicts next at its top contexts. Only
+    texts outside the held-out split (``analysis.exemplars.held_out``)."""
     from collections import Counter
 
     from circuit_atlas.analysis.exemplars import (
@@ -187,7 +188,9 @@ def _exemplar_evidence(atlas: Atlas, pass_: str, layer: int, ids: list[int],
         token_texts,
     )
 
-    rows = read_exemplars(atlas.lake, atlas.model, atlas.corpus, layer, ids, EXEMPLARS_SHOWN)
+    # never the held-out texts: the labels are scored on those
+    rows = read_exemplars(atlas.lake, atlas.model, atlas.corpus, layer, ids, EXEMPLARS_SHOWN,
+                          split="shown")
     if rows is None:
         return
     texts = token_texts(rows, atlas.names.tok)

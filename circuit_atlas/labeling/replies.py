@@ -1,29 +1,64 @@
 """What an LLM must answer: one JSON schema per pass (structured output), and the check
-of a reply against it. A reply that does not validate is never stored as a label."""
+of a reply against it, label hygiene included (:func:`clean_label`). A reply that does
+not validate is never stored as a label."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+MAX_WORDS = 12
+# what a reply that reasons instead of naming starts with (one public atlas stored such
+# text as labels)
+REASONING = re.compile(r"^(let me|let's|i think|i believe|i would|okay|ok,|so,|first,|"
+                       r"looking at|based on|the evidence|this neuron|the neuron|it seems|"
+                       r"it appears|to determine|we )", re.I)
+NON_ANSWERS = re.compile(r"^(no clear (pattern|function|theme)|unclear|unknown|n/?a|none|"
+                         r"not (clear|interpretable|enough)|uninterpretable|cannot (tell|"
+                         r"determine|say)|insufficient (evidence|data)|mixed|various|"
+                         r"polysemantic)\W*$", re.I)
 
 
-class OutputLabel(BaseModel):
+def clean_label(text: str) -> str:
+    """A label as given, or a ValueError saying why it is not one: empty, reasoning
+    text, longer than a few words, or a non-answer ("no clear pattern"), which is
+    recorded as such and never shown as a label."""
+    label = " ".join(text.split()).strip(" \"'.")
+    if not label:
+        raise ValueError("empty label")
+    if "\n" in text.strip() or REASONING.match(label) or label.endswith("?"):
+        raise ValueError(f"reasoning text, not a label: {label[:60]!r}")
+    if len(label.split()) > MAX_WORDS:
+        raise ValueError(f"{len(label.split())} words, not a label of a few words")
+    if NON_ANSWERS.match(label):
+        raise ValueError(f"a non-answer, not a label: {label!r}")
+    return label
+
+
+class _Label(BaseModel):
     label: str = Field(min_length=1, max_length=200)
+
+    @field_validator("label")
+    @classmethod
+    def _hygiene(cls, value: str) -> str:
+        return clean_label(value)
+
+
+class OutputLabel(_Label):
     description: str = Field(min_length=1, max_length=2000)
     type: Literal["semantic", "lexical", "routing", "formatting", "structural"]
     interpretability: Literal["low", "medium", "high"]
 
 
-class InputLabel(BaseModel):
-    label: str = Field(min_length=1, max_length=200)
+class InputLabel(_Label):
     description: str = Field(min_length=1, max_length=2000)
     type: Literal["token-pattern", "context", "position", "upstream-gated", "combination"]
     interpretability: Literal["low", "medium", "high"]
 
 
-class ClusterLabel(BaseModel):
-    label: str = Field(min_length=1, max_length=200)
+class ClusterLabel(_Label):
     coherence: float = Field(ge=0, le=1)
 
 

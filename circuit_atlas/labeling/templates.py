@@ -46,6 +46,17 @@ def _neighbours(rows: list[dict[str, Any]], verb_pos: str, verb_neg: str) -> lis
     return out
 
 
+THIN = 5  # graphs below which the evidence from graphs is called thin
+
+
+def _thin(ev: dict[str, Any]) -> list[str]:
+    n = ev.get("appearances")
+    if n is None or n >= THIN:
+        return []
+    return [f"Caution: it appears in only {n} attribution graph{'s' if n != 1 else ''}, so "
+            "the graph statistics below rest on very few examples."]
+
+
 def output_prompt(ev: dict[str, Any]) -> str:
     lines = [f"Neuron {ev['neuron']} (layer {ev['layer']} of {ev['n_layers']})."]
     if ev.get("appearances") is not None:
@@ -55,6 +66,7 @@ def output_prompt(ev: dict[str, Any]) -> str:
             line += (f"; domain specificity {s['specificity']:.2f} for {s['domain']} "
                      f"against {s['baseline']}")
         lines.append(line + ".")
+    lines += _thin(ev)
     if ev.get("prior"):
         lines.append("Labels from other sources: " + "; ".join(f'"{p}"' for p in ev["prior"]))
     if ev.get("promoted"):
@@ -76,6 +88,7 @@ def output_prompt(ev: dict[str, Any]) -> str:
 
 def input_prompt(ev: dict[str, Any]) -> str:
     lines = [f"Neuron {ev['neuron']} (layer {ev['layer']} of {ev['n_layers']})."]
+    lines += _thin(ev)
     if ev.get("output_label"):
         lines.append(f'Its output label (what it does): "{ev["output_label"]}"')
     if ev.get("exemplars"):
@@ -99,8 +112,8 @@ def input_prompt(ev: dict[str, Any]) -> str:
         lines.append("Static input projection, tokens that suppress it: "
                      + _tokens(ev["suppressing"]))
     if ev.get("upstream"):
-        lines.append("Strongest upstream sources (embedding edges give importance, not sign; "
-                     "trust the static projection for token direction):")
+        lines.append("Strongest upstream sources (signed; an embedding source is the exact "
+                     "effect of that input token on it):")
         lines += _neighbours(ev["upstream"], "excites it", "inhibits it")
     if ev.get("input_tokens"):
         lines.append("Tokens at the positions where it fires: " + ", ".join(

@@ -270,3 +270,77 @@ def test_cluster_names_are_journaled_so_a_killed_run_asks_none_again(lake, monke
         report = label_clusters(lake, MODEL, "c", settings(server), "leiden")
         assert report.asked == 0 and report.skipped > 0 and len(server.requests) == asked
     assert lake.table("cluster_labels").collect().height == report.skipped
+
+
+def test_the_labeler_sees_no_held_out_text_and_reads_our_evidence_as_it_is(demo_run):
+    """On the demo lake: the exemplars of the labeling prompts come from the texts
+    outside the held-out split (kept for scoring), the held-out reader returns only
+    those; the prompts say when the graph evidence is thin and no longer tell the
+    labeler that embedding edges carry no sign."""
+    from circuit_atlas.analysis.exemplars import exemplar_dicts, held_out, read_exemplars
+    from circuit_atlas.compute.models import load_tokenizer
+    from circuit_atlas.names import DEFAULT_MODEL
+
+    lake, corpus = Lake(demo_run[0]), "general+medical"
+    for split, want in (("shown", False), ("held_out", True)):
+        rows = read_exemplars(lake, DEFAULT_MODEL, corpus, 29, None, 5, split=split)
+        flags = rows.select(held_out(pl.col("prompt_id"))).to_series()
+        assert flags.len() > 0 and (flags == want).all(), split
+    prompts = lake.table("label_prompts").filter(pl.col("layer") == 29).collect()
+    inputs = dict(zip(prompts.filter(pl.col("pass") == "input")["neuron"],
+                      prompts.filter(pl.col("pass") == "input")["user_message"], strict=True))
+    held = read_exemplars(lake, DEFAULT_MODEL, corpus, 29, list(inputs), 5, split="held_out")
+    shown = read_exemplars(lake, DEFAULT_MODEL, corpus, 29, list(inputs), 40, split="shown")
+    tok = load_tokenizer(DEFAULT_MODEL)
+    seen = {e["text"] for e in exemplar_dicts(shown, tok)}
+    checked = 0
+    for n, part in held.partition_by("neuron", as_dict=True).items():
+        for e in exemplar_dicts(part, tok):
+            if e["sign"] > 0 and e["text"] not in seen:
+                assert repr(e["text"]) not in inputs[n[0]]
+                checked += 1
+    assert checked > 10
+    messages = prompts["user_message"]
+    assert not messages.str.contains("importance, not sign").any()
+    thin = lake.table("neurons", DEFAULT_MODEL, corpus).filter(
+        (pl.col("layer") == 29) & (pl.col("graph_count") < 5)).collect()["neuron"]
+    assert len(thin) > 0
+    assert all("Caution: it appears in only" in inputs[n] for n in thin if n in inputs)
+
+
+def test_label_hygiene_records_non_labels_and_never_shows_them(lake):
+    """Replies whose label is reasoning text, a non-answer or an essay are asked once
+    more, then recorded as failed with the reason; no such text is ever a label."""
+    from circuit_atlas.lake.labels import current_labels
+    from tests.llm_server import HYGIENE
+
+    ids = sorted(neurons_of(lake))
+    victims = {f"L{x}/N{y}": kind for (x, y), kind in zip(ids, HYGIENE, strict=False)}
+    with LLMServer() as server:
+        server.faults = {nid: [kind, kind] for nid, kind in victims.items()}
+        report = label_lake(lake, MODEL, "c", "input", settings(server))
+    assert report.failed == len(victims)
+    rows = lake.table("labels").collect()
+    failed = {f"L{r['layer']}/N{r['neuron']}": r["error"]
+              for r in rows.filter(pl.col("status") == "failed").iter_rows(named=True)}
+    assert set(failed) == set(victims)
+    for nid, kind in victims.items():
+        assert {"reasoning": "reasoning text", "nonanswer": "non-answer",
+                "essay": "words"}[kind] in failed[nid]
+    shown = current_labels(lake, MODEL, "c")
+    assert not shown["label"].is_in(list(HYGIENE.values())).any()
+
+
+@pytest.mark.parametrize(("label", "ok"), [
+    ("medical drug names", True), ("closing parenthesis", True), ("  commas.  ", True),
+    ("", False), ("Let me think: commas", False), ("The neuron fires on commas", False),
+    ("What could this be?", False), ("no clear pattern", False), ("Unclear", False),
+    ("fires on " + "very " * 20 + "long things", False), ("line one\nline two", False)])
+def test_clean_label(label, ok):
+    from circuit_atlas.labeling.replies import clean_label
+
+    if ok:
+        assert clean_label(label) == " ".join(label.split()).strip(" .")
+    else:
+        with pytest.raises(ValueError):
+            clean_label(label)
