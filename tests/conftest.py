@@ -11,7 +11,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """One ``circuit-atlas demo --limit 2`` for every test that reads a demo lake:
+    """One ``circuit-atlas demo --limit 1`` for every test that reads a demo lake:
     (its lake folder, what it printed). A test that writes to the lake works on a copy
     (``shutil.copytree``)."""
     from click.testing import CliRunner
@@ -19,7 +19,7 @@ def demo_run(tmp_path_factory):
     from circuit_atlas.cli import cli
 
     root = tmp_path_factory.mktemp("demo") / "demo-lake"
-    result = CliRunner().invoke(cli, ["demo", "--lake", str(root), "--limit", "2"])
+    result = CliRunner().invoke(cli, ["demo", "--lake", str(root), "--limit", "1"])
     assert result.exit_code == 0, result.output
     return root, result.output
 

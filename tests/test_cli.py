@@ -75,7 +75,7 @@ def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path, demo_run):
     assert data["corpora"]["medical"]["prompts"] >= 30
     assert data["corpora"]["general"]["prompts"] >= 30
     # the demo is re-runnable and adds nothing the second time
-    assert runner.invoke(cli, ["demo", "--lake", lake, "--limit", "2"]).exit_code == 0
+    assert runner.invoke(cli, ["demo", "--lake", lake, "--limit", "1"]).exit_code == 0
     again = json.loads(runner.invoke(cli, ["lake", "info", "--lake", lake, "--json"]).output)
     assert again["corpora"] == data["corpora"]
     listed = runner.invoke(cli, ["prompts", "list", "--lake", lake, "--corpus", "medical",
