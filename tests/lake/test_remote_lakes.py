@@ -1,8 +1,10 @@
-"""The whole pipeline on fsspec lakes: memory:// and an S3 server (moto) on loopback.
+"""The whole pipeline on an fsspec lake: an S3 server (moto) on loopback. (memory://
+lakes go through the same fsspec paths; the lake tests use them where a remote
+filesystem's behaviour is the point.)
 
 Import, graphs (SmolLM2), reduce, projections, effects, co-occurrence, specificity,
 roles, clustering, labels (an OpenAI-compatible server on loopback) and exports run on
-each, and every table equals what the same pipeline writes to a local folder.
+it, and every table equals what the same pipeline writes to a local folder.
 """
 
 import uuid
@@ -41,7 +43,7 @@ def s3():
 
 @pytest.fixture(scope="module")
 def threads():
-    """An in-process Dask cluster: a memory:// lake lives in this process only."""
+    """An in-process Dask cluster (threads): what a notebook user starts."""
     from distributed import Client
 
     with Client(processes=False, n_workers=1, threads_per_worker=2,
@@ -110,17 +112,11 @@ def _same(a: pl.DataFrame, b: pl.DataFrame, name: str) -> None:
     assert a.sort(key).equals(b.sort(key)), name
 
 
-@pytest.mark.parametrize("where", ["memory", "s3"])
-def test_the_pipeline_on_a_remote_lake_equals_a_local_one(where, request, tmp_path, smollm2,
-                                                          threads, local_run):
-    if where == "memory":
-        lake = Lake.init(f"memory://atlas-{uuid.uuid4().hex[:8]}")
-    else:
-        options = request.getfixturevalue("s3")
-        lake = Lake.init(f"s3://atlas-bucket/{uuid.uuid4().hex[:8]}",
-                         storage_options={"client_kwargs": {
-                             "endpoint_url": options["endpoint_url"]},
-                             "key": options["key"], "secret": options["secret"]})
+def test_the_pipeline_on_an_s3_lake_equals_a_local_one(s3, tmp_path, smollm2, threads,
+                                                     local_run):
+    lake = Lake.init(f"s3://atlas-bucket/{uuid.uuid4().hex[:8]}",
+                     storage_options={"client_kwargs": {"endpoint_url": s3["endpoint_url"]},
+                                      "key": s3["key"], "secret": s3["secret"]})
     got = pipeline(lake, smollm2, threads, tmp_path)
     for name, frame in local_run["frames"].items():
         remote = got["frames"][name]
