@@ -57,8 +57,9 @@ def activations(model: str, corpora: tuple[str, ...], lake_path: str, **options:
 
     Texts are cut into windows of --context tokens; shards of --shard-tokens are
     committed as they finish, so a killed run resumes, and a rerun after adding
-    texts runs and merges only the new ones. Writes the exemplars, exemplar_windows
-    and activation_stats tables of each corpus.
+    texts runs and merges only the new ones. Writes the exemplars, exemplar_windows,
+    activation_stats, activation_samples (quantile samples) and token_activations
+    (mean activation per token in context) tables of each corpus.
     """
     from circuit_atlas.compute.activation_run import run_activations
 
