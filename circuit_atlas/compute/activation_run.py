@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -80,17 +81,23 @@ def text_tokens(text: Text) -> int:
     return sum(len(w.tokens) - w.skip for w in text[1])
 
 
+def budget_groups(items: list, size: Callable[[Any], int], budget: int) -> list[list]:
+    """Consecutive items in groups whose sizes add up to at most ``budget`` (an item
+    larger than that is a group of its own; items are never split)."""
+    groups, current, total = [], [], 0
+    for item in items:
+        if current and total + size(item) > budget:
+            groups.append(current)
+            current, total = [], 0
+        current.append(item)
+        total += size(item)
+    return groups + ([current] if current else [])
+
+
 def shard_groups(texts: list[Text], shard_tokens: int) -> list[list[Text]]:
     """Consecutive texts in groups of about ``shard_tokens`` tokens (a text is never
     split: a shard commits whole texts)."""
-    groups, current, size = [], [], 0
-    for t in texts:
-        if current and size + text_tokens(t) > shard_tokens:
-            groups.append(current)
-            current, size = [], 0
-        current.append(t)
-        size += text_tokens(t)
-    return groups + ([current] if current else [])
+    return budget_groups(texts, text_tokens, shard_tokens)
 
 
 def windows_table(windows: list[Window]) -> pa.Table:
@@ -159,9 +166,7 @@ def exemplar_rows(model: LoadedModel, windows: list[Window], index: pa.Table,
     wid = index.column("window_id").to_numpy()
     got = replay(model, windows, wid, index.column("layer").to_numpy(),
                  index.column("neuron").to_numpy(), batch_tokens, on_tokens)
-    ids = np.array([w.window for w in windows], np.int64)
-    at = np.argsort(ids)
-    where = at[np.searchsorted(ids[at], wid)]
+    where = got.where
     rows = pa.table({
         **{c: index.column(c) for c in ("layer", "neuron", "group", "rank", "activation",
                                         "window_id")},
@@ -243,8 +248,9 @@ def run_activations(lake: Lake | str, *, model: str | LoadedModel, corpora: str 
                     params: ActivationsParams | None = None, cluster=None,
                     progress: Progress | None = None) -> ActivationsReport:
     """Compute every neuron's exemplars and activation statistics over ``corpora``
-    (the ``exemplars``, ``exemplar_windows`` and ``activation_stats`` tables of each
-    corpus), running only the texts not yet committed and merging only new shards.
+    (the ``exemplars``, ``exemplar_windows``, ``activation_stats``,
+    ``activation_samples`` and ``token_activations`` tables of each corpus), running
+    only the texts not yet committed and merging only new shards.
 
     ``model``: a name (loaded here, or by each Dask worker) or a loaded model.
     ``cluster``: None or 'none' runs everything in this process; 'local', 'slurm', an
@@ -445,11 +451,6 @@ class _Job:
 
 
 def _window_groups(windows: list[Window], tokens: int) -> list[list[Window]]:
-    groups, current, size = [], [], 0
-    for w in sorted(windows, key=lambda w: (len(w.tokens), w.window)):
-        if current and size + len(w.tokens) > tokens:
-            groups.append(current)
-            current, size = [], 0
-        current.append(w)
-        size += len(w.tokens)
-    return groups + ([current] if current else [])
+    """The replay's task groups: windows by length, about ``tokens`` tokens each."""
+    return budget_groups(sorted(windows, key=lambda w: (len(w.tokens), w.window)),
+                         lambda w: len(w.tokens), tokens)

@@ -257,6 +257,7 @@ class Replay:
 
     values: np.ndarray  # float32
     offsets: np.ndarray  # int64, one more than entries
+    where: np.ndarray  # each entry's window, as its index in the windows given
     next_tokens: dict[int, np.ndarray]  # window -> (T, NEXT_TOKENS) token ids
 
 
@@ -291,7 +292,7 @@ def replay(model: LoadedModel, windows: list[Window], window: np.ndarray, layer:
 
     hooks = [mod.register_forward_pre_hook(
         lambda _m, args, i=i: read(i, args[0])) for i, mod in enumerate(mods)]
-    out = Replay(values, offsets, {})
+    out = Replay(values, offsets, where, {})
     try:
         for group in batches(windows, batch_tokens):
             gids = np.array([w.window for w in group], np.int64)

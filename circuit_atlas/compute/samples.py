@@ -184,8 +184,7 @@ def sample_pass(model: LoadedModel, windows: list[Window],
                              ) if windows else np.zeros(0, np.int64)
     ids, counts = np.unique(counted, return_counts=True)
     tokens = ids[counts >= MIN_COUNT]
-    vocab = max([int(counted.max()) + 1 if len(counted) else 1,
-                 *(max(w.tokens) + 1 for w in windows)])
+    vocab = max((max(w.tokens) + 1 for w in windows), default=1)  # padding is id 0
     sampler = _Sampler(layer_bounds, tokens, vocab, device)
     mods = _mlp_inputs(model)
     hooks = [mod.register_forward_pre_hook(
