@@ -21,6 +21,9 @@ DEMO_CORPORA = ("medical", "general")
 # prompts per corpus by default: every stage in under 5 minutes on a 2-core AVX2-only
 # CPU (bench/RESULTS.md, "The demo"); --full runs all 40
 DEMO_PROMPTS = 24
+# neurons the demo labels and scores through the embedded LLM (of the last layer): what
+# fits the 5 minutes; circuit-atlas label / score do every neuron
+LABEL_SLICE = 4
 
 
 def demo_corpus_file(name: str) -> Path:
@@ -56,10 +59,12 @@ class StageClock:
 
 
 def run_demo(lake_path: str, console: Console | None = None, model: str = "smollm2",
-             limit: int | None = DEMO_PROMPTS, full: bool = False) -> StageClock:
+             limit: int | None = DEMO_PROMPTS, full: bool = False,
+             label_slice: int = LABEL_SLICE) -> StageClock:
     """Every stage on the first ``limit`` prompts of each demo corpus, with the
     projections of the neurons their graphs reach; ``full``: every prompt and every
-    neuron. Returns the stage timings (also printed)."""
+    neuron; ``label_slice`` neurons labelled and scored by the embedded LLM. Returns
+    the stage timings (also printed)."""
     if full:
         limit = None
     from circuit_atlas.doctor import diagnose, summary
@@ -141,6 +146,9 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
         busiest, on=["layer", "neuron"]).collect()
     console.rule("[bold]an output-pass labeling prompt (circuit-atlas label --dry-run)")
     console.print(example["user_message"][0], soft_wrap=True, markup=False)
+    if label_slice > 0:
+        with clock.stage("label, score (embedded LLM)"):
+            _label_and_score(lake, exact, key, corpora, label_slice, console)
     html = lake.path("clusters.html")
     with clock.stage("exports"):
         export_html(lake, exact.name, key, html, tokenizer=exact.tokenizer)
@@ -167,3 +175,64 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
         console.print(f'  circuit-atlas sql --lake {lake.url} "{q}"', soft_wrap=True)
     console.print(clock.table())
     return clock
+
+
+def _label_and_score(lake, model, key: str, corpora: list[str], n: int, console: Console
+                     ) -> None:
+    """Label ``n`` neurons of the last layer (input pass) and score the labels, through
+    the embedded OpenAI-compatible server with the real openai client, and print the
+    scores."""
+    from rich.table import Table
+
+    from circuit_atlas.cli.display import run_stage
+    from circuit_atlas.compute.negatives import run_negatives
+    from circuit_atlas.compute.params import NegativesParams
+    from circuit_atlas.labeling.client import LLMSettings
+    from circuit_atlas.labeling.run import label_lake
+    from circuit_atlas.labeling.scoring import score_lake
+    from circuit_atlas.labeling.serve import Engine, Server
+    from circuit_atlas.lake.labels import with_scores
+
+    layer = model.adapter.n_layers - 1
+    # neurons that activate positively somewhere (the scorers test what drives the
+    # activation up; a neuron whose activation is never above 0 has no such context)
+    active = set()
+    for c in corpora:
+        active |= set(lake.table("activation_stats", model.name, c).filter(
+            (pl.col("layer") == layer) & (pl.col("max") > 0)).select("neuron").collect()[
+            "neuron"].to_list())
+    with Server(Engine(model.model, model.tokenizer, model.name), port=0) as server:
+        console.print(f"[green]serve[/] {model.name} at {server.url} (circuit-atlas serve)")
+        settings = LLMSettings(model=model.name, base_url=server.url, concurrency=8,
+                               timeout=900, max_retries=1)
+        with console.status(f"labelling {n} neurons of layer {layer} (input pass) ..."):
+            labels = label_lake(lake, model.name, key, "input", settings, layers=[layer],
+                                per_layer=n, tokenizer=model.tokenizer,
+                                neurons=sorted(active))
+        console.print(f"[green]label[/] input pass, layer {layer}: {labels.ok} ok, "
+                      f"{labels.failed} failed, {labels.skipped} already labelled; "
+                      f"{labels.seconds:.1f} s")
+        run_stage(run_negatives, console, lake, model=model, corpora=corpora,
+                  params=NegativesParams(layers=(layer,)))
+        with console.status("scoring the labels (detection, fuzzing, simulation) ..."):
+            report = score_lake(lake, model.name, key, settings, layers=[layer],
+                                tokenizer=model.tokenizer, sim_contexts=1)
+        console.print(str(report), soft_wrap=True, markup=False)
+    scored = lake.table("labels", model.name, key).filter(
+        (pl.col("layer") == layer) & (pl.col("status") == "ok")).collect()
+    if scored.is_empty():
+        return
+    scored = with_scores(lake, model.name, key, scored.sort("created_at").unique(
+        ["neuron", "pass"], keep="last"))
+    table = Table("neuron", "input label", "detection", "fuzzing", "simulation",
+                  title=f"labels by {model.name} and their scores (label_scores)",
+                  title_justify="left")
+    for r in scored.sort("neuron").iter_rows(named=True):
+        table.add_row(neuron_label(r["layer"], r["neuron"]), r["label"],
+                      *(f"{r[s]:.2f}" if r[s] is not None else "-"
+                        for s in ("detection", "fuzzing", "simulation")))
+    console.print(table)
+    console.print("A 135M model's labels score near chance (0.5 for detection and fuzzing, "
+                  "0 for simulation): the scorers say so. With --base-url and --llm, "
+                  "circuit-atlas label and score run the same passes against vLLM or "
+                  "OpenAI.", soft_wrap=True)

@@ -8,5 +8,14 @@ ALIASES = {"smollm2": DEFAULT_MODEL, "default": DEFAULT_MODEL}
 
 
 def model_name(spec: str) -> str:
-    """The lake's name of a model given by alias or name (a path stays itself)."""
-    return ALIASES.get(spec, spec)
+    """The lake's name of a model given by alias, hub name, local folder (its name) or
+    GGUF file (its stem), as the compute stages name it."""
+    from pathlib import Path
+
+    spec = ALIASES.get(spec, spec)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path.stem
+    if path.is_dir():
+        return path.resolve().name
+    return spec

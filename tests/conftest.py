@@ -19,7 +19,8 @@ def demo_run(tmp_path_factory):
     from circuit_atlas.cli import cli
 
     root = tmp_path_factory.mktemp("demo") / "demo-lake"
-    result = CliRunner().invoke(cli, ["demo", "--lake", str(root), "--limit", "1"])
+    result = CliRunner().invoke(cli, ["demo", "--lake", str(root), "--limit", "1",
+                                      "--label-neurons", "1"])
     assert result.exit_code == 0, result.output
     return root, result.output
 

@@ -6,11 +6,18 @@ and can be told to misbehave per neuron: "429", "500", "hang", "malformed" (not
 JSON), "invalid" (JSON that breaks the schema), "reasoning", "nonanswer", "essay" (valid
 JSON whose label is not a label). The client under test is the real
 ``openai`` package talking HTTP to it.
+
+It also plays a label scorer (requests whose schema is named ``*_score``): a label
+that quotes a token ("fires on "w5"") is read as "the neuron fires exactly at that
+token", and the excerpts are judged by it, so a true label scores 1 and a false one
+near chance. With ``logprobs`` it returns each answer token's top alternatives
+(the answer at 0.9, another at 0.1); ``refuse_logprobs`` answers 400 to them instead.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -22,7 +29,48 @@ NEURON = re.compile(r"Neuron (L\d+/N\d+)")
 # faults whose reply is schema-valid JSON with a label that label hygiene must refuse
 HYGIENE = {"reasoning": "Let me look at the evidence: the neuron seems to fire on commas",
            "nonanswer": "No clear pattern",
-           "essay": " ".join(["fires"] * 30)}
+           "essay": " ".join(["fires"] * 20)}
+
+
+def _word(text: str, word: str | None) -> bool:
+    """Whether ``word`` is a token of the test vocabulary's text (tokens w0..w62 joined
+    without spaces: a 'w' starts every token)."""
+    return word is not None and re.search(re.escape(word) + r"(?!\d)", text) is not None
+
+
+def excerpts(user: str) -> list[str]:
+    body = user.split("Excerpts:\n", 1)[1].split("\n\nEach excerpt", 1)[0]
+    return [re.sub(r"^\d+\. ", "", line) for line in body.split("\n")]
+
+
+def score_answer(scorer: str, user: str) -> dict[str, Any]:
+    """The deterministic scorer's reply: judged by the token the label quotes."""
+    quoted = re.search(r'"([^"]+)"', user.split("\n", 1)[0])
+    word = quoted.group(1) if quoted else None
+    shown = excerpts(user)
+    if scorer == "detection":
+        return {"activates": [_word(e, word) for e in shown]}
+    if scorer == "fuzzing":
+        def right(e: str) -> bool:
+            marks = re.findall(r"<<(.*?)>>", e)
+            return bool(marks) and all(m == word for m in marks)
+        return {"correct": [right(e) for e in shown]}
+    return {f"excerpt_{i + 1}": [10 if t == word else 0 for t in json.loads(e)]
+            for i, e in enumerate(shown)}
+
+
+def logprob_tokens(content: str) -> list[dict[str, Any]]:
+    """The reply cut into tokens, each answer token with two alternatives."""
+    out = []
+    for tok in re.findall(r"true|false|\d+|\s+|[^\s\d]", content):
+        item = {"token": tok, "logprob": math.log(0.9), "bytes": None, "top_logprobs": []}
+        if tok in ("true", "false") or tok.isdigit():
+            other = {"true": "false", "false": "true"}.get(tok, "0" if tok != "0" else "10")
+            item["top_logprobs"] = [
+                {"token": tok, "logprob": math.log(0.9), "bytes": None},
+                {"token": other, "logprob": math.log(0.1), "bytes": None}]
+        out.append(item)
+    return out
 
 
 def answer(messages: list[dict[str, str]]) -> tuple[str, str, dict[str, Any]]:
@@ -49,6 +97,7 @@ class LLMServer:
         self.batches: dict[str, dict[str, Any]] = {}
         self.hang_s = hang_s
         self.delay_s = 0.0
+        self.refuse_logprobs = False
         self.lock = threading.Lock()
         server = self
 
@@ -115,6 +164,9 @@ class LLMServer:
                           "total_tokens": n_prompt + 20}}
 
     def chat(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        name = ((body.get("response_format") or {}).get("json_schema") or {}).get("name", "")
+        if name.endswith("_score"):
+            return self.score(name.removesuffix("_score"), body)
         nid, pass_, fields = answer(body["messages"])
         with self.lock:
             faults = self.faults.get(f"{pass_}:{nid}") or self.faults.get(nid) or []
@@ -138,6 +190,32 @@ class LLMServer:
             return 200, self.completion(json.dumps({**fields, "label": HYGIENE[fault]}),
                                         n_prompt)
         return 200, self.completion(json.dumps(fields), n_prompt)
+
+    def score(self, scorer: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        user = body["messages"][-1]["content"]
+        label = user.split("\n", 1)[0].removeprefix("Description: ")
+        with self.lock:
+            faults = self.faults.get(f"{scorer}:{label}") or []
+            fault = faults.pop(0) if faults else None
+            self.requests.append({"neuron": label, "pass": scorer, "fault": fault,
+                                  "prompt": user, "logprobs": bool(body.get("logprobs"))})
+        if body.get("logprobs") and self.refuse_logprobs:
+            return 400, {"error": {"message": "logprobs are not supported by this model",
+                                   "type": "invalid_request_error"}}
+        reply = score_answer(scorer, user)
+        if fault == "500":
+            return 500, {"error": {"message": "server error", "type": "server_error"}}
+        if fault == "malformed":
+            return 200, self.completion("[true, false", 100)
+        if fault == "short":  # one answer too few
+            key = next(iter(reply))
+            reply = {**reply, key: reply[key][:-1]}
+        content = json.dumps(reply)
+        out = self.completion(content, len(user) // 4)
+        if body.get("logprobs"):
+            out["choices"][0]["logprobs"] = {"content": logprob_tokens(content),
+                                             "refusal": None}
+        return 200, out
 
     def answered(self, pass_: str | None = None) -> list[str]:
         """Neurons given a valid answer, in order (repeats included)."""

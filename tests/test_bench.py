@@ -17,6 +17,7 @@ SMOKE = {
                 "--repeat", "1"],
     "parquet_options": ["--rows", "2000", "--repeat", "1"],
     "reduce": ["--graphs", "400", "--per-shard", "200", "--workers", "1"],
+    "scoring": ["--neurons", "4", "--concurrency", "4"],
 }
 
 

@@ -53,7 +53,8 @@ def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path, demo_run):
     assert machine.cpu_model() in output.split("\n", 3)[1]
     table = output[output.index("time per stage"):]
     for stage in ("graphs", "activations", "reduce", "projections", "effects",
-                  "cooccurrence", "cluster", "label prompts", "total"):
+                  "cooccurrence", "cluster", "label prompts", r"label, score \(embedded LLM\)",
+                  "total"):
         assert re.search(rf"│ {stage}\s+│ \d+\.\d", table), stage
     # every neuron has exemplars: the profile shows them marked, the label prompts carry
     # them (input pass) and the next tokens at them (output pass)
@@ -75,7 +76,8 @@ def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path, demo_run):
     assert data["corpora"]["medical"]["prompts"] >= 30
     assert data["corpora"]["general"]["prompts"] >= 30
     # the demo is re-runnable and adds nothing the second time
-    assert runner.invoke(cli, ["demo", "--lake", lake, "--limit", "1"]).exit_code == 0
+    assert runner.invoke(cli, ["demo", "--lake", lake, "--limit", "1", "--label-neurons",
+                               "0"]).exit_code == 0
     again = json.loads(runner.invoke(cli, ["lake", "info", "--lake", lake, "--json"]).output)
     assert again["corpora"] == data["corpora"]
     listed = runner.invoke(cli, ["prompts", "list", "--lake", lake, "--corpus", "medical",

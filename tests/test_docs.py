@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 
@@ -24,21 +25,58 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     assert ci_lines[-1] == setup_test
 
 
-def run_console(block: str, cwd) -> subprocess.CompletedProcess:
-    """The ``$ `` lines of a console block as one bash script, with the venv on PATH."""
+@dataclass
+class Console:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_console(block: str, cwd, monkeypatch) -> Console:
+    """The ``$ `` lines of a console block in order, stopping at the first that fails: a
+    plain ``circuit-atlas`` line through the CLI's own entry point in this process (a
+    new interpreter per line would spend most of the test importing torch), ``export``
+    into the environment, anything else (pipes, printf, python -c) through bash."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from circuit_atlas.cli import cli
+
     commands = [ln[2:] for ln in block.splitlines() if ln.startswith("$ ")]
     assert any(c.startswith("circuit-atlas") for c in commands)
-    script = "\n".join(["set -euo pipefail"] + [
-        c for c in commands if c != "source .venv/bin/activate"])
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    env.pop("CIRCUIT_ATLAS_LAKE", None)
-    return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True,
-                          text=True)
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("CIRCUIT_ATLAS_LAKE", raising=False)
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    out, err = [], []
+    for c in commands:
+        if c == "source .venv/bin/activate":
+            continue
+        if c.startswith("export "):
+            name, _, value = c[len("export "):].partition("=")
+            monkeypatch.setenv(name, value)
+            continue
+        if c.startswith("circuit-atlas ") and not set(c) & set("|><;&$`"):
+            result = CliRunner().invoke(cli, shlex.split(c)[1:], catch_exceptions=True)
+            code, so, se = result.exit_code, result.stdout, result.stderr
+            if result.exception is not None and not isinstance(result.exception, SystemExit):
+                import traceback
+
+                se += "".join(traceback.format_exception(result.exception))
+        else:
+            done = subprocess.run(["bash", "-c", f"set -euo pipefail\n{c}"], cwd=cwd,
+                                  capture_output=True, text=True)
+            code, so, se = done.returncode, done.stdout, done.stderr
+        out.append(so)
+        err.append(se)
+        if code != 0:
+            return Console(code, "".join(out), "".join(err) + f"\n(failed: $ {c})")
+    return Console(0, "".join(out), "".join(err))
 
 
-def test_readme_tour_runs(tmp_path):
+def test_readme_tour_runs(tmp_path, monkeypatch):
     tour = blocks("console")[0]
-    result = run_console(tour, tmp_path)
+    result = run_console(tour, tmp_path, monkeypatch)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 new prompt(s)" in result.stdout and "0 new prompt(s)" in result.stdout
     assert "general" in result.stdout
@@ -67,5 +105,5 @@ def test_readme_python_and_atlas_commands_run_on_the_demo_lake(tmp_path, monkeyp
     for layer, total in expected.iter_rows():
         assert got[layer] == pytest.approx(total, rel=1e-9)
     for block in blocks("console")[1:]:  # the commands that use the demo lake
-        result = run_console(block, tmp_path)
+        result = run_console(block, tmp_path, monkeypatch)
         assert result.returncode == 0, result.stdout + result.stderr

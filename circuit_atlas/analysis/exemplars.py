@@ -14,17 +14,10 @@ from typing import Any
 import polars as pl
 
 from circuit_atlas.lake import Lake
+from circuit_atlas.lake.splits import held_out
 
 MARK = 0.5  # a token is marked where its activation reaches this share of the exemplar's
-HELD_OUT = 5  # one text in HELD_OUT is kept from the labeler, to score its labels on
 SPLITS = ("all", "shown", "held_out")
-
-
-def held_out(prompt_id: pl.Expr) -> pl.Expr:
-    """Whether a text is held out of the labeling prompts (kept to score the labels
-    on): by its id (a content hash), so the split is by document and the same in every
-    run and every table."""
-    return prompt_id.str.slice(0, 8).str.to_integer(base=16) % HELD_OUT == 0
 
 
 def corpora_of(corpus: str) -> list[str]:

@@ -101,5 +101,8 @@ def neuron_profile(lake: Lake, model: str, layer: int, neuron: int, corpus: str 
         out["token_means"] = in_context[neuron]
     labels = _table(lake, "labels", model, corpus)  # once labeling has run
     if labels is not None:
-        out["labels"] = labels.filter(mine).collect().to_dicts()
+        from circuit_atlas.lake.labels import with_scores
+
+        out["labels"] = with_scores(lake, model, corpus, labels.filter(mine).collect()
+                                    ).to_dicts()
     return out

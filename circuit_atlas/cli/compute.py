@@ -1,4 +1,5 @@
-"""graphs, activations, export-graph, projections, effects: the compute stages (torch)."""
+"""graphs, activations, negatives, export-graph, projections, effects: the compute
+stages (torch)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from circuit_atlas.compute.params import (
     ActivationsParams,
     EffectsParams,
     GraphsParams,
+    NegativesParams,
     ProjectionsParams,
 )
 
@@ -66,6 +68,23 @@ def activations(model: str, corpora: tuple[str, ...], lake_path: str, **options:
     params = take_params(ActivationsParams, options)
     display.run_stage(run_activations, display.console(), lake_path, model=model,
                       corpora=corpora, params=params, cluster=take_cluster(options))
+
+
+@cli.command()
+@model_option
+@corpora_option()
+@lake_option
+@params_options(NegativesParams, names={"layers": "layer"})
+def negatives(model: str, corpora: tuple[str, ...], lake_path: str, **options: Any) -> None:
+    """Negatives for label scoring: held-out contexts on which each labelled neuron stays
+    below a tenth of its largest activation, hard ones (the top contexts of its cluster
+    mates or co-occurring neurons) and random ones, found by one forward pass over
+    them. Writes the negatives table of each corpus of the atlas; run it after the
+    activations stage and labeling, before circuit-atlas score."""
+    from circuit_atlas.compute.negatives import run_negatives
+
+    display.run_stage(run_negatives, display.console(), lake_path, model=model,
+                      corpora=corpora, params=take_params(NegativesParams, options))
 
 
 @cli.command("export-graph")

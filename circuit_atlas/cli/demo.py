@@ -33,10 +33,12 @@ def doctor(as_json: bool) -> None:
                    "neurons their graphs reach.")
 @click.option("--full", is_flag=True,
               help="Every prompt (40 per corpus) and the projections of every neuron.")
-def demo(lake_path: str, limit: int, full: bool) -> None:
+@click.option("--label-neurons", type=int, default=None, show_default="4",
+              help="Neurons of the last layer labelled and scored by the embedded LLM.")
+def demo(lake_path: str, limit: int, full: bool, label_neurons: int | None) -> None:
     """Run the pipeline on the built-in demo corpora (medical vs. general prompts)
     with the embedded SmolLM2 model on the CPU, and print the time of each stage."""
-    from circuit_atlas.demo import DEMO_PROMPTS, run_demo
+    from circuit_atlas.demo import DEMO_PROMPTS, LABEL_SLICE, run_demo
 
     run_demo(lake_path, display.console(), limit=DEMO_PROMPTS if limit is None else limit,
-             full=full)
+             full=full, label_slice=LABEL_SLICE if label_neurons is None else label_neurons)

@@ -1,4 +1,5 @@
-"""label, labels import and browse: neuron labels from an LLM, from a file, on screen."""
+"""label, score, serve, labels import and browse: neuron labels from an LLM, their scores,
+an embedded LLM server, labels from a file, on screen."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from circuit_atlas.cli.options import (
     params_options,
     take_params,
 )
-from circuit_atlas.labeling.params import LabelParams
+from circuit_atlas.labeling.params import LabelParams, ScoreParams, ServeParams
 
 
 @cli.command()
@@ -32,6 +33,46 @@ def label(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) 
 
     display.run_stage(run_labels, display.console(), lake_path, model=model, corpora=corpora,
                       params=take_params(LabelParams, options))
+
+
+@cli.command()
+@lake_option
+@model_option
+@corpora_option()
+@params_options(ScoreParams, names={"scorers": "scorer", "passes": "pass", "layers": "layer"})
+def score(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) -> None:
+    """Score every input and prior label on held-out contexts the labeler never saw:
+    detection (activating contexts vs. random and hard negatives; balanced accuracy),
+    fuzzing (correctly marked tokens vs. shuffled marks) and simulation (per-token
+    activations predicted from the label; Pearson's r), each asked of an
+    OpenAI-compatible scorer LLM. Writes the label_scores table; resumable. Run
+    circuit-atlas negatives first for hard negatives."""
+    from circuit_atlas.labeling.scoring import run_label_scores
+
+    display.run_stage(run_label_scores, display.console(), lake_path, model=model,
+                      corpora=corpora, params=take_params(ScoreParams, options))
+
+
+@cli.command()
+@model_option
+@params_options(ServeParams)
+def serve(model: str, **options: Any) -> None:
+    """An OpenAI-compatible chat-completions server over a local model (default: the
+    embedded SmolLM2-135M-Instruct): JSON-schema replies by grammar-constrained
+    decoding, logprobs, concurrent requests decoded in batches. Point label and score
+    at it with --base-url http://127.0.0.1:8000/v1."""
+    from circuit_atlas.labeling.serve import Server, load_engine
+
+    params = take_params(ServeParams, options)
+    console = display.console()
+    with console.status(f"loading {model} ..."):
+        engine = load_engine(model, params.device, params.dtype, params.max_batch)
+    server = Server(engine, params.host, params.port)
+    console.print(f"[green]serving[/] {engine.name} at {server.url} (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("stopped")
 
 
 @cli.group(cls=Group)

@@ -175,3 +175,33 @@ class ActivationsParams:
     @property
     def window_stride(self) -> int:
         return self.context if self.stride is None else self.stride
+
+
+@dataclass(frozen=True)
+class NegativesParams:
+    """Negatives for label scoring: held-out contexts on which a neuron stays silent,
+    hard (they activate its partners) and random."""
+
+    partners: int = 4
+    """Partners per neuron (its cluster, else its co-occurring neurons, else others of
+    its layer)."""
+    per_partner: int = 3
+    """Held-out top contexts tried per partner."""
+    keep: int = 5
+    """Negatives kept per neuron, hard and random each."""
+    every_neuron: bool = False
+    """Every neuron with exemplars, not only the labelled ones (a replay of
+    partners * per_partner + 2 * keep windows per neuron)."""
+    layers: tuple[int, ...] = ()
+    """Only this layer (repeatable; default: every layer)."""
+    batch_tokens: int = 4096
+    """Tokens per forward batch (memory vs. speed)."""
+    device: str = "cpu"
+    """torch device, e.g. cuda."""
+    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = AUTO
+    """Model precision; auto: bfloat16 where the device runs it fast, else float32."""
+
+    def __post_init__(self) -> None:
+        if min(self.partners, self.per_partner, self.keep, self.batch_tokens) < 1:
+            raise CircuitAtlasError("--partners, --per-partner, --keep and --batch-tokens "
+                                    "must be at least 1")

@@ -17,7 +17,7 @@ from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.labeling.evidence import Atlas, layer_evidence
 from circuit_atlas.labeling.templates import input_prompt, output_prompt
 from circuit_atlas.lake import Lake
-from circuit_atlas.lake.labels import known_labels, latest_ok
+from circuit_atlas.lake.labels import SCORERS, known_labels, latest_ok, with_scores
 from circuit_atlas.lake.neurons import neuron_label, parse_neuron
 
 HELP = "n/Enter next, b back, r random, g go to neuron, l jump to layer, q quit"
@@ -30,7 +30,7 @@ class Browser:
         labels = known_labels(lake, model, corpus)
         if labels is None or labels.filter(pl.col("status") == "ok").is_empty():
             raise CircuitAtlasError("no labels yet: run circuit-atlas label (or labels import)")
-        self.labels = latest_ok(labels)
+        self.labels = with_scores(lake, model, corpus, latest_ok(labels))
         passes = [pass_] if pass_ else ["output", "input", "prior"]
         self.order = (self.labels.filter(pl.col("pass").is_in(passes))
                       .select("layer", "neuron").unique().sort("layer", "neuron").rows())
@@ -47,6 +47,9 @@ class Browser:
                          + (f" ({r['type']}, {r['interpretability']})" if r["type"] else ""))
             if r["description"]:
                 lines.append(f"    {r['description']}")
+            scored = [f"{s} {r[s]:.2f}" for s in SCORERS if r.get(s) is not None]
+            if scored:
+                lines.append(f"    scores ({r['scorer_model']}): {', '.join(scored)}")
         for pass_, render in (("output", output_prompt), ("input", input_prompt)):
             if self.pass_ in (None, pass_):
                 ev = layer_evidence(self.atlas, pass_, layer, self.labels, [neuron])

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.labeling.replies import response_format, validate
 
+TOP_LOGPROBS = 5
+
 
 class Usage(Protocol):
     prompt_tokens: int
@@ -34,6 +36,7 @@ class LLMSettings:
     price_out: float = 0.0  # per million completion tokens
     batch: bool = False
     poll_s: float = 30.0
+    logprobs: bool = True  # asked for where a scorer reads them
 
     def client(self, async_: bool = True) -> Any:
         import openai
@@ -48,16 +51,41 @@ class LLMSettings:
                    max_retries=self.max_retries)
 
 
-async def ask(client: Any, settings: LLMSettings, pass_: str, msgs: list[dict[str, str]],
-              usage: Usage) -> tuple[dict[str, Any] | None, str | None]:
-    """One neuron: a validated label, or (None, reason) after one more try."""
+@dataclass
+class Request:
+    """One question: the messages, the reply's JSON schema, and ``check(content,
+    logprobs)`` -> (the answer, None) or (None, why the reply is not one)."""
+
+    messages: list[dict[str, str]]
+    response_format: dict[str, Any]
+    check: Callable[[str | None, list | None], tuple[Any, str | None]]
+    logprobs: bool = False
+
+
+def label_request(pass_: str, msgs: list[dict[str, str]]) -> Request:
+    """A labeling question of ``pass_`` (output, input, cluster)."""
+    return Request(msgs, response_format(pass_), lambda text, _lp: validate(pass_, text))
+
+
+async def ask(client: Any, settings: LLMSettings, request: Request, usage: Usage
+              ) -> tuple[Any, str | None]:
+    """One question: a checked answer, or (None, reason) after one more try. An endpoint
+    that refuses logprobs is asked without them (and no more for the rest of the run)."""
     import openai
 
-    error = None
-    for _ in range(2):
+    error, tries = None, 2
+    while tries:
+        extra = ({"logprobs": True, "top_logprobs": TOP_LOGPROBS}
+                 if request.logprobs and settings.logprobs else {})
         try:
             resp = await client.chat.completions.create(
-                model=settings.model, messages=msgs, response_format=response_format(pass_))
+                model=settings.model, messages=request.messages,
+                response_format=request.response_format, **extra)
+        except openai.BadRequestError as e:
+            if extra and "logprob" in str(e).lower():
+                settings.logprobs = False
+                continue  # not a try: the same question without logprobs
+            return None, f"{type(e).__name__}: {str(e)[:200]}"
         except (openai.AuthenticationError, openai.NotFoundError,
                 openai.PermissionDeniedError) as e:
             raise CircuitAtlasError(f"the LLM endpoint refused: {e}") from e
@@ -66,27 +94,28 @@ async def ask(client: Any, settings: LLMSettings, pass_: str, msgs: list[dict[st
         if resp.usage is not None:
             usage.prompt_tokens += resp.usage.prompt_tokens or 0
             usage.completion_tokens += resp.usage.completion_tokens or 0
-        parsed, error = validate(pass_, resp.choices[0].message.content)
+        tries -= 1
+        choice = resp.choices[0]
+        logprobs = getattr(getattr(choice, "logprobs", None), "content", None)
+        parsed, error = request.check(choice.message.content, logprobs)
         if parsed is not None:
             return parsed, None
     return None, error
 
 
-async def fan_out(settings: LLMSettings, pass_: str,
-                  items: Iterable[tuple[Any, list[dict[str, str]]]],
-                  on_answer: Callable[[Any, dict[str, Any] | None, str | None], None],
-                  usage: Usage) -> None:
-    """Ask each (key, messages) item, at most ``settings.concurrency`` at once;
-    ``on_answer(key, parsed, error)`` as each reply arrives."""
+async def fan_out(settings: LLMSettings, items: Iterable[tuple[Any, Request]],
+                  on_answer: Callable[[Any, Any, str | None], None], usage: Usage) -> None:
+    """Ask each (key, request) item, at most ``settings.concurrency`` at once;
+    ``on_answer(key, answer, error)`` as each reply arrives."""
     client = settings.client()
     gate = asyncio.Semaphore(settings.concurrency)
 
-    async def one(key: Any, msgs: list[dict[str, str]]) -> None:
+    async def one(key: Any, request: Request) -> None:
         async with gate:
-            parsed, error = await ask(client, settings, pass_, msgs, usage)
+            parsed, error = await ask(client, settings, request, usage)
         on_answer(key, parsed, error)
 
     try:
-        await asyncio.gather(*(one(k, m) for k, m in items))
+        await asyncio.gather(*(one(k, r) for k, r in items))
     finally:
         await client.close()

@@ -177,7 +177,7 @@ def _exemplar_evidence(atlas: Atlas, pass_: str, layer: int, ids: list[int],
                        ev: dict[int, dict[str, Any]]) -> None:
     """Input pass: the contexts where each neuron fires most, and where it is most
     negative. Output pass: what the model predicts next at its top contexts. Only
-    texts outside the held-out split (``analysis.exemplars.held_out``)."""
+    texts outside the held-out split (``lake.splits.held_out``)."""
     from collections import Counter
 
     from circuit_atlas.analysis.exemplars import (

@@ -1,4 +1,5 @@
-"""The labeling stage's parameters (the CLI's options)."""
+"""The labeling stages' parameters (the CLI's options): the LLM endpoint they share,
+the labeling passes and the label scorers."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ from typing import Literal
 
 
 @dataclass(frozen=True)
-class LabelParams:
-    """The labeling passes and the LLM endpoint that answers them."""
+class EndpointParams:
+    """An OpenAI-compatible endpoint and how to talk to it."""
 
-    passes: tuple[Literal["output", "input"], ...] = ("output", "input")
-    """Pass(es) to run, in this order."""
     base_url: str | None = None
     """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM); default: the
     OPENAI_BASE_URL variable, else OpenAI."""
@@ -25,6 +24,29 @@ class LabelParams:
     """Seconds per request."""
     max_retries: int = 5
     """Retries with exponential backoff on 429, 5xx and timeouts."""
+    price_in: float = 0.0
+    """USD per million prompt tokens, for the cost printed at the end."""
+    price_out: float = 0.0
+    """USD per million completion tokens."""
+
+    def llm_settings(self, **extra):
+        """The client's settings (``extra``: the stage's own, e.g. batch)."""
+        import os
+
+        from circuit_atlas.labeling.client import LLMSettings
+
+        return LLMSettings(model=self.llm, base_url=self.base_url or os.environ.get(
+            "OPENAI_BASE_URL"), api_key_env=self.api_key_env, concurrency=self.concurrency,
+            timeout=self.timeout, max_retries=self.max_retries, price_in=self.price_in,
+            price_out=self.price_out, **extra)
+
+
+@dataclass(frozen=True)
+class LabelParams(EndpointParams):
+    """The labeling passes and the LLM endpoint that answers them."""
+
+    passes: tuple[Literal["output", "input"], ...] = ("output", "input")
+    """Pass(es) to run, in this order."""
     batch: bool = False
     """Use the Batch API (a batch per layer, half the price)."""
     poll: float = 30.0
@@ -37,10 +59,6 @@ class LabelParams:
     """Only this layer (repeatable; default: every layer)."""
     per_layer: int | None = None
     """Only the N neurons of each layer in most graphs."""
-    price_in: float = 0.0
-    """USD per million prompt tokens, for the cost printed at the end."""
-    price_out: float = 0.0
-    """USD per million completion tokens."""
     name_clusters: bool = True
     """Name the clusters after the neuron passes, when a clustering exists."""
     cluster_method: Literal["infomap", "leiden"] = "infomap"
@@ -48,13 +66,46 @@ class LabelParams:
 
     def settings(self):
         """The LLM settings, or None for a dry run."""
-        import os
-
-        from circuit_atlas.labeling.client import LLMSettings
-
         if self.dry_run:
             return None
-        return LLMSettings(model=self.llm, base_url=self.base_url or os.environ.get(
-            "OPENAI_BASE_URL"), api_key_env=self.api_key_env, concurrency=self.concurrency,
-            timeout=self.timeout, max_retries=self.max_retries, price_in=self.price_in,
-            price_out=self.price_out, batch=self.batch, poll_s=self.poll)
+        return self.llm_settings(batch=self.batch, poll_s=self.poll)
+
+
+@dataclass(frozen=True)
+class ScoreParams(EndpointParams):
+    """The label scorers and the LLM endpoint that plays the scorer."""
+
+    scorers: tuple[Literal["detection", "fuzzing", "simulation"], ...] = (
+        "detection", "fuzzing", "simulation")
+    """Scorer(s) to run."""
+    passes: tuple[Literal["input", "prior"], ...] = ("input", "prior")
+    """Labels of these passes are scored (both describe what activates a neuron)."""
+    labeler: str | None = None
+    """Only the labels of this labeler (default: the newest label of each pass)."""
+    layers: tuple[int, ...] = ()
+    """Only this layer (repeatable; default: every layer)."""
+    sim_contexts: int = 5
+    """Activating and silent contexts each that the simulation scorer shows (its
+    reply has a number per token: the costliest scorer)."""
+    logprobs: bool = True
+    """Ask for logprobs (expected values, AUC over probabilities); an endpoint that
+    refuses them is asked without."""
+
+    def settings(self):
+        return self.llm_settings(logprobs=self.logprobs)
+
+
+@dataclass(frozen=True)
+class ServeParams:
+    """The embedded OpenAI-compatible server."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0: every interface)."""
+    port: int = 8000
+    """Port (0: any free one)."""
+    max_batch: int = 8
+    """Requests decoded together."""
+    device: str = "cpu"
+    """torch device, e.g. cuda."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Model precision; auto: bfloat16 where the device runs it fast, else float32."""

@@ -10,6 +10,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 MAX_WORDS = 12
+RATINGS = ("low", "medium", "high")  # the labeler's own interpretability rating
+# characters: a sentence or three. The schema says so, so a grammar-constrained model
+# cannot ramble for thousands of tokens
+DESCRIPTION = 600
 # what a reply that reasons instead of naming starts with (one public atlas stored such
 # text as labels)
 REASONING = re.compile(r"^(let me|let's|i think|i believe|i would|okay|ok,|so,|first,|"
@@ -38,7 +42,7 @@ def clean_label(text: str) -> str:
 
 
 class _Label(BaseModel):
-    label: str = Field(min_length=1, max_length=200)
+    label: str = Field(min_length=1, max_length=120)
 
     @field_validator("label")
     @classmethod
@@ -47,13 +51,13 @@ class _Label(BaseModel):
 
 
 class OutputLabel(_Label):
-    description: str = Field(min_length=1, max_length=2000)
+    description: str = Field(min_length=1, max_length=DESCRIPTION)
     type: Literal["semantic", "lexical", "routing", "formatting", "structural"]
     interpretability: Literal["low", "medium", "high"]
 
 
 class InputLabel(_Label):
-    description: str = Field(min_length=1, max_length=2000)
+    description: str = Field(min_length=1, max_length=DESCRIPTION)
     type: Literal["token-pattern", "context", "position", "upstream-gated", "combination"]
     interpretability: Literal["low", "medium", "high"]
 

@@ -30,7 +30,7 @@ import polars as pl
 
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.labeling.batch import batch_layer
-from circuit_atlas.labeling.client import LLMSettings, fan_out
+from circuit_atlas.labeling.client import LLMSettings, fan_out, label_request
 from circuit_atlas.labeling.evidence import Atlas, assemble, layer_evidence, layer_order
 from circuit_atlas.labeling.journal import Journal, fold_journals, journal_dir, label_row
 from circuit_atlas.labeling.params import LabelParams
@@ -66,11 +66,12 @@ class LabelReport:
 def label_lake(lake: Lake, model: str, corpus: str, pass_: str, settings: LLMSettings | None,
                layers: list[int] | None = None, per_layer: int | None = None,
                only_failed: bool = False, tokenizer: Any = None,
-               on_progress: Callable[[int, int, int], None] | None = None) -> LabelReport:
+               on_progress: Callable[[int, int, int], None] | None = None,
+               neurons: list[int] | None = None) -> LabelReport:
     """Label the neurons of (model, corpus) for ``pass_``, layer by layer in the pass's
     order. ``settings`` None: a dry run that writes every assembled prompt to the
     ``label_prompts`` table instead. ``per_layer``: only the N neurons of each layer
-    that are in the most graphs."""
+    that are in the most graphs (of ``neurons``, when given)."""
     t0 = time.perf_counter()
     report = LabelReport(pass_)
     fold_journals(lake, model, corpus)
@@ -79,13 +80,14 @@ def label_lake(lake: Lake, model: str, corpus: str, pass_: str, settings: LLMSet
     dry_rows: list[dict[str, Any]] = []
     for layer in order:
         labels = known_labels(lake, model, corpus)
-        neurons = None
-        if per_layer is not None:
-            neurons = atlas.neurons.filter(pl.col("layer") == layer).sort(
-                ["graph_count", "neuron"], descending=[True, False]).head(per_layer)[
-                "neuron"].to_list()
+        chosen = atlas.neurons.filter(pl.col("layer") == layer)
+        if neurons is not None:
+            chosen = chosen.filter(pl.col("neuron").is_in(neurons))
+        ids = None if neurons is None and per_layer is None else chosen.sort(
+            ["graph_count", "neuron"], descending=[True, False]).head(
+            per_layer if per_layer is not None else len(chosen))["neuron"].to_list()
         prompts = assemble(pass_, layer_evidence(atlas, pass_, layer, latest_ok(labels),
-                                                 neurons))
+                                                 ids))
         report.layers.append(layer)
         if settings is None:
             dry_rows += [{"layer": layer, "neuron": n, "pass": pass_, "prompt_hash": h,
@@ -110,8 +112,8 @@ def label_lake(lake: Lake, model: str, corpus: str, pass_: str, settings: LLMSet
                 on_progress(layer, next(counter), len(todo))
 
         def ask_all(items: list[tuple], answered=answered) -> None:
-            asyncio.run(fan_out(settings, pass_, [(t, t[1]) for t in items], answered,
-                                report))
+            asyncio.run(fan_out(settings, [(t, label_request(pass_, t[1])) for t in items],
+                                answered, report))
 
         try:
             if settings.batch:
@@ -212,8 +214,8 @@ def label_clusters(lake: Lake, model: str, corpus: str, settings: LLMSettings,
 
     try:
         if todo:
-            asyncio.run(fan_out(settings, "cluster", [(t, t[1]) for t in todo], answered,
-                                report))
+            asyncio.run(fan_out(settings, [(t, label_request("cluster", t[1])) for t in todo],
+                                answered, report))
     finally:
         journal.close()
     fold_journals(lake, model, corpus, "cluster_labels")

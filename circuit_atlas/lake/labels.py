@@ -3,7 +3,8 @@
 Each batch is one file; publishing a batch lists the earlier batches' files again
 (nothing is copied), so a run killed between batches loses nothing published. Every
 stage that shows labels reads them here: the newest ok label per neuron and pass, or
-one label per neuron (output, else prior, else input).
+one label per neuron (output, else prior, else input), with the headline scores of
+the label_scores table beside them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from circuit_atlas.lake.lake import Lake
 from circuit_atlas.lake.schemas import LABELS
 
 PASSES = ("output", "input", "prior")
+SCORERS = ("detection", "fuzzing", "simulation")
 
 
 def append_labels(lake: Lake, model: str, corpus: str, rows: pl.DataFrame) -> int:
@@ -44,13 +46,45 @@ def latest_ok(labels: pl.DataFrame | None) -> pl.DataFrame | None:
 
 
 def current_labels(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
-    """One label per neuron, the newest ok one of the output pass, else prior, else input;
-    None when the lake has no labels."""
+    """One label per neuron, the newest ok one of the output pass, else prior, else input,
+    with its headline scores; None when the lake has no labels."""
     latest = latest_ok(known_labels(lake, model, corpus))
     if latest is None:
         return None
     order = {"output": 0, "prior": 1, "input": 2}
-    return (latest.with_columns(rank=pl.col("pass").replace_strict(order, default=3))
-            .sort("layer", "neuron", "rank")
-            .unique(["layer", "neuron"], keep="first", maintain_order=True)
-            .select("layer", "neuron", "pass", "label", "description"))
+    return with_scores(lake, model, corpus, (
+        latest.with_columns(rank=pl.col("pass").replace_strict(order, default=3))
+        .sort("layer", "neuron", "rank")
+        .unique(["layer", "neuron"], keep="first", maintain_order=True)
+        .select("layer", "neuron", "pass", "label", "description")))
+
+
+def headline_scores(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
+    """Per (layer, neuron, pass, label): the newest ok score of each scorer as a column
+    (detection, fuzzing, simulation; null where not scored), with the scorer model;
+    None when nothing is scored yet."""
+    if lake.table_manifest(model, corpus, "label_scores") is None:
+        return None
+    rows = (lake.table("label_scores", model, corpus).filter(pl.col("status") == "ok")
+            .select("layer", "neuron", "pass", "label", "scorer", "scorer_model", "score",
+                    "created_at").collect()
+            .sort("created_at", descending=True)
+            .unique(["layer", "neuron", "pass", "label", "scorer"], keep="first"))
+    if rows.is_empty():
+        return None
+    keys = ["layer", "neuron", "pass", "label"]
+    wide = rows.pivot("scorer", index=keys, values="score")
+    for name in SCORERS:
+        if name not in wide.columns:
+            wide = wide.with_columns(pl.lit(None, pl.Float64).alias(name))
+    models = rows.group_by(keys).agg(scorer_model=pl.col("scorer_model").first())
+    return wide.select(*keys, *SCORERS).join(models, on=keys)
+
+
+def with_scores(lake: Lake, model: str, corpus: str, labels: pl.DataFrame) -> pl.DataFrame:
+    """``labels`` (layer, neuron, pass, label, ...) with each label's headline scores."""
+    scores = headline_scores(lake, model, corpus)
+    if scores is None:
+        return labels.with_columns(*(pl.lit(None, pl.Float64).alias(s) for s in SCORERS),
+                                   scorer_model=pl.lit(None, pl.String))
+    return labels.join(scores, on=["layer", "neuron", "pass", "label"], how="left")

@@ -548,12 +548,60 @@ every position of the window (token ids, position-major: entries 5p .. 5p+4 foll
 position p, most likely first).""",
 )
 
+NEGATIVES = TableSpec(
+    name="negatives",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("source", pa.string()),
+        _f("partner_layer", pa.int16()), _f("partner_neuron", pa.int32()),
+        _f("activation", pa.float32()), _f("window_id", pa.int64()),
+        _f("prompt_id", pa.string()), _f("start", pa.int32()), _f("position", pa.int32()),
+        _f("acts", pa.list_(pa.float32())),
+    ),
+    partitions=_DERIVED,
+    doc="""Held-out contexts on which a neuron stays below a tenth of its largest activation
+at every counted token: the negatives of its label scorers. Hard ones are top
+exemplars of a partner (partner_layer, partner_neuron): source "cluster" (the same
+module), "cooccurrence" (fires in the same graphs) or "layer" (another neuron of the
+layer, when neither table exists); source "random": a held-out window drawn for the
+neuron (partner -1). activation and position: the neuron's highest activation in the
+window and where; acts: its activation at every token of the window (windows in
+exemplar_windows).""",
+)
+
+LABEL_SCORES = TableSpec(
+    name="label_scores",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("pass", pa.string()),
+        _f("polarity", pa.int8()), _f("label", pa.string()), _f("labeler", pa.string()),
+        _f("scorer", pa.string()), _f("scorer_model", pa.string()),
+        _f("score", pa.float64(), nullable=True), _f("metrics", pa.string(), nullable=True),
+        _f("positives", pa.int32()), _f("negatives", pa.int32()),
+        _f("hard_negatives", pa.int32()), _f("prompt_hash", pa.string()),
+        _f("status", pa.string()), _f("error", pa.string(), nullable=True),
+        _f("created_at", pa.string()),
+    ),
+    partitions=_DERIVED,
+    doc="""How far each label holds, by scorer, on held-out contexts the labeler never saw.
+scorer "detection": balanced accuracy of telling activating contexts from negatives
+(random and hard) given the label; "fuzzing": accuracy of telling correctly marked
+activating tokens from shuffled marks; "simulation": Pearson's r, pooled over every
+token, between the activations the scorer predicts from the label (0-10) and the
+true ones. score: that headline (null where undefined, e.g. a constant simulation);
+metrics: every figure as JSON (f1, auc, accuracy, logprobs used, ...); polarity: 1
+for what drives the activation up; positives / negatives / hard_negatives: the
+contexts used. One row per answer, appended batch by batch (status "failed": error
+says why).""",
+)
+
 DERIVED: dict[str, TableSpec] = {
     t.name: t for t in (EDGE_STATS, NEURON_STATS, NEURON_CORPORA, NEURON_TOKENS,
                         CLUSTER_ASSIGNMENTS, CLUSTERS, PROJECTIONS, EFFECTS,
                         NEURON_EFFECTS, COOCCURRENCE, SPECIFICITY, ROLES, LABELS,
                         LABEL_PROMPTS, CLUSTER_LABELS, ACTIVATION_STATS,
-                        EXEMPLARS, EXEMPLAR_WINDOWS, ACTIVATION_SAMPLES, TOKEN_ACTIVATIONS)}
+                        EXEMPLARS, EXEMPLAR_WINDOWS, ACTIVATION_SAMPLES, TOKEN_ACTIVATIONS,
+                        NEGATIVES, LABEL_SCORES)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "graph_nodes", "graph_edges")

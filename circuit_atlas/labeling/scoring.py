@@ -1,0 +1,204 @@
+"""The scoring run: every input (and prior) label asked of each scorer, layer by
+layer, each answer journaled the moment it arrives (``labeling.journal``) and folded
+into the ``label_scores`` table. A rerun asks only what has no ok score for the same
+label, scorer, scorer model and prompt; a label the scorer cannot be asked about (no
+held-out positives or negatives) is counted, not asked."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.labeling.client import LLMSettings, Request, fan_out
+from circuit_atlas.labeling.contexts import neuron_contexts
+from circuit_atlas.labeling.evidence import prompt_hash
+from circuit_atlas.labeling.journal import Journal, fold_journals
+from circuit_atlas.labeling.params import ScoreParams
+from circuit_atlas.labeling.scorers import SCORERS, SIM_CONTEXTS, Trial, rounded, trials
+from circuit_atlas.lake import Lake
+from circuit_atlas.lake.labels import known_labels, latest_ok
+from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
+
+TABLE = "label_scores"
+
+
+@dataclass
+class ScoresReport(Report):
+    corpus: str
+    scorer_model: str
+    labels: int = 0
+    asked: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    unscorable: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    negatives: bool = False
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    price_in: float = 0.0
+    price_out: float = 0.0
+
+    @property
+    def cost(self) -> float:
+        return (self.prompt_tokens * self.price_in + self.completion_tokens * self.price_out
+                ) / 1e6
+
+    def mean(self, scorer: str) -> float | None:
+        got = self.scores.get(scorer) or []
+        return sum(got) / len(got) if got else None
+
+    def __str__(self) -> str:
+        means = ", ".join(f"{s} {m:.3f}" for s in SCORERS
+                          if (m := self.mean(s)) is not None)
+        lines = [f"label scores {self.corpus} by {self.scorer_model}: {self.labels:,} "
+                 f"label(s); {self.ok:,} ok, {self.failed:,} failed, {self.skipped:,} already "
+                 f"scored, {self.unscorable:,} without held-out contexts; "
+                 f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion "
+                 f"tokens, ${self.cost:.4f}; {self.seconds:.1f} s"]
+        if means:
+            lines.append(f"mean score of this run: {means} (detection and fuzzing: balanced "
+                         "accuracy, 0.5 is chance; simulation: Pearson's r)")
+        if not self.negatives:
+            lines.append("no negatives table: detection used the near-zero quantile samples "
+                         "only, and no hard negatives (circuit-atlas negatives adds them)")
+        return "\n".join(lines)
+
+
+def labels_to_score(lake: Lake, model: str, corpus: str, passes: tuple[str, ...],
+                    labeler: str | None, layers: list[int] | None) -> pl.DataFrame:
+    """The newest ok label of each neuron and pass in ``passes`` (of ``labeler``)."""
+    labels = known_labels(lake, model, corpus)
+    if labels is None:
+        raise CircuitAtlasError(f"no labels in {corpus!r} yet: run circuit-atlas label "
+                                "(or labels import)")
+    if labeler is not None:
+        labels = labels.filter(pl.col("labeler") == labeler)
+    got = latest_ok(labels).filter(pl.col("pass").is_in(list(passes)))
+    if layers:
+        got = got.filter(pl.col("layer").is_in(layers))
+    return got.select("layer", "neuron", "pass", "label", "labeler").sort(
+        "layer", "neuron", "pass")
+
+
+def _done(lake: Lake, model: str, corpus: str, scorer_model: str) -> set[tuple]:
+    if lake.table_manifest(model, corpus, TABLE) is None:
+        return set()
+    return set(lake.table(TABLE, model, corpus).filter(
+        (pl.col("status") == "ok") & (pl.col("scorer_model") == scorer_model)).select(
+        "layer", "neuron", "pass", "scorer", "prompt_hash").collect().iter_rows())
+
+
+def score_row(key: tuple, trial: Trial, scorer_model: str, phash: str,
+              answer: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
+    layer, neuron, pass_, label, labeler = key
+    score, metrics = rounded(answer) if answer is not None else (None, None)
+    return {"layer": layer, "neuron": neuron, "pass": pass_, "polarity": 1, "label": label,
+            "labeler": labeler, "scorer": trial.scorer, "scorer_model": scorer_model,
+            "score": score, "metrics": metrics, "positives": trial.positives,
+            "negatives": trial.negatives, "hard_negatives": trial.hard,
+            "prompt_hash": phash, "status": "ok" if answer is not None else "failed",
+            "error": error, "created_at": dt.datetime.now(dt.UTC).isoformat(
+                timespec="microseconds")}
+
+
+def score_lake(lake: Lake, model: str, corpus: str, settings: LLMSettings,
+               scorers: tuple[str, ...] = SCORERS, passes: tuple[str, ...] = ("input", "prior"),
+               labeler: str | None = None, layers: list[int] | None = None,
+               tokenizer: Any = None, sim_contexts: int = SIM_CONTEXTS,
+               on_progress: Callable[[int, int, int], None] | None = None) -> ScoresReport:
+    """Score the labels of (model, corpus) with each of ``scorers``, layer by layer."""
+    from circuit_atlas.analysis.exemplars import corpora_of
+
+    t0 = time.perf_counter()
+    report = ScoresReport(corpus, settings.model, price_in=settings.price_in,
+                          price_out=settings.price_out)
+    report.negatives = any(lake.optional_table("negatives", model, c) is not None
+                                for c in corpora_of(corpus))
+    if not any(lake.optional_table("exemplars", model, c) is not None
+               for c in corpora_of(corpus)):
+        raise CircuitAtlasError(f"no exemplars for {corpus!r}: run circuit-atlas activations "
+                                "first (labels are scored on held-out contexts)")
+    fold_journals(lake, model, corpus, TABLE)  # what a killed run recorded
+    labels = labels_to_score(lake, model, corpus, passes, labeler, layers)
+    report.labels = len(labels)
+    done = _done(lake, model, corpus, settings.model)
+    cache: dict[int, str] = {}
+
+    def decode(ids: list[int]) -> list[str]:
+        for t in ids:
+            if t not in cache:
+                cache[t] = tokenizer.decode([t]) if tokenizer is not None else f"#{t}"
+        return [cache[t] for t in ids]
+
+    for (layer,), group in labels.group_by("layer", maintain_order=True):
+        contexts, maxima = neuron_contexts(lake, model, corpus, layer,
+                                           group["neuron"].unique().to_list())
+        todo: list[tuple[tuple, Trial, str]] = []
+        for row in group.iter_rows():
+            made = trials(row[3], contexts.get(row[1], []), decode, maxima.get(row[1], 0.0),
+                          scorers, row[:4], sim_contexts)
+            report.unscorable += len(scorers) - len(made)
+            for trial in made:
+                phash = prompt_hash(trial.messages)
+                if (row[0], row[1], row[2], trial.scorer, phash) in done:
+                    report.skipped += 1
+                else:
+                    todo.append((row, trial, phash))
+        if not todo:
+            continue
+        journal = Journal(lake, model, corpus, TABLE)
+        count = 0
+
+        def answered(item: tuple, answer: Any, error: str | None, journal=journal,
+                     todo=todo, layer=layer) -> None:
+            nonlocal count
+            key, trial, phash = item
+            journal.write(score_row(key, trial, settings.model, phash, answer, error))
+            report.asked += 1
+            if answer is None:
+                report.failed += 1
+            else:
+                report.ok += 1
+                if answer["score"] is not None:
+                    report.scores.setdefault(trial.scorer, []).append(answer["score"])
+            count += 1
+            if on_progress:
+                on_progress(layer, count, len(todo))
+
+        try:
+            asyncio.run(fan_out(settings, [(t, Request(t[1].messages, t[1].response_format,
+                                                       t[1].check, logprobs=True))
+                                           for t in todo], answered, report))
+        finally:
+            journal.close()
+        fold_journals(lake, model, corpus, TABLE)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def run_label_scores(lake, *, model, corpora=None, params: ScoreParams | None = None,
+                     cluster=None, progress: Progress | None = None) -> ScoresReport:
+    """Score every input and prior label of an atlas (``corpora``: default the only
+    reduced set) on held-out contexts with each scorer (detection, fuzzing,
+    simulation) through an OpenAI-compatible endpoint; the ``label_scores`` table.
+    Resumable: a rerun asks only what has no ok score."""
+    from circuit_atlas.compute.models import optional_tokenizer
+    from circuit_atlas.names import model_name
+
+    lake, params = open_lake(lake), params or ScoreParams()
+    progress = progress or Progress()
+    spec, model = model, model_name(model)
+    corpus = lake.reduced_corpus(model, as_corpora(corpora))
+    return score_lake(lake, model, corpus, params.settings(), params.scorers, params.passes,
+                      params.labeler, list(params.layers) or None, optional_tokenizer(spec),
+                      params.sim_contexts,
+                      lambda layer, d, t: progress.update(f"scores L{layer}", d, t))
