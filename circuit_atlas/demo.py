@@ -232,6 +232,12 @@ def _label_and_score(lake, model, key: str, corpora: list[str], n: int, console:
                       *(f"{r[s]:.2f}" if r[s] is not None else "-"
                         for s in ("detection", "fuzzing", "simulation")))
     console.print(table)
+    from circuit_atlas.labeling.report import scored_labels, write_report
+
+    if lake.table_manifest(model.name, key, "label_scores") is not None:
+        page = write_report(scored_labels(lake, model.name, key), lake.path("label-report"),
+                            f"Label scores: {model.name}, {key} (demo slice)")
+        console.print(f"label report (circuit-atlas report labels): {page}", soft_wrap=True)
     console.print("A 135M model's labels score near chance (0.5 for detection and fuzzing, "
                   "0 for simulation): the scorers say so. With --base-url and --llm, "
                   "circuit-atlas label and score run the same passes against vLLM or "

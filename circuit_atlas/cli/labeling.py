@@ -76,6 +76,32 @@ def serve(model: str, **options: Any) -> None:
 
 
 @cli.group(cls=Group)
+def report() -> None:
+    """Reports as plots and an HTML page."""
+
+
+@report.command("labels")
+@lake_option
+@model_option
+@corpora_option()
+@click.option("-o", "--output", default="label-report", show_default=True,
+              type=click.Path(file_okay=False), help="Folder for index.html and the plots.")
+def report_labels(lake_path: str, model: str, corpora: tuple[str, ...], output: str) -> None:
+    """How far the labels hold: each scorer's score distribution, the mean per layer and
+    per label type, and the labeler's own interpretability rating against the measured
+    scores (calibration), from the label_scores table."""
+    from circuit_atlas.labeling.report import scored_labels, write_report
+    from circuit_atlas.lake import Lake
+    from circuit_atlas.names import model_name
+
+    opened, name = Lake(lake_path), model_name(model)
+    corpus = opened.reduced_corpus(name, corpora)
+    page = write_report(scored_labels(opened, name, corpus), output,
+                        f"Label scores: {name}, {corpus}")
+    display.console().print(f"[green]report[/] {page}", soft_wrap=True)
+
+
+@cli.group(cls=Group)
 def labels() -> None:
     """Neuron labels: import the ones you have."""
 

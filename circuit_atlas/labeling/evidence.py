@@ -233,3 +233,37 @@ def assemble(pass_: str, evidence: dict[int, dict[str, Any]]
         msgs = messages(pass_, evidence[n])
         out.append((n, msgs, prompt_hash(msgs)))
     return out
+
+
+def priority(atlas: Atlas, layer: int, labels: pl.DataFrame | None, pass_: str
+             ) -> pl.DataFrame:
+    """The neurons of ``layer`` in the order ``label --order priority`` labels them: by
+    strength (summed |weight| of every edge it has with another neuron, both ways) times
+    one plus its neighbours that have no ``pass_`` label yet. A label of a strong
+    neuron with many unlabelled neighbours explains the most of the atlas: it shows in
+    each of their prompts (the original pipeline's "active learning" idea). Columns:
+    neuron, strength, unlabelled, priority; highest first, ties by neuron id."""
+    mine = atlas.neurons.filter(pl.col("layer") == layer).select("neuron")
+    n_layers = atlas.n_layers
+    e = atlas.edges.select("src_layer", "src_neuron", "tgt_layer", "tgt_neuron",
+                           "weight_abs_sum")
+    inner = (pl.col("src_layer").is_between(0, n_layers - 1)
+             & pl.col("tgt_layer").is_between(0, n_layers - 1))
+    out_ = e.filter(inner & (pl.col("src_layer") == layer)).select(
+        neuron="src_neuron", other_layer="tgt_layer", other="tgt_neuron", w="weight_abs_sum")
+    in_ = e.filter(inner & (pl.col("tgt_layer") == layer)).select(
+        neuron="tgt_neuron", other_layer="src_layer", other="src_neuron", w="weight_abs_sum")
+    links = pl.concat([out_, in_]).collect()
+    done = pl.DataFrame(schema={"other_layer": pl.Int16, "other": pl.Int32})
+    if labels is not None:
+        done = labels.filter(pl.col("pass") == pass_).select(
+            other_layer=pl.col("layer").cast(pl.Int16),
+            other=pl.col("neuron").cast(pl.Int32)).unique()
+    open_ = links.join(done, on=["other_layer", "other"], how="anti").group_by("neuron").agg(
+        unlabelled=pl.struct("other_layer", "other").n_unique())
+    strength = links.group_by("neuron").agg(strength=pl.col("w").sum())
+    return (mine.join(strength, on="neuron", how="left").join(open_, on="neuron", how="left")
+            .with_columns(pl.col("strength").fill_null(0.0),
+                          pl.col("unlabelled").fill_null(0).cast(pl.Int64))
+            .with_columns(priority=pl.col("strength") * (1 + pl.col("unlabelled")))
+            .sort(["priority", "neuron"], descending=[True, False]))

@@ -58,7 +58,12 @@ class LabelParams(EndpointParams):
     layers: tuple[int, ...] = ()
     """Only this layer (repeatable; default: every layer)."""
     per_layer: int | None = None
-    """Only the N neurons of each layer in most graphs."""
+    """Only the N neurons of each layer in most graphs (with --order priority: of
+    highest priority)."""
+    order: Literal["graphs", "priority"] = "graphs"
+    """Which neurons of a layer come first: in most graphs, or by priority (strength in
+    the edge graph times one plus the neighbours still unlabelled: the labels that show
+    in the most other prompts)."""
     name_clusters: bool = True
     """Name the clusters after the neuron passes, when a clustering exists."""
     cluster_method: Literal["infomap", "leiden"] = "infomap"

@@ -31,7 +31,13 @@ import polars as pl
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.labeling.batch import batch_layer
 from circuit_atlas.labeling.client import LLMSettings, fan_out, label_request
-from circuit_atlas.labeling.evidence import Atlas, assemble, layer_evidence, layer_order
+from circuit_atlas.labeling.evidence import (
+    Atlas,
+    assemble,
+    layer_evidence,
+    layer_order,
+    priority,
+)
 from circuit_atlas.labeling.journal import Journal, fold_journals, journal_dir, label_row
 from circuit_atlas.labeling.params import LabelParams
 from circuit_atlas.lake import Lake
@@ -67,27 +73,37 @@ def label_lake(lake: Lake, model: str, corpus: str, pass_: str, settings: LLMSet
                layers: list[int] | None = None, per_layer: int | None = None,
                only_failed: bool = False, tokenizer: Any = None,
                on_progress: Callable[[int, int, int], None] | None = None,
-               neurons: list[int] | None = None) -> LabelReport:
+               neurons: list[int] | None = None, order: str = "graphs") -> LabelReport:
     """Label the neurons of (model, corpus) for ``pass_``, layer by layer in the pass's
     order. ``settings`` None: a dry run that writes every assembled prompt to the
     ``label_prompts`` table instead. ``per_layer``: only the N neurons of each layer
-    that are in the most graphs (of ``neurons``, when given)."""
+    that are in the most graphs (of ``neurons``, when given), or with ``order``
+    "priority" the N of highest ``evidence.priority`` (strength times unlabelled
+    neighbours), asked in that order."""
     t0 = time.perf_counter()
     report = LabelReport(pass_)
     fold_journals(lake, model, corpus)
     atlas = Atlas.open(lake, model, corpus, tokenizer)
-    order = [x for x in layer_order(pass_, atlas.n_layers) if layers is None or x in layers]
+    sequence = [x for x in layer_order(pass_, atlas.n_layers) if layers is None or x in layers]
     dry_rows: list[dict[str, Any]] = []
-    for layer in order:
+    for layer in sequence:
         labels = known_labels(lake, model, corpus)
         chosen = atlas.neurons.filter(pl.col("layer") == layer)
         if neurons is not None:
             chosen = chosen.filter(pl.col("neuron").is_in(neurons))
-        ids = None if neurons is None and per_layer is None else chosen.sort(
-            ["graph_count", "neuron"], descending=[True, False]).head(
-            per_layer if per_layer is not None else len(chosen))["neuron"].to_list()
+        if order == "priority":
+            ranked = priority(atlas, layer, latest_ok(labels), pass_).join(
+                chosen.select("neuron"), on="neuron", maintain_order="left")
+        else:
+            ranked = chosen.sort(["graph_count", "neuron"], descending=[True, False])
+        ids = None if neurons is None and per_layer is None and order != "priority" else (
+            ranked.head(per_layer if per_layer is not None else len(ranked))[
+                "neuron"].to_list())
         prompts = assemble(pass_, layer_evidence(atlas, pass_, layer, latest_ok(labels),
                                                  ids))
+        if ids is not None:  # in the order chosen (priority: the most useful first)
+            rank = {n: i for i, n in enumerate(ids)}
+            prompts.sort(key=lambda p: rank[p[0]])
         report.layers.append(layer)
         if settings is None:
             dry_rows += [{"layer": layer, "neuron": n, "pass": pass_, "prompt_hash": h,
@@ -272,6 +288,7 @@ def run_labels(lake, *, model, corpora=None, params: LabelParams | None = None,
         reports.append(label_lake(
             lake, model, corpus, pass_, settings, layers=list(params.layers) or None,
             per_layer=params.per_layer, only_failed=params.only_failed, tokenizer=tokenizer,
+            order=params.order,
             on_progress=lambda layer, d, t, task=task: progress.update(
                 f"{task} L{layer}", d, t)))
     named = None

@@ -344,3 +344,39 @@ def test_clean_label(label, ok):
     else:
         with pytest.raises(ValueError):
             clean_label(label)
+
+
+def test_priority_order_is_strength_times_unlabelled_neighbours(lake):
+    """``--order priority`` picks and asks first the neurons of highest strength times
+    (1 + neighbours without a label of the pass), computed here by hand from the edges."""
+    from collections import defaultdict
+
+    from circuit_atlas.labeling.evidence import Atlas, priority
+
+    edges = lake.table("edges").collect()
+    strength, nbrs = defaultdict(float), defaultdict(set)
+    for r in edges.iter_rows(named=True):
+        a, b = (r["src_layer"], r["src_neuron"]), (r["tgt_layer"], r["tgt_neuron"])
+        if not (0 <= a[0] < N_LAYERS and 0 <= b[0] < N_LAYERS):
+            continue
+        for x, y in ((a, b), (b, a)):
+            strength[x] += r["weight_abs_sum"]
+            nbrs[x].add(y)
+
+    def want(layer, labelled):
+        got = {n: strength[(layer, n)] * (1 + len(nbrs[(layer, n)] - labelled))
+               for (lay, n) in neurons_of(lake) if lay == layer}
+        return sorted(got, key=lambda n: (-got[n], n))
+
+    atlas = Atlas.open(lake, MODEL, "c")
+    assert priority(atlas, 1, None, "output")["neuron"].to_list() == want(1, set())
+    with LLMServer() as server:
+        one_at_a_time = settings(server)
+        one_at_a_time.concurrency = 1  # asked in the order chosen
+        label_lake(lake, MODEL, "c", "output", one_at_a_time, per_layer=2, order="priority")
+        asked = [tuple(map(int, re.match(r"L(\d+)/N(\d+)", n).groups()))
+                 for n in server.answered("output")]
+    labelled = set(asked)
+    for layer in range(N_LAYERS):  # late to early: each layer sees the later ones' labels
+        done = {x for x in labelled if x[0] > layer}
+        assert [n for lay, n in asked if lay == layer] == want(layer, done)[:2]

@@ -118,3 +118,4 @@ def test_the_demo_labels_and_scores_a_slice_through_the_embedded_server(demo_run
         key = "pearson" if r["scorer"] == "simulation" else "balanced_accuracy"
         assert r["score"] == m[key] and m["logprobs"] is True
     assert "label_scores" in printed and "near chance" in printed
+    assert (demo_run[0] / "label-report" / "index.html").exists()
