@@ -20,7 +20,7 @@ from circuit_atlas.names import DEFAULT_MODEL
 
 @pytest.fixture(scope="module")
 def server(smollm2):
-    with Server(Engine(smollm2.model, smollm2.tokenizer, smollm2.name, max_batch=16),
+    with Server(Engine(smollm2.model, smollm2.tokenizer, smollm2.name, max_batch=50),
                 port=0) as s:
         yield s
 
