@@ -71,12 +71,17 @@ def _age(fs, paths: list[str], now: float) -> float:
 def _read_marker(fs, marker: str) -> dict[str, Any] | None:
     """The writer marker, or its temporary copy: a writer killed between writing the
     marker and renaming it into place leaves only that."""
-    for path in [marker, *sorted(fs.glob(layout.tmp_name(marker, "*")))]:
+    tmps = sorted(fs.glob(layout.tmp_name(marker, "*")))
+    for path in [marker, *tmps]:
         try:
             with fs.open(path, "rb") as f:
                 return json.loads(f.read())
         except (OSError, ValueError):
             continue
+    for path in tmps:  # cut short by a kill: its name still says who wrote it
+        host, _, pid = path.rsplit(layout.TMP_MARK, 1)[-1].rpartition("-")
+        if host and pid.isdigit():
+            return {"host": host, "pid": int(pid)}
     return None
 
 

@@ -11,9 +11,11 @@ from circuit_atlas.errors import LakeError
 from circuit_atlas.lake import layout
 
 
-def write_json_atomic(fs, path: str, value: dict[str, Any]) -> None:
-    """Write JSON to a temporary sibling and rename it into place."""
-    tmp = layout.tmp_name(path, uuid.uuid4().hex[:8])
+def write_json_atomic(fs, path: str, value: dict[str, Any], token: str | None = None
+                      ) -> None:
+    """Write JSON to a temporary sibling (named with ``token``, default a random one)
+    and rename it into place."""
+    tmp = layout.tmp_name(path, token or uuid.uuid4().hex[:8])
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(tmp, "wb") as f:
         f.write(json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False).encode())

@@ -165,9 +165,12 @@ class ShardWriter:
         self._state = "open"
         self.committed: Shard | None = None
         self.marker = self.lake.path(layout.writing_marker(self.shard))
+        # the temporary copy is named for its writer: one killed while writing it leaves
+        # a file cleanup can judge even when its content was cut short
         write_json_atomic(self.lake.fs, self.marker, {
             "host": socket.gethostname(), "pid": os.getpid(), "started_at": _now(),
-            "model_key": self.model_key, "corpus": self.corpus, "shard": self.shard})
+            "model_key": self.model_key, "corpus": self.corpus, "shard": self.shard},
+            token=f"{socket.gethostname()}-{os.getpid()}")
 
     def final(self, table: str) -> str:
         return self.lake.path(layout.shard_file(table, self.model_key, self.corpus, self.shard))

@@ -29,7 +29,7 @@ def ask(n: int):
     """Request ``n``: a detection, fuzzing or simulation reply (the labeler's schema is
     tested by the demo's labels, below)."""
     kind = ("detection", "fuzzing", "simulation")[n % 3]
-    lengths = [2, 3] if kind == "simulation" else [1] * (2 + n % 3)
+    lengths = [1, 2] if kind == "simulation" else [1] * (2 + n % 2)
     return kind, _schema(kind, lengths), (
         f"Description: the token Paris\n\nExcerpts:\n1. I love Paris\n2. The cat sat{n}")
 

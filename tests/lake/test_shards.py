@@ -228,6 +228,24 @@ def test_writer_killed_before_its_marker_was_renamed_is_debris(lake):
     assert lake.cleanup(min_age_s=3600).removed == [d] and not os.path.exists(d)
 
 
+def test_writer_killed_while_writing_its_marker_is_debris(lake):
+    """The marker's temporary copy was cut short (a SIGKILL mid-write, seen once in 3
+    runs of the test above on a loaded machine): its name still says who wrote it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    marker = lake.path(layout.writing_marker("cut-short"))
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    tmp = layout.tmp_name(marker, f"{socket.gethostname()}-{dead.pid}")
+    with open(tmp, "w") as f:
+        f.write('{"host": "')
+    assert lake.cleanup(min_age_s=3600).removed and not os.path.exists(tmp)
+    # a cut marker from a writer that lives is left alone
+    alive = layout.tmp_name(marker, f"{socket.gethostname()}-{os.getpid()}")
+    with open(alive, "w") as f:
+        f.write("")
+    assert lake.cleanup(min_age_s=3600).removed == [] and os.path.exists(alive)
+
+
 def test_committed_shard_survives_cleanup_even_with_stale_marker(lake):
     shard, _ = write_shard(lake, "c", prompts_of(2))
     marker = lake.path(layout.writing_marker(shard.shard))
