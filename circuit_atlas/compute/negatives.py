@@ -212,7 +212,7 @@ def run_negatives(lake: Lake | str, *, model: str | LoadedModel,
     atlas = lake.reduced_corpus(name, as_corpora(corpora))
     sources = dict.fromkeys(SOURCES, 0)
     neurons = tried = kept = 0
-    with compute_session(model, params.device, params.dtype, "negatives", None,
+    with compute_session(model, params.device, params.dtype, "activations", None,
                          progress) as (_, ready):
         for corpus in corpora_of(atlas):
             ex = lake.optional_table("exemplars", name, corpus)

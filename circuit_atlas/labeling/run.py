@@ -292,8 +292,13 @@ def run_labels(lake, *, model, corpora=None, params: LabelParams | None = None,
             on_progress=lambda layer, d, t, task=task: progress.update(
                 f"{task} L{layer}", d, t)))
     named = None
+    known = latest_ok(known_labels(lake, model, corpus))
+    has_output = known is not None and not known.filter(pl.col("pass") == "output").is_empty()
     if settings is not None and params.name_clusters and lake.table_manifest(
             model, corpus, "cluster_assignments") is not None:
-        progress.update("naming the clusters", 0, None)
-        named = label_clusters(lake, model, corpus, settings, params.cluster_method)
+        if has_output:
+            progress.update("naming the clusters", 0, None)
+            named = label_clusters(lake, model, corpus, settings, params.cluster_method)
+        else:  # an input-only run: clusters are named from output labels
+            progress.message("clusters not named: no output labels yet (--pass output)")
     return LabelsReport(corpus, reports, named, settings)

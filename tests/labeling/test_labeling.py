@@ -380,3 +380,27 @@ def test_priority_order_is_strength_times_unlabelled_neighbours(lake):
     for layer in range(N_LAYERS):  # late to early: each layer sees the later ones' labels
         done = {x for x in labelled if x[0] > layer}
         assert [n for lay, n in asked if lay == layer] == want(layer, done)[:2]
+
+
+def test_an_input_only_run_on_a_clustered_atlas_names_no_cluster(demo_run, tmp_path):
+    """Clusters are named from output labels: a run of the input pass alone says so and
+    succeeds instead of failing at the end."""
+    import shutil
+
+    from circuit_atlas.labeling import LabelParams, run_labels
+    from circuit_atlas.names import DEFAULT_MODEL
+    from circuit_atlas.stage import Progress
+
+    shutil.copytree(demo_run[0], tmp_path / "lake")
+    said = []
+
+    class Said(Progress):
+        def message(self, text):
+            said.append(text)
+
+    with LLMServer() as server:
+        report = run_labels(tmp_path / "lake", model=DEFAULT_MODEL, params=LabelParams(
+            passes=("input",), layers=(28,), per_layer=1, base_url=server.url,
+            llm="fake-llm", max_retries=1, timeout=5), progress=Said())
+    assert report.passes[0].ok == 1 and report.clusters is None
+    assert any("clusters not named" in m for m in said)

@@ -175,6 +175,24 @@ def test_true_labels_score_one_and_false_labels_near_chance(planted, lake):
                 assert any(excerpt in t for t in held), excerpt
 
 
+def test_the_commands_find_negatives_and_score(planted, lake):
+    from click.testing import CliRunner
+
+    from circuit_atlas.cli import cli
+
+    runner = CliRunner()
+    found = runner.invoke(cli, ["negatives", "--lake", str(lake.root), "--model", planted[0],
+                                "--corpus", "c", "--dtype", "float64", "--layer", "1"])
+    assert found.exit_code == 0, found.output
+    assert "negatives c:" in found.output
+    with LLMServer() as server:
+        scored = runner.invoke(cli, ["score", "--lake", str(lake.root), "--model", planted[0],
+                                     "--corpus", "c", "--base-url", server.url, "--llm", "s",
+                                     "--scorer", "detection"])
+    assert scored.exit_code == 0, scored.output
+    assert "3 ok" in scored.output and set(scores(lake)["scorer"]) == {"detection"}
+
+
 def test_a_rerun_asks_nothing_and_faults_are_retried_or_recorded(planted, lake):
     with LLMServer() as server:
         server.faults['detection:fires on the token "w5"'] = ["malformed"]  # then valid
