@@ -54,7 +54,7 @@ def contexts(tokenizer, n_neurons: int, rng: np.random.Generator):
 
 
 def run(url: str, model: str, items, concurrency: int, timeout: float = 600):
-    from circuit_atlas.labeling.client import LLMSettings, Request, fan_out
+    from circuit_atlas.labeling.client import LLMSettings, fan_out
 
     class Usage:
         prompt_tokens = completion_tokens = 0
@@ -63,8 +63,7 @@ def run(url: str, model: str, items, concurrency: int, timeout: float = 600):
     settings = LLMSettings(model=model, base_url=url, concurrency=concurrency,
                            timeout=timeout, max_retries=0)
     t0 = time.perf_counter()
-    asyncio.run(fan_out(settings, [(t, Request(t.messages, t.response_format, t.check,
-                                                logprobs=True)) for t in items],
+    asyncio.run(fan_out(settings, [(t, t.request()) for t in items],
                         lambda key, a, e: answers.append((key, a, e)), usage))
     return time.perf_counter() - t0, answers, usage
 

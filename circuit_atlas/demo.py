@@ -191,7 +191,7 @@ def _label_and_score(lake, model, key: str, corpora: list[str], n: int, console:
     from circuit_atlas.labeling.run import label_lake
     from circuit_atlas.labeling.scoring import score_lake
     from circuit_atlas.labeling.serve import Engine, Server
-    from circuit_atlas.lake.labels import with_scores
+    from circuit_atlas.lake.labels import known_labels, latest_ok, with_scores
 
     layer = model.adapter.n_layers - 1
     # neurons that activate positively somewhere (the scorers test what drives the
@@ -218,12 +218,11 @@ def _label_and_score(lake, model, key: str, corpora: list[str], n: int, console:
             report = score_lake(lake, model.name, key, settings, layers=[layer],
                                 tokenizer=model.tokenizer, sim_contexts=1)
         console.print(str(report), soft_wrap=True, markup=False)
-    scored = lake.table("labels", model.name, key).filter(
-        (pl.col("layer") == layer) & (pl.col("status") == "ok")).collect()
-    if scored.is_empty():
+    scored = latest_ok(known_labels(lake, model.name, key))
+    if scored is None or scored.filter(pl.col("layer") == layer).is_empty():
         return
-    scored = with_scores(lake, model.name, key, scored.sort("created_at").unique(
-        ["neuron", "pass"], keep="last"))
+    scored = with_scores(lake, model.name, key, scored.filter(
+        (pl.col("layer") == layer) & (pl.col("pass") == "input")))
     table = Table("neuron", "input label", "detection", "fuzzing", "simulation",
                   title=f"labels by {model.name} and their scores (label_scores)",
                   title_justify="left")

@@ -24,7 +24,7 @@ import torch
 from circuit_atlas.compute.adapters import Adapter, adapter_for
 from circuit_atlas.compute.precision import DTYPES, resolve_dtype
 from circuit_atlas.errors import CircuitAtlasError
-from circuit_atlas.names import ALIASES, DEFAULT_MODEL
+from circuit_atlas.names import ALIASES, DEFAULT_MODEL, model_name
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,9 @@ def resolve(spec: str) -> tuple[str, Path | str, str | None]:
         if not path.is_file():
             raise CircuitAtlasError(f"{spec}: no such GGUF file")
         folder, revision = converted_gguf(path)
-        return path.stem, folder, revision
+        return model_name(spec), folder, revision
     if path.is_dir():
-        return path.resolve().name, path, None
+        return model_name(spec), path, None
     if spec == DEFAULT_MODEL:
         folder, revision = converted_gguf(embedded_gguf())
         return DEFAULT_MODEL, folder, revision

@@ -115,8 +115,8 @@ def random_entries(targets: pl.DataFrame, pool: np.ndarray, own: pl.DataFrame, n
 
 
 def negative_rows(model: LoadedModel, windows: dict[int, Window], entries: pl.DataFrame,
-                       maxima: pl.DataFrame, keep: int, batch_tokens: int = 4096,
-                       on_tokens=None) -> pa.Table:
+                  maxima: pl.DataFrame, keep: int, batch_tokens: int = 4096,
+                  on_tokens=None) -> pa.Table:
     """Replay the entries' windows, reading each entry's neuron at every token, and keep
     up to ``keep`` per neuron, hard and random each, on which it stays below
     ``NOT_ACTIVE`` of its largest activation (``maxima``: layer, neuron, max) at every
@@ -194,9 +194,9 @@ class NegativesReport(Report):
 
 
 def run_negatives(lake: Lake | str, *, model: str | LoadedModel,
-                       corpora: str | list[str] | None = None,
-                       params: NegativesParams | None = None, cluster=None,
-                       progress: Progress | None = None) -> NegativesReport:
+                  corpora: str | list[str] | None = None,
+                  params: NegativesParams | None = None, cluster=None,
+                  progress: Progress | None = None) -> NegativesReport:
     """Find negatives (hard and random) for the labelled neurons of an atlas
     (``corpora``: its corpora, default the only reduced set) and write the ``negatives``
     table of each corpus; a rerun replaces it."""
@@ -253,7 +253,7 @@ def run_negatives(lake: Lake | str, *, model: str | LoadedModel,
 
             maxima = stats.select("layer", "neuron", "max").collect()
             rows = negative_rows(ready, windows, entries, maxima, params.keep,
-                                      params.batch_tokens, tick)
+                                 params.batch_tokens, tick)
             version = TableVersion(lake, name, corpus, "negatives")
             part = version.write("negatives.parquet", rows, NEGATIVES)
             version.publish([part], {"atlas": atlas, "params": {

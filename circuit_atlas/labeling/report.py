@@ -19,7 +19,7 @@ import polars as pl
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.labeling.replies import RATINGS
 from circuit_atlas.lake import Lake
-from circuit_atlas.lake.labels import SCORERS
+from circuit_atlas.lake.labels import SCORERS, latest_scores
 
 CHANCE = {"detection": 0.5, "fuzzing": 0.5, "simulation": 0.0}
 
@@ -27,11 +27,9 @@ CHANCE = {"detection": 0.5, "fuzzing": 0.5, "simulation": 0.0}
 def scored_labels(lake: Lake, model: str, corpus: str) -> pl.DataFrame:
     """One row per (label, scorer): the newest ok score, with the label's layer, pass,
     type and interpretability rating (null for imported labels)."""
-    if lake.table_manifest(model, corpus, "label_scores") is None:
+    scores = latest_scores(lake, model, corpus)
+    if scores is None:
         raise CircuitAtlasError(f"no label scores in {corpus!r} yet: run circuit-atlas score")
-    scores = (lake.table("label_scores", model, corpus).filter(pl.col("status") == "ok")
-              .drop("model", "corpus").collect().sort("created_at", descending=True)
-              .unique(["layer", "neuron", "pass", "label", "scorer"], keep="first"))
     labels = lake.table("labels", model, corpus).filter(pl.col("status") == "ok").select(
         "layer", "neuron", "pass", "label", "type", "interpretability").collect().unique(
         ["layer", "neuron", "pass", "label"], keep="last")

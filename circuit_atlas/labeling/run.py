@@ -96,9 +96,8 @@ def label_lake(lake: Lake, model: str, corpus: str, pass_: str, settings: LLMSet
                 chosen.select("neuron"), on="neuron", maintain_order="left")
         else:
             ranked = chosen.sort(["graph_count", "neuron"], descending=[True, False])
-        ids = None if neurons is None and per_layer is None and order != "priority" else (
-            ranked.head(per_layer if per_layer is not None else len(ranked))[
-                "neuron"].to_list())
+        chosen_all = neurons is None and per_layer is None and order == "graphs"
+        ids = None if chosen_all else ranked["neuron"].to_list()[:per_layer]
         prompts = assemble(pass_, layer_evidence(atlas, pass_, layer, latest_ok(labels),
                                                  ids))
         if ids is not None:  # in the order chosen (priority: the most useful first)
@@ -292,11 +291,10 @@ def run_labels(lake, *, model, corpora=None, params: LabelParams | None = None,
             on_progress=lambda layer, d, t, task=task: progress.update(
                 f"{task} L{layer}", d, t)))
     named = None
-    known = latest_ok(known_labels(lake, model, corpus))
-    has_output = known is not None and not known.filter(pl.col("pass") == "output").is_empty()
     if settings is not None and params.name_clusters and lake.table_manifest(
             model, corpus, "cluster_assignments") is not None:
-        if has_output:
+        known = latest_ok(known_labels(lake, model, corpus))
+        if known is not None and not known.filter(pl.col("pass") == "output").is_empty():
             progress.update("naming the clusters", 0, None)
             named = label_clusters(lake, model, corpus, settings, params.cluster_method)
         else:  # an input-only run: clusters are named from output labels

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from circuit_atlas.labeling import metrics
+from circuit_atlas.labeling.client import Request
 from circuit_atlas.labeling.contexts import Context
 
 SCORERS = ("detection", "fuzzing", "simulation")
@@ -74,6 +75,10 @@ class Trial:
     positives: int
     negatives: int
     hard: int
+
+    def request(self) -> Request:
+        """The question, logprobs asked for (the scorers read them where given)."""
+        return Request(self.messages, self.response_format, self.check, logprobs=True)
 
 
 def seed(*parts: Any) -> int:

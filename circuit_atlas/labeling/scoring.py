@@ -16,7 +16,7 @@ from typing import Any
 import polars as pl
 
 from circuit_atlas.errors import CircuitAtlasError
-from circuit_atlas.labeling.client import LLMSettings, Request, fan_out
+from circuit_atlas.labeling.client import LLMSettings, fan_out
 from circuit_atlas.labeling.contexts import neuron_contexts
 from circuit_atlas.labeling.evidence import prompt_hash
 from circuit_atlas.labeling.journal import Journal, fold_journals
@@ -122,7 +122,7 @@ def score_lake(lake: Lake, model: str, corpus: str, settings: LLMSettings,
     report = ScoresReport(corpus, settings.model, price_in=settings.price_in,
                           price_out=settings.price_out)
     report.negatives = any(lake.optional_table("negatives", model, c) is not None
-                                for c in corpora_of(corpus))
+                           for c in corpora_of(corpus))
     if not any(lake.optional_table("exemplars", model, c) is not None
                for c in corpora_of(corpus)):
         raise CircuitAtlasError(f"no exemplars for {corpus!r}: run circuit-atlas activations "
@@ -175,9 +175,8 @@ def score_lake(lake: Lake, model: str, corpus: str, settings: LLMSettings,
                 on_progress(layer, count, len(todo))
 
         try:
-            asyncio.run(fan_out(settings, [(t, Request(t[1].messages, t[1].response_format,
-                                                       t[1].check, logprobs=True))
-                                           for t in todo], answered, report))
+            asyncio.run(fan_out(settings, [(t, t[1].request()) for t in todo], answered,
+                                report))
         finally:
             journal.close()
         fold_journals(lake, model, corpus, TABLE)

@@ -158,7 +158,7 @@ class Engine:
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), use_cache=True,
                          logits_to_keep=1)
-        cache, step = out.cache, 0
+        cache = out.cache
         while active:
             logits = out.logits[:, -1].float().cpu()
             for i in active:
@@ -191,7 +191,6 @@ class Engine:
                     active.remove(i)
             if not active:
                 break
-            step += 1
             mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], 1)
             positions = positions[:, -1:] + 1
             out = self.model(input_ids=nxt[:, None].to(self.device),

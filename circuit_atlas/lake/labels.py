@@ -59,18 +59,23 @@ def current_labels(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
         .select("layer", "neuron", "pass", "label", "description")))
 
 
-def headline_scores(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
-    """Per (layer, neuron, pass, label): the newest ok score of each scorer as a column
-    (detection, fuzzing, simulation; null where not scored), with the scorer model;
+def latest_scores(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
+    """The newest ok row of ``label_scores`` per (layer, neuron, pass, label, scorer);
     None when nothing is scored yet."""
     if lake.table_manifest(model, corpus, "label_scores") is None:
         return None
     rows = (lake.table("label_scores", model, corpus).filter(pl.col("status") == "ok")
-            .select("layer", "neuron", "pass", "label", "scorer", "scorer_model", "score",
-                    "created_at").collect()
-            .sort("created_at", descending=True)
+            .drop("model", "corpus").collect().sort("created_at", descending=True)
             .unique(["layer", "neuron", "pass", "label", "scorer"], keep="first"))
-    if rows.is_empty():
+    return None if rows.is_empty() else rows
+
+
+def headline_scores(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
+    """Per (layer, neuron, pass, label): the newest ok score of each scorer as a column
+    (detection, fuzzing, simulation; null where not scored), with the scorer model;
+    None when nothing is scored yet."""
+    rows = latest_scores(lake, model, corpus)
+    if rows is None:
         return None
     keys = ["layer", "neuron", "pass", "label"]
     wide = rows.pivot("scorer", index=keys, values="score")
