@@ -13,6 +13,8 @@ from circuit_atlas.stage import lazy_exports
 _EXPORTS = {
     "run_graphs": "graphs",
     "run_activations": "activation_run",
+    "run_negatives": "negatives",
+    "NegativesParams": "params",
     "ActivationsParams": "params",
     "ActivationsReport": "activation_run",
     "run_projections": "projections",

@@ -13,6 +13,8 @@ from circuit_atlas.stage import lazy_exports
 _EXPORTS = {
     "run_labels": "run",
     "LabelParams": "params",
+    "run_label_scores": "scoring",
+    "ScoreParams": "params",
     "LabelsReport": "run",
     "LLMSettings": "client",
     "label_lake": "run",
