@@ -195,10 +195,10 @@ def write_edge_table(lake: Lake, table, model: str = MODEL, corpus: str = "c",
 WORDS = [f"w{i}" for i in range(63)]
 
 
-def tiny_model_dir(path, seed: int = 0, **kwargs) -> str:
+def tiny_model_dir(path, seed: int = 0, plant=None, **kwargs) -> str:
     """A tiny random llama saved as a model folder with a real word-level tokenizer
     (one token per word of :data:`WORDS`, "[UNK]" for the rest), loadable by name like
-    any local model (by Dask workers too)."""
+    any local model (by Dask workers too); ``plant`` may edit its weights first."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -206,6 +206,8 @@ def tiny_model_dir(path, seed: int = 0, **kwargs) -> str:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     model = tiny_llama(seed=seed, vocab=len(vocab), **kwargs)
+    if plant is not None:
+        plant(model)
     model.save_pretrained(path)
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
     return str(path)

@@ -39,6 +39,7 @@ def cli() -> None:
 
 from circuit_atlas.cli import (  # noqa: E402 - each module adds its commands to cli
     analysis,
+    causal,
     clustering,
     compute,
     demo,
@@ -48,7 +49,7 @@ from circuit_atlas.cli import (  # noqa: E402 - each module adds its commands to
     use,
 )
 
-__all__ = ["analysis", "cli", "clustering", "compute", "demo", "etl", "labeling", "lake",
+__all__ = ["analysis", "causal", "cli", "clustering", "compute", "demo", "etl", "labeling", "lake",
            "main", "use"]
 
 

@@ -1,5 +1,5 @@
-"""compute: model loading, RelP attribution graphs, activation exemplars, projections
-and effects (torch).
+"""compute: model loading, RelP attribution graphs, activation exemplars, projections,
+effects and the causal battery (torch).
 
 Writes graph and activation shards through :mod:`circuit_atlas.lake`; imports torch
 only here.
@@ -19,6 +19,11 @@ _EXPORTS = {
     "ActivationsReport": "activation_run",
     "run_projections": "projections",
     "run_effects": "effects",
+    "run_interventions": "battery",
+    "run_steer": "steer",
+    "InterventionsParams": "params",
+    "SteerParams": "params",
+    "InterventionsReport": "battery",
     "GraphsParams": "params",
     "ProjectionsParams": "params",
     "EffectsParams": "params",

@@ -130,6 +130,94 @@ class EffectsParams:
     logits, which bfloat16 rounds away)."""
 
 
+PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)  # activation_stats.quantiles
+
+
+@dataclass(frozen=True)
+class InterventionsParams:
+    """The causal battery: which units, which interventions, on which prompts."""
+
+    neurons: tuple[str, ...] = ()
+    """Intervene on this neuron (L12/N345; repeatable)."""
+    modules: tuple[str, ...] = ()
+    """Intervene on this cluster module as a whole, by path (4, 4:2; repeatable)."""
+    method: Literal["infomap", "leiden"] = "infomap"
+    """The clustering whose modules --module names."""
+    top: int = 0
+    """Also the N neurons that appear in the most graphs."""
+    label: str | None = None
+    """Also every neuron whose current label contains this text (case-insensitive)."""
+    ablate: Literal["mean", "zero", "none"] = "mean"
+    """Ablation, for necessity: each neuron set to its mean activation over the corpus
+    (the activation statistics), or to 0."""
+    boost: float = 4.0
+    """Boost, for sufficiency and specificity: activations multiplied by this (0: none)."""
+    boost_quantile: int | None = None
+    """Boost by setting each neuron to this percentile of its activations over the
+    corpus instead (1, 5, 10, 25, 50, 75, 90, 95, 99; 100: its maximum)."""
+    patch: bool = True
+    """Also patch every unit from the prompt's counterfactual, where its prompt record
+    has one ("counterfactual" field, the same number of tokens)."""
+    positions: Literal["all", "last"] = "all"
+    """Intervene at every position of the prompt, or at its last only."""
+    limit: int | None = None
+    """Only the first N prompts (by id)."""
+    batch: int = 64
+    """Interventions run together in one pass."""
+    device: str = "cpu"
+    """torch device, e.g. cuda."""
+    dtype: Literal["auto", "float32", "float64"] = AUTO
+    """Model precision; auto: float32 on every device (differences of logits)."""
+
+    def __post_init__(self) -> None:
+        if self.boost < 0 or self.batch < 1:
+            raise CircuitAtlasError(f"need boost >= 0 and batch >= 1, got {self.boost}, "
+                                    f"{self.batch}")
+        if self.boost_quantile is not None and self.boost_quantile not in (*PERCENTILES, 100):
+            raise CircuitAtlasError(f"boost_quantile must be one of "
+                                    f"{', '.join(map(str, PERCENTILES))} or 100, got "
+                                    f"{self.boost_quantile}")
+
+
+@dataclass(frozen=True)
+class SteerParams:
+    """Steering: which unit, held how, for how many tokens."""
+
+    neurons: tuple[str, ...] = ()
+    """Steer with this neuron (L12/N345; repeat for several together)."""
+    modules: tuple[str, ...] = ()
+    """Or with this cluster module as a whole, by path (4, 4:2)."""
+    method: Literal["infomap", "leiden"] = "infomap"
+    """The clustering whose modules --module names."""
+    scale: float = 4.0
+    """Multiply the activations by this."""
+    value: float | None = None
+    """Hold them at this activation instead (0: ablate)."""
+    quantile: int | None = None
+    """Hold each at this percentile of its activations over the corpus instead
+    (1, 5, ..., 99; 100: its maximum)."""
+    ablate: Literal["none", "mean", "zero"] = "none"
+    """Ablate instead: to the mean activation over the corpus, or to 0."""
+    max_new_tokens: int = 24
+    """Tokens to generate, greedily."""
+    device: str = "cpu"
+    """torch device, e.g. cuda."""
+    dtype: Literal["auto", "float32", "float64"] = AUTO
+    """Model precision; auto: float32 on every device."""
+
+    def __post_init__(self) -> None:
+        chosen = [n for n, v in (("--value", self.value), ("--quantile", self.quantile),
+                                 ("--ablate", None if self.ablate == "none" else 1))
+                  if v is not None]
+        if len(chosen) > 1:
+            raise CircuitAtlasError(f"choose one of {', '.join(chosen)}")
+        if self.quantile is not None and self.quantile not in (*PERCENTILES, 100):
+            raise CircuitAtlasError(f"quantile must be one of "
+                                    f"{', '.join(map(str, PERCENTILES))} or 100")
+        if self.max_new_tokens < 1:
+            raise CircuitAtlasError("max_new_tokens must be >= 1")
+
+
 @dataclass(frozen=True)
 class ActivationsParams:
     """The activations stage: every neuron's exemplars and activation statistics."""

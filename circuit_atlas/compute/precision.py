@@ -44,7 +44,8 @@ PROBE_SHAPE = (64, 512, 512)  # (m, k, n): ~34 MFLOP, ~50 ms on a scalar bf16 pa
 SLOW = 4.0  # a bf16 product this many times slower than float32 ends the probe
 ROUNDS = 6
 # stage -> whether its results survive bfloat16 (see the module docstring)
-STAGES = {"graphs": True, "projections": True, "effects": False, "activations": True}
+STAGES = {"graphs": True, "projections": True, "effects": False, "activations": True,
+          "interventions": False}
 
 
 @dataclass(frozen=True)

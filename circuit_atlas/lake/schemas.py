@@ -595,13 +595,98 @@ contexts used. One row per answer, appended batch by batch (status "failed": err
 says why).""",
 )
 
+INTERVENTIONS = TableSpec(
+    name="interventions",
+    version=1,
+    fields=(
+        _f("unit", pa.string()), _f("unit_kind", pa.string()),
+        _f("layer", pa.int16(), nullable=True), _f("neuron", pa.int32(), nullable=True),
+        _f("members", pa.int32()), _f("intervention", pa.string()),
+        _f("factor", pa.float64(), nullable=True), _f("quantile", pa.int16(), nullable=True),
+        _f("positions", pa.string()), _f("prompt_id", pa.string()),
+        _f("target_token", pa.int32()), _f("distractor_token", pa.int32(), nullable=True),
+        _f("prob_clean", pa.float32()), _f("logit_delta", pa.float32()),
+        _f("prob_delta", pa.float32()), _f("logit_diff_delta", pa.float32(), nullable=True),
+        _f("top1_flip", pa.bool_()), _f("top1_token", pa.int32()), _f("kl", pa.float32()),
+        _f("predicted_delta", pa.float32()), _f("specificity", pa.float32()),
+        _f("moved_tokens", pa.list_(pa.int32())), _f("moved_deltas", pa.list_(pa.float32())),
+    ),
+    partitions=_DERIVED,
+    doc="""One row per unit, intervention and prompt of the causal battery (see
+circuit_atlas.compute.interventions), on the next-token distribution at the prompt's
+last position. unit: "L12/N345" (unit_kind "neuron", with layer and neuron) or a cluster
+module "infomap:4:2" (unit_kind "module", members neurons); intervention: "zero" or
+"mean" (ablation), "boost" (activations times factor), "set" (to the quantile-th
+percentile of each neuron's activations), "patch" (activations from the prompt's
+counterfactual); positions: "all" or "last". target_token: the prompt's target (its
+record's "target", else the clean top prediction); prob_clean, logit_delta, prob_delta:
+the target's; logit_diff_delta: change of logit(target) - logit(distractor) (null
+without a distractor); top1_flip / top1_token: whether and to what the top prediction
+changed; kl: KL(clean || intervened), nats; predicted_delta: mean change (minus the mean
+over the vocabulary) of the 10 tokens the unit's output projections say the
+intervention raises; specificity: the share of the moved probability (sum of |dp|) that
+moved on those 10; moved_tokens / moved_deltas: the 5 tokens raised most, then the 5
+lowered most, with their centred logit changes.""",
+)
+
+NEURON_CAUSAL = TableSpec(
+    name="neuron_causal",
+    version=1,
+    fields=(
+        _f("unit", pa.string()), _f("unit_kind", pa.string()),
+        _f("layer", pa.int16(), nullable=True), _f("neuron", pa.int32(), nullable=True),
+        _f("members", pa.int32()), _f("prompts", pa.int64()),
+        _f("ablation", pa.string(), nullable=True),
+        _f("necessity", pa.float64(), nullable=True),
+        _f("necessity_rate", pa.float64(), nullable=True),
+        _f("flip_rate", pa.float64(), nullable=True),
+        _f("ablation_kl", pa.float64(), nullable=True),
+        _f("boost", pa.string(), nullable=True),
+        _f("sufficiency", pa.float64(), nullable=True),
+        _f("boost_predicted_delta", pa.float64(), nullable=True),
+        _f("specificity", pa.float64(), nullable=True),
+        _f("boost_kl", pa.float64(), nullable=True),
+        _f("patch_flip_rate", pa.float64(), nullable=True),
+        _f("patch_kl", pa.float64(), nullable=True),
+    ),
+    partitions=_DERIVED,
+    doc="""Per unit of the causal battery, over its prompts (the interventions table).
+necessity: mean relative drop of the target's probability under ablation (1: the
+ablation takes all of it; below 0: ablation helps); necessity_rate: share of prompts
+where ablation costs the target at least a tenth of its probability; flip_rate: share
+where it changes the top prediction; ablation: which ablation ("mean" or "zero");
+sufficiency: share of the prompts the boost moves at all (KL above 1e-6 nats: a boost
+of a silent neuron moves nothing) where it raises the tokens the unit's output
+projections predict (predicted_delta > 0); boost_predicted_delta: their mean centred
+logit change; specificity: mean share of the moved probability on those tokens, over
+the same prompts;
+boost: "boost x4" or "set p99"; *_kl: mean KL(clean || intervened); patch_*: the
+same from counterfactual patching (null: not run).""",
+)
+
+CIRCUIT_EFFECTS = TableSpec(
+    name="circuit_effects",
+    version=1,
+    fields=(
+        _f("unit", pa.string()), _f("other", pa.string()), _f("intervention", pa.string()),
+        _f("prompts", pa.int64()), _f("clean_abs_mean", pa.float64()),
+        _f("intervened_abs_mean", pa.float64()), _f("relative_change", pa.float64()),
+    ),
+    partitions=_DERIVED,
+    doc="""What ablating one module does to another: for each ablated module (unit) and
+each other module of the battery (other), the mean |activation| of other's members
+over the intervened positions and prompts, clean and with unit ablated, and
+relative_change = intervened / clean - 1 (-1: other falls silent).""",
+)
+
 DERIVED: dict[str, TableSpec] = {
     t.name: t for t in (EDGE_STATS, NEURON_STATS, NEURON_CORPORA, NEURON_TOKENS,
                         CLUSTER_ASSIGNMENTS, CLUSTERS, PROJECTIONS, EFFECTS,
                         NEURON_EFFECTS, COOCCURRENCE, SPECIFICITY, ROLES, LABELS,
                         LABEL_PROMPTS, CLUSTER_LABELS, ACTIVATION_STATS,
                         EXEMPLARS, EXEMPLAR_WINDOWS, ACTIVATION_SAMPLES, TOKEN_ACTIVATIONS,
-                        NEGATIVES, LABEL_SCORES)}
+                        NEGATIVES, LABEL_SCORES, INTERVENTIONS, NEURON_CAUSAL,
+                        CIRCUIT_EFFECTS)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "graph_nodes", "graph_edges")
