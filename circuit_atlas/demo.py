@@ -130,11 +130,15 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
                            params=ClusteringParams(methods=("infomap", "leiden"),
                                                    min_count=1 if few else 5))
         print_comparison(report.comparison, console)
+    key = "+".join(sorted(DEMO_CORPORA))
+    top = lake.table("specificity").sort("log_odds_low", descending=True).head(1).collect()
+    neuron = neuron_label(top['layer'][0], top['neuron'][0])
+    with clock.stage("interventions"):
+        _battery(lake, exact, key, corpora, neuron, console, 3 if few else BATTERY_PROMPTS)
     from circuit_atlas.clustering.export import export_duckdb
     from circuit_atlas.clustering.html import export_html
     from circuit_atlas.labeling.run import label_lake
 
-    key = "+".join(sorted(DEMO_CORPORA))
     with clock.stage("label prompts"), console.status(
             "assembling the labeling prompts (dry run, no LLM) ..."):
         for pass_ in ("output", "input"):
@@ -153,8 +157,6 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     with clock.stage("exports"):
         export_html(lake, exact.name, key, html, tokenizer=exact.tokenizer)
         export_duckdb(lake, exact.name, key, lake.path("atlas.duckdb"))
-    top = lake.table("specificity").sort("log_odds_low", descending=True).head(1).collect()
-    neuron = neuron_label(top['layer'][0], top['neuron'][0])
     queries = [
         "SELECT layer, count(*) AS neurons, avg(der_mean) AS der FROM neuron_effects "
         "GROUP BY layer ORDER BY layer",
@@ -170,11 +172,34 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     console.print(f"DuckDB file:  {lake.path('atlas.duckdb')}", soft_wrap=True)
     console.print(f"profile of the most medical-specific neuron: circuit-atlas profile {neuron} "
                   f"--lake {lake.url}", soft_wrap=True)
+    console.print(f'steer generation with it: circuit-atlas steer "Insulin is produced by the" '
+                  f"--neuron {neuron} --scale 8 --lake {lake.url}", soft_wrap=True)
     console.print("SQL, e.g.:")
     for q in queries:
         console.print(f'  circuit-atlas sql --lake {lake.url} "{q}"', soft_wrap=True)
     console.print(clock.table())
     return clock
+
+
+BATTERY_PROMPTS = 12  # prompts of the demo's causal battery
+
+
+def _battery(lake, model, key: str, corpora: list[str], neuron: str, console: Console,
+             prompts: int) -> None:
+    """A small causal battery on ``prompts`` prompts: the most medical-specific neuron,
+    the three neurons in the most graphs and the two largest Infomap modules,
+    mean-ablated and boosted x4."""
+    from circuit_atlas.cli.display import run_stage
+    from circuit_atlas.compute.battery import run_interventions
+    from circuit_atlas.compute.params import InterventionsParams
+
+    modules = (lake.table("clusters", model.name, key)
+               .filter((pl.col("method") == "infomap") & (pl.col("level") == 1)
+                       & (pl.col("size") >= 3))
+               .sort("size", descending=True).head(2).collect()["cluster_path"].to_list())
+    run_stage(run_interventions, console, lake, model=model, corpora=corpora,
+              params=InterventionsParams(neurons=(neuron,), top=3, modules=tuple(modules),
+                                         limit=prompts))
 
 
 def _label_and_score(lake, model, key: str, corpora: list[str], n: int, console: Console

@@ -18,6 +18,7 @@ SMOKE = {
     "parquet_options": ["--rows", "2000", "--repeat", "1"],
     "reduce": ["--graphs", "400", "--per-shard", "200", "--workers", "1"],
     "scoring": ["--neurons", "4", "--concurrency", "4"],
+    "interventions": ["--prompts", "1", "--neurons", "30", "--naive", "2"],
 }
 
 

@@ -53,8 +53,8 @@ def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path, demo_run):
     assert machine.cpu_model() in output.split("\n", 3)[1]
     table = output[output.index("time per stage"):]
     for stage in ("graphs", "activations", "reduce", "projections", "effects",
-                  "cooccurrence", "cluster", "label prompts", r"label, score \(embedded LLM\)",
-                  "total"):
+                  "cooccurrence", "cluster", "interventions", "label prompts",
+                  r"label, score \(embedded LLM\)", "total"):
         assert re.search(rf"│ {stage}\s+│ \d+\.\d", table), stage
     # every neuron has exemplars: the profile shows them marked, the label prompts carry
     # them (input pass) and the next tokens at them (output pass)
@@ -63,6 +63,20 @@ def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path, demo_run):
     assert "top exemplars" in shown.output and "<<" in shown.output
     assert "activation over" in shown.output
     from circuit_atlas.lake import Lake
+
+    # the causal battery ran on a neuron and modules, and its profile says what it found
+    assert "necessity" in output and "sufficiency" in output
+    causal = Lake(lake).table("neuron_causal").collect()
+    assert set(causal["unit_kind"]) == {"neuron", "module"}
+    for module in causal.filter(pl.col("unit_kind") == "module").iter_rows(named=True):
+        path = module["unit"].split(":", 1)[1]  # its members, counted by SQL
+        count = Lake(lake).sql(
+            "SELECT count(*) AS n FROM cluster_assignments WHERE method = 'infomap' AND "
+            f"(cluster_path = '{path}' OR cluster_path LIKE '{path}:%')")["n"][0]
+        assert module["members"] == count
+    first = causal.filter(pl.col("unit_kind") == "neuron").row(0, named=True)
+    shown = runner.invoke(cli, ["profile", first["unit"], "--lake", lake])
+    assert "causal over 3 prompts: necessity" in shown.output, shown.output
 
     prompts = Lake(lake).table("label_prompts").collect()
     by_pass = {p: prompts.filter(pl.col("pass") == p)["user_message"] for p in ("input", "output")}

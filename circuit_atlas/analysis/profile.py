@@ -4,7 +4,8 @@ What the original atlas scripts' ``build_neuron_profile.py`` printed: appearance
 upstream sources and downstream targets (embedding and logit nodes decoded to text),
 token associations, co-occurring neurons, projections, direct-effect ratio, role,
 clusters and labels; and, once the activations stage has run, the activation
-statistics and the top and bottom exemplars, activating tokens marked.
+statistics and the top and bottom exemplars, activating tokens marked; once the causal
+battery has run on it, its necessity, sufficiency and specificity.
 A table the lake does not have is left out of the profile, not shown as empty.
 """
 
@@ -78,7 +79,7 @@ def neuron_profile(lake: Lake, model: str, layer: int, neuron: int, corpus: str 
                 (pl.col("kind") == kind) & (pl.col("sign") == sign)).head(top).iter_rows(
                 named=True)] for kind in ("output", "input") for sign in (1, -1)}
     for section, name in (("effects", "neuron_effects"), ("role", "roles"),
-                          ("specificity", "specificity")):
+                          ("specificity", "specificity"), ("causal", "neuron_causal")):
         t = _table(lake, name, model, corpus)
         if t is not None:
             rows = t.filter(mine).collect()

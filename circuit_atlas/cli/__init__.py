@@ -32,8 +32,8 @@ def cli() -> None:
     """Build a circuit atlas of an LLM's MLP neurons.
 
     Stages: import prompts, compute attribution graphs, reduce them with Dask into
-    edge and neuron tables, analyse, cluster and label. Everything lives in one
-    lake of Parquet files (--lake, or the CIRCUIT_ATLAS_LAKE variable).
+    edge and neuron tables, analyse, cluster, intervene and label. Everything lives in
+    one lake of Parquet files (--lake, or the CIRCUIT_ATLAS_LAKE variable).
     """
 
 

@@ -142,6 +142,10 @@ def print_profile(profile: dict, out: Any) -> None:
         for row in profile.get(key, []):
             out.print(f"[bold]{title}[/]: " + ", ".join(
                 f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    for r in profile.get("causal", []):
+        from circuit_atlas.lake.causal import causal_text
+
+        out.print(f"[bold]causal[/] over {r['prompts']} prompts: " + causal_text(r))
     for key in ("upstream", "downstream", "cooccurring"):
         rows = profile.get(key)
         if not rows:

@@ -27,11 +27,12 @@ from circuit_atlas.compute.interventions import (
     Edits,
     clean_pass,
     measures,
-    predicted_direction,
+    predicted_tokens,
     rerun,
 )
 from circuit_atlas.compute.params import PERCENTILES, InterventionsParams
 from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.lake.causal import causal_table
 from circuit_atlas.lake.units import Unit
 from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
 
@@ -169,10 +170,12 @@ def prompt_battery(adapter, tokens: torch.Tensor, units: list[Unit],
                    interventions: list[Intervention], values: NeuronValues | None = None,
                    target: int | None = None, distractor: int | None = None,
                    counter_tokens: torch.Tensor | None = None, positions: str = "all",
-                   batch: int = 64) -> tuple[dict[str, np.ndarray], list[dict]]:
+                   batch: int = 64, cache: dict | None = None
+                   ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Every unit under every intervention on one prompt (``tokens`` (1, T)): measure
     columns (``unit``, ``intervention``: indices into the lists) and, for ablated modules,
-    the other modules' activations (rows of the circuit_effects table, per prompt)."""
+    the other modules' activations (rows of the circuit_effects table, per prompt).
+    ``cache`` keeps the neurons' predicted tokens from one prompt to the next."""
     clean = clean_pass(adapter, tokens)
     T, dtype, device = clean.length, clean.logits.dtype, clean.logits.device
     counter = None
@@ -202,7 +205,7 @@ def prompt_battery(adapter, tokens: torch.Tensor, units: list[Unit],
         edits = edits_of(rows, len(chunk), dtype, device)
         logits, acts = rerun(adapter, clean, edits, watch)
         m = measures(clean.logits, logits, target, distractor,
-                     predicted_direction(adapter, clean, edits))
+                     predicted_tokens(adapter, clean, edits, cache))
         cols["unit"].append(np.array([u for u, _ in chunk]))
         cols["intervention"].append(np.array([i for _, i in chunk]))
         for key, val in m.items():
@@ -334,7 +337,7 @@ def battery_rows(model, prompts: list[BatteryPrompt], units: list[Unit],
         "quantile": [iv.quantile for iv in interventions]},
         schema={"iv": pl.Int64, "intervention": pl.String, "factor": pl.Float64,
                 "quantile": pl.Int16})
-    frames, circuit_frames, skipped = [], [], 0
+    frames, circuit_frames, skipped, cache = [], [], 0, {}
     uc = unit_columns(units).with_row_index("u").with_columns(pl.col("u").cast(pl.Int64))
     for done, p in enumerate(prompts, start=1):
         tokens = tokenize(model, p.text, MAX_TOKENS)
@@ -347,7 +350,7 @@ def battery_rows(model, prompts: list[BatteryPrompt], units: list[Unit],
         distractor = (token_of(model.tokenizer, p.distractor, "distractor")
                       if p.distractor else None)
         cols, circuits = prompt_battery(model.adapter, tokens, units, interventions, values,
-                                        target, distractor, counter, positions, batch)
+                                        target, distractor, counter, positions, batch, cache)
         moved_t, moved_d = cols.pop("moved_tokens"), cols.pop("moved_deltas")
         frame = pl.DataFrame({k: v for k, v in cols.items()}).with_columns(
             moved_tokens=pl.Series(moved_t.astype(np.int32).tolist(),
@@ -470,28 +473,6 @@ class InterventionsReport(Report):
 
 
 SHOWN = 8  # units a report prints
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
-
-
-def causal_table(summary: pl.DataFrame) -> list[str]:
-    """Per unit necessity (with how often ablation hurts and flips the answer),
-    sufficiency and specificity, as aligned lines for people."""
-    if summary.is_empty():
-        return []
-    first = summary.row(0, named=True)
-    how = ", ".join(x for x in (first["ablation"] and f"{first['ablation']} ablation",
-                                first["boost"]) if x)
-    lines = [f"{'unit':<14} {'necessity':>9} {'hurts':>6} {'flips':>6} {'sufficiency':>11} "
-             f"{'specificity':>11}  ({how})"]
-    for r in summary.iter_rows(named=True):
-        nec = "-" if r["necessity"] is None else f"{r['necessity']:+.2f}"
-        lines.append(f"{r['unit']:<14} {nec:>9} {_pct(r['necessity_rate']):>6} "
-                     f"{_pct(r['flip_rate']):>6} {_pct(r['sufficiency']):>11} "
-                     f"{_pct(r['specificity']):>11}")
-    return lines
 
 
 def run_interventions(lake, *, model, corpora, params: InterventionsParams | None = None,

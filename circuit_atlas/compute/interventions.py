@@ -169,30 +169,76 @@ def rerun(adapter: Adapter, clean: Clean, edits: Edits,
     return logits[rank], {j: s[rank] for j, s in seen.items()}
 
 
-def output_projection(adapter: Adapter, layer: int, neurons: np.ndarray) -> torch.Tensor:
-    """(k, V): what one unit of each neuron's activation writes to the logits along the
-    direct path (final and post-MLP norm weights applied, their scales left out): the
-    static output projection of the projections table."""
-    blk = adapter.blocks[layer]
-    w = blk.down[:, neurons].T
-    if blk.mlp_post_norm is not None:
-        w = w * blk.mlp_post_norm
-    return (w * adapter.final_norm) @ adapter.unembed.T
+def _edit_sums(clean: Clean, edits: Edits, e: np.ndarray) -> torch.Tensor:
+    """(len(e),): each edit's change of its neuron's clean activation, summed over the
+    positions it edits."""
+    h = torch.stack([clean.act[int(j)][:, int(n)] for j, n in zip(
+        edits.layer[e], edits.neuron[e], strict=True)])  # (E, T)
+    return (edited_values(h, edits.mult[e], edits.add[e], edits.where[e]) - h).sum(-1)
+
+
+def _write_column(blk, neuron) -> torch.Tensor:
+    """What one unit of a neuron's activation adds to the residual, its post-MLP norm's
+    weight applied (its scale left out): (d,), or (k, d) for an index array."""
+    w = blk.down[:, neuron]
+    w = w.T if w.dim() == 2 else w
+    return w if blk.mlp_post_norm is None else w * blk.mlp_post_norm
+
+
+def _writes(adapter: Adapter, clean: Clean, edits: Edits, rows: np.ndarray) -> torch.Tensor:
+    """(len(rows), d): what the edits of ``rows`` write along the direct path, before the
+    final norm: each neuron's edit (:func:`_edit_sums`) times ``W_down[:, n]`` (post-MLP
+    norm weight applied, its scale left out)."""
+    write = torch.zeros(len(rows), adapter.d_model, dtype=clean.logits.dtype,
+                        device=clean.logits.device)
+    slot = np.full(edits.rows, -1)
+    slot[rows] = np.arange(len(rows))
+    for j in np.unique(edits.layer):
+        e = np.flatnonzero((edits.layer == j) & (slot[edits.row] >= 0))
+        if not len(e):
+            continue
+        w = _write_column(adapter.blocks[int(j)], edits.neuron[e])
+        write.index_add_(0, torch.as_tensor(slot[edits.row[e]], device=write.device),
+                         _edit_sums(clean, edits, e)[:, None] * w)
+    return write
 
 
 def predicted_direction(adapter: Adapter, clean: Clean, edits: Edits) -> torch.Tensor:
-    """(B, V): each row's edit of the last position's activations (taken on the clean
-    activations) through the output projections: the logit change its neurons' output
-    projections predict."""
-    out = torch.zeros(edits.rows, clean.logits.shape[0], dtype=clean.logits.dtype,
-                      device=clean.logits.device)
-    for j in np.unique(edits.layer):
-        e = np.flatnonzero(edits.layer == j)
-        h = clean.act[int(j)][-1, edits.neuron[e]]
-        new = edited_values(h[:, None], edits.mult[e], edits.add[e, -1:], edits.where[e, -1:])
-        proj = output_projection(adapter, int(j), edits.neuron[e])
-        out.index_add_(0, torch.as_tensor(edits.row[e], device=out.device),
-                       (new[:, 0] - h)[:, None] * proj)
+    """(B, V): the logit change each row's neurons' output projections predict for its
+    edit (of the clean activations, summed over the edited positions): the edit times
+    ``W_down[:, n]`` along the direct path to the unembedding, final and post-MLP norm
+    weights applied and their scales left out, as the projections table has it."""
+    write = _writes(adapter, clean, edits, np.arange(edits.rows))
+    return (write * adapter.final_norm) @ adapter.unembed.T
+
+
+def predicted_tokens(adapter: Adapter, clean: Clean, edits: Edits,
+                     cache: dict | None = None) -> torch.Tensor:
+    """(B, :data:`PREDICTED`): the top tokens of :func:`predicted_direction`. A row that
+    edits one neuron predicts the top of that neuron's output projection, signed by its
+    edit: the same on every prompt, computed once per (layer, neuron, sign) in ``cache``."""
+    cache = {} if cache is None else cache
+    out = torch.empty(edits.rows, PREDICTED, dtype=torch.long, device=clean.logits.device)
+    counts = np.bincount(edits.row, minlength=edits.rows)
+    e = np.flatnonzero(counts[edits.row] == 1)  # the edits of one-edit rows
+    if len(e):
+        single = edits.row[e]
+        layer, neuron = edits.layer[e], edits.neuron[e]
+        signs = torch.where(_edit_sums(clean, edits, e) >= 0, 1, -1).tolist()
+        keys = [(int(j), int(n), sign) for j, n, sign in zip(layer, neuron, signs,
+                                                             strict=True)]
+        missing = list(dict.fromkeys(k for k in keys if k not in cache))
+        if missing:  # one unembedding for all of them: a matrix, not many vectors
+            w = torch.stack([_write_column(adapter.blocks[j], n) * sign
+                             for j, n, sign in missing])
+            top = ((w * adapter.final_norm) @ adapter.unembed.T).topk(PREDICTED, -1).indices
+            cache.update(zip(missing, top, strict=True))
+        out[torch.as_tensor(single)] = torch.stack([cache[k] for k in keys])
+    multi = np.flatnonzero(counts > 1)
+    if len(multi):
+        write = _writes(adapter, clean, edits, multi)
+        out[torch.as_tensor(multi)] = ((write * adapter.final_norm) @ adapter.unembed.T
+                                       ).topk(PREDICTED, -1).indices
     return out
 
 
@@ -208,11 +254,11 @@ def measures(clean_logits: torch.Tensor, logits: torch.Tensor, target: int,
     * ``moved_tokens`` / ``moved_deltas``: the :data:`MOVED` tokens raised most, then the
       :data:`MOVED` lowered most, by logit change minus its mean over the vocabulary
       (a shift of every logit moves no probability);
-    * from the ``predicted`` logit change (:func:`predicted_direction`), its top
-      :data:`PREDICTED` tokens P: ``predicted_delta``, the mean centred logit change on
-      P (above 0: the intervention moved what the output projections say it moves),
-      and ``specificity``, the share of the probability that moved (sum of |dp|) that
-      moved on P.
+    * from the ``predicted`` tokens P (B, k) (:func:`predicted_tokens`, the top of the
+      logit change the output projections predict): ``predicted_delta``, the mean
+      centred logit change on P (above 0: the intervention moved what the output
+      projections say it moves), and ``specificity``, the share of the probability that
+      moved (sum of |dp|) that moved on P.
     """
     delta = logits - clean_logits
     centred = delta - delta.mean(-1, keepdim=True)
@@ -235,7 +281,7 @@ def measures(clean_logits: torch.Tensor, logits: torch.Tensor, target: int,
     out["moved_tokens"] = torch.cat([up.indices, down.indices], -1)
     out["moved_deltas"] = torch.cat([up.values, -down.values], -1)
     if predicted is not None:
-        top = predicted.topk(PREDICTED, -1).indices
+        top = predicted
         out["predicted_delta"] = centred.gather(1, top).mean(-1)
         moved = (p - p0).abs()
         out["specificity"] = moved.gather(1, top).sum(-1) / moved.sum(-1).clamp_min(1e-30)

@@ -99,7 +99,9 @@ def test_planted_neuron_necessary_sufficient_specific_decoy_not(planted):
     assert (trig.filter(pl.col("intervention") == "patch")["top1_flip"]).all()
     boost = trig.filter(pl.col("intervention") == "boost")
     assert (boost["logit_diff_delta"] > 0.2).all() and (boost["predicted_delta"] > 0).all()
-    assert p["sufficiency"] > 0.9 and p["boost"] == "boost x4"
+    # elsewhere a trigger inside a prompt moves the last position through attention only,
+    # not always toward the target: sufficiency over every prompt the boost moves is lower
+    assert 0.5 < p["sufficiency"] < 1 and p["boost"] == "boost x4"
     assert p["flip_rate"] >= 10 / 27 and p["necessity"] > 0.3 and p["ablation"] == "zero"
     deltas = np.array(boost["moved_deltas"].to_list())
     assert deltas.shape == (10, 10) and (deltas[:, :5] > 0).all() and (deltas[:, 5:] < 0).all()

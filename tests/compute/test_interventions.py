@@ -12,6 +12,7 @@ from circuit_atlas.compute.interventions import (
     clean_pass,
     measures,
     predicted_direction,
+    predicted_tokens,
     rerun,
 )
 from tests.factories import tiny_llama
@@ -48,11 +49,12 @@ def hooked(model, tokens, edits: list[tuple[int, int, float, torch.Tensor, torch
             handle.remove()
 
 
-def build(rows: list[list[tuple[int, int, float, torch.Tensor, torch.Tensor]]]) -> Edits:
+def build(rows: list[list[tuple[int, int, float, torch.Tensor, torch.Tensor]]],
+          dtype=torch.float64) -> Edits:
     flat = [(r, *e) for r, row in enumerate(rows) for e in row]
     return Edits(row=np.array([f[0] for f in flat]), layer=np.array([f[1] for f in flat]),
                  neuron=np.array([f[2] for f in flat]),
-                 mult=torch.tensor([f[3] for f in flat], dtype=torch.float64),
+                 mult=torch.tensor([f[3] for f in flat], dtype=dtype),
                  add=torch.stack([f[4] for f in flat]), where=torch.stack([f[5] for f in flat]),
                  rows=len(rows))
 
@@ -117,7 +119,13 @@ def test_batched_equals_alone_and_measures_against_numpy():
 
     target, distractor = int(clean.logits.argmax()), 1
     pred = predicted_direction(adapter, clean, build(rows))
-    m = measures(clean.logits, whole, target, distractor, pred)
+    tokens = predicted_tokens(adapter, clean, build(rows), cache := {})
+    assert cache  # single-neuron rows: their projection's top, signed by the edit
+    for b in range(len(rows)):  # the same sets as the direction's top (ties aside)
+        want = set(pred[b].topk(10).indices.tolist())
+        if pred[b].abs().max() > 1e-9:
+            assert set(tokens[b].tolist()) == want, b
+    m = measures(clean.logits, whole, target, distractor, tokens)
     lg, lc = whole.numpy(), clean.logits.numpy()
 
     def softmax(z):
@@ -187,3 +195,24 @@ def test_module_on_module_equals_hooked_forward():
         assert c["clean"] == pytest.approx(float(torch.stack([clean_seen[w] for w in watch])
                                                  .abs().mean()), rel=1e-5)
     assert len(cols["unit"]) == 2 and not np.isnan(cols["kl"]).any()
+
+
+def test_smollm2_sampled_neurons_equal_hooked_forward(smollm2):
+    """The real model in float32: sampled neurons of four layers, ablated at every
+    position, boosted at the last, and a module of two layers."""
+    adapter = smollm2.adapter
+    tokens = smollm2.tokenizer("Insulin is produced by the", return_tensors="pt").input_ids
+    clean = clean_pass(adapter, tokens)
+    T = clean.length
+    every, last = torch.ones(T, dtype=torch.bool), torch.arange(T) == T - 1
+    zeros = torch.zeros(T)
+    rng = np.random.default_rng(0)
+    rows = []
+    for layer in (0, 9, 17, 29):
+        n = int(rng.integers(adapter.n_neurons))
+        rows += [[(layer, n, 0.0, zeros, every)], [(layer, n, 4.0, zeros, last)]]
+    rows.append([(3, 100, 0.0, zeros, every), (20, 7, 0.0, zeros + 0.5, every)])
+    logits, _ = rerun(adapter, clean, build(rows, torch.float32))
+    for b, row in enumerate(rows):
+        want, _ = hooked(smollm2.model, tokens, row)
+        torch.testing.assert_close(logits[b], want, rtol=1e-4, atol=3e-4)

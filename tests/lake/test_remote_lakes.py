@@ -80,7 +80,7 @@ def pipeline(lake: Lake, model, client, out_dir) -> dict:
     neurons = {layer: ids for layer, ids in reduced_neurons(
         lake, model.name, corpora, model.adapter.n_layers).items() if layer in (0, 29)}
     write_projections(lake, model, ProjectionParams(k=3, dtype="float32"), neurons=neurons)
-    write_effects(lake, model, corpora)
+    write_effects(lake, model, corpora, limit=2)  # two prompts: the same writes
     cooccurrence_lake(lake, model.name, corpora, client, min_count=1)
     write_specificity(lake, model.name, corpora, "med", "gen")
     write_roles(lake, model.name, corpora)
