@@ -133,8 +133,10 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     key = "+".join(sorted(DEMO_CORPORA))
     top = lake.table("specificity").sort("log_odds_low", descending=True).head(1).collect()
     neuron = neuron_label(top['layer'][0], top['neuron'][0])
+    labelled = _label_slice(lake, exact, key, corpora, label_slice)
     with clock.stage("interventions"):
-        _battery(lake, exact, key, corpora, neuron, console, 3 if few else BATTERY_PROMPTS)
+        _battery(lake, exact, key, corpora, (neuron, *labelled), console,
+                 3 if few else BATTERY_PROMPTS)
     from circuit_atlas.clustering.export import export_duckdb
     from circuit_atlas.clustering.html import export_html
     from circuit_atlas.labeling.run import label_lake
@@ -152,7 +154,7 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     console.print(example["user_message"][0], soft_wrap=True, markup=False)
     if label_slice > 0:
         with clock.stage("label, score (embedded LLM)"):
-            _label_and_score(lake, exact, key, corpora, label_slice, console)
+            _label_and_score(lake, exact, key, corpora, labelled, console)
     html = lake.path("clusters.html")
     with clock.stage("exports"):
         export_html(lake, exact.name, key, html, tokenizer=exact.tokenizer)
@@ -184,11 +186,28 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
 BATTERY_PROMPTS = 12  # prompts of the demo's causal battery
 
 
-def _battery(lake, model, key: str, corpora: list[str], neuron: str, console: Console,
-             prompts: int) -> None:
-    """A small causal battery on ``prompts`` prompts: the most medical-specific neuron,
-    the three neurons in the most graphs and the two largest Infomap modules,
-    mean-ablated and boosted x4."""
+def _label_slice(lake, model, key: str, corpora: list[str], n: int) -> list[str]:
+    """The ``n`` neurons of the last layer the demo labels: of those that activate
+    positively somewhere (the activation scorers test what drives the activation up; a
+    neuron never above 0 has no such context), the ones in the most graphs."""
+    layer = model.adapter.n_layers - 1
+    active = set()
+    for c in corpora:
+        active |= set(lake.table("activation_stats", model.name, c).filter(
+            (pl.col("layer") == layer) & (pl.col("max") > 0)).select("neuron").collect()[
+            "neuron"].to_list())
+    chosen = (lake.table("neurons", model.name, key)
+              .filter((pl.col("layer") == layer) & pl.col("neuron").is_in(sorted(active)))
+              .sort(["graph_count", "neuron"], descending=[True, False]).head(n)
+              .select("neuron").collect()["neuron"].to_list())
+    return [neuron_label(layer, x) for x in chosen]
+
+
+def _battery(lake, model, key: str, corpora: list[str], neurons: tuple[str, ...],
+             console: Console, prompts: int) -> None:
+    """A small causal battery on ``prompts`` prompts: ``neurons`` (the most
+    medical-specific one and the ones the demo labels), the three neurons in the most
+    graphs and the two largest Infomap modules, mean-ablated and boosted x4."""
     from circuit_atlas.cli.display import run_stage
     from circuit_atlas.compute.battery import run_interventions
     from circuit_atlas.compute.params import InterventionsParams
@@ -198,15 +217,14 @@ def _battery(lake, model, key: str, corpora: list[str], neuron: str, console: Co
                        & (pl.col("size") >= 3))
                .sort("size", descending=True).head(2).collect()["cluster_path"].to_list())
     run_stage(run_interventions, console, lake, model=model, corpora=corpora,
-              params=InterventionsParams(neurons=(neuron,), top=3, modules=tuple(modules),
+              params=InterventionsParams(neurons=neurons, top=3, modules=tuple(modules),
                                          limit=prompts))
 
 
-def _label_and_score(lake, model, key: str, corpora: list[str], n: int, console: Console
-                     ) -> None:
-    """Label ``n`` neurons of the last layer (input pass) and score the labels, through
-    the embedded OpenAI-compatible server with the real openai client, and print the
-    scores."""
+def _label_and_score(lake, model, key: str, corpora: list[str], neurons: list[str],
+                     console: Console) -> None:
+    """Label ``neurons`` (input pass) and score the labels, through the embedded
+    OpenAI-compatible server with the real openai client, and print the scores."""
     from rich.table import Table
 
     from circuit_atlas.cli.display import run_stage
@@ -217,23 +235,20 @@ def _label_and_score(lake, model, key: str, corpora: list[str], n: int, console:
     from circuit_atlas.labeling.scoring import score_lake
     from circuit_atlas.labeling.serve import Engine, Server
     from circuit_atlas.lake.labels import known_labels, latest_ok, with_scores
+    from circuit_atlas.lake.neurons import parse_neuron
 
     layer = model.adapter.n_layers - 1
-    # neurons that activate positively somewhere (the scorers test what drives the
-    # activation up; a neuron whose activation is never above 0 has no such context)
-    active = set()
-    for c in corpora:
-        active |= set(lake.table("activation_stats", model.name, c).filter(
-            (pl.col("layer") == layer) & (pl.col("max") > 0)).select("neuron").collect()[
-            "neuron"].to_list())
+    ids = [parse_neuron(x)[1] for x in neurons]
     with Server(Engine(model.model, model.tokenizer, model.name), port=0) as server:
         console.print(f"[green]serve[/] {model.name} at {server.url} (circuit-atlas serve)")
         settings = LLMSettings(model=model.name, base_url=server.url, concurrency=8,
                                timeout=900, max_retries=1)
-        with console.status(f"labelling {n} neurons of layer {layer} (input pass) ..."):
+        # the input pass only: the output pass would double the time (every decode step
+        # reads the whole model; the output labels' intervention check is in the tests)
+        with console.status(f"labelling {len(ids)} neurons of layer {layer} (input "
+                            "pass) ..."):
             labels = label_lake(lake, model.name, key, "input", settings, layers=[layer],
-                                per_layer=n, tokenizer=model.tokenizer,
-                                neurons=sorted(active))
+                                tokenizer=model.tokenizer, neurons=ids)
         console.print(f"[green]label[/] input pass, layer {layer}: {labels.ok} ok, "
                       f"{labels.failed} failed, {labels.skipped} already labelled; "
                       f"{labels.seconds:.1f} s")
@@ -263,6 +278,6 @@ def _label_and_score(lake, model, key: str, corpora: list[str], n: int, console:
                             f"Label scores: {model.name}, {key} (demo slice)")
         console.print(f"label report (circuit-atlas report labels): {page}", soft_wrap=True)
     console.print("A 135M model's labels score near chance (0.5 for detection and fuzzing, "
-                  "0 for simulation): the scorers say so. With --base-url and --llm, "
-                  "circuit-atlas label and score run the same passes against vLLM or "
-                  "OpenAI.", soft_wrap=True)
+                  "0 for simulation): the scorers say so. "
+                  "With --base-url and --llm, circuit-atlas label and score run the same "
+                  "passes against vLLM or OpenAI.", soft_wrap=True)

@@ -10,7 +10,8 @@ JSON whose label is not a label). The client under test is the real
 It also plays a label scorer (requests whose schema is named ``*_score``): a label
 that quotes a token ("fires on "w5"") is read as "the neuron fires exactly at that
 token", and the excerpts are judged by it, so a true label scores 1 and a false one
-near chance. With ``logprobs`` it returns each answer token's top alternatives
+near chance; for the intervention check ("raises "w20""), the candidate set holding
+the quoted token is chosen. With ``logprobs`` it returns each answer token's top alternatives
 (the answer at 0.9, another at 0.1); ``refuse_logprobs`` answers 400 to them instead.
 """
 
@@ -47,6 +48,13 @@ def score_answer(scorer: str, user: str) -> dict[str, Any]:
     """The deterministic scorer's reply: judged by the token the label quotes."""
     quoted = re.search(r'"([^"]+)"', user.split("\n", 1)[0])
     word = quoted.group(1) if quoted else None
+    if scorer == "intervention":  # the candidate set holding the quoted token, else the first
+        rounds = re.split(r"\n\nRound \d+:\n", "\n\n" + user.split("\n\n", 1)[1])[1:]
+        choices = []
+        for block in rounds:
+            sets = [json.loads(re.sub(r"^\d+\. ", "", line)) for line in block.split("\n")]
+            choices.append(next((i + 1 for i, t in enumerate(sets) if word in t), 1))
+        return {"choices": choices}
     shown = excerpts(user)
     if scorer == "detection":
         return {"activates": [_word(e, word) for e in shown]}

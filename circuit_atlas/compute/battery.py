@@ -32,15 +32,11 @@ from circuit_atlas.compute.interventions import (
 )
 from circuit_atlas.compute.params import PERCENTILES, InterventionsParams
 from circuit_atlas.errors import CircuitAtlasError
-from circuit_atlas.lake.causal import causal_table
+from circuit_atlas.lake.causal import BOOSTS, HURT, MOVED_KL, causal_table
 from circuit_atlas.lake.units import Unit
 from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
 
-HURT = 0.1  # an ablation "hurts" a prompt when it costs the target this share of its probability
-# a boost that moves the distribution less than this (nats) says nothing either way: a
-# boost of a silent neuron (x k of 0) changes nothing
-MOVED_KL = 1e-6
-ABLATIONS, BOOSTS = ("zero", "mean"), ("boost", "set")
+ABLATIONS = ("zero", "mean")
 
 
 @dataclass(frozen=True)

@@ -80,11 +80,13 @@ class LabelParams(EndpointParams):
 class ScoreParams(EndpointParams):
     """The label scorers and the LLM endpoint that plays the scorer."""
 
-    scorers: tuple[Literal["detection", "fuzzing", "simulation"], ...] = (
-        "detection", "fuzzing", "simulation")
-    """Scorer(s) to run."""
-    passes: tuple[Literal["input", "prior"], ...] = ("input", "prior")
-    """Labels of these passes are scored (both describe what activates a neuron)."""
+    scorers: tuple[Literal["detection", "fuzzing", "simulation", "intervention"], ...] = (
+        "detection", "fuzzing", "simulation", "intervention")
+    """Scorer(s) to run: detection, fuzzing and simulation score input and prior labels
+    (what activates a neuron), intervention scores output labels (what its boost does,
+    from the causal battery: circuit-atlas intervene)."""
+    passes: tuple[Literal["input", "prior", "output"], ...] = ("input", "prior", "output")
+    """Labels of these passes are scored."""
     labeler: str | None = None
     """Only the labels of this labeler (default: the newest label of each pass)."""
     layers: tuple[int, ...] = ()

@@ -13,6 +13,12 @@
   over the neuron's largest), pooled over every token of every context, as OpenAI's
   scorer pools them. The expected value over the scorer's logprobs where the endpoint
   returns them, else the sampled numbers.
+- **intervention** (of output labels, from the causal battery): in each of
+  :data:`ROUNDS` rounds the scorer sees :data:`CANDIDATES` token sets, one the tokens
+  the neuron's boost raised most (``lake.causal.boost_tokens``), the others decoys
+  (what other neurons' boosts raised, or other neurons' output projections where the
+  battery measured too few), and says which one a neuron with the label pushes up.
+  Accuracy over the rounds; chance is 1 / :data:`CANDIDATES`.
 
 Prompts are deterministic (a seed from the neuron and the scorer), so a rerun asks
 the same question and resumes by its hash.
@@ -34,7 +40,10 @@ from circuit_atlas.labeling import metrics
 from circuit_atlas.labeling.client import Request
 from circuit_atlas.labeling.contexts import Context
 
-SCORERS = ("detection", "fuzzing", "simulation")
+SCORERS = ("detection", "fuzzing", "simulation", "intervention")
+ACTIVATION_SCORERS = SCORERS[:3]  # of what drives a neuron: input and prior labels
+EFFECT_SCORERS = ("intervention",)  # of what a neuron does: output labels
+ROUNDS, CANDIDATES = 3, 4
 MARK = 0.5  # a token is marked where it reaches this share of the context's peak
 SIM_CONTEXTS = 5  # positives and negatives each, simulated per neuron (OpenAI: 5 and 5)
 SCALE = 10
@@ -58,6 +67,12 @@ SYSTEM = {
         f"to {SCALE} (its strongest). Most tokens of most excerpts are 0. Answer with one "
         "list of integers per excerpt (excerpt_1, excerpt_2, ...), one integer per token, "
         "in order."),
+    "intervention": (
+        "You are checking a description of what a neuron in a language model does to the "
+        "model's next-token predictions. When the neuron is boosted, some tokens become "
+        "more likely. In each round you get numbered candidate sets of tokens; exactly one "
+        "is the set this neuron's boost raises most. Judging from the description alone, "
+        "answer with the number of that set for every round, in order."),
 }
 FIELD = {"detection": "activates", "fuzzing": "correct"}
 
@@ -306,12 +321,65 @@ def simulation(label: str, contexts: list[Context], texts: Callable[[list[int]],
                  sum(c.kind == "hard" for c in neg))
 
 
+@dataclass(frozen=True)
+class Effect:
+    """What the intervention check shows about one neuron: the tokens its boost raised
+    most, and token sets of other neurons to draw decoys from."""
+
+    raised: list[str]
+    decoys: list[list[str]]
+
+
+def intervention(label: str, effect: Effect, rng: np.random.Generator,
+                 rounds: int = ROUNDS, candidates: int = CANDIDATES) -> Trial | None:
+    pool = [d for d in effect.decoys if d and d != effect.raised]
+    if not effect.raised or len(pool) < candidates - 1:
+        return None
+    shown, truth = [], []
+    for r in range(rounds):
+        picked = [pool[i] for i in rng.choice(len(pool), candidates - 1, replace=False)]
+        at = int(rng.integers(candidates))
+        sets = picked[:at] + [effect.raised] + picked[at:]
+        truth.append(at + 1)
+        body = "\n".join(f"{i + 1}. {json.dumps(t, ensure_ascii=False)}"
+                         for i, t in enumerate(sets))
+        shown.append(f"Round {r + 1}:\n{body}")
+    msgs = [{"role": "system", "content": SYSTEM["intervention"]},
+            {"role": "user", "content": f"Description: {label}\n\n" + "\n\n".join(shown)}]
+    schema = {"type": "object", "properties": {"choices": {
+        "type": "array", "minItems": rounds, "maxItems": rounds,
+        "items": {"type": "integer", "minimum": 1, "maximum": candidates}}},
+        "required": ["choices"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "intervention_score",
+                                                  "schema": schema, "strict": True}}
+
+    def check(content: str | None, logprobs: list | None):
+        if not content:
+            return None, "empty reply"
+        try:
+            got = json.loads(content)["choices"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None, "invalid reply (not a JSON object with the fields asked for)"
+        if (not isinstance(got, list) or len(got) != rounds
+                or not all(isinstance(v, int) and not isinstance(v, bool)
+                           and 1 <= v <= candidates for v in got)):
+            return None, (f"invalid reply (choices: need {rounds} integers from 1 to "
+                          f"{candidates})")
+        accuracy = float((np.array(truth) == np.array(got)).mean())
+        m = {"accuracy": accuracy, "chance": 1 / candidates, "rounds": rounds,
+             "candidates": candidates}
+        return {"score": accuracy, "metrics": m}, None
+
+    return Trial("intervention", msgs, fmt, check, rounds, rounds * (candidates - 1), 0)
+
+
 def trials(label: str, contexts: list[Context], decode: Callable[[list[int]], list[str]],
            scale: float, scorers: tuple[str, ...], key: tuple,
-           sim_contexts: int = SIM_CONTEXTS) -> list[Trial]:
-    """The requests of ``scorers`` about one label (those its contexts allow); ``key``
-    (the neuron and label) seeds each scorer's shuffles; ``sim_contexts``: positives
-    and negatives each that the simulation shows."""
+           sim_contexts: int = SIM_CONTEXTS, effect: Effect | None = None) -> list[Trial]:
+    """The requests of ``scorers`` about one label (those its contexts, or for the
+    intervention check its ``effect``, allow); ``key`` (the neuron and label) seeds each
+    scorer's shuffles; ``sim_contexts``: positives and negatives each that the
+    simulation shows."""
     out = []
     for name in scorers:
         rng = np.random.default_rng(seed(*key, name))
@@ -321,6 +389,8 @@ def trials(label: str, contexts: list[Context], decode: Callable[[list[int]], li
             t = fuzzing(label, contexts, decode, rng)
         elif name == "simulation":
             t = simulation(label, contexts, decode, rng, scale, sim_contexts)
+        elif name == "intervention":
+            t = None if effect is None else intervention(label, effect, rng)
         else:
             raise ValueError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
         if t is not None:

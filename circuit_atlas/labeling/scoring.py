@@ -21,7 +21,17 @@ from circuit_atlas.labeling.contexts import neuron_contexts
 from circuit_atlas.labeling.evidence import prompt_hash
 from circuit_atlas.labeling.journal import Journal, fold_journals
 from circuit_atlas.labeling.params import ScoreParams
-from circuit_atlas.labeling.scorers import SCORERS, SIM_CONTEXTS, Trial, rounded, trials
+from circuit_atlas.labeling.scorers import (
+    ACTIVATION_SCORERS,
+    CANDIDATES,
+    EFFECT_SCORERS,
+    SCORERS,
+    SIM_CONTEXTS,
+    Effect,
+    Trial,
+    rounded,
+    trials,
+)
 from circuit_atlas.lake import Lake
 from circuit_atlas.lake.labels import known_labels, latest_ok
 from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
@@ -61,12 +71,13 @@ class ScoresReport(Report):
                           if (m := self.mean(s)) is not None)
         lines = [f"label scores {self.corpus} by {self.scorer_model}: {self.labels:,} "
                  f"label(s); {self.ok:,} ok, {self.failed:,} failed, {self.skipped:,} already "
-                 f"scored, {self.unscorable:,} without held-out contexts; "
+                 f"scored, {self.unscorable:,} without the contexts or battery a scorer needs; "
                  f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion "
                  f"tokens, ${self.cost:.4f}; {self.seconds:.1f} s"]
         if means:
             lines.append(f"mean score of this run: {means} (detection and fuzzing: balanced "
-                         "accuracy, 0.5 is chance; simulation: Pearson's r)")
+                         "accuracy, 0.5 is chance; simulation: Pearson's r; intervention: "
+                         f"accuracy, {1 / CANDIDATES:.2f} is chance)")
         if not self.negatives:
             lines.append("no negatives table: detection used the near-zero quantile samples "
                          "only, and no hard negatives (circuit-atlas negatives adds them)")
@@ -97,6 +108,41 @@ def _done(lake: Lake, model: str, corpus: str, scorer_model: str) -> set[tuple]:
         "layer", "neuron", "pass", "scorer", "prompt_hash").collect().iter_rows())
 
 
+DECOY_NEURONS = 8  # other neurons' output projections offered as decoys, at most
+
+
+def neuron_effects(lake: Lake, model: str, corpus: str, wanted: pl.DataFrame,
+                   decode: Callable[[list[int]], list[str]]) -> dict[tuple[int, int], Effect]:
+    """The intervention check's evidence for the (layer, neuron) rows of ``wanted``: the
+    tokens each one's boost raised in the causal battery, and decoys: what the other
+    neurons' boosts raised, then (where the battery measured fewer than it needs) the
+    top promoted tokens of other neurons of its layer (the projections table)."""
+    from circuit_atlas.lake.causal import RAISED, boost_tokens
+    from circuit_atlas.lake.schemas import STATIC_CORPUS
+
+    boosts = boost_tokens(lake, model, corpus)
+    if boosts is None or wanted.is_empty():
+        return {}
+    raised = {(r[0], r[1]): decode(r[2]) for r in boosts.select(
+        "layer", "neuron", "tokens").iter_rows()}
+    projections = lake.optional_table("projections", model, STATIC_CORPUS)
+    out = {}
+    for layer, neuron in wanted.select("layer", "neuron").unique().iter_rows():
+        mine = raised.get((layer, neuron))
+        if mine is None:
+            continue
+        decoys = [t for k, t in raised.items() if k != (layer, neuron)]
+        if len(decoys) < CANDIDATES - 1 and projections is not None:
+            others = (projections.filter((pl.col("layer") == layer) & (pl.col("neuron") != neuron)
+                                         & (pl.col("kind") == "output") & (pl.col("sign") == 1)
+                                         & (pl.col("rank") < RAISED))
+                      .sort("neuron", "rank").collect())
+            for _, group in list(others.group_by("neuron", maintain_order=True))[:DECOY_NEURONS]:
+                decoys.append(group["token"].to_list())
+        out[(layer, neuron)] = Effect(mine, decoys)
+    return out
+
+
 def score_row(key: tuple, trial: Trial, scorer_model: str, phash: str,
               answer: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
     layer, neuron, pass_, label, labeler = key
@@ -111,11 +157,14 @@ def score_row(key: tuple, trial: Trial, scorer_model: str, phash: str,
 
 
 def score_lake(lake: Lake, model: str, corpus: str, settings: LLMSettings,
-               scorers: tuple[str, ...] = SCORERS, passes: tuple[str, ...] = ("input", "prior"),
+               scorers: tuple[str, ...] = SCORERS,
+               passes: tuple[str, ...] = ("input", "prior", "output"),
                labeler: str | None = None, layers: list[int] | None = None,
                tokenizer: Any = None, sim_contexts: int = SIM_CONTEXTS,
                on_progress: Callable[[int, int, int], None] | None = None) -> ScoresReport:
-    """Score the labels of (model, corpus) with each of ``scorers``, layer by layer."""
+    """Score the labels of (model, corpus) with each of ``scorers``, layer by layer:
+    input and prior labels with the activation scorers, output labels with the
+    intervention check."""
     from circuit_atlas.analysis.exemplars import corpora_of
 
     t0 = time.perf_counter()
@@ -139,14 +188,18 @@ def score_lake(lake: Lake, model: str, corpus: str, settings: LLMSettings,
                 cache[t] = tokenizer.decode([t]) if tokenizer is not None else f"#{t}"
         return [cache[t] for t in ids]
 
+    effects = (neuron_effects(lake, model, corpus, labels.filter(pl.col("pass") == "output"),
+                              decode) if set(scorers) & set(EFFECT_SCORERS) else {})
     for (layer,), group in labels.group_by("layer", maintain_order=True):
         contexts, maxima = neuron_contexts(lake, model, corpus, layer,
                                            group["neuron"].unique().to_list())
         todo: list[tuple[tuple, Trial, str]] = []
         for row in group.iter_rows():
+            mine = tuple(s for s in scorers if s in (
+                EFFECT_SCORERS if row[2] == "output" else ACTIVATION_SCORERS))
             made = trials(row[3], contexts.get(row[1], []), decode, maxima.get(row[1], 0.0),
-                          scorers, row[:4], sim_contexts)
-            report.unscorable += len(scorers) - len(made)
+                          mine, row[:4], sim_contexts, effects.get((row[0], row[1])))
+            report.unscorable += len(mine) - len(made)
             for trial in made:
                 phash = prompt_hash(trial.messages)
                 if (row[0], row[1], row[2], trial.scorer, phash) in done:
@@ -186,10 +239,11 @@ def score_lake(lake: Lake, model: str, corpus: str, settings: LLMSettings,
 
 def run_label_scores(lake, *, model, corpora=None, params: ScoreParams | None = None,
                      cluster=None, progress: Progress | None = None) -> ScoresReport:
-    """Score every input and prior label of an atlas (``corpora``: default the only
-    reduced set) on held-out contexts with each scorer (detection, fuzzing,
-    simulation) through an OpenAI-compatible endpoint; the ``label_scores`` table.
-    Resumable: a rerun asks only what has no ok score."""
+    """Score the labels of an atlas (``corpora``: default the only reduced set) through
+    an OpenAI-compatible endpoint: input and prior labels on held-out contexts
+    (detection, fuzzing, simulation), output labels against the causal battery's boosts
+    (intervention); the ``label_scores`` table. Resumable: a rerun asks only what has
+    no ok score."""
     from circuit_atlas.compute.models import optional_tokenizer
     from circuit_atlas.names import model_name
 

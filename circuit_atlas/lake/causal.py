@@ -1,8 +1,42 @@
-"""The causal battery's per-unit rows (the neuron_causal table) in words, for people."""
+"""What the causal battery's tables say: its thresholds, the tokens a neuron's boost
+raised (the intervention check of output labels reads them), and its per-unit rows
+(the neuron_causal table) in words, for people."""
 
 from __future__ import annotations
 
 import polars as pl
+
+HURT = 0.1  # an ablation "hurts" a prompt when it costs the target this share of its probability
+# a boost that moves the distribution less than this (nats) says nothing either way: a
+# boost of a silent neuron (x k of 0) changes nothing
+MOVED_KL = 1e-6
+BOOSTS = ("boost", "set")
+RAISED = 5  # the leading entries of moved_tokens: the tokens raised most
+
+
+def boost_tokens(lake, model: str, corpus: str, top: int = RAISED) -> pl.DataFrame | None:
+    """Per single neuron of the battery, the ``top`` tokens its boost raised most over
+    the prompts it moved (each prompt's raised tokens weighted by their centred logit
+    change, summed): (layer, neuron, tokens, prompts); None without a battery."""
+    rows = lake.optional_table("interventions", model, corpus)
+    if rows is None:
+        return None
+    raised = (rows.filter((pl.col("unit_kind") == "neuron")
+                          & pl.col("intervention").is_in(list(BOOSTS))
+                          & (pl.col("kl") > MOVED_KL))
+              .select("layer", "neuron", "prompt_id",
+                      pl.col("moved_tokens").list.head(RAISED).alias("token"),
+                      pl.col("moved_deltas").list.head(RAISED).alias("delta"))
+              .explode("token", "delta").collect())
+    if raised.is_empty():
+        return None
+    weights = raised.group_by("layer", "neuron", "token").agg(pl.col("delta").sum())
+    prompts = raised.group_by("layer", "neuron").agg(prompts=pl.col("prompt_id").n_unique())
+    return (weights.sort(["layer", "neuron", "delta", "token"],
+                         descending=[False, False, True, False])
+            .group_by("layer", "neuron", maintain_order=True)
+            .agg(tokens=pl.col("token").head(top))
+            .join(prompts, on=["layer", "neuron"]))
 
 
 def _pct(x: float | None) -> str:

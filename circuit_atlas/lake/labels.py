@@ -18,7 +18,7 @@ from circuit_atlas.lake.lake import Lake
 from circuit_atlas.lake.schemas import LABELS
 
 PASSES = ("output", "input", "prior")
-SCORERS = ("detection", "fuzzing", "simulation")
+SCORERS = ("detection", "fuzzing", "simulation", "intervention")
 
 
 def append_labels(lake: Lake, model: str, corpus: str, rows: pl.DataFrame) -> int:
@@ -72,7 +72,8 @@ def latest_scores(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
 
 def headline_scores(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
     """Per (layer, neuron, pass, label): the newest ok score of each scorer as a column
-    (detection, fuzzing, simulation; null where not scored), with the scorer model;
+    (detection, fuzzing, simulation, intervention; null where not scored), with the
+    scorer model;
     None when nothing is scored yet."""
     rows = latest_scores(lake, model, corpus)
     if rows is None:

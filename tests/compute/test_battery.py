@@ -219,3 +219,46 @@ def test_commands(planted):
     bad = runner.invoke(cli, ["intervene", "--lake", str(lake.root), "--model", path,
                               "--corpus", "c", "--neuron", "L9/N1", "--dtype", "float64"])
     assert bad.exit_code != 0 and "out of range" in bad.output
+
+
+def test_intervention_check_of_output_labels(planted, tmp_path):
+    """The boost of the planted neuron raises the target: its output label naming the
+    target picks its own token set, the same label on the decoy picks the planted
+    neuron's set, which is a decoy there."""
+    import datetime as dt
+    import shutil
+
+    from circuit_atlas.labeling.client import LLMSettings
+    from circuit_atlas.labeling.scoring import score_lake
+    from circuit_atlas.lake.causal import boost_tokens
+    from circuit_atlas.lake.labels import append_labels
+    from circuit_atlas.lake.schemas import LABELS
+    from tests.llm_server import LLMServer
+
+    path, base = planted
+    shutil.copytree(base.root, tmp_path / "lake")
+    lake = Lake(tmp_path / "lake")
+    others = (3, 20, 30)
+    run_interventions(lake, model=path, corpora="c", params=InterventionsParams(
+        neurons=tuple(f"L1/N{n}" for n in (PLANTED, DECOY, *others)), ablate="none",
+        boost=4, patch=False, positions="last", dtype="float64"))
+    raised = {r["neuron"]: r["tokens"] for r in boost_tokens(lake, "tiny", "c").to_dicts()}
+    target_id = WORDS.index(TARGET) + 1
+    assert target_id in raised[PLANTED] and target_id not in raised[DECOY]
+    now = dt.datetime.now(dt.UTC).isoformat()
+    labels = pl.DataFrame(
+        [{"layer": 1, "neuron": n, "pass": "output", "label": f'raises "{TARGET}"',
+          "description": None, "type": None, "interpretability": None, "labeler": "test",
+          "prompt_hash": None, "status": "ok", "error": None, "created_at": now}
+         for n in (PLANTED, DECOY)], schema=pl.from_arrow(LABELS.schema.empty_table()).schema)
+    append_labels(lake, "tiny", "c", labels)
+    model = load_model(path, dtype="float64")
+    with LLMServer() as server:
+        settings = LLMSettings(model="fake-scorer", base_url=server.url, concurrency=2,
+                               timeout=5, max_retries=1)
+        report = score_lake(lake, "tiny", "c", settings, tokenizer=model.tokenizer)
+    assert report.ok == 2 and report.failed == 0
+    rows = {r["neuron"]: r for r in lake.table("label_scores").collect().to_dicts()}
+    assert rows[PLANTED]["scorer"] == "intervention" and rows[PLANTED]["score"] == 1.0
+    assert rows[DECOY]["score"] == 0.0
+    assert json.loads(rows[PLANTED]["metrics"])["chance"] == 0.25
