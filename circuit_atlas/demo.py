@@ -184,6 +184,7 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
 
 
 BATTERY_PROMPTS = 12  # prompts of the demo's causal battery
+DEMO_DESCRIPTION = 200  # characters of a label's description in the demo
 
 
 def _label_slice(lake, model, key: str, corpora: list[str], n: int) -> list[str]:
@@ -241,8 +242,10 @@ def _label_and_score(lake, model, key: str, corpora: list[str], neurons: list[st
     ids = [parse_neuron(x)[1] for x in neurons]
     with Server(Engine(model.model, model.tokenizer, model.name), port=0) as server:
         console.print(f"[green]serve[/] {model.name} at {server.url} (circuit-atlas serve)")
+        # descriptions of at most 200 characters: the 135M model writes to the cap, and
+        # every character is a decode step that reads the whole model
         settings = LLMSettings(model=model.name, base_url=server.url, concurrency=8,
-                               timeout=900, max_retries=1)
+                               timeout=900, max_retries=1, description_chars=DEMO_DESCRIPTION)
         # the input pass only: the output pass would double the time (every decode step
         # reads the whole model; the output labels' intervention check is in the tests)
         with console.status(f"labelling {len(ids)} neurons of layer {layer} (input "

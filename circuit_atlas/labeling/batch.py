@@ -33,7 +33,8 @@ def batch_layer(settings: LLMSettings, pass_: str, layer: int,
     if state is None or set(state["ids"]) != set(by_id):
         lines = [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
                              "body": {"model": settings.model, "messages": msgs,
-                                      "response_format": response_format(pass_)}})
+                                      "response_format": response_format(
+                                          pass_, settings.description_chars)}})
                  for cid, (_, msgs, _) in by_id.items()]
         upload = client.files.create(file=(f"layer-{layer}-{pass_}.jsonl",
                                            io.BytesIO("\n".join(lines).encode())),

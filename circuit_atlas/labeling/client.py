@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from circuit_atlas.errors import CircuitAtlasError
-from circuit_atlas.labeling.replies import response_format, validate
+from circuit_atlas.labeling.replies import DESCRIPTION, response_format, validate
 
 TOP_LOGPROBS = 5
 
@@ -37,6 +37,7 @@ class LLMSettings:
     batch: bool = False
     poll_s: float = 30.0
     logprobs: bool = True  # asked for where a scorer reads them
+    description_chars: int = DESCRIPTION  # the longest description a label reply may hold
 
     def client(self, async_: bool = True) -> Any:
         import openai
@@ -62,9 +63,11 @@ class Request:
     logprobs: bool = False
 
 
-def label_request(pass_: str, msgs: list[dict[str, str]]) -> Request:
+def label_request(pass_: str, msgs: list[dict[str, str]], description_chars: int = DESCRIPTION
+                  ) -> Request:
     """A labeling question of ``pass_`` (output, input, cluster)."""
-    return Request(msgs, response_format(pass_), lambda text, _lp: validate(pass_, text))
+    return Request(msgs, response_format(pass_, description_chars),
+                   lambda text, _lp: validate(pass_, text))
 
 
 async def ask(client: Any, settings: LLMSettings, request: Request, usage: Usage

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from circuit_atlas.labeling.replies import DESCRIPTION
+
 
 @dataclass(frozen=True)
 class EndpointParams:
@@ -68,12 +70,16 @@ class LabelParams(EndpointParams):
     """Name the clusters after the neuron passes, when a clustering exists."""
     cluster_method: Literal["infomap", "leiden"] = "infomap"
     """Clustering whose modules to name."""
+    description_chars: int = DESCRIPTION
+    """The longest description a reply may hold (the reply schema's limit; a small
+    local model tends to write to it, and each character costs it a decode step)."""
 
     def settings(self):
         """The LLM settings, or None for a dry run."""
         if self.dry_run:
             return None
-        return self.llm_settings(batch=self.batch, poll_s=self.poll)
+        return self.llm_settings(batch=self.batch, poll_s=self.poll,
+                                 description_chars=self.description_chars)
 
 
 @dataclass(frozen=True)

@@ -69,9 +69,14 @@ class ClusterLabel(_Label):
 SCHEMAS = {"output": OutputLabel, "input": InputLabel, "cluster": ClusterLabel}
 
 
-def response_format(pass_: str) -> dict[str, Any]:
+def response_format(pass_: str, description_chars: int = DESCRIPTION) -> dict[str, Any]:
+    """The reply schema of ``pass_``; ``description_chars`` caps the description below
+    :data:`DESCRIPTION` (a grammar-constrained small model writes to the cap, and every
+    character it writes is a decode step)."""
     schema = SCHEMAS[pass_].model_json_schema()
     schema["additionalProperties"] = False
+    if "description" in schema.get("properties", {}):
+        schema["properties"]["description"]["maxLength"] = min(description_chars, DESCRIPTION)
     return {"type": "json_schema",
             "json_schema": {"name": f"{pass_}_label", "schema": schema, "strict": True}}
 

@@ -127,8 +127,9 @@ def label_lake(lake: Lake, model: str, corpus: str, pass_: str, settings: LLMSet
                 on_progress(layer, next(counter), len(todo))
 
         def ask_all(items: list[tuple], answered=answered) -> None:
-            asyncio.run(fan_out(settings, [(t, label_request(pass_, t[1])) for t in items],
-                                answered, report))
+            asyncio.run(fan_out(settings, [(t, label_request(pass_, t[1],
+                                                             settings.description_chars))
+                                           for t in items], answered, report))
 
         try:
             if settings.batch:
