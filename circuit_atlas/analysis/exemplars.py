@@ -55,7 +55,10 @@ def read_exemplars(lake: Lake, model: str, corpus: str, layer: int,
         return None
     rows = pl.concat(parts).collect()
     strength = pl.col("activation") * pl.col("sign")
-    return (rows.sort(["neuron", "sign", strength], descending=[False, True, True])
+    # ties (equal activations, e.g. of two corpora) in a fixed order: every reader of the
+    # same lake shows the same exemplars
+    return (rows.sort(["neuron", "sign", strength, "corpus", "window_id", "position"],
+                      descending=[False, True, True, False, False, False])
             .with_columns(rank=pl.int_range(pl.len()).over("neuron", "sign"))
             .filter(pl.col("rank") < top))
 

@@ -162,3 +162,24 @@ def export_network_cmd(path: str, lake_path: str, model: str, corpora: tuple[str
                             method, min_count)
     display.console().print(f"[green]export[/] {path}: {counts['nodes']:,} nodes, "
                      f"{counts['edges']:,} edges")
+
+
+@cli.command("mcp")
+@lake_option
+@click.option("--model", "model", default=None,
+              help="The atlas's model (default: the only model in the lake).")
+@corpora_option()
+@click.option("--transport", default="stdio", show_default=True,
+              type=click.Choice(["stdio", "http"]),
+              help="stdio (an agent starts this command) or streamable HTTP.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP: address.")
+@click.option("--port", default=8765, show_default=True, help="HTTP: port (path /mcp).")
+def mcp_cmd(lake_path: str, model: str | None, corpora: tuple[str, ...], transport: str,
+            host: str, port: int) -> None:
+    """Serve the atlas to agents over the Model Context Protocol (read-only): tools sql,
+    profile, search_labels, neighbours, cluster and exemplars, each answer citing the
+    tables and versions it read; the resource atlas://tables."""
+    from circuit_atlas.use.mcp import run_mcp
+
+    run_mcp(lake_path, model=model, corpora=corpora, transport=transport, host=host,
+            port=port)

@@ -1,0 +1,280 @@
+"""The atlas for agents: a Model Context Protocol server over one lake, read-only.
+
+Built on the official ``mcp`` Python SDK (stdio, or streamable HTTP). Its tools are
+:class:`AtlasTools` methods, callable from Python too, each answering with the rows it
+read and ``source``: the tables it came from, their published versions and the keys
+it read (so an agent's claim can be traced to a version of a table):
+
+- ``sql``: read-only SQL (polars) over every table, rows and seconds capped;
+- ``profile``: everything the lake holds about one neuron (``circuit-atlas profile``);
+- ``search_labels``: current labels by substring or regular expression;
+- ``neighbours``: a neuron's strongest upstream or downstream edges, with labels;
+- ``cluster``: a module's summary and members, with labels;
+- ``exemplars``: a neuron's top and bottom contexts, activating tokens marked.
+
+The resource ``atlas://tables`` lists every table with its columns and row count.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+from typing import Any
+
+import polars as pl
+
+from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.lake import Lake
+from circuit_atlas.lake.neurons import NodeNames, neuron_label, parse_neuron
+
+MAX_ROWS = 200  # rows an answer holds at most
+SQL_SECONDS = 30.0
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples as lists, other types as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+class AtlasTools:
+    """The questions an agent may ask of one atlas (model and corpus set) of a lake."""
+
+    def __init__(self, lake: Lake | str, model: str | None = None, corpus: str | None = None,
+                 tokenizer: Any = None, max_rows: int = MAX_ROWS,
+                 sql_seconds: float = SQL_SECONDS) -> None:
+        self.lake = lake if isinstance(lake, Lake) else Lake(lake)
+        models = self.lake.models() if model is None else [model]
+        if len(models) != 1:
+            raise CircuitAtlasError(f"the lake holds {len(models)} models "
+                                    f"({', '.join(models) or 'none'}); say which with --model")
+        self.model = models[0]
+        self.corpus = self.lake.reduced_corpus(self.model, corpus)
+        self.tokenizer, self.max_rows, self.sql_seconds = tokenizer, max_rows, sql_seconds
+        manifest = self.lake.table_manifest(self.model, self.corpus, "neurons") or {}
+        self.n_layers = ((manifest.get("inputs") or {}).get("model_shape") or {}).get("n_layers")
+        self.names = NodeNames(tokenizer, self.n_layers)
+
+    # provenance ------------------------------------------------------------------------
+
+    def _version(self, table: str) -> str | None:
+        m = self.lake.table_manifest(self.model, self.corpus, table)
+        return None if m is None else m.get("version")
+
+    def _source(self, table: str, **keys: Any) -> dict[str, Any]:
+        return {"table": table, "model": self.model, "corpus": self.corpus,
+                "version": self._version(table), "keys": keys}
+
+    def _labels(self) -> pl.DataFrame | None:
+        from circuit_atlas.lake.labels import current_labels
+
+        return current_labels(self.lake, self.model, self.corpus)
+
+    def _label_of(self) -> dict[tuple[int, int], str]:
+        labels = self._labels()
+        if labels is None:
+            return {}
+        return {(r[0], r[1]): r[2] for r in labels.select("layer", "neuron", "label").iter_rows()}
+
+    # tools -----------------------------------------------------------------------------
+
+    def tables(self) -> dict[str, Any]:
+        """Every table with its columns and row count."""
+        from circuit_atlas.lake.query import frames
+
+        rows = []
+        for name, lf in frames(self.lake).items():
+            schema = lf.collect_schema()
+            rows.append({"table": name, "rows": lf.select(pl.len()).collect().item(),
+                         "columns": {c: str(t) for c, t in schema.items()}})
+        return {"tables": rows}
+
+    def sql(self, query: str, limit: int = 50) -> dict[str, Any]:
+        """Run a read-only SQL query (polars SQL) over every table of the lake."""
+        from circuit_atlas.lake.query import frames
+
+        if not re.match(r"\s*(select|with)\b", query, flags=re.I):
+            raise CircuitAtlasError("only SELECT (or WITH ... SELECT) queries are allowed")
+        limit = max(1, min(int(limit), self.max_rows))
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        try:
+            df = pool.submit(self.lake.sql, query).result(timeout=self.sql_seconds)
+        except concurrent.futures.TimeoutError:
+            raise CircuitAtlasError(f"the query ran past {self.sql_seconds:g} s; narrow it "
+                                    "(a WHERE on layer, a LIMIT)") from None
+        finally:
+            pool.shutdown(wait=False)
+        used = [t for t in frames(self.lake) if re.search(rf"\b{re.escape(t)}\b", query)]
+        return {"columns": df.columns, "rows": _jsonable(df.head(limit).rows()),
+                "row_count": df.height, "truncated": df.height > limit,
+                "source": [self._source(t) for t in used]}
+
+    def profile(self, neuron: str, top: int = 10) -> dict[str, Any]:
+        """Everything the lake holds about one neuron (L12/N345)."""
+        from circuit_atlas.analysis.profile import neuron_profile
+
+        layer, index = parse_neuron(neuron)
+        found = neuron_profile(self.lake, self.model, layer, index, self.corpus,
+                               min(top, self.max_rows), self.tokenizer)
+        sections = ("neurons", "edges", "neuron_tokens", "cooccurrence", "neuron_effects",
+                    "roles", "specificity", "neuron_causal", "cluster_assignments", "labels")
+        return {**_jsonable(found), "source": [
+            self._source(t, layer=layer, neuron=index) for t in sections
+            if self._version(t) is not None]}
+
+    def search_labels(self, text: str, regex: bool = False, limit: int = 20
+                      ) -> dict[str, Any]:
+        """Neurons whose current label or description matches ``text`` (a substring,
+        case-insensitive, or a regular expression)."""
+        labels = self._labels()
+        if labels is None:
+            raise CircuitAtlasError("no labels in this atlas yet (circuit-atlas label)")
+        pattern = text if regex else re.escape(text)
+        try:
+            hit = (pl.col("label").str.contains(f"(?i){pattern}")
+                   | pl.col("description").fill_null("").str.contains(f"(?i){pattern}"))
+            rows = labels.filter(hit).sort("layer", "neuron")
+        except pl.exceptions.ComputeError as e:
+            raise CircuitAtlasError(f"bad regular expression {text!r}: {e}") from None
+        limit = max(1, min(int(limit), self.max_rows))
+        out = [{"neuron": neuron_label(r["layer"], r["neuron"]), **{
+            k: r[k] for k in ("pass", "label", "description") if k in r}}
+            for r in rows.head(limit).iter_rows(named=True)]
+        return {"matches": _jsonable(out), "count": rows.height,
+                "source": [self._source("labels", text=text, regex=regex)]}
+
+    def neighbours(self, neuron: str, direction: str = "downstream", top: int = 10
+                   ) -> dict[str, Any]:
+        """A neuron's strongest edges (by summed |weight|) upstream or downstream, each
+        other end with its label."""
+        if direction not in ("upstream", "downstream"):
+            raise CircuitAtlasError("direction: upstream or downstream")
+        layer, index = parse_neuron(neuron)
+        mine, other = ("tgt", "src") if direction == "upstream" else ("src", "tgt")
+        rows = (self.lake.table("edges", self.model, self.corpus)
+                .filter((pl.col(f"{mine}_layer") == layer) & (pl.col(f"{mine}_neuron") == index))
+                .sort("weight_abs_sum", descending=True)
+                .head(max(1, min(int(top), self.max_rows))).collect())
+        labels = self._label_of()
+        out = [{"node": self.names.node(r[f"{other}_layer"], r[f"{other}_neuron"]),
+                "label": labels.get((r[f"{other}_layer"], r[f"{other}_neuron"])),
+                **{k: r[k] for k in ("count", "graph_count", "mean_weight", "weight_abs_sum")}}
+               for r in rows.iter_rows(named=True)]
+        return {"neuron": neuron_label(layer, index), "direction": direction,
+                "edges": _jsonable(out),
+                "source": [self._source("edges", **{f"{mine}_layer": layer,
+                                                    f"{mine}_neuron": index})]}
+
+    def cluster(self, path: str, method: str = "infomap", top: int = 50) -> dict[str, Any]:
+        """A module's summary (size, layers, flow) and its members by flow, with labels."""
+        summary = (self.lake.table("clusters", self.model, self.corpus)
+                   .filter((pl.col("method") == method) & (pl.col("cluster_path") == path))
+                   .drop("model", "corpus").collect())
+        if summary.is_empty():
+            raise CircuitAtlasError(f"no module {path!r} in the {method} clustering")
+        members = (self.lake.table("cluster_assignments", self.model, self.corpus)
+                   .filter((pl.col("method") == method)
+                           & ((pl.col("cluster_path") == path)
+                              | pl.col("cluster_path").str.starts_with(path + ":")))
+                   .sort("flow", descending=True).collect())
+        labels = self._label_of()
+        shown = [{"neuron": neuron_label(r["layer"], r["neuron"]),
+                  "cluster_path": r["cluster_path"], "flow": r["flow"],
+                  "label": labels.get((r["layer"], r["neuron"]))}
+                 for r in members.head(max(1, min(int(top), self.max_rows))).iter_rows(
+                     named=True)]
+        return {"module": _jsonable(summary.row(0, named=True)), "members": _jsonable(shown),
+                "member_count": members.height,
+                "source": [self._source("clusters", method=method, cluster_path=path),
+                           self._source("cluster_assignments", method=method,
+                                        cluster_path=path)]}
+
+    def exemplars(self, neuron: str, top: int = 5) -> dict[str, Any]:
+        """A neuron's top and bottom contexts (<<marked>> where it fires)."""
+        from circuit_atlas.analysis.exemplars import corpora_of, neuron_exemplars
+
+        layer, index = parse_neuron(neuron)
+        found = neuron_exemplars(self.lake, self.model, self.corpus, layer, index,
+                                 max(1, min(int(top), self.max_rows)), self.tokenizer)
+        if found is None:
+            raise CircuitAtlasError("no exemplars yet (circuit-atlas activations)")
+        versions = [{"table": "exemplars", "model": self.model, "corpus": c,
+                     "version": (self.lake.table_manifest(self.model, c, "exemplars")
+                                 or {}).get("version"), "keys": {"layer": layer,
+                                                                 "neuron": index}}
+                    for c in corpora_of(self.corpus)]
+        return {"neuron": neuron_label(layer, index), **_jsonable(found), "source": versions}
+
+
+TOOLS = ("sql", "profile", "search_labels", "neighbours", "cluster", "exemplars")
+
+
+def build_server(tools: AtlasTools) -> Any:
+    """The MCP server: each of :data:`TOOLS` as a tool answering JSON text (a refused
+    question answers its one-line reason as a tool error), and the tables resource."""
+    from mcp.server.mcpserver import MCPServer
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    app = MCPServer("circuit-atlas", instructions=(
+        f"A circuit atlas of {tools.model}'s MLP neurons ({tools.corpus}). Neurons are "
+        "named L<layer>/N<index>. Start with the atlas://tables resource or search_labels; "
+        "every answer cites the tables and versions it read."))
+
+    def answer(question: Any, *args: Any) -> str:
+        try:
+            return json.dumps(question(*args), ensure_ascii=False)
+        except CircuitAtlasError as e:  # the reason, to the agent, as a tool error
+            raise ToolError(str(e)) from None
+
+    @app.tool(description=AtlasTools.sql.__doc__)
+    def sql(query: str, limit: int = 50) -> str:
+        return answer(tools.sql, query, limit)
+
+    @app.tool(description=AtlasTools.profile.__doc__)
+    def profile(neuron: str, top: int = 10) -> str:
+        return answer(tools.profile, neuron, top)
+
+    @app.tool(description=AtlasTools.search_labels.__doc__)
+    def search_labels(text: str, regex: bool = False, limit: int = 20) -> str:
+        return answer(tools.search_labels, text, regex, limit)
+
+    @app.tool(description=AtlasTools.neighbours.__doc__)
+    def neighbours(neuron: str, direction: str = "downstream", top: int = 10) -> str:
+        return answer(tools.neighbours, neuron, direction, top)
+
+    @app.tool(description=AtlasTools.cluster.__doc__)
+    def cluster(path: str, method: str = "infomap", top: int = 50) -> str:
+        return answer(tools.cluster, path, method, top)
+
+    @app.tool(description=AtlasTools.exemplars.__doc__)
+    def exemplars(neuron: str, top: int = 5) -> str:
+        return answer(tools.exemplars, neuron, top)
+
+    @app.resource("atlas://tables", name="tables", mime_type="application/json",
+                  description="Every table of the lake with its columns and row count.")
+    def tables() -> str:
+        return answer(tools.tables)
+
+    return app
+
+
+def run_mcp(lake: Lake | str, *, model: str | None = None, corpora=None,
+            transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Serve the atlas of ``lake`` over MCP until the client goes away (stdio) or the
+    process is stopped (streamable HTTP at ``http://host:port/mcp``)."""
+    from circuit_atlas.compute.models import optional_tokenizer
+    from circuit_atlas.names import model_name
+    from circuit_atlas.stage import as_corpora
+
+    tools = AtlasTools(lake, None if model is None else model_name(model),
+                       as_corpora(corpora) or None)
+    manifest = tools.lake.table_manifest(tools.model, tools.corpus, "neurons") or {}
+    spec = model or (manifest.get("inputs") or {}).get("model")
+    if spec is not None:  # token ids named as text where the tokenizer is at hand
+        tools.tokenizer = optional_tokenizer(spec)
+        tools.names = NodeNames(tools.tokenizer, tools.n_layers)
+    app = build_server(tools)
+    if transport == "stdio":
+        app.run("stdio")
+    else:
+        app.run("streamable-http", host=host, port=port)

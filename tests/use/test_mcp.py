@@ -1,0 +1,104 @@
+"""The MCP server, through the official SDK's own client over stdio: every tool's answer
+equals the same question asked through the Python API; refusals are tool errors."""
+
+import asyncio
+import json
+import shutil
+import sys
+
+import polars as pl
+import pytest
+
+from circuit_atlas import CircuitAtlasError
+from circuit_atlas.compute.models import optional_tokenizer
+from circuit_atlas.names import DEFAULT_MODEL
+from circuit_atlas.use.mcp import TOOLS, AtlasTools
+
+
+@pytest.fixture(scope="module")
+def lake_dir(demo_run, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mcp") / "demo-lake"
+    shutil.copytree(demo_run[0], path)
+    return str(path)
+
+
+def questions(tools: AtlasTools) -> list[tuple[str, dict]]:
+    """One question per tool, about neurons and modules the demo lake holds."""
+    labelled = tools._labels()
+    neuron = labelled.row(0, named=True)
+    nid = f"L{neuron['layer']}/N{neuron['neuron']}"
+    word = neuron["label"].split()[0]
+    module = tools.lake.table("clusters").filter(pl.col("level") == 1).collect()[
+        "cluster_path"][0]
+    return [("sql", {"query": "SELECT layer, count(*) AS n FROM neurons GROUP BY layer "
+                              "ORDER BY layer", "limit": 5}),
+            ("profile", {"neuron": nid, "top": 3}),
+            ("search_labels", {"text": word}),
+            ("search_labels", {"text": f"^{word}", "regex": True}),
+            ("neighbours", {"neuron": nid, "direction": "upstream", "top": 4}),
+            ("neighbours", {"neuron": nid, "direction": "downstream", "top": 4}),
+            ("cluster", {"path": module, "top": 5}),
+            ("exemplars", {"neuron": nid, "top": 2})]
+
+
+async def over_stdio(lake_dir: str, asks: list[tuple[str, dict]]) -> dict:
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    params = StdioServerParameters(command=sys.executable,
+                                   args=["-m", "circuit_atlas.cli", "mcp", "--lake", lake_dir])
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        listed = await session.list_tools()
+        answers = []
+        for name, args in asks:
+            got = await session.call_tool(name, args)
+            answers.append((got.is_error, got.content[0].text))
+        refused = await session.call_tool("sql", {"query": "DROP TABLE neurons"})
+        unknown = await session.call_tool("profile", {"neuron": "L99/N1"})
+        resources = await session.list_resources()
+        tables = await session.read_resource("atlas://tables")
+        return {"tools": sorted(t.name for t in listed.tools), "answers": answers,
+                "refused": (refused.is_error, refused.content[0].text),
+                "unknown": (unknown.is_error, unknown.content[0].text),
+                "resources": [str(r.uri) for r in resources.resources],
+                "tables": tables.contents[0].text}
+
+
+def test_every_tool_over_stdio_equals_the_python_api(lake_dir):
+    tools = AtlasTools(lake_dir, tokenizer=optional_tokenizer(DEFAULT_MODEL))
+    asks = questions(tools)
+    got = asyncio.run(over_stdio(lake_dir, asks))
+    assert got["tools"] == sorted(TOOLS)
+    for (name, args), (is_error, text) in zip(asks, got["answers"], strict=True):
+        assert not is_error, (name, text)
+        want = json.loads(json.dumps(getattr(tools, name)(**args), default=str))
+        mine = json.loads(text)
+        assert mine == want, (name, [(k, str(mine.get(k))[:200], str(want.get(k))[:200])
+                                     for k in want if mine.get(k) != want.get(k)])
+        assert want["source"] and all(s["version"] for s in want["source"]), name
+    assert got["refused"][0] and "only SELECT" in got["refused"][1]
+    assert got["unknown"][0] and "is in no graph" in got["unknown"][1]
+    assert got["resources"] == ["atlas://tables"]
+    listed = {t["table"]: t for t in json.loads(got["tables"])["tables"]}
+    assert listed["neurons"]["rows"] == tools.lake.table("neurons").collect().height
+    assert "interventions" in listed and "graph_edges" in listed
+
+
+def test_answers_are_capped_and_cite_their_rows(lake_dir):
+    tools = AtlasTools(lake_dir, max_rows=3)
+    out = tools.sql("SELECT * FROM edges", limit=1000)
+    assert len(out["rows"]) == 3 and out["truncated"] and out["row_count"] > 3
+    assert [s["table"] for s in out["source"]] == ["edges"]
+    version = tools.lake.table_manifest(tools.model, tools.corpus, "edges")["version"]
+    assert out["source"][0]["version"] == version
+    up = tools.neighbours("L29/N66", "upstream", top=50)
+    assert len(up["edges"]) <= 3
+    assert up["source"][0]["keys"] == {"tgt_layer": 29, "tgt_neuron": 66}
+    with pytest.raises(CircuitAtlasError, match="bad regular expression"):
+        tools.search_labels("(", regex=True)
+    with pytest.raises(CircuitAtlasError, match="upstream or downstream"):
+        tools.neighbours("L29/N66", "sideways")
+    slow = AtlasTools(lake_dir, sql_seconds=1e-6)
+    with pytest.raises(CircuitAtlasError, match="ran past"):
+        slow.sql("SELECT count(*) FROM graph_edges")
