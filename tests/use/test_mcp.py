@@ -102,3 +102,42 @@ def test_answers_are_capped_and_cite_their_rows(lake_dir):
     slow = AtlasTools(lake_dir, sql_seconds=1e-6)
     with pytest.raises(CircuitAtlasError, match="ran past"):
         slow.sql("SELECT count(*) FROM graph_edges")
+
+
+def test_streamable_http(lake_dir):
+    """The same server over HTTP, to the SDK's streamable HTTP client."""
+    import socket
+    import subprocess
+    import time
+
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "circuit_atlas.cli", "mcp", "--lake",
+                               lake_dir, "--transport", "http", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def ask() -> str:
+        async with streamable_http_client(f"http://127.0.0.1:{port}/mcp") as streams, \
+                ClientSession(streams[0], streams[1]) as session:
+            await session.initialize()
+            got = await session.call_tool("sql", {"query": "SELECT count(*) AS n FROM neurons"})
+            return got.content[0].text
+
+    try:
+        for _ in range(120):  # the server imports, then listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.25)
+        text = asyncio.run(ask())
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    tools = AtlasTools(lake_dir)
+    assert json.loads(text) == json.loads(json.dumps(tools.sql(
+        "SELECT count(*) AS n FROM neurons")))
