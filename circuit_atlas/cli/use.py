@@ -174,12 +174,16 @@ def export_network_cmd(path: str, lake_path: str, model: str, corpora: tuple[str
               help="stdio (an agent starts this command) or streamable HTTP.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP: address.")
 @click.option("--port", default=8765, show_default=True, help="HTTP: port (path /mcp).")
+@click.option("--interventions", default=0, show_default=True,
+              help="Offer the intervene and steer tools (they run the model), this many "
+                   "calls in all (0: not offered).")
 def mcp_cmd(lake_path: str, model: str | None, corpora: tuple[str, ...], transport: str,
-            host: str, port: int) -> None:
+            host: str, port: int, interventions: int) -> None:
     """Serve the atlas to agents over the Model Context Protocol (read-only): tools sql,
     profile, search_labels, neighbours, cluster and exemplars, each answer citing the
-    tables and versions it read; the resource atlas://tables."""
+    tables and versions it read; the resource atlas://tables. With --interventions N,
+    also intervene and steer on new prompts (N calls in all)."""
     from circuit_atlas.use.mcp import run_mcp
 
     run_mcp(lake_path, model=model, corpora=corpora, transport=transport, host=host,
-            port=port)
+            port=port, interventions=interventions)

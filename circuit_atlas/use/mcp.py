@@ -10,7 +10,10 @@ it read (so an agent's claim can be traced to a version of a table):
 - ``search_labels``: current labels by substring or regular expression;
 - ``neighbours``: a neuron's strongest upstream or downstream edges, with labels;
 - ``cluster``: a module's summary and members, with labels;
-- ``exemplars``: a neuron's top and bottom contexts, activating tokens marked.
+- ``exemplars``: a neuron's top and bottom contexts, activating tokens marked;
+- with an intervention budget (``--interventions N``), ``intervene`` (ablate or boost a
+  neuron or module on a new prompt: what happens to the next token) and ``steer``
+  (generation with it held), on the model itself, N calls in all.
 
 The resource ``atlas://tables`` lists every table with its columns and row count.
 """
@@ -42,7 +45,8 @@ class AtlasTools:
 
     def __init__(self, lake: Lake | str, model: str | None = None, corpus: str | None = None,
                  tokenizer: Any = None, max_rows: int = MAX_ROWS,
-                 sql_seconds: float = SQL_SECONDS) -> None:
+                 sql_seconds: float = SQL_SECONDS, interventions: int = 0,
+                 model_spec: str | None = None) -> None:
         self.lake = lake if isinstance(lake, Lake) else Lake(lake)
         models = self.lake.models() if model is None else [model]
         if len(models) != 1:
@@ -54,6 +58,9 @@ class AtlasTools:
         manifest = self.lake.table_manifest(self.model, self.corpus, "neurons") or {}
         self.n_layers = ((manifest.get("inputs") or {}).get("model_shape") or {}).get("n_layers")
         self.names = NodeNames(tokenizer, self.n_layers)
+        self.budget = interventions  # intervene and steer calls left
+        self.model_spec = model_spec or (manifest.get("inputs") or {}).get("model")
+        self._loaded = None
 
     # provenance ------------------------------------------------------------------------
 
@@ -206,7 +213,101 @@ class AtlasTools:
         return {"neuron": neuron_label(layer, index), **_jsonable(found), "source": versions}
 
 
+    # interventions on the model (a budget of calls) --------------------------------------
+
+    def _spend(self) -> Any:
+        """The loaded model (float32, loaded on first use), one call of the budget spent."""
+        if self.budget <= 0:
+            raise CircuitAtlasError("no intervention budget left (the server was started "
+                                    "with --interventions N: N calls in all)")
+        self.budget -= 1
+        if self._loaded is None:
+            from circuit_atlas.compute.models import load_model
+
+            self._loaded = load_model(self.model_spec, dtype="float32", stage="interventions")
+        return self._loaded
+
+    def _unit(self, unit: str, method: str) -> Any:
+        """A neuron (L12/N345), or a module: "infomap:4:2", or a path of ``method``'s
+        clustering that cannot be read as a neuron ("4"; "4:2" reads as L4/N2)."""
+        from circuit_atlas.lake.units import select_units
+
+        unit = unit.strip()
+        chosen, path = method, None
+        for m in ("infomap", "leiden"):
+            if unit.startswith(m + ":"):
+                chosen, path = m, unit[len(m) + 1:]
+        if path is None and re.fullmatch(r"L?-?\d+[/:]N?\d+", unit) is None:
+            path = unit
+        return select_units(self.lake, self.model, self.corpus, self.n_layers,
+                            neurons=[] if path else [unit], modules=[path] if path else [],
+                            method=chosen)[0]
+
+    def _iv(self, unit: Any, intervention: str, factor: float) -> tuple[Any, Any, list]:
+        from circuit_atlas.analysis.exemplars import corpora_of
+        from circuit_atlas.compute.battery import Intervention, activation_values
+
+        kinds = {"zero": Intervention("zero"), "mean": Intervention("mean"),
+                 "boost": Intervention("boost", factor=float(factor))}
+        if intervention not in kinds:
+            raise CircuitAtlasError("intervention: zero, mean or boost")
+        iv = kinds[intervention]
+        values, cited = None, []
+        if iv.needs_stats:
+            values = activation_values(self.lake, self.model, corpora_of(self.corpus), [unit])
+            cited = [{"table": "activation_stats", "model": self.model, "corpus": c,
+                      "version": (self.lake.table_manifest(self.model, c, "activation_stats")
+                                  or {}).get("version"), "keys": {"unit": unit.name}}
+                     for c in corpora_of(self.corpus)]
+        return iv, values, cited
+
+    def intervene(self, unit: str, prompt: str, intervention: str = "zero",
+                  factor: float = 4.0, method: str = "infomap") -> dict[str, Any]:
+        """Ablate (zero, or mean over the corpus) or boost (x factor) a neuron (L12/N345)
+        or a module (infomap:4:2) at every position of a new prompt, and say what happens to the
+        next token: the clean top prediction's probability, the new top token, KL, the
+        tokens raised and lowered most. Spends one call of the intervention budget."""
+        from circuit_atlas.compute.battery import prompt_battery
+        from circuit_atlas.compute.graphs import MAX_TOKENS, tokenize
+
+        u = self._unit(unit, method)
+        iv, values, cited = self._iv(u, intervention, factor)
+        model = self._spend()
+        tokens = tokenize(model, prompt, MAX_TOKENS)
+        cols, _ = prompt_battery(model.adapter, tokens, [u], [iv], values)
+        text = model.tokenizer.decode
+        moved = [(text([int(t)]), round(float(d), 4))
+                 for t, d in zip(cols["moved_tokens"][0], cols["moved_deltas"][0],
+                                 strict=True)]
+        return {"unit": u.name, "members": u.size, "intervention": str(iv), "prompt": prompt,
+                "target": text([int(cols["target_token"][0])]),
+                "prob_clean": float(cols["prob_clean"][0]),
+                "prob_delta": float(cols["prob_delta"][0]),
+                "top1_flip": bool(cols["top1_flip"][0]),
+                "top1": text([int(cols["top1_token"][0])]), "kl": float(cols["kl"][0]),
+                "raised": moved[:5], "lowered": moved[5:],
+                "budget_left": self.budget,
+                "source": [{"table": None, "computed": "a forward pass of the model",
+                            "model": self.model_spec}, *cited]}
+
+    def steer(self, unit: str, prompt: str, intervention: str = "boost", factor: float = 4.0,
+              max_new_tokens: int = 16, method: str = "infomap") -> dict[str, Any]:
+        """Generate greedily from a new prompt with a neuron or module held under an
+        intervention (zero, mean, or boost x factor) at every step, beside the clean
+        continuation. Spends one call of the intervention budget."""
+        from circuit_atlas.compute.steer import steer
+
+        u = self._unit(unit, method)
+        iv, values, cited = self._iv(u, intervention, factor)
+        model = self._spend()
+        out = steer(model, prompt, u, iv, values, max(1, min(int(max_new_tokens), 64)))
+        return {**out.to_dict(), "budget_left": self.budget,
+                "source": [{"table": None, "computed": "greedy generation with the model",
+                            "model": self.model_spec}, *cited]}
+
+
 TOOLS = ("sql", "profile", "search_labels", "neighbours", "cluster", "exemplars")
+CAUSAL_TOOLS = ("intervene", "steer")
 
 
 def build_server(tools: AtlasTools) -> Any:
@@ -250,6 +351,18 @@ def build_server(tools: AtlasTools) -> Any:
     def exemplars(neuron: str, top: int = 5) -> str:
         return answer(tools.exemplars, neuron, top)
 
+    if tools.budget > 0:
+        @app.tool(description=AtlasTools.intervene.__doc__)
+        def intervene(unit: str, prompt: str, intervention: str = "zero", factor: float = 4.0,
+                      method: str = "infomap") -> str:
+            return answer(tools.intervene, unit, prompt, intervention, factor, method)
+
+        @app.tool(description=AtlasTools.steer.__doc__)
+        def steer(unit: str, prompt: str, intervention: str = "boost", factor: float = 4.0,
+                  max_new_tokens: int = 16, method: str = "infomap") -> str:
+            return answer(tools.steer, unit, prompt, intervention, factor, max_new_tokens,
+                          method)
+
     @app.resource("atlas://tables", name="tables", mime_type="application/json",
                   description="Every table of the lake with its columns and row count.")
     def tables() -> str:
@@ -259,15 +372,18 @@ def build_server(tools: AtlasTools) -> Any:
 
 
 def run_mcp(lake: Lake | str, *, model: str | None = None, corpora=None,
-            transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765) -> None:
+            transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765,
+            interventions: int = 0) -> None:
     """Serve the atlas of ``lake`` over MCP until the client goes away (stdio) or the
-    process is stopped (streamable HTTP at ``http://host:port/mcp``)."""
+    process is stopped (streamable HTTP at ``http://host:port/mcp``); ``interventions``:
+    calls of intervene and steer allowed in all (0: those tools are not offered)."""
     from circuit_atlas.compute.models import optional_tokenizer
     from circuit_atlas.names import model_name
     from circuit_atlas.stage import as_corpora
 
     tools = AtlasTools(lake, None if model is None else model_name(model),
-                       as_corpora(corpora) or None)
+                       as_corpora(corpora) or None, interventions=interventions,
+                       model_spec=model)
     manifest = tools.lake.table_manifest(tools.model, tools.corpus, "neurons") or {}
     spec = model or (manifest.get("inputs") or {}).get("model")
     if spec is not None:  # token ids named as text where the tokenizer is at hand

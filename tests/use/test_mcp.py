@@ -141,3 +141,42 @@ def test_streamable_http(lake_dir):
     tools = AtlasTools(lake_dir)
     assert json.loads(text) == json.loads(json.dumps(tools.sql(
         "SELECT count(*) AS n FROM neurons")))
+
+
+async def causal_over_stdio(lake_dir: str) -> dict:
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    params = StdioServerParameters(command=sys.executable, args=[
+        "-m", "circuit_atlas.cli", "mcp", "--lake", lake_dir, "--interventions", "2"])
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        names = sorted(t.name for t in (await session.list_tools()).tools)
+        args = {"unit": "L29/N66", "prompt": "The capital of France is"}
+        first = await session.call_tool("intervene", {**args, "intervention": "zero"})
+        second = await session.call_tool("steer", {**args, "factor": 3.0,
+                                                   "max_new_tokens": 4})
+        spent = await session.call_tool("intervene", args)
+        return {"names": names, "intervene": first.content[0].text,
+                "steer": second.content[0].text,
+                "spent": (spent.is_error, spent.content[0].text)}
+
+
+def test_interventions_behind_a_budget(lake_dir):
+    """intervene and steer are offered only with a budget, run the model, and stop when
+    the budget is spent; their answers equal the Python API's."""
+    got = asyncio.run(causal_over_stdio(lake_dir))
+    assert got["names"] == sorted((*TOOLS, "intervene", "steer"))
+    tools = AtlasTools(lake_dir, interventions=2)
+    args = ("L29/N66", "The capital of France is")
+    want = tools.intervene(*args, intervention="zero")
+    mine = json.loads(got["intervene"])
+    assert mine["top1"] == want["top1"] and mine["target"] == want["target"]
+    assert mine["prob_delta"] == pytest.approx(want["prob_delta"], abs=1e-6)
+    assert mine["budget_left"] == 1
+    steered = json.loads(got["steer"])
+    assert steered["steered_tokens"] == tools.steer(*args, factor=3.0,
+                                                    max_new_tokens=4)["steered_tokens"]
+    assert got["spent"][0] and "no intervention budget left" in got["spent"][1]
+    with pytest.raises(CircuitAtlasError, match="no intervention budget"):
+        tools.intervene(*args)
