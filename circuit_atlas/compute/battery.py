@@ -192,7 +192,10 @@ def prompt_battery(adapter, tokens: torch.Tensor, units: list[Unit],
     watch = _watch([units[u] for u in modules]) if len(modules) > 1 else {}
     cols: dict[str, list] = {"unit": [], "intervention": []}
     circuits = []
-    clean_abs = None
+    if watch:  # every row reruns the positions from the first edited one on
+        p0 = int(torch.nonzero(where)[0])
+        clean_acts = {j: clean.act[j][p0:, torch.as_tensor(n)][None] for j, n in watch.items()}
+        clean_abs = {b: float(_abs_mean(units[b], clean_acts, watch)[0]) for b in modules}
     for lo in range(0, len(plan), batch):
         chunk = plan[lo:lo + batch]
         rows = [e for r, (u, i) in enumerate(chunk)
@@ -207,12 +210,6 @@ def prompt_battery(adapter, tokens: torch.Tensor, units: list[Unit],
         for key, val in m.items():
             cols.setdefault(key, []).append(val)
         if watch:
-            p0 = T - next(iter(acts.values())).shape[1]
-            if clean_abs is None or clean_abs[0] != p0:
-                clean_acts = {j: clean.act[j][p0:, torch.as_tensor(n)][None]
-                              for j, n in watch.items()}
-                clean_abs = (p0, {b: float(_abs_mean(units[b], clean_acts, watch)[0])
-                                  for b in modules})
             for r, (u, i) in enumerate(chunk):
                 if units[u].kind != "module" or interventions[i].kind not in ABLATIONS:
                     continue
@@ -221,7 +218,7 @@ def prompt_battery(adapter, tokens: torch.Tensor, units: list[Unit],
                         new = float(_abs_mean(units[b], {j: a[r:r + 1] for j, a in acts.items()},
                                               watch)[0])
                         circuits.append({"unit": u, "other": b, "intervention": i,
-                                         "clean": clean_abs[1][b], "intervened": new})
+                                         "clean": clean_abs[b], "intervened": new})
     out = {k: np.concatenate(v) for k, v in cols.items()}
     out["target_token"] = np.full(len(out["unit"]), target)
     return out, circuits
@@ -237,16 +234,14 @@ def summarise(rows: pl.DataFrame) -> pl.DataFrame:
     def mean(expr: pl.Expr, where: pl.Expr) -> pl.Expr:
         return expr.cast(pl.Float64).filter(where).mean()
 
-    setting = (pl.when(kind == "boost")
-               .then(pl.format("boost x{}", pl.col("factor").round(6).cast(pl.String)
-                               .str.replace(r"\.0+$", "")))
-               .when(kind == "set")
-               .then(pl.when(pl.col("quantile") == 100).then(pl.lit("set max"))
-                     .otherwise(pl.format("set p{}", pl.col("quantile"))))
-               .otherwise(kind))
+    ivs = ["intervention", "factor", "quantile"]
+    settings = pl.DataFrame(  # each intervention as Intervention itself names it
+        [(*iv, str(Intervention(*iv))) for iv in rows.select(ivs).unique().iter_rows()],
+        schema={**rows.select(ivs).schema, "setting": pl.String}, orient="row")
     relative = -pl.col("prob_delta") / pl.col("prob_clean").clip(1e-30)
     key = ["unit", "unit_kind", "layer", "neuron", "members"]
-    return (rows.with_columns(setting=setting).group_by(key, maintain_order=True).agg(
+    return (rows.join(settings, on=ivs, how="left", nulls_equal=True)
+            .group_by(key, maintain_order=True).agg(
         prompts=pl.col("prompt_id").n_unique(),
         ablation=pl.col("setting").filter(abl).first(),
         necessity=mean(relative, abl),
@@ -285,8 +280,7 @@ class BatteryPrompt:
 def battery_prompts(lake, corpora: list[str], limit: int | None) -> list[BatteryPrompt]:
     """The prompts of ``corpora`` by id, with the target, distractor and counterfactual
     fields of their records (``meta``), where present."""
-    prompts = (pl.concat([lake.scan("prompts", corpus=c) for c in corpora])
-               .select("prompt_id", "text", "meta").unique("prompt_id").sort("prompt_id"))
+    prompts = lake.corpus_prompts(corpora).select("prompt_id", "text", "meta")
     if limit is not None:
         prompts = prompts.head(limit)
     out = []
@@ -389,7 +383,7 @@ def activation_values(lake, model: str, corpora: list[str], units: list[Unit]
         return neuron_values(stats.filter(
             pack(pl.col("layer"), pl.col("neuron")).is_in(keys.tolist())).collect())
     raise CircuitAtlasError(
-        f"mean ablation and --boost-quantile read the activation statistics, and "
+        f"mean ablation and setting to a percentile read the activation statistics, and "
         f"{', '.join(corpora)} has none: run circuit-atlas activations --corpus "
         f"{corpora[0]}, or use --ablate zero")
 

@@ -242,8 +242,7 @@ def effect_pairs(lake, model: str, corpora: list[str], n_layers: int,
                  ) -> pl.DataFrame:
     """(prompt_id, text, layer, neuron) to evaluate: each graph's MLP neurons on its own
     prompt, or the given ``neurons`` on every prompt of ``corpora``."""
-    prompts = (pl.concat([lake.scan("prompts", corpus=c) for c in corpora])
-               .select("prompt_id", "text").unique("prompt_id").sort("prompt_id"))
+    prompts = lake.corpus_prompts(corpora).select("prompt_id", "text")
     if neurons is not None:
         wanted = pl.LazyFrame({"layer": [n[0] for n in neurons],
                                "neuron": [n[1] for n in neurons]},

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from circuit_atlas.compute.adapters import Adapter
+from circuit_atlas.compute.effects import final_logits
 from circuit_atlas.compute.trace import (
     attention_output,
     attention_pattern,
@@ -165,8 +166,7 @@ def rerun(adapter: Adapter, clean: Clean, edits: Edits,
     for j, layer_watch in watch.items():  # layers before any edit: clean
         if j not in seen:
             seen[j] = clean.act[j][p0:, torch.as_tensor(layer_watch)][None].repeat(B, 1, 1)
-    logits = normed(a, x[:, -1], a.final_norm) @ a.unembed.T
-    return logits[rank], {j: s[rank] for j, s in seen.items()}
+    return final_logits(a, x[:, -1])[rank], {j: s[rank] for j, s in seen.items()}
 
 
 def _edit_sums(clean: Clean, edits: Edits, e: np.ndarray) -> torch.Tensor:
@@ -203,13 +203,18 @@ def _writes(adapter: Adapter, clean: Clean, edits: Edits, rows: np.ndarray) -> t
     return write
 
 
+def _direct_logits(adapter: Adapter, write: torch.Tensor) -> torch.Tensor:
+    """Writes (..., d) through the final norm's weight (its scale left out) and the
+    unembedding: the static output projection."""
+    return (write * adapter.final_norm) @ adapter.unembed.T
+
+
 def predicted_direction(adapter: Adapter, clean: Clean, edits: Edits) -> torch.Tensor:
     """(B, V): the logit change each row's neurons' output projections predict for its
     edit (of the clean activations, summed over the edited positions): the edit times
     ``W_down[:, n]`` along the direct path to the unembedding, final and post-MLP norm
     weights applied and their scales left out, as the projections table has it."""
-    write = _writes(adapter, clean, edits, np.arange(edits.rows))
-    return (write * adapter.final_norm) @ adapter.unembed.T
+    return _direct_logits(adapter, _writes(adapter, clean, edits, np.arange(edits.rows)))
 
 
 def predicted_tokens(adapter: Adapter, clean: Clean, edits: Edits,
@@ -231,14 +236,13 @@ def predicted_tokens(adapter: Adapter, clean: Clean, edits: Edits,
         if missing:  # one unembedding for all of them: a matrix, not many vectors
             w = torch.stack([_write_column(adapter.blocks[j], n) * sign
                              for j, n, sign in missing])
-            top = ((w * adapter.final_norm) @ adapter.unembed.T).topk(PREDICTED, -1).indices
+            top = _direct_logits(adapter, w).topk(PREDICTED, -1).indices
             cache.update(zip(missing, top, strict=True))
         out[torch.as_tensor(single)] = torch.stack([cache[k] for k in keys])
     multi = np.flatnonzero(counts > 1)
     if len(multi):
-        write = _writes(adapter, clean, edits, multi)
-        out[torch.as_tensor(multi)] = ((write * adapter.final_norm) @ adapter.unembed.T
-                                       ).topk(PREDICTED, -1).indices
+        out[torch.as_tensor(multi)] = _direct_logits(
+            adapter, _writes(adapter, clean, edits, multi)).topk(PREDICTED, -1).indices
     return out
 
 

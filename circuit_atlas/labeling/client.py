@@ -24,6 +24,23 @@ class Usage(Protocol):
     completion_tokens: int
 
 
+@dataclass(kw_only=True)
+class Tally:
+    """What a run of questions came to: the reports of labeling and of scoring."""
+
+    asked: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def answered(self, ok: bool) -> None:
+        self.asked += 1
+        self.ok += ok
+        self.failed += not ok
+
+
 @dataclass
 class LLMSettings:
     model: str

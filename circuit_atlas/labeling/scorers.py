@@ -74,7 +74,8 @@ SYSTEM = {
         "is the set this neuron's boost raises most. Judging from the description alone, "
         "answer with the number of that set for every round, in order."),
 }
-FIELD = {"detection": "activates", "fuzzing": "correct"}
+FIELD = {"detection": "activates", "fuzzing": "correct", "intervention": "choices"}
+BOOLEAN_ITEM = {"type": "boolean"}
 
 
 @dataclass
@@ -101,16 +102,18 @@ def seed(*parts: Any) -> int:
                           "little")
 
 
-def _schema(scorer: str, lengths: list[int]) -> dict[str, Any]:
+def _schema(scorer: str, lengths: list[int], item: dict[str, Any] = BOOLEAN_ITEM
+            ) -> dict[str, Any]:
     """The reply's JSON schema, with every count fixed (``lengths``: the excerpts'
-    token counts), so a grammar-constrained scorer cannot answer the wrong number."""
+    token counts; else one answer of ``item`` per entry), so a grammar-constrained
+    scorer cannot answer the wrong number."""
     if scorer == "simulation":
         props: dict[str, Any] = {
             f"excerpt_{i + 1}": {"type": "array", "minItems": n, "maxItems": n,
                                  "items": {"type": "integer", "minimum": 0, "maximum": SCALE}}
             for i, n in enumerate(lengths)}
     else:
-        props = {FIELD[scorer]: {"type": "array", "items": {"type": "boolean"},
+        props = {FIELD[scorer]: {"type": "array", "items": item,
                                  "minItems": len(lengths), "maxItems": len(lengths)}}
     schema = {"type": "object", "properties": props, "required": list(props),
               "additionalProperties": False}
@@ -346,25 +349,16 @@ def intervention(label: str, effect: Effect, rng: np.random.Generator,
         shown.append(f"Round {r + 1}:\n{body}")
     msgs = [{"role": "system", "content": SYSTEM["intervention"]},
             {"role": "user", "content": f"Description: {label}\n\n" + "\n\n".join(shown)}]
-    schema = {"type": "object", "properties": {"choices": {
-        "type": "array", "minItems": rounds, "maxItems": rounds,
-        "items": {"type": "integer", "minimum": 1, "maximum": candidates}}},
-        "required": ["choices"], "additionalProperties": False}
-    fmt = {"type": "json_schema", "json_schema": {"name": "intervention_score",
-                                                  "schema": schema, "strict": True}}
+    fmt = _schema("intervention", [1] * rounds,
+                  {"type": "integer", "minimum": 1, "maximum": candidates})
 
     def check(content: str | None, logprobs: list | None):
-        if not content:
-            return None, "empty reply"
-        try:
-            got = json.loads(content)["choices"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return None, "invalid reply (not a JSON object with the fields asked for)"
-        if (not isinstance(got, list) or len(got) != rounds
-                or not all(isinstance(v, int) and not isinstance(v, bool)
-                           and 1 <= v <= candidates for v in got)):
-            return None, (f"invalid reply (choices: need {rounds} integers from 1 to "
-                          f"{candidates})")
+        got, error = _reply("intervention", content, [1] * rounds)
+        if got is None:
+            return None, error
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= candidates
+                   for v in got):
+            return None, f"invalid reply (choices: not all integers from 1 to {candidates})"
         accuracy = float((np.array(truth) == np.array(got)).mean())
         m = {"accuracy": accuracy, "chance": 1 / candidates, "rounds": rounds,
              "candidates": candidates}

@@ -344,6 +344,13 @@ class Lake:
                    for f, r in parts if r]
         return frames[0] if len(frames) == 1 else pl.concat(frames)
 
+    def corpus_prompts(self, corpora: list[str]) -> pl.LazyFrame:
+        """The prompts of ``corpora`` by id, each once (a text in two corpora has one id)."""
+        import polars as pl
+
+        return (pl.concat([self.scan("prompts", corpus=c) for c in corpora])
+                .unique("prompt_id").sort("prompt_id"))
+
     def _derived_files(self, name: str, model: str | None, corpus: str | None,
                        version: Version) -> list[str]:
         if name not in DERIVED:

@@ -57,20 +57,26 @@ class AtlasTools:
         self.tokenizer, self.max_rows, self.sql_seconds = tokenizer, max_rows, sql_seconds
         manifest = self.lake.table_manifest(self.model, self.corpus, "neurons") or {}
         self.n_layers = ((manifest.get("inputs") or {}).get("model_shape") or {}).get("n_layers")
-        self.names = NodeNames(tokenizer, self.n_layers)
         self.budget = interventions  # intervene and steer calls left
         self.model_spec = model_spec or (manifest.get("inputs") or {}).get("model")
         self._loaded = None
 
+    @property
+    def names(self) -> NodeNames:
+        return NodeNames(self.tokenizer, self.n_layers)
+
     # provenance ------------------------------------------------------------------------
 
-    def _version(self, table: str) -> str | None:
-        m = self.lake.table_manifest(self.model, self.corpus, table)
+    def _version(self, table: str, corpus: str | None = None) -> str | None:
+        m = self.lake.table_manifest(self.model, corpus or self.corpus, table)
         return None if m is None else m.get("version")
 
-    def _source(self, table: str, **keys: Any) -> dict[str, Any]:
-        return {"table": table, "model": self.model, "corpus": self.corpus,
-                "version": self._version(table), "keys": keys}
+    def _source(self, table: str, corpus: str | None = None, **keys: Any) -> dict[str, Any]:
+        """A citation: the table (of the atlas's corpus set, or of one ``corpus``), its
+        published version, the keys read."""
+        corpus = corpus or self.corpus
+        return {"table": table, "model": self.model, "corpus": corpus,
+                "version": self._version(table, corpus), "keys": keys}
 
     def _labels(self) -> pl.DataFrame | None:
         from circuit_atlas.lake.labels import current_labels
@@ -205,10 +211,7 @@ class AtlasTools:
                                  max(1, min(int(top), self.max_rows)), self.tokenizer)
         if found is None:
             raise CircuitAtlasError("no exemplars yet (circuit-atlas activations)")
-        versions = [{"table": "exemplars", "model": self.model, "corpus": c,
-                     "version": (self.lake.table_manifest(self.model, c, "exemplars")
-                                 or {}).get("version"), "keys": {"layer": layer,
-                                                                 "neuron": index}}
+        versions = [self._source("exemplars", c, layer=layer, neuron=index)
                     for c in corpora_of(self.corpus)]
         return {"neuron": neuron_label(layer, index), **_jsonable(found), "source": versions}
 
@@ -255,9 +258,7 @@ class AtlasTools:
         values, cited = None, []
         if iv.needs_stats:
             values = activation_values(self.lake, self.model, corpora_of(self.corpus), [unit])
-            cited = [{"table": "activation_stats", "model": self.model, "corpus": c,
-                      "version": (self.lake.table_manifest(self.model, c, "activation_stats")
-                                  or {}).get("version"), "keys": {"unit": unit.name}}
+            cited = [self._source("activation_stats", c, unit=unit.name)
                      for c in corpora_of(self.corpus)]
         return iv, values, cited
 
@@ -384,11 +385,8 @@ def run_mcp(lake: Lake | str, *, model: str | None = None, corpora=None,
     tools = AtlasTools(lake, None if model is None else model_name(model),
                        as_corpora(corpora) or None, interventions=interventions,
                        model_spec=model)
-    manifest = tools.lake.table_manifest(tools.model, tools.corpus, "neurons") or {}
-    spec = model or (manifest.get("inputs") or {}).get("model")
-    if spec is not None:  # token ids named as text where the tokenizer is at hand
-        tools.tokenizer = optional_tokenizer(spec)
-        tools.names = NodeNames(tools.tokenizer, tools.n_layers)
+    if tools.model_spec is not None:  # token ids named as text where the tokenizer is at hand
+        tools.tokenizer = optional_tokenizer(tools.model_spec)
     app = build_server(tools)
     if transport == "stdio":
         app.run("stdio")
