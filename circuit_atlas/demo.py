@@ -23,7 +23,7 @@ DEMO_CORPORA = ("medical", "general")
 DEMO_PROMPTS = 24
 # neurons the demo labels and scores through the embedded LLM (of the last layer): what
 # fits the 5 minutes; circuit-atlas label / score do every neuron
-LABEL_SLICE = 4
+LABEL_SLICE = 1  # neurons the demo labels, each by the input and negative passes
 
 
 def demo_corpus_file(name: str) -> Path:
@@ -188,17 +188,21 @@ DEMO_DESCRIPTION = 200  # characters of a label's description in the demo
 
 
 def _label_slice(lake, model, key: str, corpora: list[str], n: int) -> list[str]:
-    """The ``n`` neurons of the last layer the demo labels: of those that activate
-    positively somewhere (the activation scorers test what drives the activation up; a
-    neuron never above 0 has no such context), the ones in the most graphs."""
+    """The ``n`` neurons of the last layer the demo labels, twice: what drives each one
+    up (the input pass) and what drives it most negative (the negative pass). Of those
+    that activate positively somewhere (the input label's scorers need such contexts)
+    and whose negative side is strong (the negative pass labels only those), the ones
+    in the most graphs."""
+    from circuit_atlas.labeling.evidence import NEGATIVE_SHARE
+
     layer = model.adapter.n_layers - 1
-    active = set()
-    for c in corpora:
-        active |= set(lake.table("activation_stats", model.name, c).filter(
-            (pl.col("layer") == layer) & (pl.col("max") > 0)).select("neuron").collect()[
-            "neuron"].to_list())
+    stats = pl.concat([lake.table("activation_stats", model.name, c).filter(
+        pl.col("layer") == layer).select("neuron", "min", "max").collect() for c in corpora]
+    ).group_by("neuron").agg(pl.col("min").min(), pl.col("max").max())
+    both = stats.filter((pl.col("max") > 0) & (-pl.col("min") >= NEGATIVE_SHARE * pl.col("max")))
     chosen = (lake.table("neurons", model.name, key)
-              .filter((pl.col("layer") == layer) & pl.col("neuron").is_in(sorted(active)))
+              .filter((pl.col("layer") == layer)
+                      & pl.col("neuron").is_in(sorted(both["neuron"].to_list())))
               .sort(["graph_count", "neuron"], descending=[True, False]).head(n)
               .select("neuron").collect()["neuron"].to_list())
     return [neuron_label(layer, x) for x in chosen]
@@ -224,7 +228,7 @@ def _battery(lake, model, key: str, corpora: list[str], neurons: tuple[str, ...]
 
 def _label_and_score(lake, model, key: str, corpora: list[str], neurons: list[str],
                      console: Console) -> None:
-    """Label ``neurons`` (input pass) and score the labels, through the embedded
+    """Label ``neurons`` (input and negative passes) and score the labels, through the embedded
     OpenAI-compatible server with the real openai client, and print the scores."""
     from rich.table import Table
 
@@ -246,15 +250,17 @@ def _label_and_score(lake, model, key: str, corpora: list[str], neurons: list[st
         # every character is a decode step that reads the whole model
         settings = LLMSettings(model=model.name, base_url=server.url, concurrency=8,
                                timeout=900, max_retries=1, description_chars=DEMO_DESCRIPTION)
-        # the input pass only: the output pass would double the time (every decode step
-        # reads the whole model; the output labels' intervention check is in the tests)
-        with console.status(f"labelling {len(ids)} neurons of layer {layer} (input "
-                            "pass) ..."):
-            labels = label_lake(lake, model.name, key, "input", settings, layers=[layer],
-                                tokenizer=model.tokenizer, neurons=ids)
-        console.print(f"[green]label[/] input pass, layer {layer}: {labels.ok} ok, "
-                      f"{labels.failed} failed, {labels.skipped} already labelled; "
-                      f"{labels.seconds:.1f} s")
+        # what drives each neuron up and what drives it most negative; the output pass
+        # would add as much again (every decode step reads the whole model; the output
+        # labels' intervention check is in the tests)
+        for pass_ in ("input", "negative"):
+            with console.status(f"labelling {len(ids)} neurons of layer {layer} ({pass_} "
+                                "pass) ..."):
+                labels = label_lake(lake, model.name, key, pass_, settings, layers=[layer],
+                                    tokenizer=model.tokenizer, neurons=ids)
+            console.print(f"[green]label[/] {pass_} pass, layer {layer}: {labels.ok} ok, "
+                          f"{labels.failed} failed, {labels.skipped} already labelled; "
+                          f"{labels.seconds:.1f} s")
         run_stage(run_negatives, console, lake, model=model, corpora=corpora,
                   params=NegativesParams(layers=(layer,)))
         with console.status("scoring the labels (detection, fuzzing, simulation) ..."):
@@ -265,12 +271,12 @@ def _label_and_score(lake, model, key: str, corpora: list[str], neurons: list[st
     if scored is None or scored.filter(pl.col("layer") == layer).is_empty():
         return
     scored = with_scores(lake, model.name, key, scored.filter(
-        (pl.col("layer") == layer) & (pl.col("pass") == "input")))
-    table = Table("neuron", "input label", "detection", "fuzzing", "simulation",
+        (pl.col("layer") == layer) & pl.col("pass").is_in(["input", "negative"])))
+    table = Table("neuron", "pass", "label", "detection", "fuzzing", "simulation",
                   title=f"labels by {model.name} and their scores (label_scores)",
                   title_justify="left")
-    for r in scored.sort("neuron").iter_rows(named=True):
-        table.add_row(neuron_label(r["layer"], r["neuron"]), r["label"],
+    for r in scored.sort("neuron", "pass", descending=[False, True]).iter_rows(named=True):
+        table.add_row(neuron_label(r["layer"], r["neuron"]), r["pass"], r["label"],
                       *(f"{r[s]:.2f}" if r[s] is not None else "-"
                         for s in ("detection", "fuzzing", "simulation")))
     console.print(table)

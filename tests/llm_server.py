@@ -30,7 +30,7 @@ NEURON = re.compile(r"Neuron (L\d+/N\d+)")
 # faults whose reply is schema-valid JSON with a label that label hygiene must refuse
 HYGIENE = {"reasoning": "Let me look at the evidence: the neuron seems to fire on commas",
            "nonanswer": "No clear pattern",
-           "essay": " ".join(["fires"] * 20)}
+           "essay": " ".join(["fire"] * 15)}
 
 
 def _word(text: str, word: str | None) -> bool:
@@ -89,7 +89,8 @@ def answer(messages: list[dict[str, str]]) -> tuple[str, str, dict[str, Any]]:
         return f"C{cluster.group(1)}", "cluster", {
             "label": f"cluster {cluster.group(1)} of {cluster.group(2)}", "coherence": 0.75}
     nid = NEURON.search(user).group(1)
-    pass_ = "output" if "DOES" in messages[0]["content"] else "input"
+    system = messages[0]["content"]
+    pass_ = "output" if "DOES" in system else "negative" if "NEGATIVE" in system else "input"
     return nid, pass_, {
         "label": f"{pass_} label of {nid}",
         "description": f"made from a prompt of {len(user)} characters",
@@ -106,6 +107,8 @@ class LLMServer:
         self.hang_s = hang_s
         self.delay_s = 0.0
         self.refuse_logprobs = False
+        # neuron id -> labels answered by the request's seed (best-of-N samples)
+        self.candidates: dict[str, list[str]] = {}
         self.lock = threading.Lock()
         server = self
 
@@ -176,11 +179,16 @@ class LLMServer:
         if name.endswith("_score"):
             return self.score(name.removesuffix("_score"), body)
         nid, pass_, fields = answer(body["messages"])
+        if nid in self.candidates:
+            options = self.candidates[nid]
+            fields["label"] = options[(body.get("seed") or 0) % len(options)]
         with self.lock:
             faults = self.faults.get(f"{pass_}:{nid}") or self.faults.get(nid) or []
             fault = faults.pop(0) if faults else None
             self.requests.append({"neuron": nid, "pass": pass_, "fault": fault,
-                                  "prompt": body["messages"][-1]["content"]})
+                                  "prompt": body["messages"][-1]["content"],
+                                  "sampling": {k: body[k] for k in ("temperature", "seed")
+                                               if k in body}})
         if self.delay_s:
             time.sleep(self.delay_s)
         n_prompt = sum(len(m["content"]) for m in body["messages"]) // 4

@@ -33,8 +33,9 @@ def doctor(as_json: bool) -> None:
                    "neurons their graphs reach.")
 @click.option("--full", is_flag=True,
               help="Every prompt (40 per corpus) and the projections of every neuron.")
-@click.option("--label-neurons", type=int, default=None, show_default="4",
-              help="Neurons of the last layer labelled and scored by the embedded LLM.")
+@click.option("--label-neurons", type=int, default=None, show_default="1",
+              help="Neurons of the last layer labelled (input and negative passes) and "
+                   "scored by the embedded LLM.")
 def demo(lake_path: str, limit: int, full: bool, label_neurons: int | None) -> None:
     """Run the pipeline on the built-in demo corpora (medical vs. general prompts)
     with the embedded SmolLM2 model on the CPU, and print the time of each stage."""

@@ -25,9 +25,10 @@ from circuit_atlas.labeling.params import LabelParams, ScoreParams, ServeParams
 @params_options(LabelParams, names={"passes": "pass", "layers": "layer",
                                     "name_clusters": "clusters"})
 def label(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) -> None:
-    """Label every neuron twice with an LLM: the output pass (what it does; late layers
-    first, showing its targets' labels) and the input pass (what triggers it; early
-    layers first, showing its sources' labels), then name the clusters. Resumable: a
+    """Label every neuron with an LLM: the output pass (what it does; late layers first,
+    showing its targets' labels), the input pass (what drives its activation up; early
+    layers first, showing its sources' labels) and the negative pass (what drives it
+    most negative, where that side is strong), then name the clusters. Resumable: a
     rerun asks only what is missing or failed."""
     from circuit_atlas.labeling.run import run_labels
 
@@ -41,12 +42,14 @@ def label(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) 
 @corpora_option()
 @params_options(ScoreParams, names={"scorers": "scorer", "passes": "pass", "layers": "layer"})
 def score(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) -> None:
-    """Score every input and prior label on held-out contexts the labeler never saw:
-    detection (activating contexts vs. random and hard negatives; balanced accuracy),
-    fuzzing (correctly marked tokens vs. shuffled marks) and simulation (per-token
-    activations predicted from the label; Pearson's r), each asked of an
-    OpenAI-compatible scorer LLM. Writes the label_scores table; resumable. Run
-    circuit-atlas negatives first for hard negatives."""
+    """Score every label. Input, negative and prior labels on held-out contexts the
+    labeler never saw (a negative label on the neuron's most negative ones): detection
+    (activating contexts vs. random and hard negatives; balanced accuracy), fuzzing
+    (correctly marked tokens vs. shuffled marks) and simulation (per-token activations
+    predicted from the label; Pearson's r). Output labels against the causal battery:
+    intervention (which token set its boost raises). Each asked of an OpenAI-compatible
+    scorer LLM. Writes the label_scores table; resumable. Run circuit-atlas negatives
+    first for hard negatives, and circuit-atlas intervene for the intervention check."""
     from circuit_atlas.labeling.scoring import run_label_scores
 
     display.run_stage(run_label_scores, display.console(), lake_path, model=model,
@@ -131,7 +134,8 @@ def labels_import(file: str, lake_path: str, model: str, corpora: tuple[str, ...
 @lake_option
 @model_option
 @corpora_option()
-@click.option("--pass", "pass_", type=click.Choice(["output", "input"]), default=None,
+@click.option("--pass", "pass_", type=click.Choice(["output", "input", "negative"]),
+              default=None,
               help="Only neurons with this pass's label.")
 def browse(lake_path: str, model: str, corpora: tuple[str, ...], pass_: str | None) -> None:
     """Page through labelled neurons with their evidence (n/Enter next, b back,

@@ -6,7 +6,8 @@ label of the right topic; delphi's users report detection F1 falling ~10% once t
 negatives are hard. A hard negative here is a held-out top exemplar of a *partner* (a
 neuron of the same cluster module, else one that fires in the same graphs, else
 another neuron of the same layer when the lake has neither table) on which this
-neuron stays below ``NOT_ACTIVE`` of its largest activation at every counted token.
+neuron stays below ``NOT_ACTIVE`` of its largest activation at every counted token
+(for a label of its negative side: above ``NOT_ACTIVE`` of its most negative one).
 Random negatives are held-out windows drawn per neuron (the quantile samples hold
 too few near-zero contexts once the held-out split has taken its fifth). Finding out
 whether a window is a negative takes one replay of it (``compute.activations.replay``),
@@ -118,31 +119,43 @@ def negative_rows(model: LoadedModel, windows: dict[int, Window], entries: pl.Da
                   maxima: pl.DataFrame, keep: int, batch_tokens: int = 4096,
                   on_tokens=None) -> pa.Table:
     """Replay the entries' windows, reading each entry's neuron at every token, and keep
-    up to ``keep`` per neuron, hard and random each, on which it stays below
-    ``NOT_ACTIVE`` of its largest activation (``maxima``: layer, neuron, max) at every
-    counted token."""
+    up to ``keep`` per neuron and side, hard and random each: where ``up``, windows on
+    which it stays below ``NOT_ACTIVE`` of its largest activation at every counted token,
+    where ``down``, above ``NOT_ACTIVE`` of its most negative one (``maxima``: layer,
+    neuron, max, min, up, down)."""
     if entries.is_empty():
         return NEGATIVES.schema.empty_table()
     wid = entries["window_id"].to_numpy()
     got = replay(model, [windows[w] for w in np.unique(wid).tolist()], wid,
                  entries["layer"].to_numpy(), entries["neuron"].to_numpy(), batch_tokens,
                  on_tokens)
-    peak, position = [], []
+    peak, trough, position = [], [], []
     for e, w in enumerate(wid.tolist()):
         acts = got.values[got.offsets[e]:got.offsets[e + 1]]
         skip = windows[w].skip
         counted = acts[skip:] if len(acts) > skip else acts
         p = int(np.argmax(counted)) + (skip if len(acts) > skip else 0)
         peak.append(float(acts[p]))
+        trough.append(float(counted.min(initial=0.0)))
         position.append(p)
     rows = entries.with_columns(
         activation=pl.Series(peak, dtype=pl.Float32), position=pl.Series(position,
                                                                          dtype=pl.Int32),
+        _trough=pl.Series(trough, dtype=pl.Float32),
         _entry=pl.int_range(pl.len())).join(maxima, on=["layer", "neuron"])
-    kept = rows.filter(pl.col("activation") < NOT_ACTIVE * pl.col("max")).with_columns(
-        hard=pl.col("source") != "random").sort(
-        "layer", "neuron", "hard", "rank", "partner_layer", "partner_neuron").group_by(
-        ["layer", "neuron", "hard"], maintain_order=True).head(keep)
+    # silent on each side its labels speak of; a side the neuron never reaches (max 0:
+    # never above zero) is silent everywhere
+    up = pl.col("up") & ((pl.col("max") <= 0)
+                         | (pl.col("activation") < NOT_ACTIVE * pl.col("max")))
+    down = pl.col("down") & ((pl.col("min") >= 0)
+                             | (pl.col("_trough") > NOT_ACTIVE * pl.col("min")))
+    group = ["layer", "neuron", "hard"]
+    kept = rows.with_columns(_up=up, _down=down, hard=pl.col("source") != "random").sort(
+        "layer", "neuron", "hard", "rank", "partner_layer", "partner_neuron").with_columns(
+        _up_rank=pl.col("_up").cum_sum().over(group),
+        _down_rank=pl.col("_down").cum_sum().over(group)).filter(
+        (pl.col("_up") & (pl.col("_up_rank") <= keep))
+        | (pl.col("_down") & (pl.col("_down_rank") <= keep)))
     index = kept["_entry"].to_numpy()
     acts = [got.values[got.offsets[e]:got.offsets[e + 1]].tolist() for e in index]
     return pa.table({
@@ -158,23 +171,30 @@ def negative_rows(model: LoadedModel, windows: dict[int, Window], entries: pl.Da
     }, schema=NEGATIVES.schema)
 
 
+ACTIVATION_PASSES = ("input", "negative", "prior")  # the labels scored on contexts
+
+
 def scored_targets(lake: Lake, model: str, atlas: str, every_neuron: bool,
                    exemplars: pl.DataFrame) -> pl.DataFrame:
-    """The neurons to find negatives for: those with an input or prior label (the
-    labels a scorer reads contexts for), or with ``every_neuron`` all that have
-    exemplars."""
+    """The neurons to find negatives for: those with an input, negative or prior label
+    (the labels a scorer reads contexts for), or with ``every_neuron`` all that have
+    exemplars. Columns: layer, neuron, up (whether it has a label of what drives it up:
+    its negatives must stay low), down (a label of what drives it most negative: they
+    must stay above its negative side); both with ``every_neuron``."""
     from circuit_atlas.lake.labels import known_labels, latest_ok
 
     if every_neuron:
-        return exemplars.select("layer", "neuron").unique().sort("layer", "neuron")
+        return exemplars.select("layer", "neuron").unique().sort("layer", "neuron").with_columns(
+            up=pl.lit(True), down=pl.lit(True))
     labels = latest_ok(known_labels(lake, model, atlas))
-    if labels is None or labels.filter(pl.col("pass").is_in(["input", "prior"])).is_empty():
+    mine = None if labels is None else labels.filter(pl.col("pass").is_in(ACTIVATION_PASSES))
+    if mine is None or mine.is_empty():
         raise CircuitAtlasError(
-            f"no input or prior labels in {atlas!r} to find negatives for: label first "
-            "(circuit-atlas label --pass input) or pass --every-neuron")
-    return labels.filter(pl.col("pass").is_in(["input", "prior"])).select(
-        pl.col("layer").cast(pl.Int16), pl.col("neuron").cast(pl.Int32)).unique().sort(
-        "layer", "neuron")
+            f"no input, negative or prior labels in {atlas!r} to find negatives for: label "
+            "first (circuit-atlas label --pass input) or pass --every-neuron")
+    return mine.group_by(pl.col("layer").cast(pl.Int16), pl.col("neuron").cast(pl.Int32)).agg(
+        up=(pl.col("pass") != "negative").any(), down=(pl.col("pass") == "negative").any()
+    ).sort("layer", "neuron")
 
 
 @dataclass
@@ -227,9 +247,10 @@ def run_negatives(lake: Lake | str, *, model: str | LoadedModel,
             exemplars = ex.filter(mine).select(
                 "layer", "neuron", "window_id", "rank").collect().with_columns(
                 rank=pl.col("rank").rank("ordinal").over("layer", "neuron") - 1)
-            targets = scored_targets(lake, name, atlas, params.every_neuron, exemplars)
+            signed = scored_targets(lake, name, atlas, params.every_neuron, exemplars)
             if params.layers:
-                targets = targets.filter(pl.col("layer").is_in(list(params.layers)))
+                signed = signed.filter(pl.col("layer").is_in(list(params.layers)))
+            targets = signed.select("layer", "neuron")
             pool = win.filter(held_out(pl.col("prompt_id"))).select("window_id").collect()[
                 "window_id"].to_numpy()
             own = ex.filter(pl.col("layer").is_in(targets["layer"].unique().implode())).select(
@@ -251,7 +272,8 @@ def run_negatives(lake: Lake | str, *, model: str | LoadedModel,
                 done += n
                 progress.update(f"negatives {corpus}", done, total)
 
-            maxima = stats.select("layer", "neuron", "max").collect()
+            maxima = stats.select("layer", "neuron", "max", "min").collect().join(
+                signed, on=["layer", "neuron"])
             rows = negative_rows(ready, windows, entries, maxima, params.keep,
                                  params.batch_tokens, tick)
             version = TableVersion(lake, name, corpus, "negatives")

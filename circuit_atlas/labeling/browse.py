@@ -2,7 +2,7 @@
 
 Keys (one per line): ``n`` or Enter next, ``b`` back, ``r`` random, ``g`` go to a
 neuron (asked for, e.g. L18/N6721), ``l`` jump to a layer (asked for), ``q`` quit.
-Each page shows both labels and the evidence they were made from.
+Each page shows the neuron's labels and the evidence they were made from.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import polars as pl
 
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.labeling.evidence import Atlas, layer_evidence
-from circuit_atlas.labeling.templates import input_prompt, output_prompt
+from circuit_atlas.labeling.templates import messages
 from circuit_atlas.lake import Lake
 from circuit_atlas.lake.labels import SCORERS, known_labels, latest_ok, with_scores
 from circuit_atlas.lake.neurons import neuron_label, parse_neuron
@@ -31,7 +31,7 @@ class Browser:
         if labels is None or labels.filter(pl.col("status") == "ok").is_empty():
             raise CircuitAtlasError("no labels yet: run circuit-atlas label (or labels import)")
         self.labels = with_scores(lake, model, corpus, latest_ok(labels))
-        passes = [pass_] if pass_ else ["output", "input", "prior"]
+        passes = [pass_] if pass_ else ["output", "input", "negative", "prior"]
         self.order = (self.labels.filter(pl.col("pass").is_in(passes))
                       .select("layer", "neuron").unique().sort("layer", "neuron").rows())
         if not self.order:
@@ -50,12 +50,14 @@ class Browser:
             scored = [f"{s} {r[s]:.2f}" for s in SCORERS if r.get(s) is not None]
             if scored:
                 lines.append(f"    scores ({r['scorer_model']}): {', '.join(scored)}")
-        for pass_, render in (("output", output_prompt), ("input", input_prompt)):
-            if self.pass_ in (None, pass_):
+        for pass_ in ("output", "input", "negative"):
+            shown = pass_ != "negative" or "negative" in set(mine["pass"])
+            if self.pass_ in (None, pass_) and shown:
                 ev = layer_evidence(self.atlas, pass_, layer, self.labels, [neuron])
                 if neuron in ev:
                     lines.append(f"  evidence ({pass_} pass):")
-                    lines += ["    " + x for x in render(ev[neuron]).splitlines()[1:]]
+                    body = messages(pass_, ev[neuron])[1]["content"]
+                    lines += ["    " + x for x in body.splitlines()[1:]]
         return "\n".join(lines)
 
     def go(self, text: str) -> bool:

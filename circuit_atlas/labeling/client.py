@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from circuit_atlas.errors import CircuitAtlasError
@@ -78,13 +78,14 @@ class Request:
     response_format: dict[str, Any]
     check: Callable[[str | None, list | None], tuple[Any, str | None]]
     logprobs: bool = False
+    sampling: dict[str, Any] = field(default_factory=dict)  # e.g. temperature, seed
 
 
-def label_request(pass_: str, msgs: list[dict[str, str]], description_chars: int = DESCRIPTION
-                  ) -> Request:
-    """A labeling question of ``pass_`` (output, input, cluster)."""
+def label_request(pass_: str, msgs: list[dict[str, str]], description_chars: int = DESCRIPTION,
+                  sampling: dict[str, Any] | None = None) -> Request:
+    """A labeling question of ``pass_`` (output, input, negative, cluster)."""
     return Request(msgs, response_format(pass_, description_chars),
-                   lambda text, _lp: validate(pass_, text))
+                   lambda text, _lp: validate(pass_, text), sampling=sampling or {})
 
 
 async def ask(client: Any, settings: LLMSettings, request: Request, usage: Usage
@@ -100,7 +101,7 @@ async def ask(client: Any, settings: LLMSettings, request: Request, usage: Usage
         try:
             resp = await client.chat.completions.create(
                 model=settings.model, messages=request.messages,
-                response_format=request.response_format, **extra)
+                response_format=request.response_format, **request.sampling, **extra)
         except openai.BadRequestError as e:
             if extra and "logprob" in str(e).lower():
                 settings.logprobs = False

@@ -9,6 +9,11 @@ ending ``AFTER`` tokens past the neuron's highest activation in it, so a scorer 
 tell positives from negatives by length or by where the excerpt is cut. A negative
 whose span reaches ``NOT_ACTIVE`` of the neuron's largest activation is no negative and
 is left out.
+
+A label of the negative pass (polarity -1) speaks of the neuron's most negative
+activations: its contexts are read with the sign turned, so that "activating" means
+most negative (its bottom exemplars are the positives, and a negative is a context
+where it stays above a tenth of its most negative activation).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ class Context:
     kind: str  # one of KINDS
     window_id: int
     token_ids: list[int]  # the span shown
-    acts: np.ndarray  # the neuron's activation at each token of the span
+    acts: np.ndarray  # the neuron's activation at each token of the span, times the sign
 
     @property
     def positive(self) -> bool:
@@ -47,20 +52,21 @@ def span(n_tokens: int, skip: int, peak: int, width: int = SPAN, after: int = AF
     return max(skip, hi - width), hi
 
 
-def _context(kind: str, window_id: int, token_ids: list[int], acts: list[float], skip: int
-             ) -> Context:
-    a = np.asarray(acts, np.float32)
+def _context(kind: str, window_id: int, token_ids: list[int], acts: list[float], skip: int,
+             sign: int = 1) -> Context:
+    a = sign * np.asarray(acts, np.float32)
     skip = min(skip, max(len(a) - 1, 0))
     peak = skip + int(np.argmax(a[skip:])) if len(a) else 0
     lo, hi = span(len(a), skip, peak)
     return Context(kind, window_id, list(token_ids[lo:hi]), a[lo:hi])
 
 
-def neuron_contexts(lake: Lake, model: str, corpus: str, layer: int, neurons: list[int]
-                    ) -> tuple[dict[int, list[Context]], dict[int, float]]:
+def neuron_contexts(lake: Lake, model: str, corpus: str, layer: int, neurons: list[int],
+                    sign: int = 1) -> tuple[dict[int, list[Context]], dict[int, float]]:
     """Per neuron of ``layer``, its held-out scoring contexts (positives first), over the
     corpora of ``corpus``; and each neuron's largest activation (the scale the
-    simulation scorer normalises by)."""
+    simulation scorer normalises by). ``sign`` -1: for a label of the neuron's most
+    negative activations, every activation read times -1."""
     from circuit_atlas.analysis.exemplars import corpora_of
 
     rows, maxima = [], {}
@@ -72,17 +78,19 @@ def neuron_contexts(lake: Lake, model: str, corpus: str, layer: int, neurons: li
         stats = lake.optional_table("activation_stats", model, c)
         if windows is None or stats is None:
             continue
+        extreme = pl.col("max") if sign > 0 else -pl.col("min")
         for n, m in stats.filter((pl.col("layer") == layer) & pl.col("neuron").is_in(neurons)
-                                 ).select("neuron", "max").collect().iter_rows():
+                                 ).select("neuron", extreme).collect().iter_rows():
             maxima[n] = max(maxima.get(n, 0.0), float(m))
         parts = []
         ex = lake.optional_table("exemplars", model, c)
         if ex is not None:
-            parts.append(ex.filter(mine & (pl.col("sign") == 1)).select(
-                *cols, kind=pl.lit("top"), order=-pl.col("activation")))
+            parts.append(ex.filter(mine & (pl.col("sign") == sign)).select(
+                *cols, kind=pl.lit("top"), order=-pl.col("activation") * sign))
         samples = lake.optional_table("activation_samples", model, c)
-        if samples is not None:
-            s = samples.filter(mine & ((pl.col("bin") >= TOP_BINS) | (pl.col("bin") == -1)))
+        if samples is not None:  # deciles of the positive side only; bin -1 is near zero
+            upper = pl.col("bin") >= TOP_BINS if sign > 0 else pl.lit(False)
+            s = samples.filter(mine & (upper | (pl.col("bin") == -1)))
             parts.append(s.select(*cols, kind=pl.when(pl.col("bin") == -1).then(
                 pl.lit("random")).otherwise(pl.lit("quantile")),
                 order=-pl.col("bin").cast(pl.Float32) * 1e9 + pl.col("rank")))
@@ -107,7 +115,7 @@ def neuron_contexts(lake: Lake, model: str, corpus: str, layer: int, neurons: li
     quota = {"top": POSITIVES, "quantile": POSITIVES, "random": RANDOM, "hard": HARD}
     for r in table.iter_rows(named=True):
         n, kind = r["neuron"], r["kind"]
-        ctx = _context(kind, r["window_id"], r["token_ids"], r["acts"], r["skip"] or 0)
+        ctx = _context(kind, r["window_id"], r["token_ids"], r["acts"], r["skip"] or 0, sign)
         mine_ = out[n]
         if ctx.positive:
             if float(ctx.acts.max(initial=0.0)) <= 0 or sum(

@@ -3,7 +3,10 @@
 * output pass, late layers to early: a neuron's prompt shows the output labels of
   its downstream targets, so those must exist first;
 * input pass, early layers to late: a prompt shows the output labels of upstream
-  sources and co-occurring neurons, and the neuron's own output label.
+  sources and co-occurring neurons, and the neuron's own output label;
+* negative pass, in the input pass's order and from its evidence: what drives the
+  activation most negative (SwiGLU activations have both signs; some neurons are
+  never above zero), its most negative contexts first.
 
 Evidence is read one layer at a time (:func:`layer_evidence`) and is whatever the lake
 holds: projections, effects, specificity, token associations and co-occurrence are
@@ -22,16 +25,17 @@ import polars as pl
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.labeling.templates import messages
 from circuit_atlas.lake import Lake
+from circuit_atlas.lake.labels import polarity
 from circuit_atlas.lake.neurons import NodeNames, neuron_label
 from circuit_atlas.lake.schemas import STATIC_CORPUS
 
-PASSES = ("output", "input")
+PASSES = ("output", "input", "negative")
 
 
 def layer_order(pass_: str, n_layers: int) -> list[int]:
-    """Output pass: last layer first; input pass: first layer first."""
+    """Output pass: last layer first; input and negative passes: first layer first."""
     if pass_ not in PASSES:
-        raise CircuitAtlasError(f"unknown pass {pass_!r}; choose output or input")
+        raise CircuitAtlasError(f"unknown pass {pass_!r}; choose one of {', '.join(PASSES)}")
     layers = list(range(n_layers))
     return layers[::-1] if pass_ == "output" else layers
 
@@ -171,12 +175,34 @@ def layer_evidence(atlas: Atlas, pass_: str, layer: int, labels: pl.DataFrame | 
 
 
 EXEMPLARS_SHOWN = 5
+# the negative pass labels a neuron whose most negative activation reaches this share of
+# its largest positive one: SiLU(gate) * up has both signs, and for some neurons the
+# negative side is the strong one (a neuron never above zero always qualifies)
+NEGATIVE_SHARE = 0.5
+
+
+def negative_side(atlas: Atlas, layer: int) -> list[int]:
+    """The neurons of ``layer`` the negative pass labels: those whose most negative
+    activation (over the atlas's corpora) reaches ``NEGATIVE_SHARE`` of their largest."""
+    from circuit_atlas.analysis.exemplars import corpora_of
+
+    parts = [t.filter(pl.col("layer") == layer).select("neuron", "min", "max")
+             for c in corpora_of(atlas.corpus)
+             if (t := atlas.lake.optional_table("activation_stats", atlas.model, c)) is not None]
+    if not parts:
+        raise CircuitAtlasError("the negative pass reads the activation statistics: run "
+                                "circuit-atlas activations first")
+    extremes = pl.concat(parts).collect().group_by("neuron").agg(
+        pl.col("min").min(), pl.col("max").max())
+    return sorted(extremes.filter(-pl.col("min") >= NEGATIVE_SHARE * pl.col("max").clip(0))[
+        "neuron"].to_list())
 
 
 def _exemplar_evidence(atlas: Atlas, pass_: str, layer: int, ids: list[int],
                        ev: dict[int, dict[str, Any]]) -> None:
-    """Input pass: the contexts where each neuron fires most, and where it is most
-    negative. Output pass: what the model predicts next at its top contexts. Only
+    """Input and negative passes: the contexts where each neuron fires most, and where
+    it is most negative; the input pass: the tokens of its highest mean activation.
+    Output pass: what the model predicts next at its top contexts. Only
     texts outside the held-out split (``lake.splits.held_out``)."""
     from collections import Counter
 
@@ -197,17 +223,19 @@ def _exemplar_evidence(atlas: Atlas, pass_: str, layer: int, ids: list[int],
     for n, part in rows.partition_by("neuron", as_dict=True).items():
         found = exemplar_dicts(part, texts=texts)
         top = [e for e in found if e["sign"] > 0]
-        if pass_ == "input":
+        if pass_ != "output":
             ev[n[0]]["exemplars"] = [(e["activation"], e["text"]) for e in top]
             ev[n[0]]["negative_exemplars"] = [(e["activation"], e["text"]) for e in found
-                                              if e["sign"] < 0][:2]
+                                              if e["sign"] < 0]
         else:
             nxt = Counter(e["next_tokens"][0] for e in top if e["next_tokens"])
             ev[n[0]]["next_tokens"] = nxt.most_common(EXEMPLARS_SHOWN)
-    if pass_ != "input":
+    if pass_ == "output":
         return
-    for n, means in token_means(atlas.lake, atlas.model, atlas.corpus, layer, ids,
-                                atlas.names.tok, EXEMPLARS_SHOWN).items():
+    # token_activations holds the highest means only: no evidence for the negative pass
+    means_of = token_means(atlas.lake, atlas.model, atlas.corpus, layer, ids,
+                           atlas.names.tok, EXEMPLARS_SHOWN) if polarity(pass_) > 0 else {}
+    for n, means in means_of.items():
         ev[n]["token_means"] = [(r["token"], r["mean"]) for r in means]
     for c in corpora_of(atlas.corpus):
         t = atlas.lake.optional_table("activation_stats", atlas.model, c)

@@ -105,12 +105,16 @@ def fold_journals(lake: Lake, model: str, corpus: str, table: str = "labels") ->
 
 
 def label_row(layer: int, neuron: int, pass_: str, labeler: str, phash: str,
-         parsed: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
+              parsed: dict[str, Any] | None, error: str | None, status: str | None = None
+              ) -> dict[str, Any]:
+    """A labels row; ``status`` default "ok" for a reply, "failed" without one (a
+    best-of-N sample that was not kept: "candidate")."""
     return {"layer": layer, "neuron": neuron, "pass": pass_,
             "label": parsed["label"] if parsed else None,
             "description": parsed["description"] if parsed else None,
             "type": parsed["type"] if parsed else None,
             "interpretability": parsed["interpretability"] if parsed else None,
-            "labeler": labeler, "prompt_hash": phash, "status": "ok" if parsed else "failed",
+            "labeler": labeler, "prompt_hash": phash,
+            "status": status or ("ok" if parsed else "failed"),
             "error": error, "created_at": dt.datetime.now(dt.UTC).isoformat(
                 timespec="microseconds")}

@@ -47,8 +47,11 @@ class EndpointParams:
 class LabelParams(EndpointParams):
     """The labeling passes and the LLM endpoint that answers them."""
 
-    passes: tuple[Literal["output", "input"], ...] = ("output", "input")
-    """Pass(es) to run, in this order."""
+    passes: tuple[Literal["output", "input", "negative"], ...] = ("output", "input",
+                                                                  "negative")
+    """Pass(es) to run, in this order: output (what a neuron does), input (what drives
+    its activation up), negative (what drives it most negative; only neurons whose
+    negative side is strong, see circuit_atlas.labeling.evidence.NEGATIVE_SHARE)."""
     batch: bool = False
     """Use the Batch API (a batch per layer, half the price)."""
     poll: float = 30.0
@@ -73,6 +76,33 @@ class LabelParams(EndpointParams):
     description_chars: int = DESCRIPTION
     """The longest description a reply may hold (the reply schema's limit; a small
     local model tends to write to it, and each character costs it a decode step)."""
+    samples: int = 1
+    """Best of N: ask N candidate labels per neuron (at --temperature, a seed each),
+    score each on held-out contexts by --select-by (output labels: by the intervention
+    check) and keep the best; the others are kept as status "candidate"."""
+    select_by: Literal["detection", "fuzzing", "simulation"] = "detection"
+    """The scorer that picks the best of --samples candidates of an input or negative
+    label (the kept label's figure by it is optimistic: it was the best of N)."""
+    temperature: float = 1.0
+    """Sampling temperature of the candidates when --samples is above 1."""
+
+    def __post_init__(self) -> None:
+        from circuit_atlas.errors import CircuitAtlasError
+
+        if self.samples < 1:
+            raise CircuitAtlasError(f"--samples must be at least 1, got {self.samples}")
+        if self.samples > 1 and self.batch:
+            raise CircuitAtlasError("--samples above 1 scores every candidate before it "
+                                    "keeps one, which the Batch API does not do yet: drop "
+                                    "--batch or --samples")
+
+    def best_of(self):
+        """Best-of-N settings, or None for one label per neuron."""
+        from circuit_atlas.labeling.run import BestOf
+
+        if self.samples <= 1:
+            return None
+        return BestOf(self.samples, self.select_by, self.temperature)
 
     def settings(self):
         """The LLM settings, or None for a dry run."""
@@ -88,10 +118,12 @@ class ScoreParams(EndpointParams):
 
     scorers: tuple[Literal["detection", "fuzzing", "simulation", "intervention"], ...] = (
         "detection", "fuzzing", "simulation", "intervention")
-    """Scorer(s) to run: detection, fuzzing and simulation score input and prior labels
-    (what activates a neuron), intervention scores output labels (what its boost does,
+    """Scorer(s) to run: detection, fuzzing and simulation score input, negative and
+    prior labels (what activates a neuron; the negative pass's on its most negative
+    contexts), intervention scores output labels (what its boost does,
     from the causal battery: circuit-atlas intervene)."""
-    passes: tuple[Literal["input", "prior", "output"], ...] = ("input", "prior", "output")
+    passes: tuple[Literal["input", "negative", "prior", "output"], ...] = (
+        "input", "negative", "prior", "output")
     """Labels of these passes are scored."""
     labeler: str | None = None
     """Only the labels of this labeler (default: the newest label of each pass)."""

@@ -10,6 +10,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 MAX_WORDS = 12
+# characters: twelve words fit; in the schema, so a grammar-constrained model that
+# rambles is stopped early rather than refused after writing 120 characters
+LABEL_CHARS = 80
 RATINGS = ("low", "medium", "high")  # the labeler's own interpretability rating
 # characters: a sentence or three. The schema says so, so a grammar-constrained model
 # cannot ramble for thousands of tokens
@@ -29,7 +32,9 @@ def clean_label(text: str) -> str:
     """A label as given, or a ValueError saying why it is not one: empty, reasoning
     text, longer than a few words, or a non-answer ("no clear pattern"), which is
     recorded as such and never shown as a label."""
-    label = " ".join(text.split()).strip(" \"'.")
+    label = " ".join(text.split()).strip(" .")
+    if len(label) > 1 and label[0] == label[-1] and label[0] in "\"'":
+        label = label[1:-1].strip(" .")  # wrapped in quotes; a quoted token inside stays
     if not label:
         raise ValueError("empty label")
     if "\n" in text.strip() or REASONING.match(label) or label.endswith("?"):
@@ -42,7 +47,7 @@ def clean_label(text: str) -> str:
 
 
 class _Label(BaseModel):
-    label: str = Field(min_length=1, max_length=120)
+    label: str = Field(min_length=1, max_length=LABEL_CHARS)
 
     @field_validator("label")
     @classmethod
@@ -66,7 +71,8 @@ class ClusterLabel(_Label):
     coherence: float = Field(ge=0, le=1)
 
 
-SCHEMAS = {"output": OutputLabel, "input": InputLabel, "cluster": ClusterLabel}
+SCHEMAS = {"output": OutputLabel, "input": InputLabel, "negative": InputLabel,
+           "cluster": ClusterLabel}
 
 
 def response_format(pass_: str, description_chars: int = DESCRIPTION) -> dict[str, Any]:

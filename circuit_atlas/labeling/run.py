@@ -30,12 +30,13 @@ import polars as pl
 
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.labeling.batch import batch_layer
-from circuit_atlas.labeling.client import LLMSettings, fan_out, label_request
+from circuit_atlas.labeling.client import LLMSettings, Tally, fan_out, label_request
 from circuit_atlas.labeling.evidence import (
     Atlas,
     assemble,
     layer_evidence,
     layer_order,
+    negative_side,
     priority,
 )
 from circuit_atlas.labeling.journal import Journal, fold_journals, journal_dir, label_row
@@ -47,21 +48,10 @@ from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
 
 
 @dataclass
-class LabelReport:
+class LabelReport(Tally):
     pass_: str
-    asked: int = 0
-    ok: int = 0
-    failed: int = 0
-    skipped: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
     layers: list[int] = field(default_factory=list)
     seconds: float = 0.0
-
-    def answered(self, ok: bool) -> None:
-        self.asked += 1
-        self.ok += ok
-        self.failed += not ok
 
     def cost(self, s: LLMSettings) -> float:
         factor = 0.5 if s.batch else 1.0
@@ -73,13 +63,16 @@ def label_lake(lake: Lake, model: str, corpus: str, pass_: str, settings: LLMSet
                layers: list[int] | None = None, per_layer: int | None = None,
                only_failed: bool = False, tokenizer: Any = None,
                on_progress: Callable[[int, int, int], None] | None = None,
-               neurons: list[int] | None = None, order: str = "graphs") -> LabelReport:
+               neurons: list[int] | None = None, order: str = "graphs",
+               best_of: BestOf | None = None) -> LabelReport:
     """Label the neurons of (model, corpus) for ``pass_``, layer by layer in the pass's
     order. ``settings`` None: a dry run that writes every assembled prompt to the
     ``label_prompts`` table instead. ``per_layer``: only the N neurons of each layer
     that are in the most graphs (of ``neurons``, when given), or with ``order``
     "priority" the N of highest ``evidence.priority`` (strength times unlabelled
-    neighbours), asked in that order."""
+    neighbours), asked in that order. The negative pass asks only about neurons whose
+    negative side is strong (``evidence.negative_side``). ``best_of``: ask several
+    candidate labels per neuron and keep the best by a scorer (:class:`BestOf`)."""
     t0 = time.perf_counter()
     report = LabelReport(pass_)
     fold_journals(lake, model, corpus)
@@ -91,12 +84,15 @@ def label_lake(lake: Lake, model: str, corpus: str, pass_: str, settings: LLMSet
         chosen = atlas.neurons.filter(pl.col("layer") == layer)
         if neurons is not None:
             chosen = chosen.filter(pl.col("neuron").is_in(neurons))
+        if pass_ == "negative":
+            chosen = chosen.filter(pl.col("neuron").is_in(negative_side(atlas, layer)))
         if order == "priority":
             ranked = priority(atlas, layer, latest_ok(labels), pass_).join(
                 chosen.select("neuron"), on="neuron", maintain_order="left")
         else:
             ranked = chosen.sort(["graph_count", "neuron"], descending=[True, False])
-        chosen_all = neurons is None and per_layer is None and order == "graphs"
+        chosen_all = (neurons is None and per_layer is None and order == "graphs"
+                      and pass_ != "negative")
         ids = None if chosen_all else ranked["neuron"].to_list()[:per_layer]
         prompts = assemble(pass_, layer_evidence(atlas, pass_, layer, latest_ok(labels),
                                                  ids))
@@ -131,6 +127,11 @@ def label_lake(lake: Lake, model: str, corpus: str, pass_: str, settings: LLMSet
                                                              settings.description_chars))
                                            for t in items], answered, report))
 
+        if best_of is not None and best_of.samples > 1:
+            best_of.run(lake, model, corpus, pass_, layer, todo, settings, report, tokenizer,
+                        lambda d, t, layer=layer: on_progress and on_progress(layer, d, t))
+            fold_journals(lake, model, corpus)
+            continue
         try:
             if settings.batch:
                 state = f"{journal_dir(lake, model, corpus)}/batch-{pass_}-L{layer}.json"
@@ -145,6 +146,93 @@ def label_lake(lake: Lake, model: str, corpus: str, pass_: str, settings: LLMSet
         _write_prompts(lake, model, corpus, pass_, dry_rows)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@dataclass
+class BestOf:
+    """Best-of-N labeling: ``samples`` candidate labels per neuron, asked at
+    ``temperature`` with a seed each, every distinct one scored by ``select_by`` on the
+    neuron's held-out contexts (output labels: by the intervention check), the best
+    kept as the label (status "ok"), the others recorded as status "candidate" with
+    their scores in ``label_scores``. Transluce keeps the best of many sampled
+    descriptions by simulation the same way. The kept label's score by ``select_by`` is
+    the best of N on the same contexts, so it is optimistic; the other scorers' figures
+    of it are not. A neuron no scorer can judge (no held-out contexts, no boost in the
+    battery) keeps its first candidate."""
+
+    samples: int = 1
+    select_by: str = "detection"
+    temperature: float = 1.0
+    sim_contexts: int = 5
+    scored: int = 0  # candidates scored, over the run
+    unjudged: int = 0  # neurons kept without a score
+
+    def run(self, lake: Lake, model: str, corpus: str, pass_: str, layer: int, todo: list,
+            settings: LLMSettings, report: LabelReport, tokenizer: Any,
+            on_progress: Callable[[int, int], Any]) -> None:
+        from circuit_atlas.labeling.scoring import ScoresReport, score_labels
+
+        replies: dict[int, list[tuple[dict[str, Any] | None, str | None]]] = {}
+        asked = [((n, msgs, h, i), label_request(
+            pass_, msgs, settings.description_chars,
+            {"temperature": self.temperature, "seed": i}))
+            for n, msgs, h in todo for i in range(self.samples)]
+        counter = itertools.count(1)
+
+        def answered(item: tuple, parsed: dict[str, Any] | None, error: str | None) -> None:
+            replies.setdefault(item[0], []).append((item[3], parsed, error))
+            on_progress(next(counter), len(asked))
+
+        asyncio.run(fan_out(settings, asked, answered, report))
+        hashes = {n: h for n, _, h in todo}
+        candidates: dict[int, list[dict[str, Any]]] = {}
+        for n, got in replies.items():
+            seen: dict[str, dict[str, Any]] = {}
+            for _, parsed, _ in sorted(got, key=lambda r: r[0]):
+                if parsed is not None:
+                    seen.setdefault(parsed["label"], parsed)
+            candidates[n] = list(seen.values())
+        rows = pl.DataFrame(
+            [{"layer": layer, "neuron": n, "pass": pass_, "label": c["label"],
+              "labeler": settings.model} for n, cs in candidates.items() for c in cs],
+            schema={"layer": pl.Int16, "neuron": pl.Int32, "pass": pl.String,
+                    "label": pl.String, "labeler": pl.String})
+        scorer = "intervention" if pass_ == "output" else self.select_by
+        scores_report = ScoresReport(corpus, settings.model)
+        scores = score_labels(lake, model, corpus, settings, rows, (scorer,), scores_report,
+                              tokenizer, self.sim_contexts) if not rows.is_empty() else {}
+        report.prompt_tokens += scores_report.prompt_tokens
+        report.completion_tokens += scores_report.completion_tokens
+        journal = Journal(lake, model, corpus)
+        try:
+            for n, cs in candidates.items():
+                if not cs:  # every sample failed: the last reason
+                    error = next(e for _, p, e in reversed(replies[n]) if e is not None)
+                    journal.write(label_row(layer, n, pass_, settings.model, hashes[n], None,
+                                            error))
+                    report.answered(False)
+                    continue
+                got = [scores.get((layer, n, pass_, c["label"]), {}).get(scorer) for c in cs]
+                self.scored += sum(g is not None for g in got)
+                self.unjudged += all(g is None for g in got)
+                best = max(range(len(cs)), key=lambda i: (got[i] is not None,
+                                                          got[i] or 0.0, -i))
+                for i, c in enumerate(cs):
+                    if i != best:
+                        journal.write(label_row(layer, n, pass_, settings.model, hashes[n],
+                                                c, None, "candidate"))
+                journal.write(label_row(layer, n, pass_, settings.model, hashes[n], cs[best],
+                                        None))
+                report.answered(True)
+        finally:
+            journal.close()
+
+
+def _has_stats(lake: Lake, model: str, corpus: str) -> bool:
+    from circuit_atlas.analysis.exemplars import corpora_of
+
+    return any(lake.optional_table("activation_stats", model, c) is not None
+               for c in corpora_of(corpus))
 
 
 def _todo(prompts, labels: pl.DataFrame | None, layer: int, pass_: str, labeler: str,
@@ -245,6 +333,7 @@ class LabelsReport(Report):
     passes: list[LabelReport]
     clusters: LabelReport | None
     settings: LLMSettings | None
+    best_of: BestOf | None = None
 
     def __str__(self) -> str:
         lines = []
@@ -259,6 +348,11 @@ class LabelsReport(Report):
                 f"labelled; {r.prompt_tokens:,} prompt + {r.completion_tokens:,} completion "
                 f"tokens, ${r.cost(s):.4f}{' (batch price)' if s.batch else ''}; "
                 f"{r.seconds:.1f} s")
+        if self.best_of is not None and s is not None:
+            b = self.best_of
+            lines.append(f"best of {b.samples}: {b.scored:,} candidate label(s) scored by "
+                         f"{b.select_by} (output labels: intervention); {b.unjudged:,} "
+                         "neuron(s) kept their first candidate, no scorer could judge them")
         if self.clusters is not None and s is not None:
             c = self.clusters
             lines.append(f"cluster labels: {c.ok:,} ok, {c.failed:,} failed, {c.skipped:,} "
@@ -268,10 +362,12 @@ class LabelsReport(Report):
 
 def run_labels(lake, *, model, corpora=None, params: LabelParams | None = None,
                cluster=None, progress: Progress | None = None) -> LabelsReport:
-    """Label every neuron of a reduce (``corpora``: default the only one) twice with an
-    LLM: the output pass (what it does; late layers first, showing its targets'
-    labels) and the input pass (what triggers it; early layers first, showing its
-    sources' labels), then name the clusters. Resumable: a rerun asks only what is
+    """Label every neuron of a reduce (``corpora``: default the only one) with an LLM:
+    the output pass (what it does; late layers first, showing its targets' labels),
+    the input pass (what drives its activation up; early layers first, showing its
+    sources' labels) and the negative pass (what drives it most negative, for the
+    neurons whose negative side is strong; needs the activation statistics), then name
+    the clusters. Resumable: a rerun asks only what is
     missing or failed. ``params.dry_run`` assembles the prompts without an LLM."""
     from circuit_atlas.compute.models import optional_tokenizer
     from circuit_atlas.names import model_name
@@ -280,15 +376,19 @@ def run_labels(lake, *, model, corpora=None, params: LabelParams | None = None,
     progress = progress or Progress()
     spec, model = model, model_name(model)
     corpus = lake.reduced_corpus(model, as_corpora(corpora))
-    settings = params.settings()
+    settings, best_of = params.settings(), params.best_of()
     tokenizer = optional_tokenizer(spec)
     reports = []
     for pass_ in params.passes:
+        if pass_ == "negative" and not _has_stats(lake, model, corpus):
+            progress.message("negative pass skipped: it reads the activation statistics "
+                             "(circuit-atlas activations)")
+            continue
         task = f"{'prompts' if settings is None else 'label'} {pass_}"
         reports.append(label_lake(
             lake, model, corpus, pass_, settings, layers=list(params.layers) or None,
             per_layer=params.per_layer, only_failed=params.only_failed, tokenizer=tokenizer,
-            order=params.order,
+            order=params.order, best_of=best_of,
             on_progress=lambda layer, d, t, task=task: progress.update(
                 f"{task} L{layer}", d, t)))
     named = None
@@ -300,4 +400,4 @@ def run_labels(lake, *, model, corpora=None, params: LabelParams | None = None,
             named = label_clusters(lake, model, corpus, settings, params.cluster_method)
         else:  # an input-only run: clusters are named from output labels
             progress.message("clusters not named: no output labels yet (--pass output)")
-    return LabelsReport(corpus, reports, named, settings)
+    return LabelsReport(corpus, reports, named, settings, best_of)

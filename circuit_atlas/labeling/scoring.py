@@ -1,8 +1,10 @@
-"""The scoring run: every input (and prior) label asked of each scorer, layer by
-layer, each answer journaled the moment it arrives (``labeling.journal``) and folded
-into the ``label_scores`` table. A rerun asks only what has no ok score for the same
-label, scorer, scorer model and prompt; a label the scorer cannot be asked about (no
-held-out positives or negatives) is counted, not asked."""
+"""The scoring run: every label asked of each scorer that applies to it (input,
+negative and prior labels: the activation scorers; output labels: the intervention
+check), layer by layer, each answer journaled the moment it arrives
+(``labeling.journal``) and folded into the ``label_scores`` table. A rerun asks only
+what has no ok score for the same label, scorer, scorer model and prompt; a label the
+scorer cannot be asked about (no held-out positives or negatives) is counted, not
+asked."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any
 import polars as pl
 
 from circuit_atlas.errors import CircuitAtlasError
-from circuit_atlas.labeling.client import LLMSettings, fan_out
+from circuit_atlas.labeling.client import LLMSettings, Tally, fan_out
 from circuit_atlas.labeling.contexts import neuron_contexts
 from circuit_atlas.labeling.evidence import prompt_hash
 from circuit_atlas.labeling.journal import Journal, fold_journals
@@ -33,24 +35,18 @@ from circuit_atlas.labeling.scorers import (
     trials,
 )
 from circuit_atlas.lake import Lake
-from circuit_atlas.lake.labels import known_labels, latest_ok
+from circuit_atlas.lake.labels import known_labels, latest_ok, polarity
 from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
 
 TABLE = "label_scores"
 
 
 @dataclass
-class ScoresReport(Report):
+class ScoresReport(Report, Tally):
     corpus: str
     scorer_model: str
     labels: int = 0
-    asked: int = 0
-    ok: int = 0
-    failed: int = 0
-    skipped: int = 0
     unscorable: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
     seconds: float = 0.0
     negatives: bool = False
     scores: dict[str, list[float]] = field(default_factory=dict)
@@ -111,7 +107,7 @@ def _done(lake: Lake, model: str, corpus: str, scorer_model: str) -> set[tuple]:
 DECOY_NEURONS = 8  # other neurons' output projections offered as decoys, at most
 
 
-def neuron_effects(lake: Lake, model: str, corpus: str, wanted: pl.DataFrame,
+def boost_evidence(lake: Lake, model: str, corpus: str, wanted: pl.DataFrame,
                    decode: Callable[[list[int]], list[str]]) -> dict[tuple[int, int], Effect]:
     """The intervention check's evidence for the (layer, neuron) rows of ``wanted``: the
     tokens each one's boost raised in the causal battery, and decoys: what the other
@@ -147,7 +143,8 @@ def score_row(key: tuple, trial: Trial, scorer_model: str, phash: str,
               answer: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
     layer, neuron, pass_, label, labeler = key
     score, metrics = rounded(answer) if answer is not None else (None, None)
-    return {"layer": layer, "neuron": neuron, "pass": pass_, "polarity": 1, "label": label,
+    return {"layer": layer, "neuron": neuron, "pass": pass_, "polarity": polarity(pass_),
+            "label": label,
             "labeler": labeler, "scorer": trial.scorer, "scorer_model": scorer_model,
             "score": score, "metrics": metrics, "positives": trial.positives,
             "negatives": trial.negatives, "hard_negatives": trial.hard,
@@ -158,13 +155,13 @@ def score_row(key: tuple, trial: Trial, scorer_model: str, phash: str,
 
 def score_lake(lake: Lake, model: str, corpus: str, settings: LLMSettings,
                scorers: tuple[str, ...] = SCORERS,
-               passes: tuple[str, ...] = ("input", "prior", "output"),
+               passes: tuple[str, ...] = ("input", "negative", "prior", "output"),
                labeler: str | None = None, layers: list[int] | None = None,
                tokenizer: Any = None, sim_contexts: int = SIM_CONTEXTS,
                on_progress: Callable[[int, int, int], None] | None = None) -> ScoresReport:
     """Score the labels of (model, corpus) with each of ``scorers``, layer by layer:
-    input and prior labels with the activation scorers, output labels with the
-    intervention check."""
+    input, negative and prior labels with the activation scorers (a negative label on
+    the neuron's most negative contexts), output labels with the intervention check."""
     from circuit_atlas.analysis.exemplars import corpora_of
 
     t0 = time.perf_counter()
@@ -172,15 +169,38 @@ def score_lake(lake: Lake, model: str, corpus: str, settings: LLMSettings,
                           price_out=settings.price_out)
     report.negatives = any(lake.optional_table("negatives", model, c) is not None
                            for c in corpora_of(corpus))
+    require_exemplars(lake, model, corpus)
+    fold_journals(lake, model, corpus, TABLE)  # what a killed run recorded
+    labels = labels_to_score(lake, model, corpus, passes, labeler, layers)
+    report.labels = len(labels)
+    score_labels(lake, model, corpus, settings, labels, scorers, report, tokenizer,
+                 sim_contexts, _done(lake, model, corpus, settings.model), on_progress)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def require_exemplars(lake: Lake, model: str, corpus: str) -> None:
+    from circuit_atlas.analysis.exemplars import corpora_of
+
     if not any(lake.optional_table("exemplars", model, c) is not None
                for c in corpora_of(corpus)):
         raise CircuitAtlasError(f"no exemplars for {corpus!r}: run circuit-atlas activations "
                                 "first (labels are scored on held-out contexts)")
-    fold_journals(lake, model, corpus, TABLE)  # what a killed run recorded
-    labels = labels_to_score(lake, model, corpus, passes, labeler, layers)
-    report.labels = len(labels)
-    done = _done(lake, model, corpus, settings.model)
+
+
+def score_labels(lake: Lake, model: str, corpus: str, settings: LLMSettings,
+                 labels: pl.DataFrame, scorers: tuple[str, ...], report: ScoresReport,
+                 tokenizer: Any = None, sim_contexts: int = SIM_CONTEXTS,
+                 done: set[tuple] | None = None,
+                 on_progress: Callable[[int, int, int], None] | None = None
+                 ) -> dict[tuple, dict[str, float | None]]:
+    """Ask each scorer that applies to each label of ``labels`` (layer, neuron, pass,
+    label, labeler), skipping what ``done`` holds (layer, neuron, pass, scorer, prompt
+    hash), journaling every answer into ``label_scores``. Returns {(layer, neuron,
+    pass, label): {scorer: score}} of the answers of this call."""
     cache: dict[int, str] = {}
+    got: dict[tuple, dict[str, float | None]] = {}
+    done = done or set()
 
     def decode(ids: list[int]) -> list[str]:
         for t in ids:
@@ -188,15 +208,19 @@ def score_lake(lake: Lake, model: str, corpus: str, settings: LLMSettings,
                 cache[t] = tokenizer.decode([t]) if tokenizer is not None else f"#{t}"
         return [cache[t] for t in ids]
 
-    effects = (neuron_effects(lake, model, corpus, labels.filter(pl.col("pass") == "output"),
+    effects = (boost_evidence(lake, model, corpus, labels.filter(pl.col("pass") == "output"),
                               decode) if set(scorers) & set(EFFECT_SCORERS) else {})
     for (layer,), group in labels.group_by("layer", maintain_order=True):
-        contexts, maxima = neuron_contexts(lake, model, corpus, layer,
-                                           group["neuron"].unique().to_list())
+        by_sign: dict[int, set[int]] = {}
+        for neuron, pass_ in group.select("neuron", "pass").iter_rows():
+            by_sign.setdefault(polarity(pass_), set()).add(neuron)
+        signed = {sign: neuron_contexts(lake, model, corpus, layer, sorted(ns), sign)
+                  for sign, ns in by_sign.items()}
         todo: list[tuple[tuple, Trial, str]] = []
-        for row in group.iter_rows():
+        for row in group.select("layer", "neuron", "pass", "label", "labeler").iter_rows():
             mine = tuple(s for s in scorers if s in (
                 EFFECT_SCORERS if row[2] == "output" else ACTIVATION_SCORERS))
+            contexts, maxima = signed[polarity(row[2])]
             made = trials(row[3], contexts.get(row[1], []), decode, maxima.get(row[1], 0.0),
                           mine, row[:4], sim_contexts, effects.get((row[0], row[1])))
             report.unscorable += len(mine) - len(made)
@@ -216,11 +240,9 @@ def score_lake(lake: Lake, model: str, corpus: str, settings: LLMSettings,
             nonlocal count
             key, trial, phash = item
             journal.write(score_row(key, trial, settings.model, phash, answer, error))
-            report.asked += 1
-            if answer is None:
-                report.failed += 1
-            else:
-                report.ok += 1
+            report.answered(answer is not None)
+            if answer is not None:
+                got.setdefault(key[:4], {})[trial.scorer] = answer["score"]
                 if answer["score"] is not None:
                     report.scores.setdefault(trial.scorer, []).append(answer["score"])
             count += 1
@@ -233,15 +255,14 @@ def score_lake(lake: Lake, model: str, corpus: str, settings: LLMSettings,
         finally:
             journal.close()
         fold_journals(lake, model, corpus, TABLE)
-    report.seconds = time.perf_counter() - t0
-    return report
+    return got
 
 
 def run_label_scores(lake, *, model, corpora=None, params: ScoreParams | None = None,
                      cluster=None, progress: Progress | None = None) -> ScoresReport:
     """Score the labels of an atlas (``corpora``: default the only reduced set) through
-    an OpenAI-compatible endpoint: input and prior labels on held-out contexts
-    (detection, fuzzing, simulation), output labels against the causal battery's boosts
+    an OpenAI-compatible endpoint: input, negative and prior labels on held-out
+    contexts (detection, fuzzing, simulation), output labels against the causal battery's boosts
     (intervention); the ``label_scores`` table. Resumable: a rerun asks only what has
     no ok score."""
     from circuit_atlas.compute.models import optional_tokenizer

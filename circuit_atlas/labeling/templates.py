@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from circuit_atlas.lake.labels import polarity
+
 OUTPUT_TYPES = ("semantic", "lexical", "routing", "formatting", "structural")
 INPUT_TYPES = ("token-pattern", "context", "position", "upstream-gated", "combination")
 INTERPRETABILITY = ("low", "medium", "high")
@@ -29,6 +31,14 @@ SYSTEM = {
         "contexts or upstream neurons make it fire. Be concrete and short. Answer in JSON "
         "with: label (a few words), description (one or two sentences), type (one of: "
         + ", ".join(INPUT_TYPES) + "), interpretability (low, medium or high)."),
+    "negative": (
+        "You are an interpretability researcher labelling the MLP neurons of a language "
+        "model. A neuron's activation can be negative as well as positive. From the "
+        "evidence given, say what drives this neuron's activation most NEGATIVE: which "
+        "tokens, contexts or upstream neurons push it below zero. Be concrete and short. "
+        "Answer in JSON with: label (a few words), description (one or two sentences), "
+        "type (one of: " + ", ".join(INPUT_TYPES) + "), interpretability (low, medium or "
+        "high)."),
 }
 
 
@@ -86,31 +96,36 @@ def output_prompt(ev: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def input_prompt(ev: dict[str, Any]) -> str:
+def input_prompt(ev: dict[str, Any], sign: int = 1) -> str:
+    """The input pass's prompt (``sign`` 1: what drives the activation up), or the
+    negative pass's (-1: what drives it most negative), from the same evidence."""
     lines = [f"Neuron {ev['neuron']} (layer {ev['layer']} of {ev['n_layers']})."]
     lines += _thin(ev)
     if ev.get("output_label"):
         lines.append(f'Its output label (what it does): "{ev["output_label"]}"')
-    if ev.get("exemplars"):
-        lines.append("Contexts where it fires most (activation first; <<marked>> tokens "
-                     "reach at least half of that):")
-        lines += [f"- {a:+.3g}: {t!r}" for a, t in ev["exemplars"]]
-    if ev.get("negative_exemplars"):
-        lines.append("Contexts where it is most negative:")
-        lines += [f"- {a:+.3g}: {t!r}" for a, t in ev["negative_exemplars"]]
+    marks = "activation first; <<marked>> tokens reach at least half of that"
+    # the side the label is about in full, the other side's two strongest for contrast
+    sections = [("exemplars", f"Contexts where it fires most ({marks}):", None),
+                ("negative_exemplars", "Contexts where it is most negative:", 2)]
+    if sign < 0:
+        sections = [("negative_exemplars",
+                     f"Contexts where its activation is most negative ({marks}):", None),
+                    ("exemplars", "For contrast, contexts where it fires most:", 2)]
+    for key, heading, cut in sections:
+        if ev.get(key):
+            lines.append(heading)
+            lines += [f"- {a:+.3g}: {t!r}" for a, t in ev[key][:cut]]
     if ev.get("token_means"):
         lines.append("Tokens at which it is highest on average in context: "
                      + _tokens(ev["token_means"]))
-    if ev.get("static_corr") is not None:
+    if ev.get("static_corr") is not None and ev.get("token_means"):
         rho, n = ev["static_corr"]
         lines.append(f"Rank correlation between that average per token and the static "
                      f"input projection below: {rho:+.2f} over {n} tokens.")
-    if ev.get("activating"):
-        lines.append("Static input projection, tokens that activate it: "
-                     + _tokens(ev["activating"]))
-    if ev.get("suppressing"):
-        lines.append("Static input projection, tokens that suppress it: "
-                     + _tokens(ev["suppressing"]))
+    static = [("activating", "activate it"), ("suppressing", "suppress it")][::sign]
+    for key, verb in static:
+        if ev.get(key):
+            lines.append(f"Static input projection, tokens that {verb}: " + _tokens(ev[key]))
     if ev.get("upstream"):
         lines.append("Strongest upstream sources (signed; an embedding source is the exact "
                      "effect of that input token on it):")
@@ -127,7 +142,7 @@ def input_prompt(ev: dict[str, Any]) -> str:
 
 def messages(pass_: str, ev: dict[str, Any]) -> list[dict[str, str]]:
     """The chat messages of one neuron's prompt."""
-    body = output_prompt(ev) if pass_ == "output" else input_prompt(ev)
+    body = output_prompt(ev) if pass_ == "output" else input_prompt(ev, polarity(pass_))
     return [{"role": "system", "content": SYSTEM[pass_]}, {"role": "user", "content": body}]
 
 

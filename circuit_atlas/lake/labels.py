@@ -17,8 +17,16 @@ from circuit_atlas.lake.derived import add_part
 from circuit_atlas.lake.lake import Lake
 from circuit_atlas.lake.schemas import LABELS
 
-PASSES = ("output", "input", "prior")
+# output: what a neuron does; input: what drives its activation up; negative: what
+# drives it most negative (an input label of polarity -1); prior: imported
+PASSES = ("output", "input", "negative", "prior")
 SCORERS = ("detection", "fuzzing", "simulation", "intervention")
+
+
+def polarity(pass_: str) -> int:
+    """The sign of the activations a label of ``pass_`` speaks of: -1 for the negative
+    pass, else 1."""
+    return -1 if pass_ == "negative" else 1
 
 
 def append_labels(lake: Lake, model: str, corpus: str, rows: pl.DataFrame) -> int:
@@ -51,9 +59,9 @@ def current_labels(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
     latest = latest_ok(known_labels(lake, model, corpus))
     if latest is None:
         return None
-    order = {"output": 0, "prior": 1, "input": 2}
+    order = {"output": 0, "prior": 1, "input": 2, "negative": 3}
     return with_scores(lake, model, corpus, (
-        latest.with_columns(rank=pl.col("pass").replace_strict(order, default=3))
+        latest.with_columns(rank=pl.col("pass").replace_strict(order, default=4))
         .sort("layer", "neuron", "rank")
         .unique(["layer", "neuron"], keep="first", maintain_order=True)
         .select("layer", "neuron", "pass", "label", "description")))

@@ -389,10 +389,12 @@ LABELS = TableSpec(
     ),
     partitions=_DERIVED,
     doc="""Labels of neurons, appended batch by batch (one file per batch).
-pass: "output" (what it does), "input" (what triggers it) or "prior" (imported, e.g.
-max-activation labels from elsewhere); labeler: the LLM, or "import:<file>";
-prompt_hash: hash of the prompt the label was made from; status "ok" or "failed"
-(error says why; a failed row has no label).""",
+pass: "output" (what it does), "input" (what drives its activation up), "negative"
+(what drives it most negative) or "prior" (imported, e.g. max-activation labels from
+elsewhere); labeler: the LLM, or "import:<file>";
+prompt_hash: hash of the prompt the label was made from; status "ok", "failed"
+(error says why; a failed row has no label) or "candidate" (a best-of-N sample that
+was not kept: label --samples).""",
 )
 
 LABEL_PROMPTS = TableSpec(
@@ -560,7 +562,8 @@ NEGATIVES = TableSpec(
     ),
     partitions=_DERIVED,
     doc="""Held-out contexts on which a neuron stays below a tenth of its largest activation
-at every counted token: the negatives of its label scorers. Hard ones are top
+at every counted token (for a negative-pass label: above a tenth of its most negative
+one; a window may serve both): the negatives of its label scorers. Hard ones are top
 exemplars of a partner (partner_layer, partner_neuron): source "cluster" (the same
 module), "cooccurrence" (fires in the same graphs) or "layer" (another neuron of the
 layer, when neither table exists); source "random": a held-out window drawn for the
@@ -590,7 +593,8 @@ activating tokens from shuffled marks; "simulation": Pearson's r, pooled over ev
 token, between the activations the scorer predicts from the label (0-10) and the
 true ones. score: that headline (null where undefined, e.g. a constant simulation);
 metrics: every figure as JSON (f1, auc, accuracy, logprobs used, ...); polarity: 1
-for what drives the activation up; positives / negatives / hard_negatives: the
+for what drives the activation up, -1 for a label of the negative pass (what drives it
+most negative: scored on its most negative contexts); positives / negatives / hard_negatives: the
 contexts used. One row per answer, appended batch by batch (status "failed": error
 says why).""",
 )

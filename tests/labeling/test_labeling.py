@@ -335,11 +335,14 @@ def test_label_hygiene_records_non_labels_and_never_shows_them(lake):
     ("medical drug names", True), ("closing parenthesis", True), ("  commas.  ", True),
     ("", False), ("Let me think: commas", False), ("The neuron fires on commas", False),
     ("What could this be?", False), ("no clear pattern", False), ("Unclear", False),
-    ("fires on " + "very " * 20 + "long things", False), ("line one\nline two", False)])
+    ("fires on " + "very " * 20 + "long things", False), ("line one\nline two", False),
+    ('fires on the token "w5"', True), ('"drug names"', "drug names")])
 def test_clean_label(label, ok):
     from circuit_atlas.labeling.replies import clean_label
 
-    if ok:
+    if isinstance(ok, str):  # what the label becomes
+        assert clean_label(label) == ok
+    elif ok:
         assert clean_label(label) == " ".join(label.split()).strip(" .")
     else:
         with pytest.raises(ValueError):
@@ -404,3 +407,21 @@ def test_an_input_only_run_on_a_clustered_atlas_names_no_cluster(demo_run, tmp_p
             llm="fake-llm", max_retries=1, timeout=5), progress=Said())
     assert report.passes[0].ok == 1 and report.clusters is None
     assert any("clusters not named" in m for m in said)
+
+
+def test_the_negative_pass_prompt_leads_with_the_most_negative_evidence():
+    from circuit_atlas.labeling.templates import SYSTEM, input_prompt, messages
+
+    ev = {"neuron": "L3/N7", "layer": 3, "n_layers": 4, "appearances": 9,
+          "exemplars": [(5.0 - i, f"up{i}") for i in range(5)],
+          "negative_exemplars": [(-4.0 + i, f"down{i}") for i in range(5)],
+          "token_means": [("hi", 2.0)], "static_corr": (0.5, 40),
+          "activating": [("a", 1.0)], "suppressing": [("s", -1.0)]}
+    up, down = input_prompt(ev), input_prompt(ev, -1)
+    assert up.index("up4") < up.index("down0") and "down2" not in up
+    assert down.index("down4") < down.index("up0") and "up2" not in down
+    assert down.index("tokens that suppress it") < down.index("tokens that activate it")
+    assert up.index("tokens that activate it") < up.index("tokens that suppress it")
+    assert messages("negative", ev)[0]["content"] == SYSTEM["negative"]
+    assert messages("negative", ev)[1]["content"] == down
+    assert "NEGATIVE" in SYSTEM["negative"] and "TRIGGERS" in SYSTEM["input"]

@@ -30,19 +30,23 @@ from tests.factories import WORDS, tiny_model_dir
 from tests.llm_server import LLMServer
 
 PLANTED = {7: ("w5", 0), 9: ("w6", 1)}  # neuron of layer 1: (its token, its residual dim)
+NEGATIVE = {11: ("w7", 2), 13: ("w8", 3)}  # neurons that go negative at their token
 
 
 def plant(path: str) -> str:
     """Rewire the tiny model so that L1/N7 and L1/N9 read only a residual dimension that
     nothing but their token's embedding writes: each fires at its token and is exactly 0
-    everywhere else."""
+    everywhere else; L1/N11 and L1/N13 likewise, but negative at their token (the up
+    projection's sign turned)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
     tok = AutoTokenizer.from_pretrained(path)
     with torch.no_grad():
         emb = model.model.embed_tokens.weight
-        for neuron, (word, dim) in PLANTED.items():
+        planted = [(n, w, d, 2.0) for n, (w, d) in PLANTED.items()] + [
+            (n, w, d, -2.0) for n, (w, d) in NEGATIVE.items()]
+        for neuron, word, dim, up in planted:
             emb[:, dim] = 0
             emb[tok.convert_tokens_to_ids(word), dim] = 3.0
             for layer in model.model.layers:
@@ -52,7 +56,7 @@ def plant(path: str) -> str:
             mlp.gate_proj.weight[neuron] = 0
             mlp.gate_proj.weight[neuron, dim] = 4.0
             mlp.up_proj.weight[neuron] = 0
-            mlp.up_proj.weight[neuron, dim] = 2.0
+            mlp.up_proj.weight[neuron, dim] = up
     model.save_pretrained(path)
     return path
 
@@ -173,6 +177,92 @@ def test_true_labels_score_one_and_false_labels_near_chance(planted, lake):
             for line in r["prompt"].split("Excerpts:\n")[1].split("\n"):
                 excerpt = line.split(". ", 1)[1]
                 assert any(excerpt in t for t in held), excerpt
+
+
+def test_negative_labels_are_scored_on_the_most_negative_contexts(planted, lake):
+    """A label of the negative pass: its positives are the neuron's most negative
+    held-out contexts, its negatives stay above a tenth of its most negative activation;
+    the true one scores 1, the false one (N13 goes negative at w8, not w7) near chance."""
+    from tests.compute.test_activation_run import hooked_activations
+
+    append_labels(lake, "tiny", "c", label_rows([
+        (1, 11, "negative", 'fires on the token "w7"'),  # true
+        (1, 13, "negative", 'fires on the token "w7"'),  # false
+    ], "test"))
+    run_negatives(lake, model=planted[0], corpora="c", params=NegativesParams(dtype="float64"))
+    with LLMServer() as server:
+        report = run_label_scores(lake, model=planted[0], corpora="c",
+                                  params=params(server, passes=("negative",)))
+    assert report.failed == 0 and report.ok == 6
+    df = scores(lake)
+    assert set(df["polarity"]) == {-1} and set(df["pass"]) == {"negative"}
+    assert headline(df, 11, "negative", "detection") == 1.0
+    assert headline(df, 11, "negative", "fuzzing") == 1.0
+    assert headline(df, 11, "negative", "simulation") > 0.9
+    assert headline(df, 13, "negative", "detection") < 0.7
+    assert headline(df, 13, "negative", "fuzzing") <= 0.6
+    stats_ = dict(lake.table("activation_stats").filter(pl.col("layer") == 1).select(
+        "neuron", "min").collect().iter_rows())
+    assert stats_[11] < 0 and stats_[13] < 0
+    from circuit_atlas.compute.models import load_model
+
+    model = load_model(planted[0], dtype="float64")
+    windows = lake.table("exemplar_windows").select("window_id", "token_ids", "skip").collect()
+    negatives = lake.table("negatives").filter(pl.col("neuron").is_in([11, 13])).collect()
+    assert len(negatives) > 0
+    for row in negatives.join(windows, on="window_id").iter_rows(named=True):
+        h = hooked_activations(model, tuple(row["token_ids"]))
+        np.testing.assert_allclose(row["acts"], h[1][:, row["neuron"]], rtol=1e-5, atol=1e-6)
+        assert min(row["acts"][row["skip"]:]) > 0.1 * stats_[row["neuron"]]
+
+
+def test_best_of_n_keeps_the_candidate_that_scores_best(planted, lake):
+    """Four samples (seeds 0..3, temperature 1) of which three are distinct; each is
+    scored by detection on held-out contexts and the true one is kept, the others
+    recorded as candidates with their scores."""
+    from circuit_atlas.compute.models import optional_tokenizer
+    from circuit_atlas.labeling.client import LLMSettings
+    from circuit_atlas.labeling.evidence import prompt_hash
+    from circuit_atlas.labeling.run import BestOf, LabelReport
+    from circuit_atlas.labeling.templates import SYSTEM
+
+    msgs = [{"role": "system", "content": SYSTEM["input"]},
+            {"role": "user", "content": "Neuron L1/N7 (layer 1 of 3)."}]
+    best = BestOf(samples=4, select_by="detection")
+    report = LabelReport("input")
+    with LLMServer() as server:
+        server.candidates["L1/N7"] = ['fires on the token "w6"', 'fires on the token "w5"',
+                                      'fires on the token "w6"', 'fires on the token "w9"']
+        settings = LLMSettings(model="fake-llm", base_url=server.url, concurrency=4,
+                               timeout=5, max_retries=1)
+        best.run(lake, "tiny", "c", "input", 1, [(7, msgs, prompt_hash(msgs))], settings,
+                 report, optional_tokenizer(planted[0]), lambda done, total: None)
+        sampled = [r["sampling"] for r in server.requests if r["pass"] == "input"]
+    assert sorted(x["seed"] for x in sampled) == [0, 1, 2, 3]
+    assert all(x["temperature"] == 1.0 for x in sampled)
+    assert report.ok == 1 and best.scored == 3 and best.unjudged == 0
+    from circuit_atlas.labeling.journal import fold_journals
+
+    fold_journals(lake, "tiny", "c")
+    rows = lake.table("labels").filter(pl.col("neuron") == 7).collect()
+    kept = rows.filter((pl.col("status") == "ok") & (pl.col("labeler") == "fake-llm"))
+    assert kept["label"].to_list() == ['fires on the token "w5"']
+    assert sorted(rows.filter(pl.col("status") == "candidate")["label"]) == [
+        'fires on the token "w6"', 'fires on the token "w9"']
+    det = scores(lake).filter((pl.col("neuron") == 7) & (pl.col("labeler") == "fake-llm"))
+    by_label = dict(det.select("label", "score").iter_rows())
+    assert by_label['fires on the token "w5"'] == 1.0
+    assert max(by_label.values()) == by_label['fires on the token "w5"'] and len(by_label) == 3
+
+
+def test_best_of_n_refuses_what_it_cannot_do():
+    from circuit_atlas.labeling.params import LabelParams
+
+    with pytest.raises(CircuitAtlasError, match="at least 1"):
+        LabelParams(samples=0)
+    with pytest.raises(CircuitAtlasError, match="Batch API"):
+        LabelParams(samples=3, batch=True)
+    assert LabelParams().best_of() is None and LabelParams(samples=3).best_of().samples == 3
 
 
 def test_the_commands_find_negatives_and_score(planted, lake):

@@ -103,7 +103,9 @@ def test_the_demo_labels_and_scores_a_slice_through_the_embedded_server(demo_run
 
     lake, printed = Lake(demo_run[0]), demo_run[1]
     labels = lake.table("labels").filter(pl.col("labeler") == DEFAULT_MODEL).collect()
-    assert len(labels) == 1 and set(labels["pass"]) == {"input"}
+    # one neuron, twice: what drives it up and what drives it most negative
+    assert len(labels) == 2 and set(labels["pass"]) == {"input", "negative"}
+    assert labels["neuron"].n_unique() == 1
     ok = labels.filter(pl.col("status") == "ok")
     for r in ok.iter_rows(named=True):  # the grammar kept the reply to the schema
         assert r["type"] in ("token-pattern", "context", "position", "upstream-gated",
@@ -113,9 +115,13 @@ def test_the_demo_labels_and_scores_a_slice_through_the_embedded_server(demo_run
     # every ok label is scored by every scorer its held-out contexts allow, and each
     # score is what its metrics say
     assert set(scores["neuron"]) <= set(ok["neuron"]) and len(scores) >= len(ok)
+    used = []
     for r in scores.filter(pl.col("status") == "ok").iter_rows(named=True):
         m = json.loads(r["metrics"])
         key = "pearson" if r["scorer"] == "simulation" else "balanced_accuracy"
-        assert r["score"] == m[key] and m["logprobs"] is True
+        assert r["score"] == m[key]
+        used.append(m["logprobs"])  # false where the answers were split over tokens
+        assert r["polarity"] == (-1 if r["pass"] == "negative" else 1)
+    assert any(used)  # the embedded server returned logprobs and the scorers read them
     assert "label_scores" in printed and "near chance" in printed
     assert (demo_run[0] / "label-report" / "index.html").exists()
