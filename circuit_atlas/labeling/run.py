@@ -154,8 +154,10 @@ class BestOf:
     ``temperature`` with a seed each, every distinct one scored by ``select_by`` on the
     neuron's held-out contexts (output labels: by the intervention check), the best
     kept as the label (status "ok"), the others recorded as status "candidate" with
-    their scores in ``label_scores``. Transluce keeps the best of many sampled
-    descriptions by simulation the same way. The kept label's score by ``select_by`` is
+    their scores in ``label_scores``; where ``select_by`` cannot judge a neuron (no
+    negatives yet: ``negatives --every-neuron`` finds them before any label exists),
+    the next scorer that can. Transluce keeps the best of many sampled descriptions by
+    simulation the same way. The kept label's score by ``select_by`` is
     the best of N on the same contexts, so it is optimistic; the other scorers' figures
     of it are not. A neuron no scorer can judge (no held-out contexts, no boost in the
     battery) keeps its first candidate."""
@@ -166,6 +168,15 @@ class BestOf:
     sim_contexts: int = 5
     scored: int = 0  # candidates scored, over the run
     unjudged: int = 0  # neurons kept without a score
+
+    def scorers(self, pass_: str) -> list[str]:
+        """The scorers that pick among a neuron's candidates, in turn: ``select_by``,
+        then (for a neuron it cannot judge, e.g. detection without negatives yet) the
+        other activation scorers; output labels: the intervention check."""
+        if pass_ == "output":
+            return ["intervention"]
+        return [self.select_by, *(s for s in ("simulation", "fuzzing", "detection")
+                                  if s != self.select_by)]
 
     def run(self, lake: Lake, model: str, corpus: str, pass_: str, layer: int, todo: list,
             settings: LLMSettings, report: LabelReport, tokenizer: Any,
@@ -197,10 +208,17 @@ class BestOf:
               "labeler": settings.model} for n, cs in candidates.items() for c in cs],
             schema={"layer": pl.Int16, "neuron": pl.Int32, "pass": pl.String,
                     "label": pl.String, "labeler": pl.String})
-        scorer = "intervention" if pass_ == "output" else self.select_by
         scores_report = ScoresReport(corpus, settings.model)
-        scores = score_labels(lake, model, corpus, settings, rows, (scorer,), scores_report,
-                              tokenizer, self.sim_contexts) if not rows.is_empty() else {}
+        scores: dict[tuple, float | None] = {}  # (layer, neuron, pass, label): its score
+        pending = rows
+        for scorer in self.scorers(pass_):  # the next one where a scorer cannot judge
+            if pending.is_empty():
+                break
+            got = score_labels(lake, model, corpus, settings, pending, (scorer,),
+                               scores_report, tokenizer, self.sim_contexts)
+            judged = {k[1] for k, v in got.items() if v.get(scorer) is not None}
+            scores.update({k: v.get(scorer) for k, v in got.items() if k[1] in judged})
+            pending = pending.filter(~pl.col("neuron").is_in(sorted(judged)))
         report.prompt_tokens += scores_report.prompt_tokens
         report.completion_tokens += scores_report.completion_tokens
         journal = Journal(lake, model, corpus)
@@ -212,7 +230,7 @@ class BestOf:
                                             error))
                     report.answered(False)
                     continue
-                got = [scores.get((layer, n, pass_, c["label"]), {}).get(scorer) for c in cs]
+                got = [scores.get((layer, n, pass_, c["label"])) for c in cs]
                 self.scored += sum(g is not None for g in got)
                 self.unjudged += all(g is None for g in got)
                 best = max(range(len(cs)), key=lambda i: (got[i] is not None,
@@ -350,9 +368,10 @@ class LabelsReport(Report):
                 f"{r.seconds:.1f} s")
         if self.best_of is not None and s is not None:
             b = self.best_of
-            lines.append(f"best of {b.samples}: {b.scored:,} candidate label(s) scored by "
-                         f"{b.select_by} (output labels: intervention); {b.unjudged:,} "
-                         "neuron(s) kept their first candidate, no scorer could judge them")
+            lines.append(f"best of {b.samples}: {b.scored:,} candidate label(s) scored "
+                         f"(by {b.select_by} where it could judge; output labels by the "
+                         f"intervention check); {b.unjudged:,} neuron(s) kept their first "
+                         "candidate, no scorer could judge them")
         if self.clusters is not None and s is not None:
             c = self.clusters
             lines.append(f"cluster labels: {c.ok:,} ok, {c.failed:,} failed, {c.skipped:,} "

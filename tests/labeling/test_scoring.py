@@ -255,6 +255,32 @@ def test_best_of_n_keeps_the_candidate_that_scores_best(planted, lake):
     assert max(by_label.values()) == by_label['fires on the token "w5"'] and len(by_label) == 3
 
 
+def test_best_of_n_on_the_negative_side_before_any_negatives_exist(planted, lake):
+    """N11 has no label yet, so no negatives: detection may not judge it, the next
+    scorer does, and the true negative label is kept."""
+    from circuit_atlas.compute.models import optional_tokenizer
+    from circuit_atlas.labeling.client import LLMSettings
+    from circuit_atlas.labeling.evidence import prompt_hash
+    from circuit_atlas.labeling.journal import fold_journals
+    from circuit_atlas.labeling.run import BestOf, LabelReport
+    from circuit_atlas.labeling.templates import SYSTEM
+
+    msgs = [{"role": "system", "content": SYSTEM["negative"]},
+            {"role": "user", "content": "Neuron L1/N11 (layer 1 of 3)."}]
+    best = BestOf(samples=2, select_by="detection")
+    with LLMServer() as server:
+        server.candidates["L1/N11"] = ['fires on the token "w8"', 'fires on the token "w7"']
+        settings = LLMSettings(model="fake-llm", base_url=server.url, concurrency=4,
+                               timeout=5, max_retries=1)
+        best.run(lake, "tiny", "c", "negative", 1, [(11, msgs, prompt_hash(msgs))], settings,
+                 LabelReport("negative"), optional_tokenizer(planted[0]), lambda d, t: None)
+    fold_journals(lake, "tiny", "c")
+    kept = lake.table("labels").filter((pl.col("neuron") == 11) & (pl.col("status") == "ok")
+                                       ).collect()
+    assert kept["label"].to_list() == ['fires on the token "w7"'] and best.unjudged == 0
+    assert set(scores(lake).filter(pl.col("neuron") == 11)["polarity"]) == {-1}
+
+
 def test_best_of_n_refuses_what_it_cannot_do():
     from circuit_atlas.labeling.params import LabelParams
 
