@@ -156,9 +156,16 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
         with clock.stage("label, score (embedded LLM)"):
             _label_and_score(lake, exact, key, corpora, labelled, console)
     html = lake.path("clusters.html")
+    from circuit_atlas.lake.neurons import parse_neuron
+    from circuit_atlas.use.reports import choose_neurons, write_reports
+
     with clock.stage("exports"):
         export_html(lake, exact.name, key, html, tokenizer=exact.tokenizer)
         export_duckdb(lake, exact.name, key, lake.path("atlas.duckdb"))
+        # report pages: the labelled neurons, the medical one and the three in most graphs
+        pages = choose_neurons(lake, exact.name, key, [parse_neuron(neuron)], 3, True)
+        write_reports(lake, exact.name, key, lake.path("reports"), pages,
+                      tokenizer=exact.tokenizer)
     queries = [
         "SELECT layer, count(*) AS neurons, avg(der_mean) AS der FROM neuron_effects "
         "GROUP BY layer ORDER BY layer",
@@ -171,6 +178,8 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
         lake.sql(q)
     console.rule("[bold]the atlas")
     console.print(f"browser view: {html}", soft_wrap=True)
+    console.print(f"neuron report pages ({len(pages)}, circuit-atlas export reports): "
+                  f"{lake.path('reports/index.html')}", soft_wrap=True)
     console.print(f"DuckDB file:  {lake.path('atlas.duckdb')}", soft_wrap=True)
     console.print(f"profile of the most medical-specific neuron: circuit-atlas profile {neuron} "
                   f"--lake {lake.url}", soft_wrap=True)
@@ -184,7 +193,7 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
 
 
 BATTERY_PROMPTS = 12  # prompts of the demo's causal battery
-DEMO_DESCRIPTION = 200  # characters of a label's description in the demo
+DEMO_DESCRIPTION = 120  # characters of a label's description in the demo: a sentence
 
 
 def _label_slice(lake, model, key: str, corpora: list[str], n: int) -> list[str]:
@@ -246,8 +255,8 @@ def _label_and_score(lake, model, key: str, corpora: list[str], neurons: list[st
     ids = [parse_neuron(x)[1] for x in neurons]
     with Server(Engine(model.model, model.tokenizer, model.name), port=0) as server:
         console.print(f"[green]serve[/] {model.name} at {server.url} (circuit-atlas serve)")
-        # descriptions of at most 200 characters: the 135M model writes to the cap, and
-        # every character is a decode step that reads the whole model
+        # short descriptions: the 135M model writes to the cap, and every character is a
+        # decode step that reads the whole model
         settings = LLMSettings(model=model.name, base_url=server.url, concurrency=8,
                                timeout=900, max_retries=1, description_chars=DEMO_DESCRIPTION)
         # what drives each neuron up and what drives it most negative; the output pass

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
 from circuit_atlas.cli import Group, cli, display
-from circuit_atlas.cli.options import corpora_option, json_option, lake_option, model_option
+from circuit_atlas.cli.options import (
+    corpora_option,
+    json_option,
+    lake_option,
+    model_option,
+    params_options,
+    take_params,
+)
+from circuit_atlas.use.params import ReportsParams
 
 method_option = click.option("--method", default="infomap", show_default=True,
                              type=click.Choice(["infomap", "leiden"]),
@@ -162,6 +171,23 @@ def export_network_cmd(path: str, lake_path: str, model: str, corpora: tuple[str
                             method, min_count)
     display.console().print(f"[green]export[/] {path}: {counts['nodes']:,} nodes, "
                      f"{counts['edges']:,} edges")
+
+
+@export.command("reports")
+@lake_option
+@model_option
+@corpora_option()
+@params_options(ReportsParams, names={"neurons": "neuron"})
+def export_reports_cmd(lake_path: str, model: str, corpora: tuple[str, ...],
+                       **options: Any) -> None:
+    """One self-contained HTML page per neuron (its labels and scores, exemplars with the
+    activating tokens marked, the activation histogram, projections, upstream and
+    downstream neurons with their labels and links, its cluster, effects and causal
+    results) and an index.html with search and filters. Opens offline."""
+    from circuit_atlas.use.reports import run_reports
+
+    display.run_stage(run_reports, display.console(), lake_path, model=model,
+                      corpora=corpora, params=take_params(ReportsParams, options))
 
 
 @cli.command("mcp")

@@ -1,5 +1,20 @@
-"""use: the atlas for agents and people (the MCP server).
+"""use: the atlas for agents and people: the MCP server (mcp) and the per-neuron
+report pages (reports).
 
 Reads the lake only; imports no torch (a tokenizer, where one is at hand, names
 tokens).
 """
+
+from __future__ import annotations
+
+from circuit_atlas.stage import lazy_exports
+
+# the stage's public names, imported on first use (heavy dependencies load late)
+_EXPORTS = {
+    "run_reports": "reports",
+    "ReportsParams": "params",
+    "run_mcp": "mcp",
+}
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

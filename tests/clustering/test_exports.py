@@ -3,8 +3,6 @@ Gephi exports, and the HTML view driven in a real headless Chromium."""
 
 import json
 import os
-import shutil
-from pathlib import Path
 
 import duckdb
 import networkx as nx
@@ -18,10 +16,8 @@ from circuit_atlas.clustering.network import network_params
 from circuit_atlas.clustering.run import cluster_lake
 from circuit_atlas.etl.reduce import reduce_lake
 from circuit_atlas.lake import Lake
+from tests.browser import ARTIFACTS, chrome
 from tests.factories import MODEL, prompts_of, write_shard
-
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -149,22 +145,6 @@ def test_network_exports(atlas, tmp_path):
         assert graph.number_of_edges() == len(edges)
         labelled = [n for n, d in graph.nodes(data=True) if d.get("labelled")]
         assert len(labelled) == 12
-
-
-def chrome():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not binary or not driver:
-        pytest.fail("the browser test needs Debian's chromium and chromium-driver "
-                    "(bash scripts/setup --dev installs them as root)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,800",
-                "--disable-dev-shm-usage"):
-        options.add_argument(arg)
-    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
 def test_html_view_in_headless_chromium(atlas, tmp_path):
