@@ -143,8 +143,11 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
 
     with clock.stage("label prompts"), console.status(
             "assembling the labeling prompts (dry run, no LLM) ..."):
+        # the last layer's: every layer's costs ~20 s more here (circuit-atlas label
+        # --dry-run writes them all)
         for pass_ in ("output", "input"):
-            label_lake(lake, exact.name, key, pass_, None, tokenizer=exact.tokenizer)
+            label_lake(lake, exact.name, key, pass_, None, tokenizer=exact.tokenizer,
+                       layers=[exact.adapter.n_layers - 1])
     busiest = lake.table("neurons", exact.name, key).filter(
         pl.col("layer") == exact.adapter.n_layers - 1).sort("graph_count").tail(1).select(
         "layer", "neuron")
@@ -166,6 +169,12 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
         pages = choose_neurons(lake, exact.name, key, [parse_neuron(neuron)], 3, True)
         write_reports(lake, exact.name, key, lake.path("reports"), pages,
                       tokenizer=exact.tokenizer)
+    from circuit_atlas.use.params import TraceParams
+    from circuit_atlas.use.supernodes import run_trace
+
+    with clock.stage("trace"):
+        traced = run_stage(run_trace, console, lake, model=exact, prompt=TRACE_PROMPT,
+                           corpora=corpora, params=TraceParams(out=lake.path("trace.json")))
     queries = [
         "SELECT layer, count(*) AS neurons, avg(der_mean) AS der FROM neuron_effects "
         "GROUP BY layer ORDER BY layer",
@@ -183,8 +192,10 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     console.print(f"DuckDB file:  {lake.path('atlas.duckdb')}", soft_wrap=True)
     console.print(f"profile of the most medical-specific neuron: circuit-atlas profile {neuron} "
                   f"--lake {lake.url}", soft_wrap=True)
-    console.print(f'steer generation with it: circuit-atlas steer "Insulin is produced by the" '
+    console.print(f'steer generation with it: circuit-atlas steer "{TRACE_PROMPT}" '
                   f"--neuron {neuron} --scale 8 --lake {lake.url}", soft_wrap=True)
+    console.print(f"a new prompt's graph grouped by the atlas's clusters (circuit-atlas trace, "
+                  f"circuit-tracer graph JSON): {traced.out}", soft_wrap=True)
     console.print("SQL, e.g.:")
     for q in queries:
         console.print(f'  circuit-atlas sql --lake {lake.url} "{q}"', soft_wrap=True)
@@ -193,6 +204,7 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
 
 
 BATTERY_PROMPTS = 12  # prompts of the demo's causal battery
+TRACE_PROMPT = "Insulin is produced by the"  # the new prompt the demo traces
 DEMO_DESCRIPTION = 120  # characters of a label's description in the demo: a sentence
 
 

@@ -54,7 +54,7 @@ def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path, demo_run):
     table = output[output.index("time per stage"):]
     for stage in ("graphs", "activations", "reduce", "projections", "effects",
                   "cooccurrence", "cluster", "interventions", "label prompts",
-                  r"label, score \(embedded LLM\)", "total"):
+                  r"label, score \(embedded LLM\)", "trace", "total"):
         assert re.search(rf"│ {stage}\s+│ \d+\.\d", table), stage
     # every neuron has exemplars: the profile shows them marked, the label prompts carry
     # them (input pass) and the next tokens at them (output pass)
@@ -82,6 +82,13 @@ def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path, demo_run):
     by_pass = {p: prompts.filter(pl.col("pass") == p)["user_message"] for p in ("input", "output")}
     assert by_pass["input"].str.contains("Contexts where it fires most").all()
     assert by_pass["output"].str.contains("the model predicts next").any()
+    assert set(prompts["layer"]) == {29}  # the last layer's, in the demo
+    # the report pages of the labelled neuron, the medical one and three in most graphs
+    assert "neuron report pages" in output
+    pages = [f for f in os.listdir(os.path.join(lake, "reports")) if f != "index.html"]
+    assert 3 <= len(pages) <= 5 and os.path.exists(os.path.join(lake, "reports", "index.html"))
+    traced = json.load(open(os.path.join(lake, "trace.json"), encoding="utf-8"))  # noqa: SIM115
+    assert "supernode_grouping" in traced["metadata"] and "grouped by the atlas" in output
     page = open(os.path.join(lake, "clusters.html"), encoding="utf-8").read()  # noqa: SIM115
     assert '"exemplar":["' in page and "<<" in page  # the viewer shows where neurons fire
     info = runner.invoke(cli, ["lake", "info", "--lake", lake])

@@ -16,7 +16,7 @@ from circuit_atlas.cli.options import (
     params_options,
     take_params,
 )
-from circuit_atlas.use.params import ReportsParams
+from circuit_atlas.use.params import ReportsParams, TraceParams
 
 method_option = click.option("--method", default="infomap", show_default=True,
                              type=click.Choice(["infomap", "leiden"]),
@@ -188,6 +188,26 @@ def export_reports_cmd(lake_path: str, model: str, corpora: tuple[str, ...],
 
     display.run_stage(run_reports, display.console(), lake_path, model=model,
                       corpora=corpora, params=take_params(ReportsParams, options))
+
+
+@cli.command("trace")
+@click.argument("prompt")
+@lake_option
+@model_option
+@corpora_option(help="The atlas whose clusters group the graph (default: the only "
+                     "reduced set).")
+@params_options(TraceParams)
+def trace_cmd(prompt: str, lake_path: str, model: str, corpora: tuple[str, ...],
+              **options: Any) -> None:
+    """The attribution graph of a new PROMPT, its neurons grouped into supernodes by the
+    atlas's cluster modules (named by their labels), written as circuit-tracer /
+    Neuronpedia graph JSON that opens grouped in their viewers; prints how much of the
+    graph's influence the supernodes hold and how much link weight the supernode graph
+    keeps."""
+    from circuit_atlas.use.supernodes import run_trace
+
+    display.run_stage(run_trace, display.console(), lake_path, model=model, prompt=prompt,
+                      corpora=corpora, params=take_params(TraceParams, options))
 
 
 @cli.command("mcp")

@@ -1,5 +1,5 @@
-"""use: the atlas for agents and people: the MCP server (mcp) and the per-neuron
-report pages (reports).
+"""use: the atlas for agents and people: the MCP server (mcp), the per-neuron report
+pages (reports) and new prompts' graphs grouped by the atlas's clusters (supernodes).
 
 Reads the lake only; imports no torch (a tokenizer, where one is at hand, names
 tokens).
@@ -14,6 +14,8 @@ _EXPORTS = {
     "run_reports": "reports",
     "ReportsParams": "params",
     "run_mcp": "mcp",
+    "run_trace": "supernodes",
+    "TraceParams": "params",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -20,3 +20,21 @@ class ReportsParams:
     """Pages for every neuron with a label."""
     method: Literal["infomap", "leiden"] = "infomap"
     """The clustering whose module a page shows."""
+
+
+@dataclass(frozen=True)
+class TraceParams:
+    """A new prompt's graph, grouped by the atlas's clusters."""
+
+    level: int = 1
+    """Group neurons by their cluster module at this level (1: the top modules)."""
+    method: Literal["infomap", "leiden"] = "infomap"
+    """The clustering that groups them."""
+    traces: str = "traces"
+    """Corpus the prompt is imported into (its graph is stored there, like any other)."""
+    out: str | None = None
+    """Graph JSON file to write (default: trace-<prompt id>.json)."""
+    device: str = "cpu"
+    """torch device, e.g. cuda."""
+    dtype: Literal["auto", "float32", "bfloat16", "float64"] = "auto"
+    """Model precision of the graph (auto: as circuit-atlas graphs chooses)."""
