@@ -214,13 +214,12 @@ def _label_slice(lake, model, key: str, corpora: list[str], n: int) -> list[str]
     that activate positively somewhere (the input label's scorers need such contexts)
     and whose negative side is strong (the negative pass labels only those), the ones
     in the most graphs."""
-    from circuit_atlas.labeling.evidence import NEGATIVE_SHARE
+    from circuit_atlas.analysis.exemplars import layer_extremes
+    from circuit_atlas.labeling.evidence import strong_negative
 
     layer = model.adapter.n_layers - 1
-    stats = pl.concat([lake.table("activation_stats", model.name, c).filter(
-        pl.col("layer") == layer).select("neuron", "min", "max").collect() for c in corpora]
-    ).group_by("neuron").agg(pl.col("min").min(), pl.col("max").max())
-    both = stats.filter((pl.col("max") > 0) & (-pl.col("min") >= NEGATIVE_SHARE * pl.col("max")))
+    both = layer_extremes(lake, model.name, key, layer).filter(
+        (pl.col("max") > 0) & strong_negative())
     chosen = (lake.table("neurons", model.name, key)
               .filter((pl.col("layer") == layer)
                       & pl.col("neuron").is_in(sorted(both["neuron"].to_list())))

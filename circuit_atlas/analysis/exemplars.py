@@ -25,6 +25,23 @@ def corpora_of(corpus: str) -> list[str]:
     return corpus.split("+")
 
 
+def has_table(lake: Lake, model: str, corpus: str, name: str) -> bool:
+    """Whether any corpus of ``corpus`` has the table ``name``."""
+    return any(lake.optional_table(name, model, c) is not None for c in corpora_of(corpus))
+
+
+def layer_extremes(lake: Lake, model: str, corpus: str, layer: int) -> pl.DataFrame | None:
+    """Each neuron of ``layer``'s smallest and largest activation over the corpora of
+    ``corpus`` (neuron, min, max); None without activation statistics."""
+    parts = [t.filter(pl.col("layer") == layer).select("neuron", "min", "max")
+             for c in corpora_of(corpus)
+             if (t := lake.optional_table("activation_stats", model, c)) is not None]
+    if not parts:
+        return None
+    return pl.concat(parts).collect().group_by("neuron").agg(pl.col("min").min(),
+                                                               pl.col("max").max())
+
+
 def read_exemplars(lake: Lake, model: str, corpus: str, layer: int,
                    neurons: list[int] | None = None, top: int = 5, split: str = "all"
                    ) -> pl.DataFrame | None:

@@ -99,11 +99,10 @@ def atlas_tables(lake: Lake, model: str, corpus: str, method: str = "infomap"
         clusters = clusters.select("cluster_path", "level", "top_cluster", "sub_module",
                                    "subsub_module", "size", "layer_min", "layer_max",
                                    "median_layer", "flow", "top_members", "method")
-        named = _optional(lake, "cluster_labels", model, corpus)
+        from circuit_atlas.lake.labels import cluster_names
+
+        named = cluster_names(lake, model, corpus, method)
         if named is not None:
-            named = (named.filter((pl.col("status") == "ok") & (pl.col("method") == method))
-                     .sort("created_at").unique("cluster_path", keep="last")
-                     .select("cluster_path", "label", "coherence"))
             clusters = clusters.join(named, on="cluster_path", how="left")
     meta = {
         "model": model, "corpus": corpus, "model_shape": shape,

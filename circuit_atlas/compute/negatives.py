@@ -171,9 +171,6 @@ def negative_rows(model: LoadedModel, windows: dict[int, Window], entries: pl.Da
     }, schema=NEGATIVES.schema)
 
 
-ACTIVATION_PASSES = ("input", "negative", "prior")  # the labels scored on contexts
-
-
 def scored_targets(lake: Lake, model: str, atlas: str, every_neuron: bool,
                    exemplars: pl.DataFrame) -> pl.DataFrame:
     """The neurons to find negatives for: those with an input, negative or prior label
@@ -181,7 +178,7 @@ def scored_targets(lake: Lake, model: str, atlas: str, every_neuron: bool,
     exemplars. Columns: layer, neuron, up (whether it has a label of what drives it up:
     its negatives must stay low), down (a label of what drives it most negative: they
     must stay above its negative side); both with ``every_neuron``."""
-    from circuit_atlas.lake.labels import known_labels, latest_ok
+    from circuit_atlas.lake.labels import ACTIVATION_PASSES, known_labels, latest_ok
 
     if every_neuron:
         return exemplars.select("layer", "neuron").unique().sort("layer", "neuron").with_columns(

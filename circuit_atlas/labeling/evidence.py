@@ -78,10 +78,9 @@ class Atlas:
             table = lake.optional_table(name, model, part)
             if table is not None:
                 tables[name] = table
-        from circuit_atlas.analysis.exemplars import corpora_of
+        from circuit_atlas.analysis.exemplars import has_table
 
-        exemplars = any(lake.optional_table("exemplars", model, c) is not None
-                        for c in corpora_of(corpus))
+        exemplars = has_table(lake, model, corpus, "exemplars")
         return cls(lake, model, corpus, n_layers, NodeNames(tokenizer, n_layers), neurons,
                    lake.table("edges", model, corpus).drop("model", "corpus"), tables,
                    exemplars)
@@ -181,21 +180,21 @@ EXEMPLARS_SHOWN = 5
 NEGATIVE_SHARE = 0.5
 
 
+def strong_negative() -> pl.Expr:
+    """Over (min, max) of a neuron's activations: whether the negative pass labels it."""
+    return -pl.col("min") >= NEGATIVE_SHARE * pl.col("max").clip(0)
+
+
 def negative_side(atlas: Atlas, layer: int) -> list[int]:
     """The neurons of ``layer`` the negative pass labels: those whose most negative
     activation (over the atlas's corpora) reaches ``NEGATIVE_SHARE`` of their largest."""
-    from circuit_atlas.analysis.exemplars import corpora_of
+    from circuit_atlas.analysis.exemplars import layer_extremes
 
-    parts = [t.filter(pl.col("layer") == layer).select("neuron", "min", "max")
-             for c in corpora_of(atlas.corpus)
-             if (t := atlas.lake.optional_table("activation_stats", atlas.model, c)) is not None]
-    if not parts:
+    extremes = layer_extremes(atlas.lake, atlas.model, atlas.corpus, layer)
+    if extremes is None:
         raise CircuitAtlasError("the negative pass reads the activation statistics: run "
                                 "circuit-atlas activations first")
-    extremes = pl.concat(parts).collect().group_by("neuron").agg(
-        pl.col("min").min(), pl.col("max").max())
-    return sorted(extremes.filter(-pl.col("min") >= NEGATIVE_SHARE * pl.col("max").clip(0))[
-        "neuron"].to_list())
+    return sorted(extremes.filter(strong_negative())["neuron"].to_list())
 
 
 def _exemplar_evidence(atlas: Atlas, pass_: str, layer: int, ids: list[int],

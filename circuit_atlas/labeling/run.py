@@ -246,13 +246,6 @@ class BestOf:
             journal.close()
 
 
-def _has_stats(lake: Lake, model: str, corpus: str) -> bool:
-    from circuit_atlas.analysis.exemplars import corpora_of
-
-    return any(lake.optional_table("activation_stats", model, c) is not None
-               for c in corpora_of(corpus))
-
-
 def _todo(prompts, labels: pl.DataFrame | None, layer: int, pass_: str, labeler: str,
           only_failed: bool):
     if labels is None:
@@ -388,6 +381,7 @@ def run_labels(lake, *, model, corpora=None, params: LabelParams | None = None,
     neurons whose negative side is strong; needs the activation statistics), then name
     the clusters. Resumable: a rerun asks only what is
     missing or failed. ``params.dry_run`` assembles the prompts without an LLM."""
+    from circuit_atlas.analysis.exemplars import has_table
     from circuit_atlas.compute.models import optional_tokenizer
     from circuit_atlas.names import model_name
 
@@ -399,7 +393,7 @@ def run_labels(lake, *, model, corpora=None, params: LabelParams | None = None,
     tokenizer = optional_tokenizer(spec)
     reports = []
     for pass_ in params.passes:
-        if pass_ == "negative" and not _has_stats(lake, model, corpus):
+        if pass_ == "negative" and not has_table(lake, model, corpus, "activation_stats"):
             progress.message("negative pass skipped: it reads the activation statistics "
                              "(circuit-atlas activations)")
             continue

@@ -162,14 +162,15 @@ def score_lake(lake: Lake, model: str, corpus: str, settings: LLMSettings,
     """Score the labels of (model, corpus) with each of ``scorers``, layer by layer:
     input, negative and prior labels with the activation scorers (a negative label on
     the neuron's most negative contexts), output labels with the intervention check."""
-    from circuit_atlas.analysis.exemplars import corpora_of
+    from circuit_atlas.analysis.exemplars import has_table
 
     t0 = time.perf_counter()
     report = ScoresReport(corpus, settings.model, price_in=settings.price_in,
                           price_out=settings.price_out)
-    report.negatives = any(lake.optional_table("negatives", model, c) is not None
-                           for c in corpora_of(corpus))
-    require_exemplars(lake, model, corpus)
+    report.negatives = has_table(lake, model, corpus, "negatives")
+    if not has_table(lake, model, corpus, "exemplars"):
+        raise CircuitAtlasError(f"no exemplars for {corpus!r}: run circuit-atlas activations "
+                                "first (labels are scored on held-out contexts)")
     fold_journals(lake, model, corpus, TABLE)  # what a killed run recorded
     labels = labels_to_score(lake, model, corpus, passes, labeler, layers)
     report.labels = len(labels)
@@ -177,15 +178,6 @@ def score_lake(lake: Lake, model: str, corpus: str, settings: LLMSettings,
                  sim_contexts, _done(lake, model, corpus, settings.model), on_progress)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def require_exemplars(lake: Lake, model: str, corpus: str) -> None:
-    from circuit_atlas.analysis.exemplars import corpora_of
-
-    if not any(lake.optional_table("exemplars", model, c) is not None
-               for c in corpora_of(corpus)):
-        raise CircuitAtlasError(f"no exemplars for {corpus!r}: run circuit-atlas activations "
-                                "first (labels are scored on held-out contexts)")
 
 
 def score_labels(lake: Lake, model: str, corpus: str, settings: LLMSettings,

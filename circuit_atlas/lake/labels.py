@@ -21,6 +21,7 @@ from circuit_atlas.lake.schemas import LABELS
 # drives it most negative (an input label of polarity -1); prior: imported
 PASSES = ("output", "input", "negative", "prior")
 SCORERS = ("detection", "fuzzing", "simulation", "intervention")
+ACTIVATION_PASSES = ("input", "negative", "prior")  # labels scored on contexts
 
 
 def polarity(pass_: str) -> int:
@@ -65,6 +66,17 @@ def current_labels(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:
         .sort("layer", "neuron", "rank")
         .unique(["layer", "neuron"], keep="first", maintain_order=True)
         .select("layer", "neuron", "pass", "label", "description")))
+
+
+def cluster_names(lake: Lake, model: str, corpus: str, method: str) -> pl.DataFrame | None:
+    """The newest ok name of each ``method`` cluster (cluster_path, label, coherence);
+    None when no cluster is named."""
+    if lake.table_manifest(model, corpus, "cluster_labels") is None:
+        return None
+    return (lake.table("cluster_labels", model, corpus)
+            .filter((pl.col("status") == "ok") & (pl.col("method") == method)).collect()
+            .sort("created_at").unique("cluster_path", keep="last")
+            .select("cluster_path", "label", "coherence"))
 
 
 def latest_scores(lake: Lake, model: str, corpus: str) -> pl.DataFrame | None:

@@ -146,13 +146,10 @@ def atlas_modules(lake: Any, model: str, corpus: str, method: str
         raise CircuitAtlasError(f"no {method} clustering of {corpus!r}: run circuit-atlas "
                                 f"cluster --method {method}")
     paths = {(a, b): p for a, b, p in rows.iter_rows()}
-    names: dict[str, str] = {}
-    labels = lake.optional_table("cluster_labels", model, corpus)
-    if labels is not None:
-        for path, label in labels.filter((pl.col("method") == method)
-                                         & (pl.col("status") == "ok")).sort(
-                "created_at").select("cluster_path", "label").collect().iter_rows():
-            names[path] = label
+    from circuit_atlas.lake.labels import cluster_names
+
+    named = cluster_names(lake, model, corpus, method)
+    names = {} if named is None else dict(named.select("cluster_path", "label").iter_rows())
     return paths, names
 
 
