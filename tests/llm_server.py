@@ -98,6 +98,50 @@ def answer(messages: list[dict[str, str]]) -> tuple[str, str, dict[str, Any]]:
         "interpretability": "medium"}
 
 
+def agent_step(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The scripted investigator (requests with ``tools``): its next assistant message,
+    decided by how far the conversation is. It reads the exemplars, sends one call whose
+    arguments are not JSON and two that fail (a missing module; a count that is not a
+    number, which the tool fails on), states the
+    hypothesis that the neuron fires on the commonest peak token of its top exemplars,
+    runs a prompt with that token and one without, and finishes with a verdict that
+    follows from the two activations."""
+    neuron = re.search(r"Investigate (L\d+/N\d+)", messages[1]["content"]).group(1)
+    step = sum(m["role"] == "assistant" for m in messages)
+    results = [json.loads(m["content"]) for m in messages if m["role"] == "tool"]
+
+    def call(name: str, args: Any) -> dict[str, Any]:
+        raw = args if isinstance(args, str) else json.dumps(args)
+        return {"role": "assistant", "content": None, "tool_calls": [{
+            "id": f"call_{step}", "type": "function",
+            "function": {"name": name, "arguments": raw}}]}
+
+    exemplars = next((r for r in results if "top" in r), None)
+    peaks = [e["token"] for e in (exemplars or {}).get("top", [])]
+    trigger = max(set(peaks), key=peaks.count) if peaks else None
+    if step == 0:
+        return call("exemplars", {"neuron": neuron, "top": 5})
+    if step == 1:
+        return call("activations", '{"neuron": "' + neuron + '", "prompts": [')  # cut off
+    if step == 2:
+        return call("cluster", {"path": "99:99"})
+    if step == 3:
+        return call("exemplars", {"neuron": neuron, "top": "many"})
+    if step == 4:
+        return {"role": "assistant", "content": "Let me think about the exemplars first."}
+    if step == 5:
+        return call("hypothesis", {"statement": f'fires on the token "{trigger}"'})
+    if step == 6:
+        plain = "w1 w2 w3 w4"
+        return call("activations", {"neuron": neuron, "prompts": [
+            f"w1 w2 {trigger} w3", plain]})
+    found = results[-1].get("results")  # None: the experiment was refused
+    fires = found is not None and found[0]["max"] > 0.5 and found[0]["max"] > 4 * abs(
+        found[1]["max"])
+    return call("finish", {"verdict": f'fires on the token "{trigger}"' if fires
+                           else "no clear trigger", "confidence": 0.9 if fires else 0.2})
+
+
 class LLMServer:
     def __init__(self, hang_s: float = 5.0) -> None:
         self.faults: dict[str, list[str]] = {}
@@ -175,6 +219,8 @@ class LLMServer:
                           "total_tokens": n_prompt + 20}}
 
     def chat(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if body.get("tools"):
+            return self.agent(body)
         name = ((body.get("response_format") or {}).get("json_schema") or {}).get("name", "")
         if name.endswith("_score"):
             return self.score(name.removesuffix("_score"), body)
@@ -206,6 +252,25 @@ class LLMServer:
             return 200, self.completion(json.dumps({**fields, "label": HYGIENE[fault]}),
                                         n_prompt)
         return 200, self.completion(json.dumps(fields), n_prompt)
+
+    def agent(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """The scripted investigator's reply; faults by step ("agent:4": ["500"])."""
+        step = sum(m["role"] == "assistant" for m in body["messages"])
+        with self.lock:
+            faults = self.faults.get(f"agent:{step}") or []
+            fault = faults.pop(0) if faults else None
+            self.requests.append({"agent": step, "fault": fault,
+                                  "tools": [t["function"]["name"] for t in body["tools"]]})
+        if fault == "500":
+            return 500, {"error": {"message": "server error", "type": "server_error"}}
+        message = agent_step(body["messages"])
+        n_prompt = sum(len(json.dumps(m)) for m in body["messages"]) // 4
+        return 200, {"id": f"chatcmpl-{uuid.uuid4().hex[:8]}", "object": "chat.completion",
+                     "created": int(time.time()), "model": "fake",
+                     "choices": [{"index": 0, "message": message, "finish_reason":
+                                  "tool_calls" if message.get("tool_calls") else "stop"}],
+                     "usage": {"prompt_tokens": n_prompt, "completion_tokens": 30,
+                               "total_tokens": n_prompt + 30}}
 
     def score(self, scorer: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         user = body["messages"][-1]["content"]

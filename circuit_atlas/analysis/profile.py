@@ -106,4 +106,9 @@ def neuron_profile(lake: Lake, model: str, layer: int, neuron: int, corpus: str 
 
         out["labels"] = with_scores(lake, model, corpus, labels.filter(mine).collect()
                                     ).to_dicts()
+    from circuit_atlas.lake.investigations import latest_record
+
+    record = latest_record(lake, model, corpus, layer, neuron)  # once investigate has run
+    if record is not None:
+        out["investigation"] = {k: v for k, v in record.items() if k not in ("layer", "neuron")}
     return out

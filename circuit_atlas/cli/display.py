@@ -146,6 +146,15 @@ def print_profile(profile: dict, out: Any) -> None:
         from circuit_atlas.lake.causal import causal_text
 
         out.print(f"[bold]causal[/] over {r['prompts']} prompts: " + causal_text(r))
+    inv = profile.get("investigation")
+    if inv is not None:
+        said = (f"{inv['verdict']!r} (confidence {inv['confidence']:.2f})" if inv["verdict"]
+                else f"no verdict ({inv['error'] or inv['status']})")
+        from rich.markup import escape
+
+        out.print(f"[bold]investigation[/] {inv['investigation']} by {inv['investigator']}: "
+                  f"{escape(said)}; {len(inv['hypotheses'])} hypotheses, "
+                  f"{len(inv['experiments'])} experiments")
     for key in ("upstream", "downstream", "cooccurring"):
         rows = profile.get(key)
         if not rows:

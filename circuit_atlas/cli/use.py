@@ -16,7 +16,7 @@ from circuit_atlas.cli.options import (
     params_options,
     take_params,
 )
-from circuit_atlas.use.params import ReportsParams, TraceParams
+from circuit_atlas.use.params import InvestigateParams, ReportsParams, TraceParams
 
 method_option = click.option("--method", default="infomap", show_default=True,
                              type=click.Choice(["infomap", "leiden"]),
@@ -210,6 +210,27 @@ def trace_cmd(prompt: str, lake_path: str, model: str, corpora: tuple[str, ...],
                       corpora=corpora, params=take_params(TraceParams, options))
 
 
+@cli.command("investigate")
+@click.argument("neuron")
+@lake_option
+@model_option
+@corpora_option(help="The atlas the agent reads (default: the only reduced set).")
+@params_options(InvestigateParams)
+def investigate_cmd(neuron: str, lake_path: str, model: str, corpora: tuple[str, ...],
+                    **options: Any) -> None:
+    """Let an LLM agent (any OpenAI-compatible endpoint with tool calling) investigate
+    NEURON (L12/N345): it reads the atlas (profile, exemplars, labels, neighbours,
+    clusters, SQL), states hypotheses, runs prompts of its own design through the model
+    and reads the neuron's activation, ablates or boosts it, and ends with a verdict and
+    a confidence. Every step is journaled (a killed run resumes); the record goes to the
+    investigations table and the neuron's report page."""
+    from circuit_atlas.use.investigate import run_investigate
+
+    display.run_stage(run_investigate, display.console(), lake_path, model=model,
+                      neuron=neuron, corpora=corpora,
+                      params=take_params(InvestigateParams, options))
+
+
 @cli.command("mcp")
 @lake_option
 @click.option("--model", "model", default=None,
@@ -221,14 +242,14 @@ def trace_cmd(prompt: str, lake_path: str, model: str, corpora: tuple[str, ...],
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP: address.")
 @click.option("--port", default=8765, show_default=True, help="HTTP: port (path /mcp).")
 @click.option("--interventions", default=0, show_default=True,
-              help="Offer the intervene and steer tools (they run the model), this many "
-                   "calls in all (0: not offered).")
+              help="Offer the activations, intervene and steer tools (they run the "
+                   "model), this many calls in all (0: not offered).")
 def mcp_cmd(lake_path: str, model: str | None, corpora: tuple[str, ...], transport: str,
             host: str, port: int, interventions: int) -> None:
     """Serve the atlas to agents over the Model Context Protocol (read-only): tools sql,
     profile, search_labels, neighbours, cluster and exemplars, each answer citing the
     tables and versions it read; the resource atlas://tables. With --interventions N,
-    also intervene and steer on new prompts (N calls in all)."""
+    also activations, intervene and steer on new prompts (N calls in all)."""
     from circuit_atlas.use.mcp import run_mcp
 
     run_mcp(lake_path, model=model, corpora=corpora, transport=transport, host=host,

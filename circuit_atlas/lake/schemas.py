@@ -683,6 +683,30 @@ over the intervened positions and prompts, clean and with unit ablated, and
 relative_change = intervened / clean - 1 (-1: other falls silent).""",
 )
 
+INVESTIGATIONS = TableSpec(
+    name="investigations",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("investigation", pa.string()),
+        _f("status", pa.string()), _f("verdict", pa.string(), nullable=True),
+        _f("confidence", pa.float64(), nullable=True),
+        _f("hypotheses", pa.list_(pa.string())), _f("experiments", pa.string()),
+        _f("tool_calls", pa.int64()), _f("model_calls", pa.int64()),
+        _f("prompt_tokens", pa.int64()), _f("completion_tokens", pa.int64()),
+        _f("seconds", pa.float64()), _f("investigator", pa.string()),
+        _f("error", pa.string(), nullable=True), _f("created_at", pa.string()),
+    ),
+    partitions=_DERIVED,
+    doc="""One row per investigation of a neuron by an agent (circuit-atlas investigate):
+status "done" (it gave a verdict), "budget" (a budget ran out first: error says which)
+or "failed" (the LLM endpoint failed; a rerun resumes it); verdict and confidence (0 to
+1) as the agent gave them; hypotheses in the order stated; experiments: JSON list of
+every tool call (tool, arguments, result or error), in order; tool_calls, model_calls
+(runs of the model: activations, intervene, steer), the tokens spent and the seconds;
+investigator: the LLM. Every step is journaled as it happens
+(_log/journal/investigations), so a killed investigation resumes where it stopped.""",
+)
+
 DERIVED: dict[str, TableSpec] = {
     t.name: t for t in (EDGE_STATS, NEURON_STATS, NEURON_CORPORA, NEURON_TOKENS,
                         CLUSTER_ASSIGNMENTS, CLUSTERS, PROJECTIONS, EFFECTS,
@@ -690,7 +714,7 @@ DERIVED: dict[str, TableSpec] = {
                         LABEL_PROMPTS, CLUSTER_LABELS, ACTIVATION_STATS,
                         EXEMPLARS, EXEMPLAR_WINDOWS, ACTIVATION_SAMPLES, TOKEN_ACTIVATIONS,
                         NEGATIVES, LABEL_SCORES, INTERVENTIONS, NEURON_CAUSAL,
-                        CIRCUIT_EFFECTS)}
+                        CIRCUIT_EFFECTS, INVESTIGATIONS)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "graph_nodes", "graph_edges")

@@ -16,6 +16,8 @@ _EXPORTS = {
     "run_mcp": "mcp",
     "run_trace": "supernodes",
     "TraceParams": "params",
+    "run_investigate": "investigate",
+    "InvestigateParams": "params",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -11,7 +11,8 @@ it read (so an agent's claim can be traced to a version of a table):
 - ``neighbours``: a neuron's strongest upstream or downstream edges, with labels;
 - ``cluster``: a module's summary and members, with labels;
 - ``exemplars``: a neuron's top and bottom contexts, activating tokens marked;
-- with an intervention budget (``--interventions N``), ``intervene`` (ablate or boost a
+- with an intervention budget (``--interventions N``), ``activations`` (a neuron's
+  activation at every token of new prompts), ``intervene`` (ablate or boost a
   neuron or module on a new prompt: what happens to the next token) and ``steer``
   (generation with it held), on the model itself, N calls in all.
 
@@ -230,6 +231,51 @@ class AtlasTools:
             self._loaded = load_model(self.model_spec, dtype="float32", stage="interventions")
         return self._loaded
 
+    def activations(self, neuron: str, prompts: list[str]) -> dict[str, Any]:
+        """Run new prompts (up to 8) through the model and read one neuron's (L12/N345)
+        activation at every token: each prompt's tokens with their activations, the
+        highest and where (after the first ``skip`` tokens, which the corpus statistics
+        leave out too: the attention sink); beside them the neuron's largest activation
+        over the corpus, for scale. Spends one call of the intervention budget."""
+        import torch
+
+        from circuit_atlas.analysis.exemplars import activation_stats
+        from circuit_atlas.compute.graphs import MAX_TOKENS, tokenize
+        from circuit_atlas.compute.trace import forward
+
+        layer, index = parse_neuron(neuron)
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not texts or len(texts) > 8 or not all(isinstance(t, str) and t for t in texts):
+            raise CircuitAtlasError("prompts: a list of 1 to 8 non-empty texts")
+        stats = activation_stats(self.lake, self.model, self.corpus, layer, index)
+        skip = 1  # the activations stage's default
+        if stats:
+            m = self.lake.table_manifest(self.model, stats[0]["corpus"], "activation_stats")
+            skip = int(((m or {}).get("inputs") or {}).get("params", {}).get("skip_first", 1))
+        model = self._spend()
+        if not 0 <= layer < len(model.adapter.blocks) or not (
+                0 <= index < model.adapter.n_neurons):
+            self.budget += 1  # nothing ran
+            raise CircuitAtlasError(f"no neuron {neuron_label(layer, index)} in this model")
+        text = model.tokenizer.decode
+        out = []
+        with torch.no_grad():
+            for t in texts:
+                tokens = tokenize(model, t, MAX_TOKENS)
+                acts = forward(model.adapter, tokens).act[layer][0, :, index].double().tolist()
+                at = max(range(min(skip, len(acts) - 1), len(acts)), key=acts.__getitem__)
+                out.append({"prompt": t, "max": round(acts[at], 4),
+                            "max_token": text([int(tokens[0, at])]), "max_position": at,
+                            "tokens": [[text([int(i)]), round(a, 4)]
+                                       for i, a in zip(tokens[0].tolist(), acts, strict=True)]})
+        return {"neuron": neuron_label(layer, index), "results": out, "skip": skip,
+                "corpus_max": max((s["max"] for s in stats), default=None),
+                "budget_left": self.budget,
+                "source": [{"table": None, "computed": "a forward pass of the model",
+                            "model": self.model_spec},
+                           *[self._source("activation_stats", s["corpus"], layer=layer,
+                                          neuron=index) for s in stats]]}
+
     def _unit(self, unit: str, method: str) -> Any:
         """A neuron (L12/N345), or a module: "infomap:4:2", or a path of ``method``'s
         clustering that cannot be read as a neuron ("4"; "4:2" reads as L4/N2)."""
@@ -308,7 +354,7 @@ class AtlasTools:
 
 
 TOOLS = ("sql", "profile", "search_labels", "neighbours", "cluster", "exemplars")
-CAUSAL_TOOLS = ("intervene", "steer")
+CAUSAL_TOOLS = ("activations", "intervene", "steer")
 
 
 def build_server(tools: AtlasTools) -> Any:
@@ -353,6 +399,10 @@ def build_server(tools: AtlasTools) -> Any:
         return answer(tools.exemplars, neuron, top)
 
     if tools.budget > 0:
+        @app.tool(description=AtlasTools.activations.__doc__)
+        def activations(neuron: str, prompts: list[str]) -> str:
+            return answer(tools.activations, neuron, prompts)
+
         @app.tool(description=AtlasTools.intervene.__doc__)
         def intervene(unit: str, prompt: str, intervention: str = "zero", factor: float = 4.0,
                       method: str = "infomap") -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from circuit_atlas.labeling.params import EndpointParams
+
 
 @dataclass(frozen=True)
 class ReportsParams:
@@ -38,3 +40,30 @@ class TraceParams:
     """torch device, e.g. cuda."""
     dtype: Literal["auto", "float32", "bfloat16", "float64"] = "auto"
     """Model precision of the graph (auto: as circuit-atlas graphs chooses)."""
+
+
+@dataclass(frozen=True)
+class InvestigateParams(EndpointParams):
+    """The agent that investigates a neuron, the endpoint it runs on, and its budgets."""
+
+    max_tool_calls: int = 40
+    """Tool calls in all (the investigation stops with status budget after them)."""
+    max_tokens: int = 200_000
+    """Prompt and completion tokens in all."""
+    max_seconds: float = 900.0
+    """Wall time in all, seconds (a resumed investigation counts its earlier time)."""
+    model_calls: int = 20
+    """Runs of the model (activations of new prompts, intervene, steer; 0: none)."""
+    temperature: float = 0.0
+    """Sampling temperature of the agent."""
+    again: bool = False
+    """Start a new investigation even when the neuron already has a verdict."""
+
+    def __post_init__(self) -> None:
+        from circuit_atlas.errors import CircuitAtlasError
+
+        if self.max_tool_calls < 1 or self.max_tokens < 1 or self.max_seconds <= 0:
+            raise CircuitAtlasError("the budgets (--max-tool-calls, --max-tokens, "
+                                    "--max-seconds) must be positive")
+        if self.model_calls < 0:
+            raise CircuitAtlasError("--model-calls must be 0 or more")

@@ -5,7 +5,8 @@ A page shows everything the lake holds for the neuron (``analysis.profile``): it
 by pass with their scores, the activation statistics and histogram, the top and bottom
 exemplars with the activating tokens marked, the projections, the upstream and
 downstream neurons with their labels, the co-occurring ones, its cluster with the other
-members, effects, role, specificity and the causal battery's results. Neighbours and
+members, effects, role, specificity, the causal battery's results and the newest
+investigation (its verdict, hypotheses and every experiment). Neighbours and
 cluster members that have a page of their own are links. ``index.html`` lists every
 page with search and filters (layer, label type, score, cluster).
 
@@ -133,7 +134,9 @@ def page_data(lake: Lake, model: str, corpus: str, layer: int, neuron: int,
             links[node] = page_name(*key)
         if key in labels:
             shown[node] = labels[key]
+    investigation = profile.pop("investigation", None)
     return _jsonable({"profile": profile, "labels": newest, "method": method,
+                      "investigation": investigation,
                       "cluster": cluster, "members": members, "links": links,
                       "node_labels": shown,
                       "histogram": _histogram(lake, model, corpus, layer, neuron)})

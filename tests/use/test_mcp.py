@@ -12,7 +12,7 @@ import pytest
 from circuit_atlas import CircuitAtlasError
 from circuit_atlas.compute.models import optional_tokenizer
 from circuit_atlas.names import DEFAULT_MODEL
-from circuit_atlas.use.mcp import TOOLS, AtlasTools
+from circuit_atlas.use.mcp import CAUSAL_TOOLS, TOOLS, AtlasTools
 
 
 @pytest.fixture(scope="module")
@@ -148,26 +148,35 @@ async def causal_over_stdio(lake_dir: str) -> dict:
     from mcp.client.stdio import stdio_client
 
     params = StdioServerParameters(command=sys.executable, args=[
-        "-m", "circuit_atlas.cli", "mcp", "--lake", lake_dir, "--interventions", "2"])
+        "-m", "circuit_atlas.cli", "mcp", "--lake", lake_dir, "--interventions", "3"])
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         names = sorted(t.name for t in (await session.list_tools()).tools)
         args = {"unit": "L29/N66", "prompt": "The capital of France is"}
+        read = await session.call_tool("activations", {"neuron": "L29/N66", "prompts": [
+            "The capital of France is", "Insulin is produced by the"]})
         first = await session.call_tool("intervene", {**args, "intervention": "zero"})
         second = await session.call_tool("steer", {**args, "factor": 3.0,
                                                    "max_new_tokens": 4})
         spent = await session.call_tool("intervene", args)
-        return {"names": names, "intervene": first.content[0].text,
+        return {"names": names, "activations": read.content[0].text,
+                "intervene": first.content[0].text,
                 "steer": second.content[0].text,
                 "spent": (spent.is_error, spent.content[0].text)}
 
 
 def test_interventions_behind_a_budget(lake_dir):
-    """intervene and steer are offered only with a budget, run the model, and stop when
-    the budget is spent; their answers equal the Python API's."""
+    """activations, intervene and steer are offered only with a budget, run the model,
+    and stop when the budget is spent; their answers equal the Python API's."""
     got = asyncio.run(causal_over_stdio(lake_dir))
-    assert got["names"] == sorted((*TOOLS, "intervene", "steer"))
-    tools = AtlasTools(lake_dir, interventions=2)
+    assert got["names"] == sorted((*TOOLS, *CAUSAL_TOOLS))
+    tools = AtlasTools(lake_dir, interventions=3)
+    read = json.loads(got["activations"])
+    want = tools.activations("L29/N66", ["The capital of France is",
+                                         "Insulin is produced by the"])
+    assert [r["tokens"] for r in read["results"]] == [r["tokens"] for r in want["results"]]
+    assert read["results"][0]["max"] == max(a for _, a in want["results"][0]["tokens"][1:])
+    assert read["corpus_max"] is not None and read["budget_left"] == 2
     args = ("L29/N66", "The capital of France is")
     want = tools.intervene(*args, intervention="zero")
     mine = json.loads(got["intervene"])

@@ -1,0 +1,193 @@
+"""investigate: an agent loop over a real OpenAI client against a scripted
+tool-calling server, on a tiny model with a planted neuron (L1/N7 fires at the token
+"w5" and is exactly 0 everywhere else)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import polars as pl
+import pytest
+import torch
+
+from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.lake import Lake
+from circuit_atlas.lake.investigations import latest_record
+from circuit_atlas.use.investigate import run_investigate
+from circuit_atlas.use.params import InvestigateParams
+from tests.factories import tiny_model_dir
+from tests.labeling.test_scoring import corpus, plant
+from tests.llm_server import LLMServer
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    from circuit_atlas.compute import ActivationsParams, run_activations
+
+    root = tmp_path_factory.mktemp("investigate")
+    model = plant(tiny_model_dir(root / "tiny", seed=3))
+    lake = Lake.init(root / "lake")
+    lake.import_prompts([{"text": t} for t in corpus(80)], "c")
+    run_activations(lake, model=model, corpora="c", params=ActivationsParams(
+        k=16, context=16, dtype="float64", sample_tokens=1 << 14))
+    return model, lake
+
+
+@pytest.fixture
+def lake(planted, tmp_path):
+    shutil.copytree(planted[1].root, tmp_path / "lake")
+    return Lake(tmp_path / "lake")
+
+
+@pytest.fixture
+def server():
+    with LLMServer() as s:
+        yield s
+
+
+def params(server, **kw) -> InvestigateParams:
+    return InvestigateParams(base_url=server.url, llm="scripted", timeout=10, max_retries=0,
+                             **kw)
+
+
+def hooked(model_dir: str, text: str, layer: int, neuron: int) -> list[float]:
+    """The neuron's activation at each token by a hook on the Hugging Face MLP's
+    down projection (its input is act_fn(gate) * up)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    seen = []
+    hook = hf.model.layers[layer].mlp.down_proj.register_forward_hook(
+        lambda _m, inp, _out: seen.append(inp[0][0, :, neuron]))
+    with torch.no_grad():
+        hf(tok(text, return_tensors="pt").input_ids)
+    hook.remove()
+    return seen[0].tolist()
+
+
+def test_the_agent_finds_and_verifies_the_planted_trigger(planted, lake, server):
+    model_dir = planted[0]
+    report = run_investigate(lake, model=model_dir, neuron="L1/N7", corpora="c",
+                             params=params(server))
+    assert report.status == "done" and report.error is None, report
+    assert report.verdict == 'fires on the token "w5"' and report.confidence == 0.9
+    assert report.hypotheses == 1 and report.model_calls == 1
+    assert "verdict (confidence 0.90)" in str(report)
+    record = latest_record(lake, "tiny", "c", 1, 7)
+    assert record["status"] == "done" and record["hypotheses"] == ['fires on the token "w5"']
+    tools = [e["tool"] for e in record["experiments"]]
+    assert tools == ["exemplars", "activations", "cluster", "exemplars", "activations"]
+    # the malformed call and the two failing tools were answered with their errors
+    cut, missing, failing = record["experiments"][1:4]
+    assert cut["error"].startswith("malformed arguments") and cut["result"] is None
+    assert "no clusters table" in missing["error"]  # the atlas has no clustering
+    assert failing["error"].startswith("exemplars failed: ValueError")
+    # the activations the agent read equal a hooked Hugging Face forward
+    ran = json.loads(record["experiments"][-1]["result"])["results"]
+    for r in ran:
+        want = hooked(model_dir, r["prompt"], 1, 7)
+        assert [a for _, a in r["tokens"]] == pytest.approx(want, abs=1e-4)
+    assert ran[0]["max_token"] == "w5" and ran[0]["max"] > 1
+    assert ran[1]["max"] == pytest.approx(0.0, abs=1e-6)
+    # the agent was offered the model's tools, and asked each step once
+    steps = [r["agent"] for r in server.requests]
+    assert steps == list(range(len(steps))) and "activations" in server.requests[0]["tools"]
+    assert report.tool_calls == 7 and report.prompt_tokens > 0
+
+
+def test_a_failed_run_resumes_from_its_journal_and_asks_nothing_twice(planted, lake, server):
+    server.faults["agent:6"] = ["500"]  # the endpoint fails before the experiment
+    first = run_investigate(lake, model=planted[0], neuron="L1/N7", corpora="c",
+                            params=params(server))
+    assert first.status == "failed" and "500" in first.error
+    assert latest_record(lake, "tiny", "c", 1, 7)["status"] == "failed"
+    # a step cut by a kill mid-write is a step that did not happen
+    journal = next(__import__("pathlib").Path(lake.root).rglob(f"{first.investigation}.jsonl"))
+    with open(journal, "a", encoding="utf-8") as f:
+        f.write('{"kind": "assistant", "message": {"role": "assist')
+    second = run_investigate(lake, model=planted[0], neuron="L1/N7", corpora="c",
+                             params=params(server))
+    assert second.investigation == first.investigation and second.resumed > 0
+    assert second.status == "done" and second.verdict == 'fires on the token "w5"'
+    asked = [r["agent"] for r in server.requests]
+    assert asked == [0, 1, 2, 3, 4, 5, 6, 6, 7]  # only the failed step was asked again
+    rows = lake.table("investigations").collect()
+    assert rows.height == 1 and rows["status"].item() == "done"  # the record replaced
+
+
+def test_budgets_stop_it_and_a_finished_neuron_is_not_redone(planted, lake, server):
+    out = run_investigate(lake, model=planted[0], neuron="L1/N7", corpora="c",
+                          params=params(server, max_tool_calls=3))
+    assert out.status == "budget" and "3 tool calls" in out.error and out.verdict is None
+    with pytest.raises(CircuitAtlasError, match="--again"):
+        run_investigate(lake, model=planted[0], neuron="L1/N7", corpora="c",
+                        params=params(server))
+    # without runs of the model the agent is not offered them; its call is refused
+    again = run_investigate(lake, model=planted[0], neuron="L1/N7", corpora="c",
+                            params=params(server, again=True, model_calls=0))
+    assert again.investigation != out.investigation and again.model_calls == 0
+    assert "activations" not in server.requests[-1]["tools"]
+    record = latest_record(lake, "tiny", "c", 1, 7)
+    assert record["status"] == "done" and record["verdict"] == "no clear trigger"
+    refused = [e for e in record["experiments"] if e["tool"] == "activations"]
+    assert refused and all(e["error"].startswith(("no tool", "malformed")) for e in refused)
+    assert lake.table("investigations").select(pl.len()).collect().item() == 2
+    with pytest.raises(CircuitAtlasError, match="budgets"):
+        InvestigateParams(max_tool_calls=0)
+
+
+def test_the_cli_on_the_demo_lake_and_the_record_on_the_report_page(demo_run, tmp_path,
+                                                                     server):
+    """`circuit-atlas investigate` on the demo atlas with the embedded SmolLM2; `profile`
+    tells the record and the neuron's report page shows it (headless Chromium)."""
+    from click.testing import CliRunner
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from circuit_atlas.cli import cli
+    from circuit_atlas.names import DEFAULT_MODEL
+    from tests.browser import ARTIFACTS, chrome
+
+    shutil.copytree(demo_run[0], tmp_path / "lake")
+    lake = Lake(tmp_path / "lake")
+    first = lake.table("labels").filter(pl.col("status") == "ok").collect().row(0, named=True)
+    nid = f"L{first['layer']}/N{first['neuron']}"
+    runner = CliRunner()
+    out = runner.invoke(cli, ["investigate", nid, "--lake", str(tmp_path / "lake"),
+                              "--base-url", server.url, "--llm", "scripted",
+                              "--max-retries", "0", "--model-calls", "3"])
+    assert out.exit_code == 0, out.output
+    assert f"investigate {nid}" in out.output and "done" in out.output
+    record = latest_record(lake, DEFAULT_MODEL, "general+medical", first["layer"],
+                           first["neuron"])
+    trigger = record["hypotheses"][0].split('"')[1]
+    ran = json.loads(record["experiments"][-1]["result"])["results"]
+    assert trigger in ran[0]["prompt"] and record["model_calls"] == 1
+    shown = runner.invoke(cli, ["profile", nid, "--lake", str(tmp_path / "lake")])
+    assert shown.exit_code == 0 and f"investigation {record['investigation']}" in shown.output
+    again = runner.invoke(cli, ["investigate", nid, "--lake", str(tmp_path / "lake"),
+                                "--base-url", server.url, "--llm", "scripted"])
+    assert again.exit_code == 1 and "--again" in again.output
+    pages = tmp_path / "reports"
+    made = runner.invoke(cli, ["export", "reports", "--lake", str(tmp_path / "lake"),
+                               "--neuron", nid, "--no-labelled", "--out", str(pages)])
+    assert made.exit_code == 0, made.output
+    browser = chrome()
+    try:
+        browser.get((pages / f"L{first['layer']}-N{first['neuron']}.html").as_uri())
+        WebDriverWait(browser, 20).until(lambda b: b.execute_script(
+            "return window.report && window.report.ready"))
+        section = browser.find_element(By.ID, "investigation")
+        assert f"Verdict: {record['verdict']}" in section.text
+        assert record["hypotheses"][0] in section.text
+        rows = section.find_elements(By.CSS_SELECTOR, "table:last-of-type tr")
+        assert len(rows) == 1 + len(record["experiments"])
+        assert "malformed arguments" in section.text
+        browser.execute_script("arguments[0].scrollIntoView()", section)
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "report-investigation.png"))
+        assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        browser.quit()
