@@ -195,7 +195,8 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     console.print(f'steer generation with it: circuit-atlas steer "{TRACE_PROMPT}" '
                   f"--neuron {neuron} --scale 8 --lake {lake.url}", soft_wrap=True)
     console.print(f"a new prompt's graph grouped by the atlas's clusters (circuit-atlas trace, "
-                  f"circuit-tracer graph JSON): {traced.out}", soft_wrap=True)
+                  f"circuit-tracer graph JSON): {traced.out}, its supernode graph: "
+                  f"{traced.html}", soft_wrap=True)
     console.print("SQL, e.g.:")
     for q in queries:
         console.print(f'  circuit-atlas sql --lake {lake.url} "{q}"', soft_wrap=True)

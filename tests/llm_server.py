@@ -178,6 +178,8 @@ class LLMServer:
                         time.sleep(server.hang_s)
                         return
                     self._send(code, out)
+                elif self.path.endswith("/embeddings"):
+                    self._send(200, server.embed(json.loads(body)))
                 elif self.path.endswith("/files"):
                     self._send(200, server.upload(self.headers["Content-Type"], body))
                 elif self.path.endswith("/batches"):
@@ -252,6 +254,23 @@ class LLMServer:
             return 200, self.completion(json.dumps({**fields, "label": HYGIENE[fault]}),
                                         n_prompt)
         return 200, self.completion(json.dumps(fields), n_prompt)
+
+    def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Bag-of-words embeddings: each lower-cased word of a text adds 1 to the
+        dimension its CRC picks (of 64), so texts sharing words are near."""
+        import zlib
+
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        with self.lock:
+            self.requests.append({"embed": len(texts)})
+        data = []
+        for i, text in enumerate(texts):
+            v = [0.0] * 64
+            for word in re.findall(r"[a-z0-9]+", text.lower()):
+                v[zlib.crc32(word.encode()) % 64] += 1.0
+            data.append({"object": "embedding", "index": i, "embedding": v})
+        return {"object": "list", "data": data, "model": body["model"],
+                "usage": {"prompt_tokens": 1, "total_tokens": 1}}
 
     def agent(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """The scripted investigator's reply; faults by step ("agent:4": ["500"])."""

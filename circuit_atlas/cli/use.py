@@ -242,15 +242,31 @@ def investigate_cmd(neuron: str, lake_path: str, model: str, corpora: tuple[str,
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP: address.")
 @click.option("--port", default=8765, show_default=True, help="HTTP: port (path /mcp).")
 @click.option("--interventions", default=0, show_default=True,
-              help="Offer the activations, intervene and steer tools (they run the "
-                   "model), this many calls in all (0: not offered).")
+              help="Offer the activations, trace, intervene and steer tools (they run "
+                   "the model), this many calls in all (0: not offered).")
+@click.option("--embedding-model", default=None,
+              help="Semantic label search with this model of an OpenAI-compatible "
+                   "embeddings endpoint (default: substring and regex search only).")
+@click.option("--embedding-base-url", default=None,
+              help="The embeddings endpoint, e.g. http://localhost:8000/v1 (default: the "
+                   "OPENAI_BASE_URL variable, else OpenAI; circuit-atlas serve has one).")
+@click.option("--embedding-api-key-env", default="OPENAI_API_KEY", show_default=True,
+              help="Environment variable holding its API key.")
 def mcp_cmd(lake_path: str, model: str | None, corpora: tuple[str, ...], transport: str,
-            host: str, port: int, interventions: int) -> None:
-    """Serve the atlas to agents over the Model Context Protocol (read-only): tools sql,
+            host: str, port: int, interventions: int, embedding_model: str | None,
+            embedding_base_url: str | None, embedding_api_key_env: str) -> None:
+    """Serve the atlas to agents over the Model Context Protocol: tools sql,
     profile, search_labels, neighbours, cluster and exemplars, each answer citing the
     tables and versions it read; the resource atlas://tables. With --interventions N,
-    also activations, intervene and steer on new prompts (N calls in all)."""
+    also activations, trace (the graph is stored in the traces corpus), intervene and
+    steer on new prompts (N calls in all)."""
+    import os
+
+    from circuit_atlas.labeling.client import EmbeddingSettings
     from circuit_atlas.use.mcp import run_mcp
 
+    embeddings = None if embedding_model is None else EmbeddingSettings(
+        embedding_model, embedding_base_url or os.environ.get("OPENAI_BASE_URL"),
+        embedding_api_key_env)
     run_mcp(lake_path, model=model, corpora=corpora, transport=transport, host=host,
-            port=port, interventions=interventions)
+            port=port, interventions=interventions, embeddings=embeddings)

@@ -12,7 +12,6 @@ layer), with links above a weight threshold. Search finds neurons by label or id
 from __future__ import annotations
 
 import json
-from importlib import resources
 from typing import Any
 
 import polars as pl
@@ -21,8 +20,6 @@ from circuit_atlas.clustering.export import atlas_tables
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake
 from circuit_atlas.lake.neurons import neuron_label
-
-PLACEHOLDER = "/*__DATA__*/null"
 
 
 def top_exemplars(lake: Lake, model: str, corpus: str, neurons: pl.DataFrame,
@@ -86,11 +83,9 @@ def viewer_data(lake: Lake, model: str, corpus: str, method: str = "infomap",
 def export_html(lake: Lake, model: str, corpus: str, path: str, method: str = "infomap",
                 **kwargs: Any) -> dict[str, int]:
     """Write the viewer with the atlas inlined to ``path``."""
+    from circuit_atlas.views import write_html
+
     data = viewer_data(lake, model, corpus, method, **kwargs)
-    template = resources.files("circuit_atlas.clustering").joinpath("viewer.html").read_text(
-        encoding="utf-8")
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(template.replace(PLACEHOLDER, payload))
+    write_html("circuit_atlas.clustering", "viewer.html", data, path)
     return {"neurons": len(data["neurons"]["id"]), "modules": len(data["modules"]),
             "links": len(data["edges"]["src"])}

@@ -81,6 +81,43 @@ class Request:
     sampling: dict[str, Any] = field(default_factory=dict)  # e.g. temperature, seed
 
 
+@dataclass
+class EmbeddingSettings:
+    """An OpenAI-compatible embeddings endpoint (``POST /v1/embeddings``)."""
+
+    model: str
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = 60.0
+    batch: int = 256  # texts per request
+
+    def embed(self, texts: list[str]) -> Any:
+        """The unit-length embeddings of ``texts`` (numpy, one row per text)."""
+        import numpy as np
+        import openai
+
+        client = LLMSettings(model=self.model, base_url=self.base_url,
+                             api_key_env=self.api_key_env, timeout=self.timeout).client(
+                                 async_=False)
+        rows = []
+        try:
+            for i in range(0, len(texts), self.batch):
+                part = texts[i:i + self.batch]
+                try:
+                    resp = client.embeddings.create(model=self.model, input=part)
+                except openai.APIError as e:
+                    raise CircuitAtlasError(f"the embedding endpoint failed: {e}") from e
+                got = sorted(resp.data, key=lambda d: d.index)
+                if len(got) != len(part):
+                    raise CircuitAtlasError(f"the embedding endpoint answered {len(got)} "
+                                            f"vectors for {len(part)} texts")
+                rows += [d.embedding for d in got]
+        finally:
+            client.close()
+        v = np.asarray(rows, dtype=np.float64).reshape(len(texts), -1)
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
 def label_request(pass_: str, msgs: list[dict[str, str]], description_chars: int = DESCRIPTION,
                   sampling: dict[str, Any] | None = None) -> Request:
     """A labeling question of ``pass_`` (output, input, negative, cluster)."""

@@ -11,6 +11,8 @@ OpenAI instead.
   validates; ``json_object``: any JSON), ``logprobs`` with ``top_logprobs`` (of the
   distribution each token was drawn from: the model's, restricted to what the
   grammar allows and renormalised), ``n`` 1 only, no streaming.
+- ``POST /v1/embeddings``: ``input`` (a string or a list): the model's last hidden
+  state averaged over each text's tokens, unit length (semantic label search).
 - ``GET /v1/models``.
 
 Requests are taken concurrently; a scheduler thread decodes up to ``max_batch`` of
@@ -216,6 +218,37 @@ class Engine:
 
     # answers --------------------------------------------------------------------------
 
+    EMBED_TOKENS = 256  # a text's tokens read for its embedding, at most
+
+    def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An embeddings response: each input's last hidden state averaged over its
+        tokens, unit length (a small chat model is a weak embedder, but labels of
+        the same thing land near each other; use a real one where you have it)."""
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(
+                isinstance(t, str) and t for t in texts):
+            raise BadRequest("input: a non-empty string or list of non-empty strings")
+        ids = [self.tokenizer(t).input_ids[:self.EMBED_TOKENS] for t in texts]
+        width = max(map(len, ids))
+        tokens = torch.full((len(ids), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):  # right-padded: positions count from each text's start
+            tokens[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+        with torch.no_grad():
+            out = self.model(input_ids=tokens.to(self.device), attention_mask=mask.to(
+                self.device), output_hidden_states=True)
+        h = out.hidden_states[-1].float()
+        m = mask.to(h.device).unsqueeze(-1).float()
+        v = (h * m).sum(1) / m.sum(1)
+        v = torch.nn.functional.normalize(v, dim=-1).cpu()
+        n = int(mask.sum())
+        return {"object": "list", "model": self.name,
+                "data": [{"object": "embedding", "index": i, "embedding": row.tolist()}
+                         for i, row in enumerate(v)],
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
+
     def completion(self, job: Job) -> dict[str, Any]:
         content = self.tokenizer.decode(job.tokens)
         choice: dict[str, Any] = {"index": 0, "finish_reason": job.finish_reason,
@@ -321,6 +354,14 @@ class Server:
 
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path.rstrip("/").endswith("/embeddings"):
+                    try:
+                        self._send(200, engine.embeddings(json.loads(body)))
+                    except json.JSONDecodeError:
+                        self._error(400, "the body is not JSON")
+                    except BadRequest as e:
+                        self._error(400, str(e))
+                    return
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     self._error(404, f"no route {self.path}")
                     return

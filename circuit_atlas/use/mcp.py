@@ -1,4 +1,5 @@
-"""The atlas for agents: a Model Context Protocol server over one lake, read-only.
+"""The atlas for agents: a Model Context Protocol server over one lake (read-only but
+for the graphs ``trace`` stores).
 
 Built on the official ``mcp`` Python SDK (stdio, or streamable HTTP). Its tools are
 :class:`AtlasTools` methods, callable from Python too, each answering with the rows it
@@ -12,7 +13,9 @@ it read (so an agent's claim can be traced to a version of a table):
 - ``cluster``: a module's summary and members, with labels;
 - ``exemplars``: a neuron's top and bottom contexts, activating tokens marked;
 - with an intervention budget (``--interventions N``), ``activations`` (a neuron's
-  activation at every token of new prompts), ``intervene`` (ablate or boost a
+  activation at every token of new prompts), ``trace`` (a new prompt's graph grouped
+  into supernodes by the atlas's clusters; stored in the traces corpus),
+  ``intervene`` (ablate or boost a
   neuron or module on a new prompt: what happens to the next token) and ``steer``
   (generation with it held), on the model itself, N calls in all.
 
@@ -47,7 +50,7 @@ class AtlasTools:
     def __init__(self, lake: Lake | str, model: str | None = None, corpus: str | None = None,
                  tokenizer: Any = None, max_rows: int = MAX_ROWS,
                  sql_seconds: float = SQL_SECONDS, interventions: int = 0,
-                 model_spec: str | None = None) -> None:
+                 model_spec: str | None = None, embeddings: Any = None) -> None:
         self.lake = lake if isinstance(lake, Lake) else Lake(lake)
         models = self.lake.models() if model is None else [model]
         if len(models) != 1:
@@ -61,6 +64,8 @@ class AtlasTools:
         self.budget = interventions  # intervene and steer calls left
         self.model_spec = model_spec or (manifest.get("inputs") or {}).get("model")
         self._loaded = None
+        self.embeddings = embeddings  # labeling.client.EmbeddingSettings: semantic search
+        self._vectors: dict[str, Any] = {}  # label text -> its embedding
 
     @property
     def names(self) -> NodeNames:
@@ -136,26 +141,62 @@ class AtlasTools:
             self._source(t, layer=layer, neuron=index) for t in sections
             if self._version(t) is not None]}
 
-    def search_labels(self, text: str, regex: bool = False, limit: int = 20
-                      ) -> dict[str, Any]:
-        """Neurons whose current label or description matches ``text`` (a substring,
-        case-insensitive, or a regular expression)."""
+    def search_labels(self, text: str, regex: bool = False, limit: int = 20,
+                      semantic: bool = False) -> dict[str, Any]:
+        """Neurons whose current label or description matches ``text``: a substring
+        (case-insensitive), a regular expression (``regex``), or with ``semantic`` the
+        labels nearest in meaning (cosine similarity of embeddings; the server needs an
+        embedding endpoint)."""
         labels = self._labels()
         if labels is None:
             raise CircuitAtlasError("no labels in this atlas yet (circuit-atlas label)")
-        pattern = text if regex else re.escape(text)
-        try:
-            hit = (pl.col("label").str.contains(f"(?i){pattern}")
-                   | pl.col("description").fill_null("").str.contains(f"(?i){pattern}"))
-            rows = labels.filter(hit).sort("layer", "neuron")
-        except pl.exceptions.ComputeError as e:
-            raise CircuitAtlasError(f"bad regular expression {text!r}: {e}") from None
         limit = max(1, min(int(limit), self.max_rows))
+        if semantic:
+            rows, similarity = self._nearest(labels, text, limit)
+        else:
+            pattern = text if regex else re.escape(text)
+            try:
+                hit = (pl.col("label").str.contains(f"(?i){pattern}")
+                       | pl.col("description").fill_null("").str.contains(f"(?i){pattern}"))
+                rows = labels.filter(hit).sort("layer", "neuron")
+            except pl.exceptions.ComputeError as e:
+                raise CircuitAtlasError(f"bad regular expression {text!r}: {e}") from None
+            similarity = None
         out = [{"neuron": neuron_label(r["layer"], r["neuron"]), **{
             k: r[k] for k in ("pass", "label", "description") if k in r}}
             for r in rows.head(limit).iter_rows(named=True)]
-        return {"matches": _jsonable(out), "count": rows.height,
-                "source": [self._source("labels", text=text, regex=regex)]}
+        if similarity is not None:
+            for o, sim in zip(out, similarity, strict=False):
+                o["similarity"] = round(float(sim), 4)
+        source = [self._source("labels", text=text, regex=regex, semantic=semantic)]
+        if semantic:
+            source.append({"table": None, "computed": "embeddings",
+                           "model": self.embeddings.model})
+        return {"matches": _jsonable(out), "count": rows.height if not semantic else len(out),
+                "source": source}
+
+    @staticmethod
+    def label_text(label: str, description: str | None) -> str:
+        return label if not description else f"{label}: {description}"
+
+    def _nearest(self, labels: pl.DataFrame, text: str, limit: int
+                 ) -> tuple[pl.DataFrame, list[float]]:
+        """The ``limit`` labels nearest ``text`` in meaning, with their similarity (the
+        labels' embeddings asked once per server, then kept)."""
+        import numpy as np
+
+        if self.embeddings is None:
+            raise CircuitAtlasError("semantic search needs an embedding endpoint: start the "
+                                    "server with --embedding-model (and --embedding-base-url)")
+        docs = [self.label_text(a, b) for a, b in
+                labels.select("label", "description").iter_rows()]
+        missing = sorted({d for d in docs if d not in self._vectors})
+        if missing:
+            self._vectors.update(zip(missing, self.embeddings.embed(missing), strict=True))
+        query = self.embeddings.embed([text])[0]
+        sims = np.array([self._vectors[d] @ query for d in docs])
+        order = np.lexsort((np.arange(len(docs)), -sims))[:limit]
+        return labels[order.tolist()], sims[order].tolist()
 
     def neighbours(self, neuron: str, direction: str = "downstream", top: int = 10
                    ) -> dict[str, Any]:
@@ -276,6 +317,62 @@ class AtlasTools:
                            *[self._source("activation_stats", s["corpus"], layer=layer,
                                           neuron=index) for s in stats]]}
 
+    def trace(self, prompt: str, level: int = 1, method: str = "infomap") -> dict[str, Any]:
+        """The attribution graph of a new prompt, its neurons grouped into supernodes by
+        the atlas's cluster modules at ``level`` (named by their labels): each
+        supernode with its members, the strongest neurons outside them, the logits,
+        and how much of the graph's influence and link weight the grouping keeps. The
+        graph is stored in the lake's traces corpus (a second trace reads it back) and
+        written as circuit-tracer graph JSON and an HTML view. Spends one call of the
+        intervention budget."""
+        import os
+        import tempfile
+
+        from circuit_atlas.use.params import TraceParams
+        from circuit_atlas.use.supernodes import run_trace
+
+        if method not in ("infomap", "leiden"):
+            raise CircuitAtlasError("method: infomap or leiden")
+        model = self._spend()
+        folder = tempfile.mkdtemp(prefix="circuit-atlas-trace-")
+        report = run_trace(self.lake, model=model, prompt=prompt, corpora=self.corpus,
+                           params=TraceParams(level=int(level), method=method,
+                                              out=os.path.join(folder, "trace.json")))
+        with open(report.out, encoding="utf-8") as f:
+            graph = json.load(f)
+        labels = self._label_of()
+        by_id = {n["node_id"]: n for n in graph["nodes"]}
+        g = report.grouping
+
+        def member(node_id: str) -> dict[str, Any]:
+            n = by_id[node_id]
+            layer, index, _ = node_id.split("_")
+            return {"node": n["clerp"], "position": n["ctx_idx"],
+                    "influence": n.get("influence"),
+                    "label": labels.get((int(layer), int(index)))}
+
+        grouped = {i for s in g.supernodes for i in s[1:]}
+        loose = sorted((n for n in graph["nodes"] if n["feature_type"] == "cross layer "
+                        "transcoder" and n["node_id"] not in grouped),
+                       key=lambda n: -abs(n.get("influence") or 0.0))
+        return {"prompt": prompt, "prompt_id": report.prompt_id,
+                "tokens": graph["metadata"]["prompt_tokens"],
+                "logits": [{"token": n["clerp"], "prob": n.get("token_prob")}
+                           for n in graph["nodes"] if n["feature_type"] == "logit"],
+                "supernodes": [{"name": s[0], "module": g.modules[s[0]],
+                                "members": [member(i) for i in s[1:]][:self.max_rows]}
+                               for s in g.supernodes],
+                "outside": [member(n["node_id"]) for n in loose[:10]],
+                "coverage": g.coverage, "links_kept": g.links_kept,
+                "nodes": report.nodes, "links": report.links,
+                "files": {"graph_json": report.out, "html": report.html},
+                "budget_left": self.budget,
+                "source": [{"table": "graphs", "model": self.model, "corpus": "traces",
+                            "keys": {"prompt_id": report.prompt_id}},
+                           self._source("cluster_assignments", method=method),
+                           *([self._source("cluster_labels", method=method)]
+                             if self._version("cluster_labels") else [])]}
+
     def _unit(self, unit: str, method: str) -> Any:
         """A neuron (L12/N345), or a module: "infomap:4:2", or a path of ``method``'s
         clustering that cannot be read as a neuron ("4"; "4:2" reads as L4/N2)."""
@@ -354,7 +451,7 @@ class AtlasTools:
 
 
 TOOLS = ("sql", "profile", "search_labels", "neighbours", "cluster", "exemplars")
-CAUSAL_TOOLS = ("activations", "intervene", "steer")
+CAUSAL_TOOLS = ("activations", "intervene", "steer", "trace")
 
 
 def build_server(tools: AtlasTools) -> Any:
@@ -383,8 +480,9 @@ def build_server(tools: AtlasTools) -> Any:
         return answer(tools.profile, neuron, top)
 
     @app.tool(description=AtlasTools.search_labels.__doc__)
-    def search_labels(text: str, regex: bool = False, limit: int = 20) -> str:
-        return answer(tools.search_labels, text, regex, limit)
+    def search_labels(text: str, regex: bool = False, limit: int = 20,
+                      semantic: bool = False) -> str:
+        return answer(tools.search_labels, text, regex, limit, semantic)
 
     @app.tool(description=AtlasTools.neighbours.__doc__)
     def neighbours(neuron: str, direction: str = "downstream", top: int = 10) -> str:
@@ -402,6 +500,10 @@ def build_server(tools: AtlasTools) -> Any:
         @app.tool(description=AtlasTools.activations.__doc__)
         def activations(neuron: str, prompts: list[str]) -> str:
             return answer(tools.activations, neuron, prompts)
+
+        @app.tool(description=AtlasTools.trace.__doc__)
+        def trace(prompt: str, level: int = 1, method: str = "infomap") -> str:
+            return answer(tools.trace, prompt, level, method)
 
         @app.tool(description=AtlasTools.intervene.__doc__)
         def intervene(unit: str, prompt: str, intervention: str = "zero", factor: float = 4.0,
@@ -424,17 +526,18 @@ def build_server(tools: AtlasTools) -> Any:
 
 def run_mcp(lake: Lake | str, *, model: str | None = None, corpora=None,
             transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765,
-            interventions: int = 0) -> None:
+            interventions: int = 0, embeddings: Any = None) -> None:
     """Serve the atlas of ``lake`` over MCP until the client goes away (stdio) or the
     process is stopped (streamable HTTP at ``http://host:port/mcp``); ``interventions``:
-    calls of intervene and steer allowed in all (0: those tools are not offered)."""
+    calls of the tools that run the model allowed in all (0: those tools are not
+    offered); ``embeddings`` (labeling.client.EmbeddingSettings): semantic label search."""
     from circuit_atlas.compute.models import optional_tokenizer
     from circuit_atlas.names import model_name
     from circuit_atlas.stage import as_corpora
 
     tools = AtlasTools(lake, None if model is None else model_name(model),
                        as_corpora(corpora) or None, interventions=interventions,
-                       model_spec=model)
+                       model_spec=model, embeddings=embeddings)
     if tools.model_spec is not None:  # token ids named as text where the tokenizer is at hand
         tools.tokenizer = optional_tokenizer(tools.model_spec)
     app = build_server(tools)

@@ -36,6 +36,8 @@ class TraceParams:
     """Corpus the prompt is imported into (its graph is stored there, like any other)."""
     out: str | None = None
     """Graph JSON file to write (default: trace-<prompt id>.json)."""
+    html: bool = True
+    """Also write the supernode graph as a self-contained HTML view beside it (.html)."""
     device: str = "cpu"
     """torch device, e.g. cuda."""
     dtype: Literal["auto", "float32", "bfloat16", "float64"] = "auto"

@@ -17,11 +17,9 @@ time) with the data inlined as JSON.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import polars as pl
@@ -31,7 +29,6 @@ from circuit_atlas.lake import Lake
 from circuit_atlas.lake.neurons import neuron_label
 from circuit_atlas.stage import Report
 
-PLACEHOLDER = "/*__DATA__*/null"
 MEMBERS = 12  # other members of its cluster shown on a page, by flow
 
 
@@ -168,15 +165,6 @@ class ReportsReport(Report):
                 f"{os.path.join(self.out, 'index.html')}")
 
 
-def _template(name: str) -> str:
-    return resources.files("circuit_atlas.use").joinpath(name).read_text()
-
-
-def _fill(template: str, data: Any) -> str:
-    # "</" inside inlined JSON would end the script element
-    return template.replace(PLACEHOLDER, json.dumps(data).replace("</", "<\\/"))
-
-
 def write_reports(lake: Lake, model: str, corpus: str, out: str,
                   neurons: list[tuple[int, int]], method: str = "infomap",
                   tokenizer: Any = None, title: str | None = None,
@@ -193,19 +181,22 @@ def write_reports(lake: Lake, model: str, corpus: str, out: str,
     if latest is not None:
         for r in latest.select("layer", "neuron", "pass", "label").iter_rows():
             labels.setdefault((r[0], r[1]), {})[r[2]] = r[3]
-    page, index = _template("report_page.html"), _template("report_index.html")
+    from circuit_atlas.views import html_template, inline
+
+    page = html_template("circuit_atlas.use", "report_page.html")
+    index = html_template("circuit_atlas.use", "report_index.html")
     pages, rows = set(neurons), []
     for i, (layer, neuron) in enumerate(neurons):
         data = page_data(lake, model, corpus, layer, neuron, pages, labels, method, tokenizer)
         with open(os.path.join(out, page_name(layer, neuron)), "w") as f:
-            f.write(_fill(page, data))
+            f.write(inline(page, data))
         rows.append(index_row(data))
         if on_page:
             on_page(i + 1, len(neurons))
     meta = {"title": title or f"{model}, {corpus}", "model": model, "corpus": corpus,
             "rows": rows}
     with open(os.path.join(out, "index.html"), "w") as f:
-        f.write(_fill(index, meta))
+        f.write(inline(index, meta))
     return ReportsReport(out, len(rows), sum(bool(r["labels"]) for r in rows))
 
 

@@ -19,11 +19,16 @@ How much a grouping keeps, scored two ways:
 The graph goes out as circuit-tracer / Neuronpedia graph JSON
 (``compute.export.graph_json``) with the supernodes in ``qParams.supernodes`` (each a
 list: its name, then its node ids) and their members pinned, so it opens grouped in
-their viewers.
+their viewers; and as our own self-contained HTML view of the supernode graph
+(``trace_view.html`` beside this module): each supernode one node, the other nodes
+grouped by kind (a token's embedding, a logit, the strongest ungrouped neurons one by
+one, the rest as "other neurons" and "errors" of their layer), the strongest links
+between groups summed, with the members of a clicked group listed.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +116,84 @@ def with_supernodes(graph: dict[str, Any], grouping: Grouping) -> dict[str, Any]
     return {**graph, "metadata": meta, "qParams": q}
 
 
+SHOWN_NEURONS = 12  # ungrouped neurons drawn one by one, by |influence|
+SHOWN_LINKS = 80  # links between groups drawn, by |summed weight|
+
+
+def view_groups(graph: dict[str, Any], grouping: Grouping,
+                shown_neurons: int = SHOWN_NEURONS) -> dict[str, str]:
+    """node id -> the group it is drawn in: its supernode; an embedding, logit or one
+    of the ``shown_neurons`` strongest ungrouped neurons alone; the other ungrouped
+    neurons and the error nodes together per layer."""
+    home = {n: s[0] for s in grouping.supernodes for n in s[1:]}
+    loose = sorted((n for n in graph["nodes"] if n["node_id"] not in home
+                    and neuron_of(n) is not None),
+                   key=lambda n: (-abs(n.get("influence") or 0.0), n["node_id"]))
+    alone = {n["node_id"] for n in loose[:shown_neurons]}
+    out = {}
+    for n in graph["nodes"]:
+        nid, kind = n["node_id"], n["feature_type"]
+        if nid in home:
+            out[nid] = home[nid]
+        elif kind == "embedding":
+            out[nid] = f"token {n['ctx_idx']}"
+        elif kind == "logit":
+            out[nid] = n["clerp"]
+        elif nid in alone:
+            out[nid] = n["clerp"] + f" @{n['ctx_idx']}"
+        elif kind == NEURON_TYPE:
+            out[nid] = f"L{n['layer']} other neurons"
+        else:
+            out[nid] = f"L{n['layer']} errors"
+    return out
+
+
+def supernode_graph(graph: dict[str, Any], grouping: Grouping,
+                    shown_neurons: int = SHOWN_NEURONS, shown_links: int = SHOWN_LINKS
+                    ) -> dict[str, Any]:
+    """What the HTML view draws: the groups (name, kind, members, mean layer and
+    position, summed |influence|) and the ``shown_links`` strongest links between
+    groups (weights summed over their members' links), with the prompt's tokens and
+    the grouping's scores."""
+    where = view_groups(graph, grouping, shown_neurons)
+    supers = {s[0]: grouping.modules[s[0]] for s in grouping.supernodes}
+    groups: dict[str, dict[str, Any]] = {}
+    for n in graph["nodes"]:
+        name = where[n["node_id"]]
+        g = groups.setdefault(name, {
+            "name": name, "module": supers.get(name), "members": [], "influence": 0.0,
+            "kind": "supernode" if name in supers else n["feature_type"]})
+        g["members"].append({"id": n["node_id"], "name": n["clerp"], "position": n["ctx_idx"],
+                             "influence": n.get("influence")})
+        g["influence"] += abs(n.get("influence") or 0.0)
+    layers = {n["node_id"]: int(n["layer"]) if n["feature_type"] != "embedding" else 0
+              for n in graph["nodes"]}
+    for g in groups.values():
+        ids = [m["id"] for m in g["members"]]
+        g["layer"] = sum(layers[i] for i in ids) / len(ids)
+        g["position"] = sum(m["position"] for m in g["members"]) / len(ids)
+    summed: dict[tuple[str, str], float] = {}
+    for link in graph["links"]:
+        a, b = where[link["source"]], where[link["target"]]
+        if a != b:
+            summed[(a, b)] = summed.get((a, b), 0.0) + link["weight"]
+    strongest = sorted(summed.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:shown_links]
+    return {"prompt": graph["metadata"].get("prompt", ""),
+            "tokens": graph["metadata"].get("prompt_tokens", []),
+            "scores": {"coverage": grouping.coverage, "links_kept": grouping.links_kept,
+                       "grouped_neurons": grouping.grouped, "neurons": grouping.neurons},
+            "groups": sorted(groups.values(), key=lambda g: (-g["influence"], g["name"])),
+            "links": [{"source": a, "target": b, "weight": w} for (a, b), w in strongest],
+            "links_between_groups": len(summed)}
+
+
+def write_view(view: dict[str, Any], path: str, title: str) -> None:
+    """The supernode graph as one self-contained HTML file (no network at view time)."""
+    from circuit_atlas.views import write_html
+
+    write_html("circuit_atlas.use", "trace_view.html", {**view, "title": title}, path)
+
+
 @dataclass
 class TraceReport(Report):
     prompt_id: str
@@ -118,6 +201,7 @@ class TraceReport(Report):
     nodes: int
     links: int
     grouping: Grouping
+    html: str | None = None
 
     def __str__(self) -> str:
         g = self.grouping
@@ -126,7 +210,8 @@ class TraceReport(Report):
         return (f"trace {self.prompt_id}: {self.nodes:,} nodes, {self.links:,} links; "
                 f"{len(g.supernodes):,} supernode(s) hold {g.grouped:,} of {g.neurons:,} "
                 f"neurons and {cov} of their influence; the supernode graph keeps {kept} "
-                f"of the link weight; {self.out} (circuit-tracer / Neuronpedia graph JSON)")
+                f"of the link weight; {self.out} (circuit-tracer / Neuronpedia graph JSON)"
+                + (f", {self.html} (the supernode graph)" if self.html else ""))
 
 
 def atlas_modules(lake: Any, model: str, corpus: str, method: str
@@ -159,8 +244,6 @@ def run_trace(lake, *, model, prompt: str, corpora=None, params=None, cluster=No
     like any graph, so a second trace of it reads the stored one), its neurons grouped
     into supernodes by the atlas's clusters (``corpora``: the atlas, default the only
     reduced set), written as circuit-tracer / Neuronpedia graph JSON."""
-    import json
-
     from circuit_atlas.compute.export import graph_json
     from circuit_atlas.compute.graphs import run_graphs
     from circuit_atlas.compute.models import LoadedModel, load_tokenizer
@@ -184,4 +267,9 @@ def run_trace(lake, *, model, prompt: str, corpora=None, params=None, cluster=No
     out = params.out or f"trace-{pid}.json"
     with open(out, "w", encoding="utf-8") as f:
         json.dump(with_supernodes(graph, grouping), f, ensure_ascii=False)
-    return TraceReport(pid, out, len(graph["nodes"]), len(graph["links"]), grouping)
+    html = None
+    if params.html:
+        html = out[:-len(".json")] + ".html" if out.endswith(".json") else out + ".html"
+        write_view(supernode_graph(graph, grouping), html,
+                   f"{name}: {prompt!r}, grouped by {params.method} level {params.level}")
+    return TraceReport(pid, out, len(graph["nodes"]), len(graph["links"]), grouping, html)

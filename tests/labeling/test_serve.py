@@ -125,3 +125,26 @@ def test_the_demo_labels_and_scores_a_slice_through_the_embedded_server(demo_run
     assert any(used)  # the embedded server returned logprobs and the scorers read them
     assert "label_scores" in printed and "near chance" in printed
     assert (demo_run[0] / "label-report" / "index.html").exists()
+
+
+def test_embeddings_are_the_mean_of_the_last_hidden_state(server, smollm2):
+    """POST /v1/embeddings through the openai client equals each text's last hidden
+    state of a plain Hugging Face forward, averaged over its tokens, unit length (the
+    batch is padded; each text's vector is as if it ran alone)."""
+    import numpy as np
+    import torch
+
+    client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    texts = ["fires on insulin and the pancreas", "French cities", "a"]
+    got = client.embeddings.create(model="any", input=texts)
+    assert [d.index for d in got.data] == [0, 1, 2] and got.usage.prompt_tokens > 0
+    for text, d in zip(texts, got.data, strict=True):
+        ids = smollm2.tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            h = smollm2.model(ids, output_hidden_states=True).hidden_states[-1][0].mean(0)
+        want = (h / h.norm()).numpy()
+        assert np.allclose(d.embedding, want, atol=1e-4)
+    one = client.embeddings.create(model="any", input="French cities").data[0].embedding
+    assert np.allclose(one, got.data[1].embedding, atol=1e-5)
+    with pytest.raises(openai.BadRequestError, match="input"):
+        client.embeddings.create(model="any", input=[])

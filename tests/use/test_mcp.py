@@ -3,6 +3,7 @@ equals the same question asked through the Python API; refusals are tool errors.
 
 import asyncio
 import json
+import re
 import shutil
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 
 from circuit_atlas import CircuitAtlasError
 from circuit_atlas.compute.models import optional_tokenizer
+from circuit_atlas.lake import Lake
 from circuit_atlas.names import DEFAULT_MODEL
 from circuit_atlas.use.mcp import CAUSAL_TOOLS, TOOLS, AtlasTools
 
@@ -41,12 +43,14 @@ def questions(tools: AtlasTools) -> list[tuple[str, dict]]:
             ("exemplars", {"neuron": nid, "top": 2})]
 
 
-async def over_stdio(lake_dir: str, asks: list[tuple[str, dict]]) -> dict:
+async def over_stdio(lake_dir: str, asks: list[tuple[str, dict]],
+                     extra: tuple[str, ...] | list[str] = ()) -> dict:
     from mcp import ClientSession, StdioServerParameters
     from mcp.client.stdio import stdio_client
 
     params = StdioServerParameters(command=sys.executable,
-                                   args=["-m", "circuit_atlas.cli", "mcp", "--lake", lake_dir])
+                                   args=["-m", "circuit_atlas.cli", "mcp", "--lake", lake_dir,
+                                         *extra])
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         listed = await session.list_tools()
@@ -148,18 +152,20 @@ async def causal_over_stdio(lake_dir: str) -> dict:
     from mcp.client.stdio import stdio_client
 
     params = StdioServerParameters(command=sys.executable, args=[
-        "-m", "circuit_atlas.cli", "mcp", "--lake", lake_dir, "--interventions", "3"])
+        "-m", "circuit_atlas.cli", "mcp", "--lake", lake_dir, "--interventions", "4"])
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         names = sorted(t.name for t in (await session.list_tools()).tools)
         args = {"unit": "L29/N66", "prompt": "The capital of France is"}
         read = await session.call_tool("activations", {"neuron": "L29/N66", "prompts": [
             "The capital of France is", "Insulin is produced by the"]})
+        traced = await session.call_tool("trace", {"prompt": "Insulin is produced by the"})
         first = await session.call_tool("intervene", {**args, "intervention": "zero"})
         second = await session.call_tool("steer", {**args, "factor": 3.0,
                                                    "max_new_tokens": 4})
         spent = await session.call_tool("intervene", args)
         return {"names": names, "activations": read.content[0].text,
+                "trace": traced.content[0].text,
                 "intervene": first.content[0].text,
                 "steer": second.content[0].text,
                 "spent": (spent.is_error, spent.content[0].text)}
@@ -170,13 +176,21 @@ def test_interventions_behind_a_budget(lake_dir):
     and stop when the budget is spent; their answers equal the Python API's."""
     got = asyncio.run(causal_over_stdio(lake_dir))
     assert got["names"] == sorted((*TOOLS, *CAUSAL_TOOLS))
-    tools = AtlasTools(lake_dir, interventions=3)
+    tools = AtlasTools(lake_dir, interventions=4)
     read = json.loads(got["activations"])
     want = tools.activations("L29/N66", ["The capital of France is",
                                          "Insulin is produced by the"])
     assert [r["tokens"] for r in read["results"]] == [r["tokens"] for r in want["results"]]
     assert read["results"][0]["max"] == max(a for _, a in want["results"][0]["tokens"][1:])
-    assert read["corpus_max"] is not None and read["budget_left"] == 2
+    assert read["corpus_max"] is not None and read["budget_left"] == 3
+    # the trace the server stored is read back by the Python API: the same grouping
+    traced = json.loads(got["trace"])
+    again = tools.trace("Insulin is produced by the")
+    for key in ("prompt_id", "supernodes", "coverage", "links_kept", "outside", "logits"):
+        assert traced[key] == again[key], key
+    assert traced["supernodes"] and traced["budget_left"] == 2
+    assert all(m["label"] is None or isinstance(m["label"], str)
+               for s in traced["supernodes"] for m in s["members"])
     args = ("L29/N66", "The capital of France is")
     want = tools.intervene(*args, intervention="zero")
     mine = json.loads(got["intervene"])
@@ -189,3 +203,64 @@ def test_interventions_behind_a_budget(lake_dir):
     assert got["spent"][0] and "no intervention budget left" in got["spent"][1]
     with pytest.raises(CircuitAtlasError, match="no intervention budget"):
         tools.intervene(*args)
+
+
+PLANTED_LABELS = ["insulin and the pancreas", "French cities such as Paris",
+                  "the start of a list", "doses of insulin in milligrams",
+                  "capital cities of Europe"]
+
+
+def test_semantic_label_search_through_an_embeddings_endpoint(demo_run, tmp_path):
+    """search_labels(semantic=True) ranks labels by the cosine similarity of their
+    embeddings (asked of an OpenAI-compatible endpoint through the openai client; here
+    a bag-of-words embedder, so the ranking can be recounted with numpy), through the
+    Python API and over stdio alike; each label is embedded once per server."""
+    import datetime as dt
+    import zlib
+
+    import numpy as np
+
+    from circuit_atlas.labeling.client import EmbeddingSettings
+    from circuit_atlas.lake.labels import append_labels
+    from circuit_atlas.lake.schemas import LABELS
+    from tests.llm_server import LLMServer
+
+    lake = tmp_path / "lake"
+    shutil.copytree(demo_run[0], lake)
+    neurons = Lake(lake).table("neurons").sort("graph_count", descending=True).head(
+        len(PLANTED_LABELS)).select("layer", "neuron").collect().rows()
+    now = dt.datetime.now(dt.UTC).isoformat()
+    append_labels(Lake(lake), DEFAULT_MODEL, "general+medical", pl.DataFrame(
+        [{"layer": a, "neuron": b, "pass": "prior", "label": text, "description": None,
+          "type": None, "interpretability": None, "labeler": "test", "prompt_hash": None,
+          "status": "ok", "error": None, "created_at": now}
+         for (a, b), text in zip(neurons, PLANTED_LABELS, strict=True)],
+        schema=pl.from_arrow(LABELS.schema.empty_table()).schema))
+
+    def bag(text):  # the embedder's rule, recounted
+        v = np.zeros(64)
+        for w in re.findall(r"[a-z0-9]+", text.lower()):
+            v[zlib.crc32(w.encode()) % 64] += 1
+        return v / np.linalg.norm(v)
+
+    query = "insulin doses"
+    with LLMServer() as server:
+        tools = AtlasTools(str(lake), embeddings=EmbeddingSettings("bow", server.url))
+        found = tools.search_labels(query, semantic=True, limit=3)
+        labels = tools._labels()
+        docs = [AtlasTools.label_text(a, b) for a, b in
+                labels.select("label", "description").iter_rows()]
+        sims = sorted(((float(bag(d) @ bag(query)), d) for d in docs), key=lambda x: -x[0])
+        assert [m["label"] for m in found["matches"]][:2] == [
+            "doses of insulin in milligrams", "insulin and the pancreas"]
+        assert [m["similarity"] for m in found["matches"]] == pytest.approx(
+            [s for s, _ in sims[:3]], abs=1e-4)
+        asked = [r["embed"] for r in server.requests]
+        tools.search_labels("French cities", semantic=True)
+        assert [r["embed"] for r in server.requests][len(asked):] == [1]  # the query only
+        got = asyncio.run(over_stdio(str(lake), [("search_labels", {
+            "text": query, "semantic": True, "limit": 3})], extra=[
+            "--embedding-model", "bow", "--embedding-base-url", server.url]))
+        assert json.loads(got["answers"][0][1])["matches"] == found["matches"]
+    with pytest.raises(CircuitAtlasError, match="embedding endpoint"):
+        AtlasTools(str(lake)).search_labels(query, semantic=True)

@@ -14,7 +14,13 @@ from click.testing import CliRunner
 from circuit_atlas.cli import cli
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake
-from circuit_atlas.use.supernodes import group, neuron_of, with_supernodes
+from circuit_atlas.use.supernodes import (
+    group,
+    neuron_of,
+    supernode_graph,
+    view_groups,
+    with_supernodes,
+)
 
 GRAPH_FIELDS = {"node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "clerp"}
 
@@ -72,11 +78,14 @@ def circuit_tracer_model():
 def tiny_graph():
     def neuron(layer, index, pos, influence):
         return {"node_id": f"{layer}_{index}_{pos}", "feature_type": "cross layer transcoder",
-                "influence": influence}
+                "influence": influence, "layer": str(layer), "ctx_idx": pos,
+                "clerp": f"L{layer}/N{index}"}
 
     nodes = [neuron(1, 1, 0, 0.5), neuron(2, 3, 1, -0.3), neuron(3, 4, 1, 0.2),
-             {"node_id": "E_7_0", "feature_type": "embedding"},
-             {"node_id": "5_9_1", "feature_type": "logit"}]
+             {"node_id": "E_7_0", "feature_type": "embedding", "layer": "E", "ctx_idx": 0,
+              "clerp": "token 'a'"},
+             {"node_id": "5_9_1", "feature_type": "logit", "layer": "5", "ctx_idx": 1,
+              "clerp": 'Output "b"'}]
     links = [{"source": "1_1_0", "target": "2_3_1", "weight": 2.0},
              {"source": "1_1_0", "target": "3_4_1", "weight": -1.0},
              {"source": "E_7_0", "target": "1_1_0", "weight": 1.0}]
@@ -101,6 +110,26 @@ def test_grouping_and_its_scores_by_hand():
     assert graph["qParams"]["pinnedIds"] == ["5_9_1"]  # the input is left as it was
     with pytest.raises(ValueError, match="level"):
         group(graph, paths, 0)
+
+
+def test_the_supernode_graph_by_hand():
+    graph = tiny_graph()
+    g = group(graph, {(1, 1): "1:2", (2, 3): "1:5", (3, 4): "2"}, 1, {"1": "drug names"})
+    where = view_groups(graph, g, shown_neurons=0)
+    assert where == {"1_1_0": "infomap 1: drug names", "2_3_1": "infomap 1: drug names",
+                     "3_4_1": "L3 other neurons", "E_7_0": "token 0", "5_9_1": 'Output "b"'}
+    assert view_groups(graph, g, shown_neurons=1)["3_4_1"] == "L3/N4 @1"
+    view = supernode_graph(graph, g, shown_neurons=0)
+    groups = {x["name"]: x for x in view["groups"]}
+    sup = groups["infomap 1: drug names"]
+    assert sup["kind"] == "supernode" and sup["module"] == "1"
+    assert sup["influence"] == pytest.approx(0.8) and sup["layer"] == 1.5
+    assert sup["position"] == 0.5 and groups["token 0"]["layer"] == 0
+    # the link inside the supernode is folded away; the others are summed per pair
+    assert sorted((x["source"], x["target"], x["weight"]) for x in view["links"]) == [
+        ("infomap 1: drug names", "L3 other neurons", -1.0),
+        ("token 0", "infomap 1: drug names", 1.0)]
+    assert supernode_graph(graph, g, shown_links=1)["links_between_groups"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +184,46 @@ def test_the_traced_graph_is_grouped_by_the_atlas_clusters(traced):
     assert meta["links_kept"] == pytest.approx(between / sum(abs(x["weight"])
                                                              for x in data["links"]))
     assert "supernode(s)" in printed and str(out) in printed
+
+
+def test_the_html_view_in_headless_chromium(traced):
+    """The supernode graph drawn: one node per group, a clicked supernode lists its
+    members, the links drawn are the strongest sums between groups; nothing fetched."""
+    import re
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.browser import ARTIFACTS, chrome
+
+    _, out, _, printed = traced
+    html = out.with_suffix(".html")
+    assert str(html) in printed
+    text = html.read_text()
+    assert not re.search(r"https?://", text.replace("http://www.w3.org/2000/svg", ""))
+    data = json.loads(out.read_text())
+    supernodes = {s[0]: s[1:] for s in data["qParams"]["supernodes"]}
+    browser = chrome()
+    try:
+        browser.get(html.as_uri())
+        WebDriverWait(browser, 20).until(lambda b: b.execute_script(
+            "return window.trace && window.trace.ready"))
+        drawn = browser.find_elements(By.CSS_SELECTOR, "#nodes .group[data-kind=supernode]")
+        assert {d.get_attribute("data-name") for d in drawn} == set(supernodes)
+        biggest = max(supernodes, key=lambda k: len(supernodes[k]))
+        browser.find_element(By.CSS_SELECTOR, f'.group[data-name="{biggest}"] circle').click()
+        rows = browser.find_elements(By.CSS_SELECTOR, "#members tr")
+        assert len(rows) == 1 + len(supernodes[biggest])
+        lines = browser.find_elements(By.CSS_SELECTOR, "#links line")
+        assert 0 < len(lines) <= 80
+        scores = browser.find_element(By.ID, "scores").text
+        cov = data["metadata"]["supernode_grouping"]["coverage"]
+        assert f"{100 * cov:.1f}%" in scores
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "trace-view.png"))
+        assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        browser.quit()
 
 
 def test_a_second_trace_reads_the_stored_graph_and_bad_input_is_refused(traced, tmp_path):
