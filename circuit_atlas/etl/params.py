@@ -16,3 +16,8 @@ class ReduceParams:
     """Token associations per neuron."""
     chunk: int = 64
     """Shards folded per task (bounds the memory of one task)."""
+    params_hash: tuple[str, ...] = ()
+    """Only the shards of this graph parameter set (repeatable; the hashes the refusal
+    lists). Default: refuse a corpus whose shards were computed with several."""
+    mixed_params: bool = False
+    """Fold the shards of every graph parameter set together into one table set."""

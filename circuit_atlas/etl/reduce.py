@@ -40,7 +40,13 @@ from circuit_atlas.etl.fold import fold
 from circuit_atlas.etl.params import ReduceParams
 from circuit_atlas.lake import GRAPH_EDGES, GRAPH_NODES, GRAPHS, Lake, layout
 from circuit_atlas.lake.schemas import EDGE_STATS, NEURON_CORPORA, NEURON_STATS, NEURON_TOKENS
-from circuit_atlas.lake.shards import Shard, ordered_shards, repeated_graphs
+from circuit_atlas.lake.shards import (
+    Shard,
+    describe_parameter_sets,
+    ordered_shards,
+    parameter_sets,
+    repeated_graphs,
+)
 from circuit_atlas.lake.validate import read_parquet
 from circuit_atlas.stage import Progress, Report, as_corpora, connect, open_lake
 
@@ -78,7 +84,8 @@ def run_reduce(lake, *, model, corpora, params: ReduceParams | None = None, clus
     with connect(cluster, default="local", progress=progress) as client:
         return reduce_lake(lake, model_name(model), as_corpora(corpora), client,
                            min_count=params.min_count, top_k=params.top_k,
-                           chunk=params.chunk,
+                           chunk=params.chunk, params_hash=params.params_hash,
+                           mixed_params=params.mixed_params,
                            on_progress=lambda d, t: progress.update("reduce", d, t))
 
 
@@ -231,11 +238,16 @@ def finish_task(version, table: str, layers: list[int] | None, state: pa.Table,
 
 
 def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_count: int = 1,
-                top_k: int = 10, chunk: int = 64,
+                top_k: int = 10, chunk: int = 64, params_hash: tuple[str, ...] = (),
+                mixed_params: bool = False,
                 on_progress: Callable[[int, int], None] | None = None) -> ReduceReport:
     """Reduce the committed shards of ``model`` over ``corpora`` into the derived tables.
 
-    Several corpora reduce into one table set under ``corpus=<c1>+<c2>``.
+    Several corpora reduce into one table set under ``corpus=<c1>+<c2>``. Shards of
+    different graph parameter sets (e.g. --candidates 500 and 100) are not mixed
+    silently: ``params_hash`` picks sets, ``mixed_params`` folds them all; otherwise
+    several sets are refused with a line listing them. The tables' manifests record
+    the sets they hold (``graph_params``).
     """
     from distributed import as_completed
 
@@ -244,7 +256,6 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     corpus_key = layout.corpus_key(corpora)
     if min_count < 1:
         raise CircuitAtlasError(f"--min-count must be at least 1, got {min_count}")
-    params = {"min_count": min_count, "top_k": top_k, "corpora": corpora}
     shards = ordered_shards(lake, model, corpora)
     missing = sorted(set(corpora) - {s.corpus for s in shards})
     if missing:
@@ -253,6 +264,9 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
             f"no committed graphs of model {model!r} for corpus {', '.join(missing)} in "
             f"{lake.url} (graphs held: {'; '.join(held) or 'none'}); "
             "run `circuit-atlas graphs` first")
+    shards = one_parameter_set(shards, corpora, params_hash, mixed_params)
+    params = {"min_count": min_count, "top_k": top_k, "corpora": corpora,
+              "graph_params": {h: e["params"] for h, e in parameter_sets(shards).items()}}
     ids = [f"{s.corpus}/{s.shard}" for s in shards]
     shape = model_shape(shards)
     manifests = {t: lake.table_manifest(model, corpus_key, t) for t in MERGES}
@@ -320,6 +334,26 @@ def model_shape(shards: list) -> dict[str, int] | None:
 
 def _layer_of(name: str) -> int:
     return int(name.removeprefix("src_layer-").removesuffix(".parquet"))
+
+
+def one_parameter_set(shards: list[Shard], corpora: list[str], wanted: tuple[str, ...],
+                      mixed: bool) -> list[Shard]:
+    """The shards a reduce folds: those of the ``wanted`` parameter sets, all of them
+    when ``mixed``, else the only set (several: an error listing them)."""
+    sets = parameter_sets(shards)
+    if wanted:
+        unknown = sorted(set(wanted) - set(sets))
+        if unknown:
+            raise CircuitAtlasError(
+                f"no shards of {', '.join(corpora)} with graph parameters {unknown[0]}; "
+                f"the sets are: {describe_parameter_sets(sets)}")
+        return [s for s in shards if s.params_hash in set(wanted)]
+    if len(sets) > 1 and not mixed:
+        raise CircuitAtlasError(
+            f"the graphs of {', '.join(corpora)} were computed with {len(sets)} parameter "
+            f"sets: {describe_parameter_sets(sets)}. Reduce one with --params-hash HASH, "
+            "or fold them together with --mixed-params")
+    return shards
 
 
 def _reusable(manifests: dict[str, Any], params: dict[str, Any], ids: list[str]

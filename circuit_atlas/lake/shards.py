@@ -23,6 +23,7 @@ A process killed at any instant leaves a committed shard or files no record name
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import socket
 import uuid
@@ -378,6 +379,31 @@ def list_shards(lake: Lake, model: str | None = None, corpus: str | None = None)
 def ordered_shards(lake: Lake, model: str, corpora: list[str]) -> list[Shard]:
     """Committed shards of (model, corpora) in commit order: the order a reduce folds."""
     return [s for s in lake.shards(model) if s.corpus in set(corpora)]
+
+
+def parameter_sets(shards: list[Shard]) -> dict[str, dict[str, Any]]:
+    """The graph parameter sets of ``shards``: params hash -> its parameters, shard and
+    graph counts, in order of first commit."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in shards:
+        entry = out.setdefault(s.params_hash, {"params": s.commit.get("params") or {},
+                                               "shards": 0, "graphs": 0})
+        entry["shards"] += 1
+        entry["graphs"] += len(s.prompt_ids)
+    return out
+
+
+def describe_parameter_sets(sets: dict[str, dict[str, Any]]) -> str:
+    """One line per set: its hash, counts, and the parameters in which the sets differ."""
+    keys = sorted({k for e in sets.values() for k in e["params"]})
+    differ = [k for k in keys if len({json.dumps(e["params"].get(k), sort_keys=True)
+                                      for e in sets.values()}) > 1]
+    parts = []
+    for h, e in sets.items():
+        shown = ", ".join(f"{k}={e['params'].get(k)}" for k in differ)
+        parts.append(f"{h} ({e['shards']} shard{'s' * (e['shards'] != 1)}, "
+                     f"{e['graphs']} graphs{'; ' + shown if shown else ''})")
+    return "; ".join(parts)
 
 
 def repeated_graphs(lake: Lake, shards: list[Shard]) -> list[list[int]]:

@@ -187,3 +187,48 @@ def test_cleanup_removes_the_debris_of_a_killed_reduce(tmp_path, client):
                               lake.path(killed._scratch_dir())]
     assert sorted(lake.fs.find(lake.path("tables"))) == published_files
     assert published(lake, "edges").num_rows > 0
+
+
+def test_graphs_of_different_parameters_are_not_mixed_silently(tmp_path, client):
+    """Shards of one corpus computed with --candidates 50 and 100: the reduce refuses
+    with the sets listed, reduces one set on request (equal to the oracle over its
+    graphs only), or all with --mixed-params; the manifest names the sets it holds."""
+    import pyarrow.compute as pc
+
+    from tests.factories import PARAMS
+
+    lake = make_lake(tmp_path / "l", shards=2)
+    other = {**PARAMS, "candidates": 100}
+    write_shard(lake, "c", prompts_of(3, "new"), seed=9, params=other, neurons=6)
+    shards = lake.shards(MODEL, "c")
+    first, second = shards[0].params_hash, shards[-1].params_hash
+    assert first != second
+    with pytest.raises(CircuitAtlasError) as refused:
+        reduce_lake(lake, MODEL, ["c"], client)
+    msg = str(refused.value)
+    assert "2 parameter sets" in msg and "--mixed-params" in msg
+    assert f"{first} (2 shards, 11 graphs; candidates=50)" in msg
+    assert f"{second} (1 shard, 3 graphs; candidates=100)" in msg
+    assert lake.optional_table("edges", MODEL, "c") is None  # nothing was written
+
+    def oracle(hashes):
+        ids = pa.array([g for s in shards if s.params_hash in hashes for g in s.graph_ids()],
+                       pa.int64())
+        raw = lake.read("graph_edges")
+        return edge_oracle(raw.filter(pc.is_in(raw.column("graph_id"), value_set=ids)))
+
+    reduce_lake(lake, MODEL, ["c"], client, params_hash=(first,))
+    edges = published(lake, "edges")
+    want = oracle({first})
+    assert_same(edges.select(want.column_names), want)
+    assert lake.table_manifest(MODEL, "c", "edges")["inputs"]["params"]["graph_params"] == {
+        first: PARAMS}
+    reduce_lake(lake, MODEL, ["c"], client, mixed_params=True)
+    edges = published(lake, "edges")
+    want = oracle({first, second})
+    assert_same(edges.select(want.column_names), want)
+    assert set(lake.table_manifest(MODEL, "c", "edges")["inputs"]["params"][
+        "graph_params"]) == {first, second}
+    out = CliRunner().invoke(cli, ["reduce", "--lake", lake.url, "--corpus", "c", "--model",
+                                   MODEL, "--cluster", "none", "--params-hash", "feedbeef"])
+    assert out.exit_code == 1 and "no shards of c with graph parameters feedbeef" in out.output
