@@ -282,6 +282,8 @@ class LLMServer:
                                   "tools": [t["function"]["name"] for t in body["tools"]]})
         if fault == "500":
             return 500, {"error": {"message": "server error", "type": "server_error"}}
+        if self.delay_s:
+            time.sleep(self.delay_s)
         message = agent_step(body["messages"])
         n_prompt = sum(len(json.dumps(m)) for m in body["messages"]) // 4
         return 200, {"id": f"chatcmpl-{uuid.uuid4().hex[:8]}", "object": "chat.completion",

@@ -191,3 +191,42 @@ def test_the_cli_on_the_demo_lake_and_the_record_on_the_report_page(demo_run, tm
         assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     finally:
         browser.quit()
+
+
+def test_a_killed_investigation_resumes_where_it_stopped(planted, lake, server):
+    """SIGKILL of `circuit-atlas investigate` mid-run (after a few journaled steps):
+    the rerun resumes the same investigation and asks the agent only the steps the
+    journal does not hold (at most the one in flight again)."""
+    import os
+    import pathlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    server.delay_s = 0.4  # each reply takes a while: room to kill between steps
+    args = [sys.executable, "-m", "circuit_atlas.cli", "investigate", "L1/N7", "--lake",
+            lake.root, "--model", planted[0], "--corpus", "c", "--base-url", server.url,
+            "--llm", "scripted", "--max-retries", "0"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+
+    def steps() -> int:
+        found = list(pathlib.Path(lake.root).rglob("L1-N7-*.jsonl"))
+        return len(found[0].read_text().splitlines()) if found else 0
+
+    while steps() < 5 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert steps() >= 5 and lake.optional_table("investigations", "tiny", "c") is None
+    before = [r["agent"] for r in server.requests]
+    server.delay_s = 0.0
+    report = run_investigate(lake, model=planted[0], neuron="L1/N7", corpora="c",
+                             params=params(server))
+    assert report.status == "done" and report.resumed >= 5
+    assert report.verdict == 'fires on the token "w5"'
+    after = [r["agent"] for r in server.requests][len(before):]
+    assert after and after[0] >= max(before)  # nothing journaled was asked again
+    assert sorted(set(before) | set(after)) == list(range(8))
