@@ -8,7 +8,8 @@ downstream neurons with their labels, the co-occurring ones, its cluster with th
 members, effects, role, specificity, the causal battery's results and the newest
 investigation (its verdict, hypotheses and every experiment). Neighbours and
 cluster members that have a page of their own are links. ``index.html`` lists every
-page with search and filters (layer, label type, score, cluster).
+page with search and filters (layer, label type, score, cluster, investigated) and
+the investigation's verdict.
 
 Like ``export html``, the pages are templates (``report_page.html`` and
 ``report_index.html`` beside this module: plain DOM, no library, no network at view
@@ -151,7 +152,9 @@ def index_row(data: dict[str, Any]) -> dict[str, Any]:
             "graphs": p["appearances"].get("graph_count"),
             "labels": {k: v["label"] for k, v in labels.items()},
             "type": first.get("type"), "scores": scores,
-            "cluster": (data["cluster"] or {}).get("cluster_path")}
+            "cluster": (data["cluster"] or {}).get("cluster_path"),
+            "investigation": None if not data.get("investigation") else {
+                k: data["investigation"][k] for k in ("verdict", "confidence", "status")}}
 
 
 @dataclass

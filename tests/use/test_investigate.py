@@ -172,7 +172,8 @@ def test_the_cli_on_the_demo_lake_and_the_record_on_the_report_page(demo_run, tm
     assert again.exit_code == 1 and "--again" in again.output
     pages = tmp_path / "reports"
     made = runner.invoke(cli, ["export", "reports", "--lake", str(tmp_path / "lake"),
-                               "--neuron", nid, "--no-labelled", "--out", str(pages)])
+                               "--neuron", nid, "--top", "3", "--no-labelled",
+                               "--out", str(pages)])
     assert made.exit_code == 0, made.output
     browser = chrome()
     try:
@@ -189,6 +190,15 @@ def test_the_cli_on_the_demo_lake_and_the_record_on_the_report_page(demo_run, tm
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "report-investigation.png"))
         assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        # the index shows the verdict, and "investigated" keeps only such neurons
+        browser.get((pages / "index.html").as_uri())
+        WebDriverWait(browser, 20).until(lambda b: b.execute_script(
+            "return window.reports && window.reports.ready"))
+        assert record["verdict"] in browser.find_element(By.ID, "neurons").text
+        browser.find_element(By.ID, "investigated").click()
+        shown = [r.get_attribute("data-id") for r in
+                 browser.find_elements(By.CSS_SELECTOR, "#neurons tr")]
+        assert shown == [nid]
     finally:
         browser.quit()
 
