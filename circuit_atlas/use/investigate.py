@@ -215,14 +215,15 @@ class InvestigateReport(Report):
     seconds: float
     resumed: int  # steps read back from the journal
     error: str | None = None
+    cost: float = 0.0  # USD at --price-in / --price-out
 
     def __str__(self) -> str:
         head = (f"investigate {self.neuron} ({self.investigation}): {self.status}, "
                 f"{self.hypotheses} hypothes{'is' if self.hypotheses == 1 else 'es'}, "
                 f"{self.tool_calls} tool calls ({self.model_calls} runs of the model), "
                 f"{self.prompt_tokens + self.completion_tokens:,} tokens, "
-                f"{self.seconds:.1f} s" + (f", {self.resumed} steps resumed from the journal"
-                                           if self.resumed else ""))
+                f"{self.seconds:.1f} s" + (f", ${self.cost:.4f}" if self.cost else "")
+                + (f", {self.resumed} steps resumed from the journal" if self.resumed else ""))
         if self.verdict is not None:
             conf = "" if self.confidence is None else f" (confidence {self.confidence:.2f})"
             head += f"\ninvestigate verdict{conf}: {self.verdict}"
@@ -444,4 +445,6 @@ def run_investigate(lake, *, model, neuron: str, corpora=None, params=None,
     return InvestigateReport(
         neuron_label(layer, index), inv, status, row["verdict"], row["confidence"],
         len(row["hypotheses"]), row["tool_calls"], row["model_calls"], row["prompt_tokens"],
-        row["completion_tokens"], round(row["seconds"], 2), resumed, why)
+        row["completion_tokens"], round(row["seconds"], 2), resumed, why,
+        (row["prompt_tokens"] * params.price_in + row["completion_tokens"] * params.price_out)
+        / 1e6)

@@ -119,8 +119,11 @@ def test_a_failed_run_resumes_from_its_journal_and_asks_nothing_twice(planted, l
 
 def test_budgets_stop_it_and_a_finished_neuron_is_not_redone(planted, lake, server):
     out = run_investigate(lake, model=planted[0], neuron="L1/N7", corpora="c",
-                          params=params(server, max_tool_calls=3))
+                          params=params(server, max_tool_calls=3, price_in=2.0,
+                                        price_out=8.0))
     assert out.status == "budget" and "3 tool calls" in out.error and out.verdict is None
+    assert out.cost == pytest.approx((out.prompt_tokens * 2 + out.completion_tokens * 8)
+                                     / 1e6) and f"${out.cost:.4f}" in str(out)
     with pytest.raises(CircuitAtlasError, match="--again"):
         run_investigate(lake, model=planted[0], neuron="L1/N7", corpora="c",
                         params=params(server))
