@@ -80,6 +80,17 @@ class Journal:
             self._flush()
 
 
+def read_jsonl(fs: Any, path: str) -> list[dict[str, Any]]:
+    """The records of a JSONL journal file; a line cut by a kill is a record that was
+    not written."""
+    rows = []
+    with fs.open(path, "rb") as f:
+        for line in f.read().decode("utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return rows
+
+
 def fold_journals(lake: Lake, model: str, corpus: str, table: str = "labels") -> int:
     """Move every journaled answer into ``table`` (one batch); rows moved."""
     fs, d = lake.fs, journal_dir(lake, model, corpus, table)
@@ -87,13 +98,7 @@ def fold_journals(lake: Lake, model: str, corpus: str, table: str = "labels") ->
         return 0
     paths = sorted(p for p in fs.ls(d, detail=False) if p.endswith(".jsonl")
                    and layout.TMP_MARK not in p)
-    rows = []
-    for p in paths:
-        with fs.open(p, "rb") as f:
-            for line in f.read().decode("utf-8").splitlines():
-                # a line cut by a kill is an answer that was not recorded
-                with contextlib.suppress(json.JSONDecodeError):
-                    rows.append(json.loads(line))
+    rows = [row for p in paths for row in read_jsonl(fs, p)]
     if rows:
         spec = DERIVED[table]
         frame = pl.DataFrame(rows, schema=pl.from_arrow(spec.schema.empty_table()).schema)

@@ -21,7 +21,6 @@ agent to correct.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import inspect
 import json
@@ -95,7 +94,12 @@ def hypothesis(statement: str) -> dict[str, Any]:
 def finish(verdict: str, confidence: float) -> dict[str, Any]:
     """End the investigation: a one-sentence verdict on what the neuron responds to
     (and does), and your confidence in it between 0 and 1."""
-    return {"verdict": verdict, "confidence": confidence}
+    if not isinstance(verdict, str) or not verdict.strip():
+        raise CircuitAtlasError("finish needs a verdict: one sentence")
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float) or not (
+            0 <= confidence <= 1):
+        raise CircuitAtlasError("finish needs a confidence between 0 and 1")
+    return {"verdict": verdict.strip(), "confidence": float(confidence)}
 
 
 @dataclass
@@ -133,7 +137,7 @@ class State:
     def finished(self) -> dict[str, Any] | None:
         for s in self.steps:
             if s["kind"] == "tool" and s["tool"] == "finish" and s.get("error") is None:
-                return s["arguments"]
+                return finish(**s["arguments"])  # the verdict as finish checked it
         return None
 
     def unanswered(self) -> list[dict[str, Any]]:
@@ -162,15 +166,9 @@ def journal_folder(lake: Any, model: str, corpus: str) -> str:
 def read_journal(lake: Any, path: str) -> list[dict[str, Any]]:
     """The steps of one investigation's journal (a line cut by a kill is a step that
     did not happen)."""
-    if not lake.fs.exists(path):
-        return []
-    with lake.fs.open(path, "rb") as f:
-        lines = f.read().decode("utf-8").splitlines()
-    steps = []
-    for line in lines:
-        with contextlib.suppress(json.JSONDecodeError):
-            steps.append(json.loads(line))
-    return steps
+    from circuit_atlas.labeling.journal import read_jsonl
+
+    return read_jsonl(lake.fs, path) if lake.fs.exists(path) else []
 
 
 class StepJournal:
@@ -287,8 +285,6 @@ class Investigator:
             before = self.tools.budget
             try:
                 result = self.functions[name](**args)
-                if name == "finish":
-                    result = self._checked_finish(args)
             except CircuitAtlasError as e:
                 error = str(e)
             except TypeError as e:  # arguments the tool does not take
@@ -303,15 +299,6 @@ class Investigator:
             "result": None if error else content, "error": error, "model_call": model_call,
             "seconds": time.monotonic() - t0,
             "message": {"role": "tool", "tool_call_id": call["id"], "content": content}})
-
-    @staticmethod
-    def _checked_finish(args: dict[str, Any]) -> dict[str, Any]:
-        verdict, conf = args.get("verdict"), args.get("confidence")
-        if not isinstance(verdict, str) or not verdict.strip():
-            raise CircuitAtlasError("finish needs a verdict: one sentence")
-        if not isinstance(conf, int | float) or not 0 <= conf <= 1:
-            raise CircuitAtlasError("finish needs a confidence between 0 and 1")
-        return {"verdict": verdict.strip(), "confidence": float(conf)}
 
     def ask(self, client: Any) -> str | None:
         """One reply of the LLM, journaled; None, or why it could not be had."""
@@ -389,9 +376,7 @@ def run_investigate(lake, *, model, neuron: str, corpora=None, params=None,
     layer, index = parse_neuron(neuron)
     tools = AtlasTools(lake, name, as_corpora(corpora) or None,
                        interventions=params.model_calls,
-                       model_spec=None if loaded else model)
-    tools.tokenizer = loaded.tokenizer if loaded else None
-    tools._loaded = loaded
+                       model_spec=None if loaded else model, loaded=loaded)
     if tools.tokenizer is None and tools.model_spec is not None:
         from circuit_atlas.compute.models import optional_tokenizer
 

@@ -50,7 +50,8 @@ class AtlasTools:
     def __init__(self, lake: Lake | str, model: str | None = None, corpus: str | None = None,
                  tokenizer: Any = None, max_rows: int = MAX_ROWS,
                  sql_seconds: float = SQL_SECONDS, interventions: int = 0,
-                 model_spec: str | None = None, embeddings: Any = None) -> None:
+                 model_spec: str | None = None, embeddings: Any = None,
+                 loaded: Any = None) -> None:
         self.lake = lake if isinstance(lake, Lake) else Lake(lake)
         models = self.lake.models() if model is None else [model]
         if len(models) != 1:
@@ -63,7 +64,9 @@ class AtlasTools:
         self.n_layers = ((manifest.get("inputs") or {}).get("model_shape") or {}).get("n_layers")
         self.budget = interventions  # intervene and steer calls left
         self.model_spec = model_spec or (manifest.get("inputs") or {}).get("model")
-        self._loaded = None
+        self._loaded = loaded  # a LoadedModel the caller has already (else loaded on use)
+        if loaded is not None and self.tokenizer is None:
+            self.tokenizer = loaded.tokenizer
         self.embeddings = embeddings  # labeling.client.EmbeddingSettings: semantic search
         self._vectors: dict[str, Any] = {}  # label text -> its embedding
 
@@ -329,7 +332,7 @@ class AtlasTools:
         import tempfile
 
         from circuit_atlas.use.params import TraceParams
-        from circuit_atlas.use.supernodes import run_trace
+        from circuit_atlas.use.supernodes import neuron_of, run_trace, ungrouped_neurons
 
         if method not in ("infomap", "leiden"):
             raise CircuitAtlasError("method: infomap or leiden")
@@ -346,15 +349,8 @@ class AtlasTools:
 
         def member(node_id: str) -> dict[str, Any]:
             n = by_id[node_id]
-            layer, index, _ = node_id.split("_")
             return {"node": n["clerp"], "position": n["ctx_idx"],
-                    "influence": n.get("influence"),
-                    "label": labels.get((int(layer), int(index)))}
-
-        grouped = {i for s in g.supernodes for i in s[1:]}
-        loose = sorted((n for n in graph["nodes"] if n["feature_type"] == "cross layer "
-                        "transcoder" and n["node_id"] not in grouped),
-                       key=lambda n: -abs(n.get("influence") or 0.0))
+                    "influence": n.get("influence"), "label": labels.get(neuron_of(n))}
         return {"prompt": prompt, "prompt_id": report.prompt_id,
                 "tokens": graph["metadata"]["prompt_tokens"],
                 "logits": [{"token": n["clerp"], "prob": n.get("token_prob")}
@@ -362,7 +358,7 @@ class AtlasTools:
                 "supernodes": [{"name": s[0], "module": g.modules[s[0]],
                                 "members": [member(i) for i in s[1:]][:self.max_rows]}
                                for s in g.supernodes],
-                "outside": [member(n["node_id"]) for n in loose[:10]],
+                "outside": [member(n["node_id"]) for n in ungrouped_neurons(graph, g)[:10]],
                 "coverage": g.coverage, "links_kept": g.links_kept,
                 "nodes": report.nodes, "links": report.links,
                 "files": {"graph_json": report.out, "html": report.html},

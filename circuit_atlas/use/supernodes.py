@@ -120,16 +120,21 @@ SHOWN_NEURONS = 12  # ungrouped neurons drawn one by one, by |influence|
 SHOWN_LINKS = 80  # links between groups drawn, by |summed weight|
 
 
+def ungrouped_neurons(graph: dict[str, Any], grouping: Grouping) -> list[dict[str, Any]]:
+    """The graph's neuron nodes in no supernode, strongest |influence| first."""
+    grouped = {n for s in grouping.supernodes for n in s[1:]}
+    return sorted((n for n in graph["nodes"] if n["node_id"] not in grouped
+                   and neuron_of(n) is not None),
+                  key=lambda n: (-abs(n.get("influence") or 0.0), n["node_id"]))
+
+
 def view_groups(graph: dict[str, Any], grouping: Grouping,
                 shown_neurons: int = SHOWN_NEURONS) -> dict[str, str]:
     """node id -> the group it is drawn in: its supernode; an embedding, logit or one
     of the ``shown_neurons`` strongest ungrouped neurons alone; the other ungrouped
     neurons and the error nodes together per layer."""
     home = {n: s[0] for s in grouping.supernodes for n in s[1:]}
-    loose = sorted((n for n in graph["nodes"] if n["node_id"] not in home
-                    and neuron_of(n) is not None),
-                   key=lambda n: (-abs(n.get("influence") or 0.0), n["node_id"]))
-    alone = {n["node_id"] for n in loose[:shown_neurons]}
+    alone = {n["node_id"] for n in ungrouped_neurons(graph, grouping)[:shown_neurons]}
     out = {}
     for n in graph["nodes"]:
         nid, kind = n["node_id"], n["feature_type"]
