@@ -19,6 +19,7 @@ SMOKE = {
     "reduce": ["--graphs", "400", "--per-shard", "200", "--workers", "1"],
     "scoring": ["--neurons", "4", "--concurrency", "4"],
     "interventions": ["--prompts", "1", "--neurons", "30", "--naive", "2"],
+    "wiring": ["--model", "tiny"],
 }
 
 

@@ -2,7 +2,8 @@
 
 What the original atlas scripts' ``build_neuron_profile.py`` printed: appearances,
 upstream sources and downstream targets (embedding and logit nodes decoded to text),
-token associations, co-occurring neurons, projections, direct-effect ratio, role,
+token associations, co-occurring neurons, projections, weight-based wiring (and whether
+it agrees with the RelP upstream), direct-effect ratio, role,
 clusters and labels; and, once the activations stage has run, the activation
 statistics and the top and bottom exemplars, activating tokens marked; once the causal
 battery has run on it, its necessity, sufficiency and specificity.
@@ -78,6 +79,11 @@ def neuron_profile(lake: Lake, model: str, layer: int, neuron: int, corpus: str 
                                                    for r in rows.filter(
                 (pl.col("kind") == kind) & (pl.col("sign") == sign)).head(top).iter_rows(
                 named=True)] for kind in ("output", "input") for sign in (1, -1)}
+    from circuit_atlas.analysis.wiring import neuron_wiring
+
+    wiring = neuron_wiring(lake, model, corpus, layer, neuron, min(top, 5))
+    if wiring is not None:  # once circuit-atlas wiring has run
+        out["wiring"] = wiring
     for section, name in (("effects", "neuron_effects"), ("role", "roles"),
                           ("specificity", "specificity"), ("causal", "neuron_causal")):
         t = _table(lake, name, model, corpus)

@@ -1,5 +1,5 @@
-"""graphs, activations, negatives, export-graph, projections, effects: the compute
-stages (torch)."""
+"""graphs, activations, negatives, export-graph, projections, wiring, effects: the
+compute stages (torch)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from circuit_atlas.compute.params import (
     GraphsParams,
     NegativesParams,
     ProjectionsParams,
+    WiringParams,
 )
 
 
@@ -128,6 +129,23 @@ def projections(lake_path: str, model: str, corpora: tuple[str, ...], **options:
 
     display.run_stage(run_projections, display.console(), lake_path, model=model,
                       corpora=corpora, params=take_params(ProjectionsParams, options))
+
+
+@cli.command()
+@lake_option
+@model_option
+@params_options(WiringParams)
+@corpora_option(help="Corpus whose exemplar windows give the operating points and whose RelP "
+                     "edges the wiring is compared with (repeat for a joint reduce); "
+                     "default: the weight-only point, no comparison.")
+def wiring(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) -> None:
+    """Weight-based wiring of every neuron: its strongest excitatory and inhibitory
+    upstream and downstream connections through the residual stream, from the weights
+    alone (the wiring table; export duckdb --edges wiring makes an atlas of it)."""
+    from circuit_atlas.compute.wiring import run_wiring
+
+    display.run_stage(run_wiring, display.console(), lake_path, model=model,
+                      corpora=corpora, params=take_params(WiringParams, options))
 
 
 @cli.command()

@@ -172,6 +172,21 @@ def print_profile(profile: dict, out: Any) -> None:
     for key, rows in profile.get("projections", {}).items():
         out.print(f"[bold]projection {key}[/]: " + ", ".join(
             f"{t!r} {v:.3g}" for t, v in rows))
+    wiring = profile.get("wiring")
+    if wiring:
+        out.print(f"[bold]weight-based wiring[/] (operating point {wiring['operating_point']};"
+                  " strength, c_gate / c_up):")
+        for key, rows in wiring.items():
+            if isinstance(rows, list) and rows:
+                out.print(f"  {key}: " + ", ".join(
+                    f"{r['node']} {r['strength']:+.3g} ({r['c_gate']:+.2g} / {r['c_up']:+.2g})"
+                    for r in rows), highlight=False)
+        agree = wiring.get("agreement")
+        if agree:
+            among = "is" if agree["hit"] else "is not"
+            out.print(f"  its strongest weight-based upstream {agree['strongest_upstream']} "
+                      f"{among} among its {len(agree['relp_upstream'])} most frequent RelP "
+                      f"upstream ({', '.join(agree['relp_upstream'])})", highlight=False)
     for s in profile.get("activation", []):
         q = s["quantiles"]
         corr = s.get("static_rank_corr")

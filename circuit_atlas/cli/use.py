@@ -118,16 +118,30 @@ def _export_options(f):
 @export.command("duckdb")
 @click.argument("path", type=click.Path(dir_okay=False))
 @_export_options
+@click.option("--edges", "edges_from", default="relp", show_default=True,
+              type=click.Choice(["relp", "wiring"]),
+              help="Where the edges table comes from: the reduced RelP edges, or the "
+                   "weight-based wiring (circuit-atlas wiring; then every neuron is in the "
+                   "neurons table, and no graph is needed).")
 def export_duckdb_cmd(path: str, lake_path: str, model: str, corpora: tuple[str, ...],
-                      method: str) -> None:
+                      method: str, edges_from: str) -> None:
     """One DuckDB file with the neurons, edges, clusters and metadata tables (the
     original atlas's columns): duckdb.connect(PATH) answers the original atlas's queries."""
     from circuit_atlas.clustering.export import export_duckdb
     from circuit_atlas.lake import Lake
 
     opened = Lake(lake_path)
-    model, corpus = _atlas_key(opened, model, corpora)
-    counts = export_duckdb(opened, model, corpus, path, method)
+    if edges_from == "wiring" and not corpora:  # a wiring-only lake has no reduced set
+        from circuit_atlas.lake.layout import model_key
+        from circuit_atlas.names import model_name
+
+        model = model_name(model)
+        keys = [c for c, tables in opened.derived_tables().get(
+            model_key(model), {}).items() if "neurons" in tables]
+        corpus = opened.reduced_corpus(model) if len(keys) == 1 else None
+    else:
+        model, corpus = _atlas_key(opened, model, corpora)
+    counts = export_duckdb(opened, model, corpus, path, method, edges_from)
     display.console().print(f"[green]export[/] {path}: " + ", ".join(
         f"{t} {n:,} rows" for t, n in counts.items()))
 

@@ -1,5 +1,5 @@
 """compute: model loading, RelP attribution graphs, activation exemplars, projections,
-effects and the causal battery (torch).
+weight-based wiring, effects and the causal battery (torch).
 
 Writes graph and activation shards through :mod:`circuit_atlas.lake`; imports torch
 only here.
@@ -18,6 +18,9 @@ _EXPORTS = {
     "ActivationsParams": "params",
     "ActivationsReport": "activation_run",
     "run_projections": "projections",
+    "run_wiring": "wiring",
+    "WiringParams": "params",
+    "WiringReport": "wiring",
     "run_effects": "effects",
     "run_interventions": "battery",
     "run_steer": "steer",

@@ -293,3 +293,48 @@ class NegativesParams:
         if min(self.partners, self.per_partner, self.keep, self.batch_tokens) < 1:
             raise CircuitAtlasError("--partners, --per-partner, --keep and --batch-tokens "
                                     "must be at least 1")
+
+
+@dataclass(frozen=True)
+class WiringParams:
+    """Weight-based wiring: which connections, searched how, read at which operating
+    point."""
+
+    k: int = 10
+    """Connections per neuron, direction (upstream, downstream) and polarity."""
+    operating_point: Literal["auto", "corpus", "weights"] = AUTO
+    """Where each target neuron's linearised read is taken: "corpus": where it fires
+    most in the exemplar windows of --corpus (the activations stage's); "weights": from
+    the weights only, as if it fired positively at one standard deviation of its gate
+    and up pre-activations; auto: corpus when --corpus has exemplar windows, else
+    weights."""
+    operating_tokens: int = 16384
+    """Tokens of exemplar windows run to find the operating points."""
+    top_share: float = 0.01
+    """Share of those tokens, the largest activations of each neuron, averaged over."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32", "float64"] = AUTO
+    """Precision of the search (candidates are re-scored in float32); auto: bfloat16
+    where the device runs it fast, else float32."""
+    margin: int = 6
+    """Extra candidates per neuron, direction and polarity re-scored exactly after a
+    low-precision search."""
+    device: str = "cpu"
+    """torch device, e.g. cuda."""
+    batch_tokens: int = 4096
+    """Tokens per forward batch of the operating-point pass."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.margin < 0 or not 0 < self.top_share <= 1:
+            raise CircuitAtlasError(f"need k >= 1, margin >= 0 and 0 < top_share <= 1, got "
+                                    f"{self.k}, {self.margin}, {self.top_share}")
+        if self.operating_tokens < 1 or self.batch_tokens < 1:
+            raise CircuitAtlasError("--operating-tokens and --batch-tokens must be at least 1")
+
+    def resolved(self, device: str, warn=None) -> WiringParams:
+        """These parameters with the search dtype resolved for ``device``."""
+        from circuit_atlas.compute.precision import resolve_dtype
+
+        return replace(self, dtype=resolve_dtype(self.dtype, device, "wiring", warn))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

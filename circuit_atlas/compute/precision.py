@@ -45,7 +45,7 @@ SLOW = 4.0  # a bf16 product this many times slower than float32 ends the probe
 ROUNDS = 6
 # stage -> whether its results survive bfloat16 (see the module docstring)
 STAGES = {"graphs": True, "projections": True, "effects": False, "activations": True,
-          "interventions": False}
+          "interventions": False, "wiring": True}
 
 
 @dataclass(frozen=True)

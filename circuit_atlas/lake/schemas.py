@@ -707,6 +707,50 @@ investigator: the LLM. Every step is journaled as it happens
 (_log/journal/investigations), so a killed investigation resumes where it stopped.""",
 )
 
+WIRING = TableSpec(
+    name="wiring",
+    version=1,
+    fields=(
+        _f("direction", pa.string()), _f("src_layer", pa.int16()), _f("src_neuron", pa.int32()),
+        _f("tgt_layer", pa.int16()), _f("tgt_neuron", pa.int32()), _f("polarity", pa.int8()),
+        _f("rank", pa.int16()), _f("strength", pa.float32()), _f("c_gate", pa.float32()),
+        _f("c_up", pa.float32()),
+    ),
+    partitions=_DERIVED,
+    doc="""Weight-based wiring (circuit-atlas wiring): every neuron's strongest
+connections through the residual stream from the weights alone, top k per direction
+and polarity. direction "downstream": a row of the source's list (its strongest later
+targets), "upstream": of the target's (its strongest earlier sources); polarity 1
+excitatory, -1 inhibitory; rank 0 the strongest; c_gate, c_up: the source's write read
+by the target's gate and up projections (through the target's MLP norm weight);
+strength: alpha * c_gate + beta * c_up, the RelP-linearised change of the target's
+activation per unit of the source's at the target's operating point (manifest:
+operating_point "corpus" or "weights"). Corpus partition "static" for the weight-only
+point, else the corpus key whose exemplar windows gave it. One file per layer: its
+neurons' downstream and upstream rows.""",
+)
+
+WIRING_AGREEMENT = TableSpec(
+    name="wiring_agreement",
+    version=1,
+    fields=(
+        _f("layer", pa.int16(), nullable=True), _f("neurons", pa.int64()),
+        _f("hits", pa.int64()), _f("hit_rate", pa.float64(), nullable=True),
+        _f("chance_rate", pa.float64(), nullable=True), _f("pairs", pa.int64()),
+        _f("spearman", pa.float64(), nullable=True),
+        _f("sign_agreement", pa.float64(), nullable=True),
+    ),
+    partitions=_DERIVED,
+    doc="""How the weight-based wiring agrees with a corpus's RelP edges, per target layer
+(layer null: all layers, the first row). neurons: targets with weight-based upstream rows
+and RelP edges from MLP neurons; hits: of them, those whose strongest weight-based upstream
+(largest |strength|) is among their most frequent RelP upstream (top 10 by count);
+chance_rate: the mean hit rate of a source drawn at random from the earlier layers;
+pairs: (source, target) pairs in both tables; spearman: rank correlation of their
+predicted edge (strength times the source's mean activation in the graphs) with their
+mean RelP edge weight; sign_agreement: share of them of one sign.""",
+)
+
 DERIVED: dict[str, TableSpec] = {
     t.name: t for t in (EDGE_STATS, NEURON_STATS, NEURON_CORPORA, NEURON_TOKENS,
                         CLUSTER_ASSIGNMENTS, CLUSTERS, PROJECTIONS, EFFECTS,
@@ -714,7 +758,7 @@ DERIVED: dict[str, TableSpec] = {
                         LABEL_PROMPTS, CLUSTER_LABELS, ACTIVATION_STATS,
                         EXEMPLARS, EXEMPLAR_WINDOWS, ACTIVATION_SAMPLES, TOKEN_ACTIVATIONS,
                         NEGATIVES, LABEL_SCORES, INTERVENTIONS, NEURON_CAUSAL,
-                        CIRCUIT_EFFECTS, INVESTIGATIONS)}
+                        CIRCUIT_EFFECTS, INVESTIGATIONS, WIRING, WIRING_AGREEMENT)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "graph_nodes", "graph_edges")
