@@ -106,6 +106,7 @@ def page_data(lake: Lake, model: str, corpus: str, layer: int, neuron: int,
     from circuit_atlas.lake.neurons import parse_neuron
 
     profile = neuron_profile(lake, model, layer, neuron, corpus, tokenizer=tokenizer)
+    profile.pop("wiring", None)  # the page has no view of it yet (profile shows it)
     mine = [r for r in profile.pop("labels", []) if r["status"] == "ok"]
     newest: dict[str, dict[str, Any]] = {}
     for r in sorted(mine, key=lambda r: r["created_at"]):
