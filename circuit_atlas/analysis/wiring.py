@@ -37,6 +37,15 @@ def relp_upstream(edges: pl.DataFrame | pl.LazyFrame, n_layers: int) -> pl.LazyF
                                & (pl.col("src_layer") < pl.col("tgt_layer")))
 
 
+def frequent_upstream(relp: pl.LazyFrame, top: int = TOP_RELP) -> pl.LazyFrame:
+    """Each target's ``top`` most frequent RelP upstream (by count, then mean |weight|,
+    then source id)."""
+    return (relp.sort(["count", "mean_abs_weight", "src_layer", "src_neuron"],
+                      descending=[True, True, False, False])
+            .with_columns(n=pl.int_range(pl.len()).over("tgt_layer", "tgt_neuron"))
+            .filter(pl.col("n") < top))
+
+
 def agreement_frame(wiring: pl.DataFrame | pl.LazyFrame, edges: pl.DataFrame | pl.LazyFrame,
                     n_layers: int, n_neurons: int, activations: pl.DataFrame | pl.LazyFrame
                     | None = None, top: int = TOP_RELP) -> pl.DataFrame:
@@ -45,10 +54,7 @@ def agreement_frame(wiring: pl.DataFrame | pl.LazyFrame, edges: pl.DataFrame | p
     neurons table); without, the predicted edge is the strength alone."""
     relp = relp_upstream(edges, n_layers).select(*KEYS, "count", "mean_weight",
                                                  "mean_abs_weight")
-    frequent = (relp.sort(["count", "mean_abs_weight", "src_layer", "src_neuron"],
-                          descending=[True, True, False, False])
-                .with_columns(n=pl.int_range(pl.len()).over("tgt_layer", "tgt_neuron"))
-                .filter(pl.col("n") < top))
+    frequent = frequent_upstream(relp, top)
     per_target = frequent.group_by("tgt_layer", "tgt_neuron").agg(relp_n=pl.len())
     upstream = wiring.lazy().filter(pl.col("direction") == "upstream")
     strongest = (upstream.sort([pl.col("strength").abs(), "src_layer", "src_neuron"],
@@ -159,10 +165,9 @@ def neuron_wiring(lake, model: str, corpus: str | None, layer: int, neuron: int,
     if corpus and lake.table_manifest(model, corpus, "edges") is not None:
         shape = manifest["inputs"]["model_shape"]
         ups = [*out["upstream excitatory"], *out["upstream inhibitory"]]
-        relp = (relp_upstream(lake.table("edges", model, corpus), shape["n_layers"])
-                .filter((pl.col("tgt_layer") == layer) & (pl.col("tgt_neuron") == neuron))
-                .sort(["count", "mean_abs_weight"], descending=True).head(TOP_RELP)
-                .collect())
+        mine = relp_upstream(lake.table("edges", model, corpus), shape["n_layers"]).filter(
+            (pl.col("tgt_layer") == layer) & (pl.col("tgt_neuron") == neuron))
+        relp = frequent_upstream(mine).sort("n").collect()
         if ups and len(relp):
             strongest = max(ups, key=lambda r: abs(r["strength"]))["node"]
             frequent = [neuron_label(r["src_layer"], r["src_neuron"])

@@ -128,19 +128,19 @@ def export_duckdb_cmd(path: str, lake_path: str, model: str, corpora: tuple[str,
     """One DuckDB file with the neurons, edges, clusters and metadata tables (the
     original atlas's columns): duckdb.connect(PATH) answers the original atlas's queries."""
     from circuit_atlas.clustering.export import export_duckdb
-    from circuit_atlas.lake import Lake
+    from circuit_atlas.lake import Lake, LakeError
 
     opened = Lake(lake_path)
-    if edges_from == "wiring" and not corpora:  # a wiring-only lake has no reduced set
-        from circuit_atlas.lake.layout import model_key
+    try:
+        model, corpus = _atlas_key(opened, model, corpora)
+    except LakeError:
+        if edges_from != "wiring":
+            raise
+        # a wiring atlas needs no reduced set: one without (or of several, none named)
+        # has every neuron and no statistics
         from circuit_atlas.names import model_name
 
-        model = model_name(model)
-        keys = [c for c, tables in opened.derived_tables().get(
-            model_key(model), {}).items() if "neurons" in tables]
-        corpus = opened.reduced_corpus(model) if len(keys) == 1 else None
-    else:
-        model, corpus = _atlas_key(opened, model, corpora)
+        model, corpus = model_name(model), None
     counts = export_duckdb(opened, model, corpus, path, method, edges_from)
     display.console().print(f"[green]export[/] {path}: " + ", ".join(
         f"{t} {n:,} rows" for t, n in counts.items()))

@@ -217,6 +217,22 @@ def batch_places(group: list[Window], device
     return window[keep], pos[keep], keep.to(device)
 
 
+def forward_batches(model: LoadedModel, windows: Iterable[Window], batch_tokens: int,
+                    on_batch: Callable[[int], None] | None = None
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Run ``windows`` through the model's base (no head) in batches: yields each batch's
+    places (``batch_places``: rows in (window, position) order) just before its forward
+    runs, so that hooks can read them, then calls ``on_batch(tokens)``."""
+    device = model.adapter.device
+    base = model.model.base_model
+    for group in batches(windows, batch_tokens):
+        group = sorted(group, key=lambda w: w.window)
+        yield batch_places(group, device)
+        base(input_ids=padded(group, device), use_cache=False)
+        if on_batch:
+            on_batch(sum(len(w.tokens) for w in group))
+
+
 @torch.no_grad()
 def activation_pass(model: LoadedModel, windows: Iterable[Window], k: int = K,
                     batch_tokens: int = 4096,
@@ -228,14 +244,10 @@ def activation_pass(model: LoadedModel, windows: Iterable[Window], k: int = K,
     mods = _mlp_inputs(model)
     hooks = [mod.register_forward_pre_hook(
         lambda _m, args, layer=i: fold.add(layer, args[0])) for i, mod in enumerate(mods)]
-    base = model.model.base_model
     try:
-        for group in batches(windows, batch_tokens):
-            group = sorted(group, key=lambda w: w.window)  # rows in (window, position) order
-            fold.window, fold.pos, fold.keep = batch_places(group, device)
-            base(input_ids=padded(group, device), use_cache=False)
-            if on_batch:
-                on_batch(sum(len(w.tokens) for w in group))
+        for fold.window, fold.pos, fold.keep in forward_batches(model, windows, batch_tokens,
+                                                                on_batch):
+            pass  # the hooks fold each batch as its forward runs
     finally:
         for h in hooks:
             h.remove()

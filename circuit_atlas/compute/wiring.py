@@ -122,7 +122,7 @@ def corpus_point(model, windows: Iterable, params: WiringParams,
     """The operating point measured on ``windows`` (``compute.activations.Window``):
     per neuron, alpha and beta averaged over its top ``top_share`` activations by
     magnitude; a neuron that is exactly 0 there takes the weight-only point."""
-    from circuit_atlas.compute.activations import batch_places, batches, padded
+    from circuit_atlas.compute.activations import forward_batches
 
     a = model.adapter
     device, exact = a.device, torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -169,14 +169,11 @@ def corpus_point(model, windows: Iterable, params: WiringParams,
         hooks.append(layer.mlp.up_proj.register_forward_hook(grab(i, "u")))
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
             lambda _m, _args, i=i: fold(i)))
-    base = model.model.base_model
     try:
-        for group in batches(windows, params.batch_tokens):
-            group = sorted(group, key=lambda w: w.window)
-            _, _, keep = batch_places(group, device)
-            base(input_ids=padded(group, device), use_cache=False)
-            if on_batch:
-                on_batch(sum(len(w.tokens) for w in group))
+        # fold() reads the batch's keep mask as its forward runs
+        for _, _, keep in forward_batches(  # noqa: B007
+                model, windows, params.batch_tokens, on_batch):
+            pass
     finally:
         for hk in hooks:
             hk.remove()
@@ -214,7 +211,7 @@ class Wiring:
     def __init__(self, adapter: Adapter, params: WiringParams, point: OperatingPoint,
                  chunk_bytes: int = CHUNK_BYTES) -> None:
         a = adapter
-        self.a, self.p, self.point = a, params, point
+        self.a, self.p = a, params
         self.low = getattr(torch, params.dtype)
         self.exact = torch.float64 if a.dtype == torch.float64 else torch.float32
         self.gates, self.ups, self.writes = layer_reads(a, self.exact)
@@ -233,8 +230,8 @@ class Wiring:
         a, K, N = self.a, self.K, self.a.n_neurons
         # every layer's writes side by side: a target chunk against all earlier layers
         # is one product, one top-k per sign for its rows and one for its columns
-        writes = torch.cat([w.to(self.low) for w in self.writes], 1)  # (d, L * N)
-        ids = torch.arange(a.n_layers * N, device=writes.device)
+        # (d, L * N): a column's index is its global id, layer * N + neuron
+        writes = torch.cat([w.to(self.low) for w in self.writes], 1)
         bytes_ = torch.finfo(self.low).bits // 8
         up: dict[int, list] = {}
         down: dict[int, list] = {i: [None, None] for i in range(a.n_layers - 1)}
@@ -248,7 +245,7 @@ class Wiring:
                 lists = []
                 for slot, largest in enumerate((True, False)):
                     best = s.topk(min(K, s.shape[1]), dim=1, largest=largest)
-                    lists.append((best.values, ids[best.indices]))
+                    lists.append((best.values, best.indices))
                     col = s.topk(min(K, s.shape[0]), dim=0, largest=largest)
                     values, tgt = col.values.T, col.indices.T + (l2 * N + lo)
                     for l1 in range(l2):
@@ -368,7 +365,6 @@ def exemplar_windows(lake, model: str, corpora: list[str], tokens: int) -> list:
     """Exemplar windows of the corpora's activation runs (``tokens`` shared among them,
     each corpus's first windows by id until their counted tokens reach its share); []
     when none of them has a run."""
-
     from circuit_atlas.compute.activations import Window
 
     runs = [c for c in corpora if lake.table_manifest(model, c, "exemplar_windows")]
