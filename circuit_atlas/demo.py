@@ -115,6 +115,10 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     with clock.stage("projections"):
         run_stage(run_projections, console, lake, model=exact,
                   corpora=None if full else corpora)
+    with clock.stage("wiring"):
+        from circuit_atlas.compute.wiring import run_wiring
+
+        run_stage(run_wiring, console, lake, model=exact, corpora=corpora)
     with clock.stage("effects"):
         run_stage(run_effects, console, lake, model=exact, corpora=corpora)
     with clock.stage("cooccurrence"):
@@ -165,6 +169,8 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     with clock.stage("exports"):
         export_html(lake, exact.name, key, html, tokenizer=exact.tokenizer)
         export_duckdb(lake, exact.name, key, lake.path("atlas.duckdb"))
+        export_duckdb(lake, exact.name, key, lake.path("atlas-wiring.duckdb"),
+                      edges_from="wiring")
         # report pages: the labelled neurons, the medical one and the three in most graphs
         pages = choose_neurons(lake, exact.name, key, [parse_neuron(neuron)], 3, True)
         write_reports(lake, exact.name, key, lake.path("reports"), pages,
@@ -190,6 +196,8 @@ def run_demo(lake_path: str, console: Console | None = None, model: str = "smoll
     console.print(f"neuron report pages ({len(pages)}, circuit-atlas export reports): "
                   f"{lake.path('reports/index.html')}", soft_wrap=True)
     console.print(f"DuckDB file:  {lake.path('atlas.duckdb')}", soft_wrap=True)
+    console.print(f"the same atlas with weight-based edges, every neuron (export duckdb "
+                  f"--edges wiring): {lake.path('atlas-wiring.duckdb')}", soft_wrap=True)
     console.print(f"profile of the most medical-specific neuron: circuit-atlas profile {neuron} "
                   f"--lake {lake.url}", soft_wrap=True)
     console.print(f'steer generation with it: circuit-atlas steer "{TRACE_PROMPT}" '
