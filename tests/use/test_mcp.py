@@ -180,8 +180,13 @@ def test_interventions_behind_a_budget(lake_dir):
     read = json.loads(got["activations"])
     want = tools.activations("L29/N66", ["The capital of France is",
                                          "Insulin is produced by the"])
-    assert [r["tokens"] for r in read["results"]] == [r["tokens"] for r in want["results"]]
-    assert read["results"][0]["max"] == max(a for _, a in want["results"][0]["tokens"][1:])
+    # the server is another process, whose thread count may sum in another order: the
+    # values agree to the bf16 model's precision, not always to the fourth decimal shown
+    for r, w in zip(read["results"], want["results"], strict=True):
+        assert [t for t, _ in r["tokens"]] == [t for t, _ in w["tokens"]]
+        assert [a for _, a in r["tokens"]] == pytest.approx([a for _, a in w["tokens"]],
+                                                            abs=1e-3)
+    assert read["results"][0]["max"] == max(a for _, a in read["results"][0]["tokens"][1:])
     assert read["corpus_max"] is not None and read["budget_left"] == 3
     # the trace the server stored is read back by the Python API: the same grouping
     traced = json.loads(got["trace"])
@@ -195,7 +200,7 @@ def test_interventions_behind_a_budget(lake_dir):
     want = tools.intervene(*args, intervention="zero")
     mine = json.loads(got["intervene"])
     assert mine["top1"] == want["top1"] and mine["target"] == want["target"]
-    assert mine["prob_delta"] == pytest.approx(want["prob_delta"], abs=1e-6)
+    assert mine["prob_delta"] == pytest.approx(want["prob_delta"], abs=1e-5)
     assert mine["budget_left"] == 1
     steered = json.loads(got["steer"])
     assert steered["steered_tokens"] == tools.steer(*args, factor=3.0,
