@@ -26,13 +26,19 @@ from circuit_atlas.compute.attribution import AttributionParams, attribute_batch
 from circuit_atlas.compute.prune import prune  # noqa: E402
 from circuit_atlas.machine import describe
 
+LLAMA8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}
+TINY = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 192,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
 
-def llama8b(device: str, dtype: torch.dtype):
+
+def llama8b(device: str, dtype: torch.dtype, **shape):
+    """A Llama-3.1-8B-shaped model with random weights, built on ``device``; ``shape``
+    overrides config fields (``num_hidden_layers=2``: two layers at full width)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         max_position_embeddings=8192, rope_theta=500000.0)
+    config = LlamaConfig(**{**LLAMA8B, **shape}, max_position_embeddings=8192,
+                         rope_theta=500000.0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     return model.eval().requires_grad_(False)
@@ -40,7 +46,8 @@ def llama8b(device: str, dtype: torch.dtype):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2", help="smollm2 (embedded) or llama8b")
+    ap.add_argument("--model", default="smollm2",
+                    help="smollm2 (embedded), llama8b or tiny (its shape, small)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--candidates", type=int, default=500)
@@ -53,10 +60,12 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     params = AttributionParams(candidates=args.candidates)
 
-    if args.model == "llama8b":
-        adapter = adapter_for(llama8b(args.device, dtype))
+    if args.model in ("llama8b", "tiny"):
+        shape = {} if args.model == "llama8b" else TINY
+        adapter = adapter_for(llama8b(args.device, dtype, **shape))
         gen = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(0, 128256, (1, args.tokens), generator=gen).to(args.device)
+        vocab = adapter.embed.shape[0]
+        prompts = [torch.randint(0, vocab, (1, args.tokens), generator=gen).to(args.device)
                    for _ in range(args.limit)]
     else:
         from circuit_atlas.compute.models import load_model

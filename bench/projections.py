@@ -29,6 +29,7 @@ from circuit_atlas.compute.projections import ProjectionParams, Projector  # noq
 from circuit_atlas.machine import describe  # noqa: E402
 
 LLAMA8B = {"n_layers": 32, "d_model": 4096, "n_neurons": 14336, "vocab": 128256}
+TINY = {"n_layers": 4, "d_model": 64, "n_neurons": 256, "vocab": 100}
 
 
 def shaped_adapter(device: str, dtype: torch.dtype, n_layers: int, d_model: int,
@@ -75,7 +76,7 @@ def sync(device: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2", choices=["smollm2", "llama8b"])
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "llama8b", "tiny"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--naive-layers", type=int, default=3,
@@ -86,7 +87,8 @@ def main() -> None:
 
         adapter = load_model("smollm2", device=args.device, dtype="float32").adapter
     else:
-        adapter = shaped_adapter(args.device, torch.bfloat16, **LLAMA8B)
+        adapter = shaped_adapter(args.device, torch.bfloat16,
+                                 **(LLAMA8B if args.model == "llama8b" else TINY))
     n = adapter.n_layers * adapter.n_neurons
     print(f"{describe()}, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}, "

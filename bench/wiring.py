@@ -27,12 +27,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.projections import LLAMA8B, shaped_adapter, sync  # noqa: E402
+from bench.projections import LLAMA8B, TINY, shaped_adapter, sync  # noqa: E402
 from circuit_atlas.compute.params import WiringParams  # noqa: E402
 from circuit_atlas.compute.wiring import layer_reads, weight_point, wire  # noqa: E402
 from circuit_atlas.machine import describe  # noqa: E402
-
-TINY = {"n_layers": 4, "d_model": 64, "n_neurons": 256, "vocab": 100}
 
 
 @torch.no_grad()

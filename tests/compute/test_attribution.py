@@ -13,11 +13,11 @@ from circuit_atlas.compute.attribution import (
     attribute,
     attribute_batch,
     logit_read_vectors,
-    neuron_read_vectors,
     relevance,
 )
 from circuit_atlas.compute.trace import forward
 from tests.factories import tiny_llama
+from tests.oracles import autograd_edges, linear_reads, setup_rows, target_rows, write_vector
 
 PARAMS = AttributionParams(candidates=40, max_logits=4, logit_prob=0.9, prune=False)
 
@@ -28,15 +28,6 @@ FAMILIES = ["llama", "qwen3", "qwen2", "mistral", "olmo2", "olmo3"]
 @pytest.fixture(scope="module", params=FAMILIES)
 def adapter(request):
     return adapter_for(tiny_llama(seed=1, family=request.param))
-
-
-def write_vector(adapter, tr, layer, pos, n):
-    """What neuron n adds to the residual at pos: a post-MLP norm (OLMo) scales it."""
-    blk = adapter.blocks[layer]
-    write = tr.act[layer][0, pos, n] * blk.down[:, n]
-    if blk.mlp_post_norm is not None:
-        write = write * tr.mlp_post_scale[layer][0, pos] * blk.mlp_post_norm
-    return write
 
 
 def tokens(seed=0, T=7, vocab=64):
@@ -52,11 +43,6 @@ def test_forward_matches_the_model(adapter):
         torch.testing.assert_close(tr.logits(adapter, slice(None)), ref, atol=1e-6, rtol=1e-6)
 
 
-def target_rows(graph):
-    return np.concatenate([np.arange(graph.n_candidates),
-                           np.arange(graph.n_nodes - graph.n_logits, graph.n_nodes)])
-
-
 def test_completeness(adapter):
     g = attribute(adapter, tokens(), PARAMS)
     assert g.n_candidates == 40 and g.n_logits >= 1
@@ -70,59 +56,16 @@ def test_completeness(adapter):
     assert (g.position[src] <= g.position[tgt]).all()  # causal
 
 
-def linear_reads(adapter, ids, tr, rows_layer, rows_pos, rows_vec, emb, overrides):
-    """Target reads of the linearised, MLP-frozen model, evaluated forward."""
-    out = forward(adapter, ids, relp=True, embeddings=emb, frozen=tr, mlp_override=overrides)
-    resid = [*out.resid_mid, out.final_resid]
-    return torch.stack([rows_vec[r] @ resid[rows_layer[r]][0, rows_pos[r]]
-                        for r in range(len(rows_layer))])
-
-
-def setup_rows(adapter, ids, g):
-    r = relevance(adapter, [ids], PARAMS)[0]
-    tr, targets = r.trace, r.targets
-    cand = np.stack([g.layer[:g.n_candidates], g.position[:g.n_candidates],
-                     g.index[:g.n_candidates]], 1)
-    L, T = adapter.n_layers, ids.shape[1]
-    rows_layer = np.concatenate([cand[:, 0], np.full(g.n_logits, L)])
-    rows_pos = np.concatenate([cand[:, 1], np.full(g.n_logits, T - 1)])
-    rows_vec = torch.cat([neuron_read_vectors(adapter, tr, cand),
-                          logit_read_vectors(adapter, targets.tokens) * tr.final_scale[0, -1]
-                          * adapter.final_norm])
-    return tr, cand, rows_layer, rows_pos, rows_vec
-
-
 def test_edges_equal_the_jacobian_of_the_linearised_model(adapter):
     """All edges of all targets against autograd through the forward evaluation."""
     ids = tokens(seed=3)
     g = attribute(adapter, ids, PARAMS)
-    tr, cand, rows_layer, rows_pos, rows_vec = setup_rows(adapter, ids, g)
-    emb = adapter.embed[ids].clone().requires_grad_(True)
-    overrides = [m.clone().requires_grad_(True) for m in tr.mlp_out]
-    with torch.enable_grad():
-        reads = linear_reads(adapter, ids, tr, rows_layer, rows_pos, rows_vec, emb, overrides)
-        np.testing.assert_allclose(reads.detach().numpy(), g.read_values[target_rows(g)],
-                                   rtol=1e-9, atol=1e-12)
-        L, T, C = adapter.n_layers, ids.shape[1], g.n_candidates
-        for r, node in enumerate(target_rows(g)):
-            grads = torch.autograd.grad(reads[r], [*overrides, emb], retain_graph=True)
-            expected = np.zeros(g.n_nodes)
-            for c, (layer, pos, n) in enumerate(cand):
-                expected[c] = float(grads[layer][0, pos] @ write_vector(adapter, tr, layer,
-                                                                        pos, n))
-            total = np.array([[float(grads[layer][0, p] @ tr.mlp_out[layer][0, p])
-                               for p in range(T)] for layer in range(L)])
-            np.subtract.at(total, (cand[:, 0], cand[:, 1]), expected[:C])
-            expected[C:C + L * T] = total.ravel()
-            expected[g.embeddings] = (grads[-1][0] * emb[0]).sum(-1).detach().numpy()
-            # the linearised model is affine: what is left at zero input is the constants'
-            expected[g.constants] = g.adjacency[node, g.constants]
-            np.testing.assert_allclose(g.adjacency[node], expected, rtol=1e-7, atol=1e-10)
-        zero = [torch.zeros_like(m) for m in tr.mlp_out]
-        at_zero = linear_reads(adapter, ids, tr, rows_layer, rows_pos, rows_vec,
-                               torch.zeros_like(emb), zero)
-        constant = g.adjacency[target_rows(g)][:, g.constants].sum(1)
-        np.testing.assert_allclose(constant, at_zero.detach().numpy(), rtol=1e-7, atol=1e-10)
+    reads, expected, at_zero = autograd_edges(adapter, ids, g, PARAMS)
+    rows = target_rows(g)
+    np.testing.assert_allclose(reads, g.read_values[rows], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(g.adjacency[rows], expected, rtol=1e-7, atol=1e-10)
+    constant = g.adjacency[rows][:, g.constants].sum(1)
+    np.testing.assert_allclose(constant, at_zero, rtol=1e-7, atol=1e-10)
     assert (g.n_constants > 0) == (adapter.family == "qwen2")
 
 
@@ -131,7 +74,7 @@ def test_edges_are_effects_of_interventions(adapter):
     target's read by exactly the edge weight."""
     ids = tokens(seed=5)
     g = attribute(adapter, ids, PARAMS)
-    tr, cand, rows_layer, rows_pos, rows_vec = setup_rows(adapter, ids, g)
+    tr, cand, rows_layer, rows_pos, rows_vec = setup_rows(adapter, ids, g, PARAMS)
     rows = target_rows(g)
     base = linear_reads(adapter, ids, tr, rows_layer, rows_pos, rows_vec, None, tr.mlp_out)
     rng = np.random.default_rng(0)
