@@ -532,7 +532,11 @@ def main() -> None:
                 runs.append(run_bench(b, device, args.tiny,
                                       min(b.timeout * (4 if args.tiny else 1), left), log))
         try:
-            phases = profile_graph(device, args.tiny, os.path.join(args.out, "profile.txt"))
+            if args.budget - (time.perf_counter() - started) < 30:
+                print("profile skipped: out of time", flush=True)
+            else:
+                phases = profile_graph(device, args.tiny,
+                                       os.path.join(args.out, "profile.txt"))
         except Exception as e:
             print(f"profile failed: {e!r}", flush=True)
             traceback.print_exc()
