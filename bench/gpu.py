@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 from circuit_atlas.machine import describe  # noqa: E402
 
-FAMILIES = ("llama", "qwen3", "qwen2", "mistral", "olmo2", "olmo3")
+FAMILIES = ("llama", "qwen3", "qwen2", "mistral", "olmo2", "olmo3", "gemma2", "gemma3_text")
 # relative errors allowed per dtype: against the same computation in that dtype
 # (ours vs Hugging Face, edges vs autograd), and against float64 on the CPU
 LIMIT = {"float64": 1e-6, "float32": 1e-4, "bfloat16": 5e-2}

@@ -4,7 +4,10 @@ resolve aliases without loading a model)."""
 from __future__ import annotations
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-ALIASES = {"smollm2": DEFAULT_MODEL, "default": DEFAULT_MODEL}
+# the optional second embedded model (bash scripts/setup --model gemma3)
+GEMMA3_MODEL = "google/gemma-3-270m"
+ALIASES = {"smollm2": DEFAULT_MODEL, "default": DEFAULT_MODEL,
+           "gemma3-270m": GEMMA3_MODEL, "gemma3": GEMMA3_MODEL}
 
 
 def model_name(spec: str) -> str:

@@ -113,6 +113,16 @@ FAMILY_CONFIG = {
               "rope_parameters": {
                   "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
                   "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}}},
+    # Gemma: a query scale other than 1/sqrt(head_dim), soft-caps small enough to bite
+    "gemma2": {"head_dim": 8, "query_pre_attn_scalar": 12, "sliding_window": 3,
+               "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+               "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0},
+    "gemma3_text": {"head_dim": 8, "query_pre_attn_scalar": 12, "sliding_window": 3,
+                    "layer_types": ["sliding_attention", "full_attention",
+                                    "sliding_attention"],
+                    "rope_parameters": {
+                        "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}}},
 }
 
 
@@ -128,7 +138,7 @@ def tiny_llama(seed: int = 0, dtype=None, n_layers: int = 3, d: int = 32, heads:
 
     torch.manual_seed(seed)
     extra = {**FAMILY_CONFIG.get(family, {}), **config_extra}
-    if family == "olmo3" and n_layers != 3:
+    if "layer_types" in extra and n_layers != 3:
         extra["layer_types"] = ["sliding_attention"] * n_layers
     config = AutoConfig.for_model(
         family, vocab_size=vocab, hidden_size=d, intermediate_size=neurons,

@@ -51,9 +51,10 @@ def setup_rows(adapter, ids, g, params: AttributionParams):
     L, T = adapter.n_layers, ids.shape[1]
     rows_layer = np.concatenate([cand[:, 0], np.full(g.n_logits, L)])
     rows_pos = np.concatenate([cand[:, 1], np.full(g.n_logits, T - 1)])
+    final = tr.final_resid[0, -1] * tr.final_scale[0, -1] * adapter.final_norm
     rows_vec = torch.cat([neuron_read_vectors(adapter, tr, cand),
-                          logit_read_vectors(adapter, targets.tokens) * tr.final_scale[0, -1]
-                          * adapter.final_norm])
+                          logit_read_vectors(adapter, targets.tokens, final)
+                          * tr.final_scale[0, -1] * adapter.final_norm])
     return tr, cand, rows_layer, rows_pos, rows_vec
 
 
@@ -68,7 +69,7 @@ def autograd_edges(adapter, ids, g, params: AttributionParams, rows=None):
     tr, cand, rows_layer, rows_pos, rows_vec = setup_rows(adapter, ids, g, params)
     targets = target_rows(g)
     rows = range(len(targets)) if rows is None else rows
-    emb = adapter.embed[ids].clone().requires_grad_(True)
+    emb = adapter.embed_tokens(ids).clone().requires_grad_(True)
     overrides = [m.clone().requires_grad_(True) for m in tr.mlp_out]
     L, T, C = adapter.n_layers, ids.shape[1], g.n_candidates
     writes = torch.stack([write_vector(adapter, tr, layer, pos, n) for layer, pos, n in cand]

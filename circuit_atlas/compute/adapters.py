@@ -3,19 +3,29 @@
 The attribution code never names a module; it asks an :class:`Adapter` for the
 embedding, the blocks' attention and MLP weights, the norms and where they sit.
 
-Supported, all decoders with a SiLU-gated MLP:
+Supported, all decoders with a gated MLP (``act(gate) * up``):
 
 * **pre-norm** (Llama, Mistral, SmolLM, Qwen2, Qwen3): ``x + attn(norm(x))``, then
-  ``x + mlp(norm(x))``;
+  ``x + mlp(norm(x))``; SiLU;
 * **post-norm** (OLMo-2, OLMo-3): ``x + norm(attn(x))``, then ``x + norm(mlp(x))``.
   HF names OLMo-2's norm after attention ``post_attention_layernorm``, the name
   Llama gives its norm *before* the MLP: the same name, another place, which is
-  why placement is stated here per family and never inferred from names.
+  why placement is stated here per family and never inferred from names; SiLU;
+* **sandwich** (Gemma-2, Gemma-3): ``x + norm(attn(norm(x)))``, then
+  ``x + norm(mlp(norm(x)))``: four norms per block, each stored as ``w`` and applied
+  as ``1 + w`` (the adapter hands out ``1 + w``); the embedding scaled by sqrt(d);
+  queries scaled by ``query_pre_attn_scalar``; GELU (tanh approximation). Gemma-2
+  soft-caps attention scores and the final logits (``c * tanh(x / c)``).
+
+RelP's identity rule treats every activation alike: ``act(g) = (act(g) / g) * g``
+with the ratio a constant (sigmoid(g) for SiLU, the Gaussian CDF's tanh form for
+GELU-tanh); the final soft-cap likewise, ``c * tanh(z / c) = (tanh(z / c) / (z / c)) * z``.
+The attention soft-cap only shapes the pattern, which RelP freezes anyway.
 
 Attention biases (Qwen2's q/k/v, Llama's optional ``attention_bias``) are taken in:
 q/k biases only shape the pattern, and what v and o biases add is a constant that
 the graphs keep as constant nodes. Sliding-window layers get their window mask and
-per-layer rotary tables (OLMo-3). MLP biases would make a neuron's activation
+per-layer rotary tables (OLMo-3, Gemma-3). MLP biases would make a neuron's activation
 affine rather than linear in its input, so such models are refused with a message,
 never attributed wrongly.
 """
@@ -38,6 +48,19 @@ class Family:
     """Norms on the sublayer outputs (OLMo-2/3) instead of their inputs."""
     qk_norm: str | None = None
     """"head": RMSNorm over each head's dh dims (Qwen3); "full": over all heads (OLMo)."""
+    sandwich: bool = False
+    """Norms before and after both sublayers (Gemma-2/3)."""
+    offset_norms: bool = False
+    """RMSNorm weights stored as w and applied as 1 + w (Gemma)."""
+    per_type_rope: bool = False
+    """One rotary table per layer type (sliding and full attention)."""
+
+    @property
+    def mlp_norm_module(self) -> str | None:
+        """The HF name of the norm in front of the MLP (None: it reads the residual)."""
+        if self.post_norm:
+            return None
+        return "pre_feedforward_layernorm" if self.sandwich else "post_attention_layernorm"
 
 
 FAMILIES = {
@@ -46,8 +69,31 @@ FAMILIES = {
     "qwen2": Family(),
     "qwen3": Family(qk_norm="head"),
     "olmo2": Family(post_norm=True, qk_norm="full"),
-    "olmo3": Family(post_norm=True, qk_norm="full"),
+    "olmo3": Family(post_norm=True, qk_norm="full", per_type_rope=True),
+    "gemma2": Family(sandwich=True, offset_norms=True),
+    "gemma3_text": Family(sandwich=True, offset_norms=True, qk_norm="head",
+                          per_type_rope=True),
 }
+# HF's activation names -> ours
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_new": "gelu_tanh", "gelu": "gelu"}
+
+
+def activation(kind: str, g: torch.Tensor) -> torch.Tensor:
+    """The gate's activation: SiLU, GELU with the tanh approximation, or exact GELU."""
+    if kind == "silu":
+        return torch.nn.functional.silu(g)
+    return torch.nn.functional.gelu(g, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def activation_ratio(kind: str, g: torch.Tensor) -> torch.Tensor:
+    """act(g) / g, what RelP's identity rule holds constant: sigmoid(g) for SiLU, the
+    Gaussian CDF (or its tanh form) for GELU; finite at g = 0."""
+    if kind == "silu":
+        return torch.sigmoid(g)
+    if kind == "gelu_tanh":
+        return 0.5 * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (g + 0.044715 * g**3)))
+    return 0.5 * (1 + torch.erf(g * 2**-0.5))
 
 
 @dataclass(frozen=True)
@@ -102,6 +148,43 @@ class Adapter:
     embed: torch.Tensor  # (V, d)
     final_norm: torch.Tensor  # (d,)
     unembed: torch.Tensor  # (V, d)
+    act: str = "silu"  # the MLP gate's activation (see ACTIVATIONS)
+    embed_scale: float = 1.0  # the embedding's multiplier (Gemma: sqrt(d))
+    attn_scale: float | None = None  # queries' scale; None: 1/sqrt(head_dim)
+    attn_softcap: float | None = None  # attention scores c * tanh(s / c) (Gemma-2)
+    final_softcap: float | None = None  # logits c * tanh(z / c) (Gemma-2)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the tokens put on the residual stream (the scale rounded to the weights'
+        dtype, as the model does)."""
+        x = self.embed[tokens]
+        if self.embed_scale == 1.0:
+            return x
+        return x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device)
+
+    def activation(self, g: torch.Tensor) -> torch.Tensor:
+        return activation(self.act, g)
+
+    def activation_ratio(self, g: torch.Tensor) -> torch.Tensor:
+        return activation_ratio(self.act, g)
+
+    @property
+    def query_scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
+
+    def cap_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The final soft-cap on logits ``z`` (unchanged where the family has none)."""
+        c = self.final_softcap
+        return z if c is None else c * torch.tanh(z / c)
+
+    def cap_ratio(self, z: torch.Tensor) -> torch.Tensor | None:
+        """cap(z) / z, the soft-cap's constant under the identity rule (None: no cap)."""
+        c = self.final_softcap
+        if c is None:
+            return None
+        t = z / c
+        small = t.abs() < 1e-4
+        return torch.where(small, 1 - t * t / 3, torch.tanh(t) / torch.where(small, 1, t))
 
     @property
     def constants(self) -> bool:
@@ -146,11 +229,20 @@ def check_family(config: Any) -> Family:
     if family not in FAMILIES:
         raise CircuitAtlasError(
             f"model family {family!r} is not supported; supported: "
-            f"{', '.join(sorted(FAMILIES))} (decoders with a SiLU-gated MLP)")
-    act = getattr(config, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise CircuitAtlasError(f"{family} model uses activation {act!r}; RelP here needs SiLU")
+            f"{', '.join(sorted(FAMILIES))} (decoders with a gated MLP)")
+    act = hidden_activation(config)
+    if act not in ACTIVATIONS:
+        raise CircuitAtlasError(
+            f"{family} model uses activation {act!r}; supported: "
+            f"{', '.join(sorted(ACTIVATIONS))}")
     return FAMILIES[family]
+
+
+def hidden_activation(config: Any) -> str:
+    """The MLP gate's activation as HF names it (Gemma's config calls it
+    ``hidden_activation``, the others ``hidden_act``)."""
+    return (getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+            or "silu")
 
 
 def _window(config: Any, attn: Any, family: str) -> int | None:
@@ -167,7 +259,11 @@ def adapter_for(model: Any) -> Adapter:
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    per_type_rope = family == "olmo3"
+    offset = fam.offset_norms
+
+    def norm(module: Any) -> torch.Tensor:
+        return 1 + module.weight if offset else module.weight
+
     blocks = []
     for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -184,7 +280,12 @@ def adapter_for(model: Any) -> Adapter:
                 constant = constant + expanded.flatten() @ o.T
             if ob is not None:
                 constant = constant + ob
-        if fam.post_norm:
+        if fam.sandwich:
+            norms = {"attn_norm": norm(layer.input_layernorm),
+                     "attn_post_norm": norm(layer.post_attention_layernorm),
+                     "mlp_norm": norm(layer.pre_feedforward_layernorm),
+                     "mlp_post_norm": norm(layer.post_feedforward_layernorm)}
+        elif fam.post_norm:
             norms = {"attn_norm": None, "mlp_norm": None,
                      "attn_post_norm": layer.post_attention_layernorm.weight,
                      "mlp_post_norm": layer.post_feedforward_layernorm.weight}
@@ -200,7 +301,7 @@ def adapter_for(model: Any) -> Adapter:
             up=_weight(mlp.up_proj, f"{name}.mlp.up_proj", family)[0],
             down=_weight(mlp.down_proj, f"{name}.mlp.down_proj", family)[0],
             window=_window(config, attn, family),
-            rope=config.layer_types[i] if per_type_rope else None,
+            rope=config.layer_types[i] if fam.per_type_rope else None,
             **norms,
         ))
     return Adapter(
@@ -215,6 +316,12 @@ def adapter_for(model: Any) -> Adapter:
         eps=config.rms_norm_eps,
         blocks=blocks,
         embed=model.model.embed_tokens.weight,
-        final_norm=model.model.norm.weight,
+        final_norm=norm(model.model.norm),
         unembed=model.lm_head.weight,
+        act=ACTIVATIONS[hidden_activation(config)],
+        embed_scale=float(getattr(model.model.embed_tokens, "scalar_embed_scale", 1.0)),
+        attn_scale=(config.query_pre_attn_scalar**-0.5
+                    if getattr(config, "query_pre_attn_scalar", None) else None),
+        attn_softcap=getattr(config, "attn_logit_softcapping", None),
+        final_softcap=getattr(config, "final_logit_softcapping", None),
     )

@@ -108,10 +108,19 @@ def logit_targets(probs: torch.Tensor, max_logits: int, logit_prob: float) -> Ta
     return Targets(idx[:k].cpu().numpy(), p[:k].detach().double().cpu().numpy())
 
 
-def logit_read_vectors(a: Adapter, tokens: np.ndarray) -> torch.Tensor:
-    """Unembedding rows minus the mean row: what a logit target reads (K, d)."""
+def logit_read_vectors(a: Adapter, tokens: np.ndarray, final: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """Unembedding rows minus the mean row: what a logit target reads (K, d). Under a
+    final soft-cap (Gemma-2) each row v is scaled by cap(z_v) / z_v at the final normed
+    residual ``final`` (d,), a constant under the identity rule, so that the read is the
+    capped logit minus the mean capped logit."""
     ids = torch.as_tensor(tokens, device=a.device)
-    return a.unembed[ids] - a.unembed.mean(0)
+    if a.final_softcap is None:
+        return a.unembed[ids] - a.unembed.mean(0)
+    if final is None:
+        raise ValueError("a soft-capped model's logit reads need the final residual")
+    ratio = a.cap_ratio(final.detach() @ a.unembed.T)  # (V,)
+    return ratio[ids, None] * a.unembed[ids] - (ratio @ a.unembed) / len(ratio)
 
 
 @dataclass
@@ -145,16 +154,16 @@ def relevance(a: Adapter, prompts: list[torch.Tensor], params: AttributionParams
         tokens[b, :lengths[b]] = p[0]
     last = torch.as_tensor(lengths, device=a.device) - 1
     rows = torch.arange(B, device=a.device)
-    emb = a.embed[tokens].detach().requires_grad_(True)
+    emb = a.embed_tokens(tokens).detach().requires_grad_(True)
     with torch.enable_grad():
         tr = forward(a, tokens, relp=True, embeddings=emb)
         final = tr.final_resid[rows, last] * tr.final_scale[rows, last] * a.final_norm
-        probs = (final @ a.unembed.T).softmax(-1)  # (B, V)
+        probs = a.cap_logits(final @ a.unembed.T).softmax(-1)  # (B, V)
         targets = [logit_targets(probs[b].detach(), params.max_logits, params.logit_prob)
                    for b in range(B)]
         # prompts are independent in the batch: the gradient of the sum is each one's own
         objective = sum((torch.as_tensor(t.probs, dtype=final.dtype, device=a.device)
-                         * (logit_read_vectors(a, t.tokens) @ final[b])).sum()
+                         * (logit_read_vectors(a, t.tokens, final[b]) @ final[b])).sum()
                         for b, t in enumerate(targets))
         wrt = [*tr.act, emb, *(tr.attn_out if a.constants else [])]
         grads = torch.autograd.grad(objective, wrt)
@@ -193,17 +202,17 @@ def select_candidates(rel: list[torch.Tensor], n: int, last_positions: int | Non
 def neuron_read_vectors(a: Adapter, tr: Trace, cand: np.ndarray) -> torch.Tensor:
     """What each candidate reads from the residual stream entering its MLP (C, d).
 
-    The RelP linearisation of h = SiLU(g) * u in the post-norm input x is
-    ``(0.5*sigmoid(g)*u*W_gate[n] + 0.5*SiLU(g)*W_up[n]) . x``; the frozen norm
-    turns that into a vector on the residual stream.
+    The RelP linearisation of h = act(g) * u in the post-norm input x is
+    ``(0.5*(act(g)/g)*u*W_gate[n] + 0.5*act(g)*W_up[n]) . x`` (for SiLU, act(g)/g is
+    sigmoid(g)); the frozen norm turns that into a vector on the residual stream.
     """
     out = torch.zeros(len(cand), a.d_model, dtype=a.dtype, device=a.device)
     for layer in np.unique(cand[:, 0]):
         idx = np.flatnonzero(cand[:, 0] == layer)
         pos, n, blk = cand[idx, 1], cand[idx, 2], a.blocks[layer]
         g, u = tr.gate[layer][0, pos, n, None], tr.up[layer][0, pos, n, None]
-        silu = torch.nn.functional.silu(g)
-        vec = 0.5 * torch.sigmoid(g) * u * blk.gate[n] + 0.5 * silu * blk.up[n]
+        vec = (0.5 * a.activation_ratio(g) * u * blk.gate[n]
+               + 0.5 * a.activation(g) * blk.up[n])
         out[idx] = scaled(vec, at(tr.mlp_scale[layer], 0, pos), blk.mlp_norm)
     return out
 
@@ -227,7 +236,7 @@ def replay_edges(a: Adapter, tr: Trace, cand: np.ndarray, rows_layer: np.ndarray
     by_layer = [np.flatnonzero(cand[:, 0] == layer) for layer in range(L)]
     constants = [attention_constants(a, tr, layer) for layer in range(L)]
     order = np.argsort(-rows_layer, kind="stable")  # deepest targets first
-    embed = a.embed[tr.tokens[0]]  # (T, d)
+    embed = a.embed_tokens(tr.tokens[0])  # (T, d)
     for start in range(0, R, batch_rows):
         rows = order[start:start + batch_rows]
         depth = rows_layer[rows]  # non-increasing
@@ -307,15 +316,16 @@ def _graph(a: Adapter, r: Relevance, params: AttributionParams, batch_rows: int,
     t1 = time.perf_counter()
     rows_layer = np.concatenate([cand[:, 0], np.full(K, L)])
     rows_pos = np.concatenate([cand[:, 1], np.full(K, T - 1)])
+    final = tr.final_resid[0, -1] * tr.final_scale[0, -1] * a.final_norm
+    logit_vec = logit_read_vectors(a, targets.tokens, final)
     rows_vec = torch.cat([
         neuron_read_vectors(a, tr, cand),
-        logit_read_vectors(a, targets.tokens) * tr.final_scale[0, -1] * a.final_norm,
+        logit_vec * tr.final_scale[0, -1] * a.final_norm,
     ])
     cand_w, rem_w, emb_w, const_w = replay_edges(a, tr, cand, rows_layer, rows_pos, rows_vec,
                                                  batch_rows)
     timings["edges"] = time.perf_counter() - t1
-    final = tr.final_resid[0, -1] * tr.final_scale[0, -1] * a.final_norm
-    logit_reads = (logit_read_vectors(a, targets.tokens) @ final).double().cpu().numpy()
+    logit_reads = (logit_vec @ final).double().cpu().numpy()
     n_const = T if r.constants is not None else 0
     n = C + L * T + T + n_const + K
     adjacency = np.zeros((n, n), np.float64)

@@ -70,7 +70,7 @@ def clean_run(adapter: Adapter, tokens: torch.Tensor) -> CleanRun:
     trace = forward(a, tokens)
     T = tokens.shape[1]
     positions = torch.arange(T, device=tokens.device).unsqueeze(0)
-    x0 = a.embed[tokens]
+    x0 = a.embed_tokens(tokens)
     rotary = a.rotary(x0, positions)
     resid_full = [trace.resid_mid[i] + trace.mlp_out[i] for i in range(a.n_layers)]
     keys, values = [], []
@@ -93,7 +93,7 @@ def clean_run(adapter: Adapter, tokens: torch.Tensor) -> CleanRun:
 
 def final_logits(adapter: Adapter, x: torch.Tensor) -> torch.Tensor:
     """Final norm and unembedding of residuals (..., d)."""
-    return normed(adapter, x, adapter.final_norm) @ adapter.unembed.T
+    return adapter.cap_logits(normed(adapter, x, adapter.final_norm) @ adapter.unembed.T)
 
 
 @torch.no_grad()
@@ -111,7 +111,7 @@ def run_from(adapter: Adapter, run: CleanRun, layers: np.ndarray, x: torch.Tenso
         q, k, v = qkv(a, blk, normed(a, xa, blk.attn_norm), *run.rotary[j])
         attn = cached_attention(a, blk, q, k, v, run.keys[j], run.values[j])
         xa = xa + normed(a, attn, blk.attn_post_norm)
-        x[:n] = xa + normed(a, mlp(blk, normed(a, xa, blk.mlp_norm)), blk.mlp_post_norm)
+        x[:n] = xa + normed(a, mlp(a, blk, normed(a, xa, blk.mlp_norm)), blk.mlp_post_norm)
     return final_logits(a, x[:, 0])
 
 

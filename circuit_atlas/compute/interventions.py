@@ -66,7 +66,7 @@ def clean_pass(adapter: Adapter, tokens: torch.Tensor) -> Clean:
     a = adapter
     trace = forward(a, tokens)
     T = tokens.shape[1]
-    x0 = a.embed[tokens]
+    x0 = a.embed_tokens(tokens)
     rotary = a.rotary(x0, torch.arange(T, device=tokens.device).unsqueeze(0))
     keys, values = [], []
     for i, blk in enumerate(a.blocks):
@@ -149,7 +149,7 @@ def rerun(adapter: Adapter, clean: Clean, edits: Edits,
             x[:done] = xa + normed(a, attn, blk.attn_post_norm)
         x[done:n] = clean.resid_mid[j][p0:]  # rows entering here: clean up to this MLP
         xm = normed(a, x[:n], blk.mlp_norm)
-        h = torch.nn.functional.silu(xm @ blk.gate.T) * (xm @ blk.up.T)
+        h = a.activation(xm @ blk.gate.T) * (xm @ blk.up.T)
         e = by_layer.get(j)
         if e is not None and len(e):
             r = torch.as_tensor(rank[edits.row[e]], device=h.device)

@@ -10,9 +10,10 @@ weight and w_l the layer's MLP-norm weight:
   effect; top-k promoted and suppressed tokens, and ``|W_down[:, n]|``. In post-norm
   families (OLMo) the MLP's output norm weight multiplies W_down[:, n] first: it is
   part of what the neuron writes;
-* input: ``SiLU(X @ W_gate[n]) * (X @ W_up[n])`` with X the embedding rows as the MLP
-  would see them alone in the residual, ``rmsnorm(E) * w_l`` (``norm=False``, or a
-  post-norm family whose MLP reads the raw residual: X = E).
+* input: ``act(X @ W_gate[n]) * (X @ W_up[n])`` (act: SiLU, or GELU for Gemma) with X
+  the embedding rows as the MLP would see them alone in the residual,
+  ``rmsnorm(E) * w_l`` (``norm=False``, or a post-norm family whose MLP reads the raw
+  residual: X = E, times the embedding scale where the family has one).
   Gate and up are combined, so a token that pushes them in opposite directions
   counts as suppressing.
 
@@ -72,6 +73,8 @@ class Projector:
         self.exact = exact
         self.unembed = adapter.unembed.to(exact)
         self.embed = adapter.embed.to(exact)
+        if adapter.embed_scale != 1.0:  # what a token puts on the residual (Gemma)
+            self.embed = self.embed * adapter.embed_scale
         self.unembed_low = self.unembed.to(self.low)
         self.embed_rms = _rms(self.embed, adapter.eps) if params.norm else self.embed
         vocab = self.unembed.shape[0]
@@ -102,10 +105,10 @@ class Projector:
             out = _ranked(exact, ids, p.k)
             g_low = gate[sl].to(self.low) @ x_low.T
             u_low = up[sl].to(self.low) @ x_low.T
-            ids = _top(torch.nn.functional.silu(g_low) * u_low, p.k + p.margin)
+            ids = _top(a.activation(g_low) * u_low, p.k + p.margin)
             del g_low, u_low
             rows = x[ids]  # (C, 2n, d)
-            exact = (torch.nn.functional.silu(torch.einsum("ckd,cd->ck", rows, gate[sl]))
+            exact = (a.activation(torch.einsum("ckd,cd->ck", rows, gate[sl]))
                      * torch.einsum("ckd,cd->ck", rows, up[sl]))
             inp = _ranked(exact, ids, p.k)
             parts.append((which[sl], out, inp, down[sl].norm(dim=1)))
@@ -119,7 +122,7 @@ class Projector:
         pre = self.p.norm and blk.mlp_norm is not None
         x = self.embed_rms[ids] * blk.mlp_norm.to(self.exact) if pre else self.embed[ids]
         gate, up = blk.gate.to(self.exact), blk.up.to(self.exact)
-        return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)).cpu().numpy()
+        return (self.a.activation(x @ gate.T) * (x @ up.T)).cpu().numpy()
 
 
 def _columns(parts) -> dict[str, np.ndarray]:

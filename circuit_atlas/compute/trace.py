@@ -7,8 +7,8 @@ differentiates as the linearised model of RelP (arXiv 2508.21258):
 * LN-rule: the RMSNorm scale ``1/rms(x)`` is a constant (detached);
 * AH-rule: the attention pattern (after softmax) is a constant;
 * Identity-rule: ``SiLU(g)`` passes gradient as ``sigmoid(g) * g`` with ``sigmoid(g)``
-  constant;
-* Half-rule: ``SiLU(g) * up`` sends half of the gradient to each factor.
+  constant (any gate activation: ``act(g) / g`` constant, see :mod:`adapters`);
+* Half-rule: ``act(g) * up`` sends half of the gradient to each factor.
 
 Under these rules every quantity is linear in the embeddings (plus the constants
 that attention biases add), so relevance is conserved: the contributions of all
@@ -41,7 +41,7 @@ class Trace:
     mlp_scale: list[torch.Tensor | None]  # (B, T, 1): 1/rms of the MLP's input
     gate: list[torch.Tensor]  # (B, T, N) pre-activation
     up: list[torch.Tensor]  # (B, T, N)
-    act: list[torch.Tensor]  # (B, T, N) h = SiLU(gate) * up
+    act: list[torch.Tensor]  # (B, T, N) h = act(gate) * up
     mlp_post_scale: list[torch.Tensor | None]  # (B, T, 1): 1/rms of the MLP's output
     mlp_out: list[torch.Tensor]  # (B, T, d): what the MLP adds to the residual
     final_scale: torch.Tensor  # (B, T, 1)
@@ -49,7 +49,7 @@ class Trace:
 
     def logits(self, adapter: Adapter, positions: slice | int = -1) -> torch.Tensor:
         x = self.final_resid[:, positions] * self.final_scale[:, positions]
-        return (x * adapter.final_norm) @ adapter.unembed.T
+        return adapter.cap_logits((x * adapter.final_norm) @ adapter.unembed.T)
 
     def select(self, b: int, length: int) -> Trace:
         """Prompt ``b`` of a batch, its first ``length`` positions (right padding cut
@@ -113,11 +113,17 @@ def causal_mask(T: int, window: int | None, device) -> torch.Tensor:
     return mask if window is None else mask.triu(1 - window)
 
 
+def capped_scores(a: Adapter, scores: torch.Tensor) -> torch.Tensor:
+    """Attention scores through the family's soft-cap (Gemma-2), if it has one."""
+    c = a.attn_softcap
+    return scores if c is None else c * torch.tanh(scores / c)
+
+
 def attention_pattern(a: Adapter, q: torch.Tensor, k: torch.Tensor,
                       mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax pattern (B, H, Tq, Tk); ``mask`` (Tq, Tk) marks the allowed keys."""
     k = k.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * a.head_dim**-0.5
+    scores = capped_scores(a, (q @ k.transpose(-1, -2)) * a.query_scale)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(-1)
@@ -139,12 +145,11 @@ def cached_attention(a: Adapter, blk, q: torch.Tensor, k: torch.Tensor, v: torch
     copy of the cache per row. Before any post norm."""
     B = q.shape[0]
     group = a.n_heads // a.n_kv_heads
-    scale = a.head_dim**-0.5
     qh = q[:, :, 0].transpose(0, 1)  # (H, B, dh)
     kn = k[:, :, 0].repeat_interleave(group, dim=1).transpose(0, 1)
     vn = v[:, :, 0].repeat_interleave(group, dim=1).transpose(0, 1)
     scores = torch.cat([qh @ keys.transpose(1, 2), (qh * kn).sum(-1, keepdim=True)], -1)
-    pattern = (scores * scale).softmax(-1)
+    pattern = capped_scores(a, scores * a.query_scale).softmax(-1)
     z = pattern[..., :-1] @ values + pattern[..., -1:] * vn  # (H, B, dh)
     return _linear(z.transpose(0, 1).reshape(B, 1, a.n_heads * a.head_dim), blk.o, blk.o_bias)
 
@@ -180,9 +185,9 @@ def neuron_writes(blk, act: torch.Tensor, index, post_scale: torch.Tensor | None
     return scaled(act[:, None] * blk.down[:, index].T, post_scale, blk.mlp_post_norm)
 
 
-def mlp(blk, xm: torch.Tensor) -> torch.Tensor:
+def mlp(a: Adapter, blk, xm: torch.Tensor) -> torch.Tensor:
     """The gated MLP's output (before any post norm) on its input ``xm``."""
-    return (torch.nn.functional.silu(xm @ blk.gate.T) * (xm @ blk.up.T)) @ blk.down.T
+    return (a.activation(xm @ blk.gate.T) * (xm @ blk.up.T)) @ blk.down.T
 
 
 def forward(adapter: Adapter, tokens: torch.Tensor, relp: bool = False,
@@ -198,7 +203,7 @@ def forward(adapter: Adapter, tokens: torch.Tensor, relp: bool = False,
     """
     a = adapter
     B, T = tokens.shape
-    x = a.embed[tokens] if embeddings is None else embeddings
+    x = a.embed_tokens(tokens) if embeddings is None else embeddings
     positions = torch.arange(T, device=tokens.device).unsqueeze(0).expand(B, T)
     rotary = a.rotary(x, positions)
     masks: dict[int | None, torch.Tensor] = {}
@@ -228,10 +233,10 @@ def forward(adapter: Adapter, tokens: torch.Tensor, relp: bool = False,
         xm = scaled(x, s2, blk.mlp_norm)
         g, u = xm @ blk.gate.T, xm @ blk.up.T
         if relp:
-            silu = torch.sigmoid(g).detach() * g  # identity rule
-            h = 0.5 * (silu * u.detach()) + 0.5 * (silu.detach() * u)  # half rule
+            act = a.activation_ratio(g).detach() * g  # identity rule
+            h = 0.5 * (act * u.detach()) + 0.5 * (act.detach() * u)  # half rule
         else:
-            h = torch.nn.functional.silu(g) * u
+            h = a.activation(g) * u
         if mlp_override is None:
             raw_m = h @ blk.down.T
             sm = scale("mlp_post_scale", i, raw_m, blk.mlp_post_norm)

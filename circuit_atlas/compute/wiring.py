@@ -29,7 +29,8 @@ a strength times a source activation is what a RelP edge between the two would b
 the direct path, and the two can be compared (``analysis.wiring``). Polarity is the
 strength's sign: +1 excitatory (a positive source activation raises the target's
 activation), -1 inhibitory. c_gate and c_up stay in the table: whether a source acts
-through the target's gate (a switch) or its up projection (a value).
+through the target's gate (a switch) or its up projection (a value). For Gemma's GELU
+gate, sigma(g) becomes GELU(g) / g and SiLU(g) becomes GELU(g): the same rule.
 
 **Operating points.** ``corpus``: each target is read where it is active: the
 exemplar windows of a corpus (the activations stage's) run once through the model, and
@@ -65,7 +66,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from circuit_atlas.compute.adapters import Adapter
+from circuit_atlas.compute.adapters import FAMILIES, Adapter, activation, activation_ratio
 from circuit_atlas.compute.params import WiringParams
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
@@ -101,17 +102,18 @@ def layer_reads(adapter: Adapter, dtype: torch.dtype) -> tuple[list, list, list]
     return gates, ups, writes
 
 
-def coefficients(g: torch.Tensor, u: torch.Tensor, r: torch.Tensor | float = 1.0
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha, beta) of the RelP-linearised read of h = SiLU(g) * u at (g, u, r)."""
-    return 0.5 * torch.sigmoid(g) * u / r, 0.5 * torch.nn.functional.silu(g) / r
+def coefficients(g: torch.Tensor, u: torch.Tensor, r: torch.Tensor | float = 1.0,
+                 act: str = "silu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, beta) of the RelP-linearised read of h = act(g) * u at (g, u, r): act(g)/g
+    held constant (sigma(g) for SiLU) and half the product to each factor."""
+    return 0.5 * activation_ratio(act, g) * u / r, 0.5 * activation(act, g) / r
 
 
 def weight_point(adapter: Adapter, dtype: torch.dtype = torch.float32) -> OperatingPoint:
     """The weight-only operating point: every neuron firing positively at one standard
     deviation of its gate and up pre-activations over a unit-RMS random residual."""
     gates, ups, _ = layer_reads(adapter, dtype)
-    alpha, beta = zip(*(coefficients(g.norm(dim=1), u.norm(dim=1))
+    alpha, beta = zip(*(coefficients(g.norm(dim=1), u.norm(dim=1), act=adapter.act)
                         for g, u in zip(gates, ups, strict=True)), strict=True)
     return OperatingPoint(list(alpha), list(beta), "weights")
 
@@ -152,8 +154,8 @@ def corpus_point(model, windows: Iterable, params: WiringParams,
             r = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + a.eps)
         if keep is not None:
             g, u, r = g[keep], u[keep], r[keep]
-        h = (torch.nn.functional.silu(g) * u).abs()
-        alpha, beta = coefficients(g, u, r)
+        h = (a.activation(g) * u).abs()
+        alpha, beta = coefficients(g, u, r, a.act)
         if layer in top:
             h0, a0, b0 = top[layer]
             h, alpha, beta = torch.cat([h0, h]), torch.cat([a0, alpha]), torch.cat([b0, beta])
@@ -163,8 +165,8 @@ def corpus_point(model, windows: Iterable, params: WiringParams,
     hooks = []
     for i, layer in enumerate(layers):
         if not post:
-            hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
-                grab(i, "x")))
+            hooks.append(getattr(layer, FAMILIES[a.family].mlp_norm_module)
+                         .register_forward_pre_hook(grab(i, "x")))
         hooks.append(layer.mlp.gate_proj.register_forward_hook(grab(i, "g")))
         hooks.append(layer.mlp.up_proj.register_forward_hook(grab(i, "u")))
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(

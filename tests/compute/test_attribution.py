@@ -3,6 +3,8 @@ every supported family (pre- and post-norm, q/k norms, attention biases, sliding
 windows): the model's own forward, autograd through the linearised model, and
 interventions."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +24,7 @@ from tests.oracles import autograd_edges, linear_reads, setup_rows, target_rows,
 PARAMS = AttributionParams(candidates=40, max_logits=4, logit_prob=0.9, prune=False)
 
 
-FAMILIES = ["llama", "qwen3", "qwen2", "mistral", "olmo2", "olmo3"]
+FAMILIES = ["llama", "qwen3", "qwen2", "mistral", "olmo2", "olmo3", "gemma2", "gemma3_text"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -41,6 +43,41 @@ def test_forward_matches_the_model(adapter):
         tr = forward(adapter, ids, relp=relp)
         # HF's RMSNorm computes in float32 even for a float64 model, hence not 1e-12
         torch.testing.assert_close(tr.logits(adapter, slice(None)), ref, atol=1e-6, rtol=1e-6)
+
+
+def _without_offset(blk):
+    """A Gemma block whose norms apply w instead of 1 + w."""
+    return dataclasses.replace(blk, **{k: getattr(blk, k) - 1 for k in (
+        "attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm")})
+
+
+GEMMA_MUTATIONS = {
+    "no post-feedforward norm": lambda a: dataclasses.replace(
+        a, blocks=[dataclasses.replace(b, mlp_post_norm=None) for b in a.blocks]),
+    "norm weights w, not 1 + w": lambda a: dataclasses.replace(
+        a, blocks=[_without_offset(b) for b in a.blocks], final_norm=a.final_norm - 1),
+    "no embedding scale": lambda a: dataclasses.replace(a, embed_scale=1.0),
+    "queries scaled by 1/sqrt(head_dim)": lambda a: dataclasses.replace(a, attn_scale=None),
+    "no attention soft-cap": lambda a: dataclasses.replace(a, attn_softcap=None),
+    "no final soft-cap": lambda a: dataclasses.replace(a, final_softcap=None),
+}
+
+
+@pytest.mark.parametrize(("family", "mutation"), [
+    (f, m) for f in ("gemma2", "gemma3_text") for m in sorted(GEMMA_MUTATIONS)
+    if f == "gemma2" or not m.endswith("soft-cap")])  # Gemma-3 has no soft-caps
+def test_each_gemma_part_is_needed_for_the_logits(family, mutation):
+    """Leaving out any one of Gemma's parts breaks the forward = HF logits check that
+    the whole adapter passes."""
+    model = tiny_llama(seed=1, family=family)
+    adapter = adapter_for(model)
+    ids = tokens()
+    ref = model(ids).logits
+    torch.testing.assert_close(forward(adapter, ids).logits(adapter, slice(None)), ref,
+                               atol=1e-6, rtol=1e-6)
+    broken = GEMMA_MUTATIONS[mutation](adapter)
+    wrong = forward(broken, ids).logits(broken, slice(None))
+    assert float((wrong - ref).abs().max()) > 1e-2 * float(ref.abs().max()), mutation
 
 
 def test_completeness(adapter):
@@ -90,7 +127,7 @@ def test_edges_are_effects_of_interventions(adapter):
     assert checked > 0, "the sampled sources had no nonzero edges"
     # zeroing one token's embedding removes exactly that embedding's edges
     e = g.embeddings.start + 2
-    emb = adapter.embed[ids].clone()
+    emb = adapter.embed_tokens(ids).clone()
     emb[0, 2] = 0
     after = linear_reads(adapter, ids, tr, rows_layer, rows_pos, rows_vec, emb, tr.mlp_out)
     np.testing.assert_allclose((base - after).numpy(), g.adjacency[rows, e], rtol=1e-7,
@@ -102,7 +139,7 @@ def test_relevance_is_conserved_and_matches_closed_form(adapter):
     r = relevance(adapter, [ids], PARAMS)[0]
     tr, targets, rel = r.trace, r.targets, r.neurons
     final = tr.final_resid[0, -1] * tr.final_scale[0, -1] * adapter.final_norm
-    reads = logit_read_vectors(adapter, targets.tokens) @ final
+    reads = logit_read_vectors(adapter, targets.tokens, final) @ final
     objective = float((torch.as_tensor(targets.probs, dtype=reads.dtype) * reads).sum())
     # the linearised model is linear in the embeddings and constants: their relevance
     # sums to the objective
@@ -110,7 +147,8 @@ def test_relevance_is_conserved_and_matches_closed_form(adapter):
     assert inputs == pytest.approx(objective, rel=1e-9)
     # last-layer neurons reach the logits only through the frozen final norm
     last = adapter.n_layers - 1
-    direction = (torch.as_tensor(targets.probs) @ logit_read_vectors(adapter, targets.tokens))
+    direction = (torch.as_tensor(targets.probs)
+                 @ logit_read_vectors(adapter, targets.tokens, final))
     direction = direction * tr.final_scale[0, -1] * adapter.final_norm
     blk = adapter.blocks[last]
     if blk.mlp_post_norm is not None:

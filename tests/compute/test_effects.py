@@ -24,14 +24,15 @@ def model():
     return tiny_llama(seed=3, n_layers=4)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "olmo2", "olmo3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "olmo2", "olmo3",
+                                        "gemma2", "gemma3_text"])
 def family_model(request):
     return tiny_llama(seed=3, n_layers=4, family=request.param)
 
 
 def added(layer_module, post_norm: bool, part: str):
     """The module whose output a block adds to the residual: the sublayer itself, or
-    in post-norm families (OLMo) the norm on its output."""
+    in post-norm and sandwich families (OLMo, Gemma) the norm on its output."""
     if not post_norm:
         return getattr(layer_module, {"attn": "self_attn", "mlp": "mlp"}[part])
     return getattr(layer_module, {"attn": "post_attention_layernorm",
@@ -81,7 +82,8 @@ def test_effects_equal_hooked_forward_passes(family_model):
 
 def check_layer(model, adapter, run, clean, layer, index):
     layers = model.model.layers
-    post = model.config.model_type.startswith("olmo")
+    gemma = model.config.model_type.startswith("gemma")
+    post = model.config.model_type.startswith("olmo") or gemma
     eff = neuron_effects(adapter, run, np.full(len(index), layer), index)
     # the clean outputs of every later attention and MLP, to freeze them
     captured = {added(layers[j], post, part): None for j in range(layer + 1, adapter.n_layers)
@@ -105,7 +107,9 @@ def check_layer(model, adapter, run, clean, layer, index):
         write = eff.activation[b] * model.model.layers[layer].mlp.down_proj.weight[:, n]
         if post:  # the norm on the MLP's output scales the neuron's share as in the clean run
             norm = layers[layer].post_feedforward_layernorm
-            write = write * torch.rsqrt(raw[0].pow(2).mean() + norm.variance_epsilon) * norm.weight
+            eps = norm.eps if gemma else norm.variance_epsilon
+            weight = 1 + norm.weight if gemma else norm.weight  # Gemma applies 1 + w
+            write = write * torch.rsqrt(raw[0].pow(2).mean() + eps) * weight
         total = hf_logits(model, {target: add_last(write)}) - clean
         largest = max(largest, float(total.abs().max()))
         torch.testing.assert_close(eff.total[b], total, **TOL)

@@ -19,7 +19,7 @@ from tests.factories import tiny_llama
 
 TOKENS = torch.tensor([[3, 17, 42, 8, 29, 11, 5]])
 COUNTER = torch.tensor([[3, 17, 40, 8, 29, 12, 5]])
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "gemma2", "gemma3_text"]
 TOL = {"rtol": 1e-4, "atol": 5e-6}  # HF's RMSNorm runs in float32 on float64 weights
 
 

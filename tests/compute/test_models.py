@@ -61,6 +61,17 @@ def test_unsupported_architectures_are_refused():
     biased = tiny_llama(dtype=torch.float32, mlp_bias=True)
     with pytest.raises(CircuitAtlasError, match="bias on layers.0.mlp.gate_proj.*affine"):
         adapter_for(biased)
-    gelu = tiny_llama(dtype=torch.float32, hidden_act="gelu")
-    with pytest.raises(CircuitAtlasError, match="activation 'gelu'"):
-        adapter_for(gelu)
+    relu = tiny_llama(dtype=torch.float32, hidden_act="relu")
+    with pytest.raises(CircuitAtlasError, match="activation 'relu'; supported: gelu, "):
+        adapter_for(relu)
+
+
+def test_an_exact_gelu_gate_runs_as_the_model_does():
+    from circuit_atlas.compute.trace import forward
+
+    model = tiny_llama(hidden_act="gelu")
+    adapter = adapter_for(model)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    assert adapter.act == "gelu"
+    torch.testing.assert_close(forward(adapter, ids, relp=True).logits(adapter, slice(None)),
+                               model(ids).logits, atol=1e-6, rtol=1e-6)

@@ -12,26 +12,35 @@ from tests.factories import tiny_llama
 
 
 def reference(adapter, layer, norm):
-    """Full vocab x neurons matrices in float64, straight from the formulas."""
+    """Full vocab x neurons matrices in float64, straight from the formulas and the HF
+    modules (the embedding as the model scales it, its own activation function)."""
     a, blk = adapter, adapter.blocks[layer]
-    f = torch.float64
-    down, unembed, embed = blk.down.to(f), a.unembed.to(f), a.embed.to(f)
-    if a.family == "olmo2":  # the MLP's output norm weighs what the neuron writes
-        down = a.model.model.layers[layer].post_feedforward_layernorm.weight.to(f)[:, None] * down
+    f, hf = torch.float64, adapter.model.model
+    mods = hf.layers[layer]
+    gemma = a.family.startswith("gemma")
+
+    def weight(norm_module):  # Gemma stores w and applies 1 + w
+        return (1 + norm_module.weight if gemma else norm_module.weight).to(f)
+
+    down, unembed = blk.down.to(f), a.unembed.to(f)
+    embed = hf.embed_tokens(torch.arange(unembed.shape[0])).to(f)
+    if a.family == "olmo2" or gemma:  # the MLP's output norm weighs what the neuron writes
+        down = weight(mods.post_feedforward_layernorm)[:, None] * down
     if norm:
-        out = unembed @ (a.final_norm.to(f)[:, None] * down)
+        out = unembed @ (weight(hf.norm)[:, None] * down)
         rms = embed * torch.rsqrt(embed.pow(2).mean(-1, keepdim=True) + a.eps)
         # post-norm (OLMo): the MLP reads the raw residual
-        x = rms * blk.mlp_norm.to(f) if a.family != "olmo2" else embed
+        x = (embed if a.family == "olmo2" else rms * weight(
+            mods.pre_feedforward_layernorm if gemma else mods.post_attention_layernorm))
     else:
         out, x = unembed @ down, embed
-    inp = torch.nn.functional.silu(x @ blk.gate.to(f).T) * (x @ blk.up.to(f).T)
+    inp = mods.mlp.act_fn(x @ blk.gate.to(f).T) * (x @ blk.up.to(f).T)
     return out.T, inp.T  # (N, V)
 
 
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("family", ["llama", "olmo2"])
+@pytest.mark.parametrize("family", ["llama", "olmo2", "gemma2", "gemma3_text"])
 def test_top_k_agree_with_float64_reference(norm, dtype, family):
     adapter = adapter_for(tiny_llama(seed=1, vocab=400, neurons=40, n_layers=2, family=family))
     k = 6
@@ -51,7 +60,7 @@ def test_top_k_agree_with_float64_reference(norm, dtype, family):
                 np.testing.assert_allclose(got["value"].to_numpy(), want_vals, rtol=1e-6)
         norms = df.filter(pl.col("kind") == 0).group_by("neuron").agg(pl.col("write_norm").first())
         down = adapter.blocks[layer].down
-        if family == "olmo2":
+        if family != "llama":
             down = down * adapter.blocks[layer].mlp_post_norm[:, None]
         np.testing.assert_allclose(
             norms.sort("neuron")["write_norm"].to_numpy(), down.norm(dim=0).numpy())

@@ -28,7 +28,7 @@ from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake import Lake
 from tests.factories import tiny_llama, tiny_model_dir
 
-FAMILIES = ["llama", "qwen3", "qwen2", "mistral", "olmo2", "olmo3"]
+FAMILIES = ["llama", "qwen3", "qwen2", "mistral", "olmo2", "olmo3", "gemma2", "gemma3_text"]
 
 
 def brute_force(adapter, point: OperatingPoint, k: int) -> dict:
