@@ -54,7 +54,9 @@ from circuit_atlas.machine import describe  # noqa: E402
 FAMILIES = ("llama", "qwen3", "qwen2", "mistral", "olmo2", "olmo3", "gemma2", "gemma3_text")
 # relative errors allowed per dtype: against the same computation in that dtype
 # (ours vs Hugging Face, edges vs autograd), and against float64 on the CPU
-LIMIT = {"float64": 1e-6, "float32": 1e-4, "bfloat16": 5e-2}
+# (bfloat16: Gemma's HF norms compute in float32 and ours in bfloat16; a tiny Gemma-2
+# differs by 0.044 on the CPU, a wrong part by far more)
+LIMIT = {"float64": 1e-6, "float32": 1e-4, "bfloat16": 0.1}
 LIMIT_VS_FLOAT64 = {"float64": 1e-6, "float32": 1e-4, "bfloat16": 1e-1}
 # shares of top-k entries (projections, wiring, exemplars) equal to float64's
 SHARE = {"float64": 1.0, "float32": 0.99, "bfloat16": 0.8}

@@ -4,6 +4,7 @@ the time per phase, and a Llama-3.1-8B-shaped model with random weights on a GPU
     .venv/bin/python bench/graphs.py                       # SmolLM2, CPU, demo corpus
     .venv/bin/python bench/graphs.py --limit 10 --candidates 500
     .venv/bin/python bench/graphs.py --prompt-batch 1,4,8   # prompts sharing phases 1-3
+    .venv/bin/python bench/graphs.py --model gemma3-270m    # after setup --model gemma3
     python bench/graphs.py --model llama8b --device cuda --dtype bfloat16   # on a GPU
 
 The 8B shape is built from its config on the device (no download): 32 layers,
@@ -22,7 +23,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from circuit_atlas.compute.adapters import adapter_for  # noqa: E402
-from circuit_atlas.compute.attribution import AttributionParams, attribute_batch  # noqa: E402
+from circuit_atlas.compute.attribution import (  # noqa: E402
+    AttributionParams,
+    attribute_batch,
+    logit_targets,
+)
 from circuit_atlas.compute.prune import prune  # noqa: E402
 from circuit_atlas.machine import describe
 
@@ -107,6 +112,23 @@ def main() -> None:
             print(f"  {k:>18}: {statistics.mean(v):.3f} s per graph")
         print(f"  total {total / n:.3f} s per graph = {n / total:.2f} graphs/s "
               f"= {60 * n / total:.1f} graphs per minute")
+        head = head_seconds(adapter, params, sync)
+        print(f"  vocabulary head ({adapter.unembed.shape[0]:,} tokens: logits, softmax, "
+              f"logit targets): {head:.3f} s per graph = {head * n / total:.0%} of it")
+
+
+@torch.no_grad()
+def head_seconds(adapter, params: AttributionParams, sync, reps: int = 10) -> float:
+    """What one graph spends on the vocabulary alone: the last position's logits, their
+    softmax and the choice of the logit targets."""
+    x = torch.randn(adapter.d_model, dtype=adapter.dtype, device=adapter.device)
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        probs = adapter.cap_logits(x @ adapter.unembed.T).softmax(-1)
+        logit_targets(probs, params.max_logits, params.logit_prob)
+    sync()
+    return (time.perf_counter() - t) / reps
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ lake_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 model_option = click.option(
     "--model", "model", default=DEFAULT_MODEL, show_default=True,
-    help="Hub id (from the local cache), local folder, GGUF file, or 'smollm2' for the "
-         "embedded default.")
+    help="Hub id (from the local cache), local folder, GGUF file, 'smollm2' for the "
+         "embedded default, or 'gemma3-270m' (after bash scripts/setup --model gemma3).")
 
 
 def corpora_option(required: bool = False, help: str | None = None):

@@ -32,6 +32,7 @@ never attributed wrongly.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +154,11 @@ class Adapter:
     attn_scale: float | None = None  # queries' scale; None: 1/sqrt(head_dim)
     attn_softcap: float | None = None  # attention scores c * tanh(s / c) (Gemma-2)
     final_softcap: float | None = None  # logits c * tanh(z / c) (Gemma-2)
+
+    @functools.cached_property
+    def unembed_mean(self) -> torch.Tensor:
+        """The mean unembedding row (d,), which every logit read subtracts."""
+        return self.unembed.mean(0)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """What the tokens put on the residual stream (the scale rounded to the weights'

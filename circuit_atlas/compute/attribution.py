@@ -102,7 +102,8 @@ class RawGraph:
 
 def logit_targets(probs: torch.Tensor, max_logits: int, logit_prob: float) -> Targets:
     """The most likely tokens until their probability reaches ``logit_prob``."""
-    p, idx = probs.sort(descending=True)
+    # no more than max_logits can be taken: the top ones, not a sort of the vocabulary
+    p, idx = probs.topk(min(max_logits, len(probs)))
     k = int(torch.searchsorted(p.cumsum(0), torch.tensor(logit_prob, dtype=p.dtype))) + 1
     k = max(1, min(k, max_logits, len(p)))
     return Targets(idx[:k].cpu().numpy(), p[:k].detach().double().cpu().numpy())
@@ -116,7 +117,7 @@ def logit_read_vectors(a: Adapter, tokens: np.ndarray, final: torch.Tensor | Non
     capped logit minus the mean capped logit."""
     ids = torch.as_tensor(tokens, device=a.device)
     if a.final_softcap is None:
-        return a.unembed[ids] - a.unembed.mean(0)
+        return a.unembed[ids] - a.unembed_mean
     if final is None:
         raise ValueError("a soft-capped model's logit reads need the final residual")
     ratio = a.cap_ratio(final.detach() @ a.unembed.T)  # (V,)

@@ -18,7 +18,7 @@ from circuit_atlas.compute.models import load_model  # noqa: E402
 from circuit_atlas.compute.trace import forward  # noqa: E402
 from circuit_atlas.lake import Lake  # noqa: E402
 from circuit_atlas.names import GEMMA3_MODEL  # noqa: E402
-from tests.oracles import target_rows  # noqa: E402
+from tests.oracles import autograd_edges, target_rows  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -58,9 +58,14 @@ def test_float32_graph_is_complete_and_our_forward_is_the_model(gemma):
     incoming = g.adjacency[rows].sum(1)
     scale = np.abs(g.read_values[rows]).max()
     assert np.abs(incoming - g.read_values[rows]).max() < 1e-4 * scale
+    # edges into the first, a middle and the last candidate and the top logit = autograd
+    some = [0, g.n_candidates // 2, g.n_candidates - 1, g.n_candidates]
+    _, expected, _ = autograd_edges(a, ids, g, AttributionParams(candidates=200, prune=False),
+                                    some)
+    assert np.abs(g.adjacency[rows[some]] - expected).max() < 1e-4 * np.abs(expected).max()
 
 
-def test_graphs_reduce_and_cluster_through_the_cli(tmp_path):
+def test_every_stage_through_the_cli(tmp_path):
     lake = str(tmp_path / "lake")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The capital of France is\nInsulin is produced by the\n"
@@ -70,7 +75,15 @@ def test_graphs_reduce_and_cluster_through_the_cli(tmp_path):
                  ["graphs", "--corpus", "g", "--model", "gemma3-270m", "--candidates", "100"],
                  ["reduce", "--corpus", "g", "--model", "gemma3-270m", "--workers", "1"],
                  ["cluster", "--corpus", "g", "--model", "gemma3-270m", "--min-count", "1",
-                  "--method", "leiden"]):
+                  "--method", "leiden"],
+                 ["activations", "--corpus", "g", "--model", "gemma3-270m"],
+                 ["projections", "--model", "gemma3-270m", "--layer", "17"],
+                 ["wiring", "--corpus", "g", "--model", "gemma3-270m"],
+                 ["effects", "--corpus", "g", "--model", "gemma3-270m"],
+                 ["intervene", "--corpus", "g", "--model", "gemma3-270m", "--limit", "1",
+                  "--top", "3"],
+                 ["steer", "The capital of France is", "--model", "gemma3-270m", "--neuron",
+                  "L5/N100", "--max-new-tokens", "3"]):
         result = run.invoke(cli, [*argv, "--lake", lake])
         assert result.exit_code == 0, (argv, result.output)
     edges = Lake(lake).table("edges", GEMMA3_MODEL, "g").collect()
@@ -78,3 +91,5 @@ def test_graphs_reduce_and_cluster_through_the_cli(tmp_path):
     assert (edges["src_layer"] < edges["tgt_layer"]).all()
     clusters = Lake(lake).table("cluster_assignments", GEMMA3_MODEL, "g").collect()
     assert clusters.filter(pl.col("method") == "leiden").height > 0
+    for table in ("activation_stats", "projections", "wiring", "effects", "interventions"):
+        assert Lake(lake).table(table).collect().height > 0, table
