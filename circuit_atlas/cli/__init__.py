@@ -46,11 +46,12 @@ from circuit_atlas.cli import (  # noqa: E402 - each module adds its commands to
     etl,
     labeling,
     lake,
+    selfreport,
     use,
 )
 
 __all__ = ["analysis", "causal", "cli", "clustering", "compute", "demo", "etl", "labeling", "lake",
-           "main", "use"]
+           "main", "selfreport", "use"]
 
 
 def main() -> None:

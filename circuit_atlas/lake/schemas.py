@@ -361,6 +361,26 @@ SPECIFICITY = TableSpec(
 add-one smoothed; log_odds with its 95% interval (low > 0: significant preference).""",
 )
 
+SELFREPORT_CANDIDATES = TableSpec(
+    name="selfreport_candidates",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("count", pa.int64()),
+        _f("std", pa.float64()), _f("selectivity", pa.float64(), nullable=True),
+        _f("sparsity", pa.float64(), nullable=True), _f("kurtosis", pa.float64(), nullable=True),
+        _f("label_score", pa.float64(), nullable=True), _f("score", pa.float64()),
+        _f("rank", pa.int32()),
+    ),
+    partitions=_DERIVED,
+    doc="""Neurons ranked as self-report targets from one corpus's activation statistics
+(see circuit_atlas.selfreport.scanner): std; selectivity, the share of tokens whose
+|activation| stays below the threshold share of its largest (not ranked on); sparsity,
+Hoyer's measure of the |activations| (1: one token, 0: all alike); excess kurtosis (the
+three read off the histogram, to within a bin); the mean scored label's score where
+there is one; score, the mean percentile rank of std, sparsity, kurtosis and label
+score; rank 0 is the best.""",
+)
+
 ROLES = TableSpec(
     name="roles",
     version=1,
@@ -758,7 +778,8 @@ DERIVED: dict[str, TableSpec] = {
                         LABEL_PROMPTS, CLUSTER_LABELS, ACTIVATION_STATS,
                         EXEMPLARS, EXEMPLAR_WINDOWS, ACTIVATION_SAMPLES, TOKEN_ACTIVATIONS,
                         NEGATIVES, LABEL_SCORES, INTERVENTIONS, NEURON_CAUSAL,
-                        CIRCUIT_EFFECTS, INVESTIGATIONS, WIRING, WIRING_AGREEMENT)}
+                        CIRCUIT_EFFECTS, INVESTIGATIONS, WIRING, WIRING_AGREEMENT,
+                        SELFREPORT_CANDIDATES)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "graph_nodes", "graph_edges")

@@ -74,6 +74,17 @@ def corpus(n: int = 160, seed: int = 0) -> list[str]:
     return out
 
 
+def planted_lake(root, n: int = 80, k: int = 16, sample_tokens: int = 1 << 14):
+    """(model folder, lake) of the planted tiny model with the activation statistics of
+    ``n`` texts of :func:`corpus` in corpus "c"."""
+    model = plant(tiny_model_dir(root / "tiny", seed=3))
+    lake = Lake.init(root / "lake")
+    lake.import_prompts([{"text": t} for t in corpus(n)], "c")
+    run_activations(lake, model=model, corpora="c", params=ActivationsParams(
+        k=k, context=16, dtype="float64", sample_tokens=sample_tokens))
+    return model, lake
+
+
 def label_rows(rows: list[tuple[int, int, str, str]], labeler: str) -> pl.DataFrame:
     now = dt.datetime.now(dt.UTC).isoformat()
     return pl.DataFrame(
@@ -85,12 +96,7 @@ def label_rows(rows: list[tuple[int, int, str, str]], labeler: str) -> pl.DataFr
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("planted")
-    model = plant(tiny_model_dir(root / "tiny", seed=3))
-    lake = Lake.init(root / "lake")
-    lake.import_prompts([{"text": t} for t in corpus()], "c")
-    run_activations(lake, model=model, corpora="c", params=ActivationsParams(
-        k=64, context=16, dtype="float64", sample_tokens=1 << 16))
+    model, lake = planted_lake(tmp_path_factory.mktemp("planted"), 160, 64, 1 << 16)
     append_labels(lake, "tiny", "c", label_rows([
         (1, 7, "input", 'fires on the token "w5"'),  # true
         (1, 7, "prior", 'fires on the token "w6"'),  # false: w6 is N9's token

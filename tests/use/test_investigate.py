@@ -16,22 +16,13 @@ from circuit_atlas.lake import Lake
 from circuit_atlas.lake.investigations import latest_record
 from circuit_atlas.use.investigate import run_investigate
 from circuit_atlas.use.params import InvestigateParams
-from tests.factories import tiny_model_dir
-from tests.labeling.test_scoring import corpus, plant
+from tests.labeling.test_scoring import planted_lake
 from tests.llm_server import LLMServer
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    from circuit_atlas.compute import ActivationsParams, run_activations
-
-    root = tmp_path_factory.mktemp("investigate")
-    model = plant(tiny_model_dir(root / "tiny", seed=3))
-    lake = Lake.init(root / "lake")
-    lake.import_prompts([{"text": t} for t in corpus(80)], "c")
-    run_activations(lake, model=model, corpora="c", params=ActivationsParams(
-        k=16, context=16, dtype="float64", sample_tokens=1 << 14))
-    return model, lake
+    return planted_lake(tmp_path_factory.mktemp("investigate"))
 
 
 @pytest.fixture
