@@ -12,13 +12,13 @@ from circuit_atlas.cli.options import (
     params_options,
     take_params,
 )
-from circuit_atlas.selfreport.params import ScanParams
+from circuit_atlas.selfreport.params import DatasetParams, ScanParams, TrainParams
 
 
 @cli.group("self-report")
 def self_report() -> None:
-    """Self-report: which neurons the model could learn to report (scan), and more
-    steps to come."""
+    """Self-report: which neurons the model could learn to report (scan), their data
+    (dataset), and the model trained to report one, against baselines (train)."""
 
 
 @self_report.command()
@@ -39,3 +39,32 @@ def scan(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) -
     table = Lake(lake_path).table("selfreport_candidates", model_name(model),
                                   report.corpus).sort("rank").head(10).collect()
     display.write_frame(table, "table", None, 10)
+
+
+@self_report.command()
+@lake_option
+@model_option
+@corpora_option(help="The corpus to take texts from.")
+@params_options(DatasetParams)
+def dataset(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) -> None:
+    """Cut a corpus's texts into windows with one neuron's activation at every token,
+    split train / val / test by document, into the selfreport_dataset table."""
+    from circuit_atlas.selfreport.dataset import run_dataset
+
+    display.run_stage(run_dataset, display.console(), lake_path, model=model,
+                      corpora=corpora, params=take_params(DatasetParams, options))
+
+
+@self_report.command()
+@lake_option
+@model_option
+@corpora_option(help="The corpus of the dataset.")
+@params_options(TrainParams)
+def train(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) -> None:
+    """Train a regression head (and with --unfreeze last:N the model's last blocks) to
+    report the dataset's neuron; print its test R² beside the linear probe, the bag of
+    tokens and the mean; write selfreport_metrics and selfreport_results."""
+    from circuit_atlas.selfreport.trainer import run_train
+
+    display.run_stage(run_train, display.console(), lake_path, model=model,
+                      corpora=corpora, params=take_params(TrainParams, options))

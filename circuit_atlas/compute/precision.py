@@ -22,6 +22,8 @@ correlate at 1.000, and the projection search re-scores its candidates in float3
 Effects do not: a direct effect is a difference of logits, and bf16 rounds away a
 write vector below ~0.4% of the residual (bf16 direct-effect ratios correlate with
 float32's at 0.1-0.2 on the demo prompts), so their ``auto`` is float32 everywhere.
+The interventions and the self-report datasets (regression targets) run in float32
+too.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ SLOW = 4.0  # a bf16 product this many times slower than float32 ends the probe
 ROUNDS = 6
 # stage -> whether its results survive bfloat16 (see the module docstring)
 STAGES = {"graphs": True, "projections": True, "effects": False, "activations": True,
-          "interventions": False, "wiring": True}
+          "interventions": False, "wiring": True, "selfreport": False}
 
 
 @dataclass(frozen=True)

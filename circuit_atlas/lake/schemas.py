@@ -381,6 +381,55 @@ there is one; score, the mean percentile rank of std, sparsity, kurtosis and lab
 score; rank 0 is the best.""",
 )
 
+SELFREPORT_DATASET = TableSpec(
+    name="selfreport_dataset",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("split", pa.string()),
+        _f("window_id", pa.int64()), _f("prompt_id", pa.string()), _f("start", pa.int32()),
+        _f("token_ids", pa.list_(pa.int32())), _f("activations", pa.list_(pa.float32())),
+    ),
+    partitions=_DERIVED,
+    doc="""A self-report experiment's data (see circuit_atlas.selfreport.dataset): a
+corpus's texts in consecutive windows (start: the first token's position in its text),
+each with the neuron's activation at every token; split "train", "val" or "test" by
+document (every window of a text in one split). The manifest records the neuron, the
+model's revision and dtype, and the parameters.""",
+)
+
+SELFREPORT_METRICS = TableSpec(
+    name="selfreport_metrics",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("unfreeze", pa.string()),
+        _f("epoch", pa.int64()), _f("train_loss", pa.float64()), _f("val_loss", pa.float64()),
+        _f("val_r2", pa.float64(), nullable=True), _f("seconds", pa.float64()),
+        _f("windows_per_s", pa.float64()),
+    ),
+    partitions=_DERIVED,
+    doc="""One row per epoch of a self-report training run (see
+circuit_atlas.selfreport.trainer): the mean training loss and the validation loss (MSE
+of the standardised activation), the validation R², the epoch's time and training
+windows per second. The manifest holds the run's whole configuration.""",
+)
+
+SELFREPORT_RESULTS = TableSpec(
+    name="selfreport_results",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("method", pa.string()),
+        _f("unfreeze", pa.string()), _f("split", pa.string()),
+        _f("r2", pa.float64(), nullable=True), _f("pearson", pa.float64(), nullable=True),
+        _f("tokens", pa.int64()),
+    ),
+    partitions=_DERIVED,
+    doc="""A self-report run's evaluation on its validation and test splits (by
+document): method "self-report" (the trained model) beside the baselines "linear probe"
+(ridge on the same residual of the frozen model), "bag of tokens" (ridge on the current
+and preceding tokens, hashed) and "mean" (the training mean); R² and Pearson's r over
+every token of the split.""",
+)
+
 ROLES = TableSpec(
     name="roles",
     version=1,
@@ -779,7 +828,8 @@ DERIVED: dict[str, TableSpec] = {
                         EXEMPLARS, EXEMPLAR_WINDOWS, ACTIVATION_SAMPLES, TOKEN_ACTIVATIONS,
                         NEGATIVES, LABEL_SCORES, INTERVENTIONS, NEURON_CAUSAL,
                         CIRCUIT_EFFECTS, INVESTIGATIONS, WIRING, WIRING_AGREEMENT,
-                        SELFREPORT_CANDIDATES)}
+                        SELFREPORT_CANDIDATES, SELFREPORT_DATASET, SELFREPORT_METRICS,
+                        SELFREPORT_RESULTS)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "graph_nodes", "graph_edges")

@@ -24,3 +24,72 @@ class ScanParams:
             raise CircuitAtlasError("--threshold must lie between 0 and 1")
         if self.min_count < 1 or self.top < 0:
             raise CircuitAtlasError("--min-count must be at least 1 and --top at least 0")
+
+
+@dataclass(frozen=True)
+class DatasetParams:
+    """Text windows of a corpus mapped to one neuron's activation at every token."""
+
+    neuron: str | None = None
+    """The neuron to report (L12/N345)."""
+    context: int = 64
+    """Tokens per window (texts are cut into consecutive windows of this length)."""
+    val: float = 0.1
+    """Share of the documents held out for validation (early stopping)."""
+    test: float = 0.1
+    """Share of the documents held out for the test (the evaluation)."""
+    limit: int | None = None
+    """Use only the first N texts of the corpus (by id)."""
+    batch_tokens: int = 4096
+    """Tokens per forward batch."""
+    dtype: str = "auto"
+    """Precision of the forward that reads the activations."""
+    device: str = "cpu"
+    """Where the forward runs."""
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.val < 1 and 0 < self.test < 1 and self.val + self.test < 1):
+            raise CircuitAtlasError("--val and --test are shares of the documents: "
+                                    "0 <= val, 0 < test, val + test < 1")
+        if self.context < 2 or self.batch_tokens < self.context:
+            raise CircuitAtlasError("need --context >= 2 and --batch-tokens >= --context")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """A regression head trained to report the dataset's neuron, and the baselines."""
+
+    neuron: str | None = None
+    """The neuron whose dataset to train on (L12/N345; default: the only one)."""
+    read_layer: int = -1
+    """The residual stream the head reads: after this many blocks (-1: the model's last
+    hidden state, after its final norm)."""
+    unfreeze: str = "head"
+    """What trains: "head" (the model frozen: a probe trained by gradient descent) or
+    "last:N" (the head and the model's last N blocks)."""
+    epochs: int = 20
+    """Passes over the training windows at most."""
+    patience: int = 3
+    """Epochs without a better validation loss before stopping."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    batch_windows: int = 16
+    """Windows per training step."""
+    seed: int = 0
+    """Seed of the head's initialisation and the batch order."""
+    device: str = "cpu"
+    """Where training runs (float32)."""
+
+    def __post_init__(self) -> None:
+        if self.unfreeze != "head" and not (self.unfreeze.startswith("last:")
+                                            and self.unfreeze[5:].isdigit()
+                                            and int(self.unfreeze[5:]) > 0):
+            raise CircuitAtlasError(f"--unfreeze {self.unfreeze!r}: use head or last:N")
+        if self.epochs < 1 or self.patience < 1 or self.batch_windows < 1 or self.lr <= 0:
+            raise CircuitAtlasError("--epochs, --patience, --batch-windows and --lr must "
+                                    "be positive")
+
+    @property
+    def blocks(self) -> int:
+        """Blocks of the model that train."""
+        return 0 if self.unfreeze == "head" else int(self.unfreeze[5:])

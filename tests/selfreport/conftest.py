@@ -2,9 +2,11 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def planted_lake(tmp_path_factory):
-    """A lake with the activation statistics of the tiny model whose L1/N7 and N9 fire
-    at one token each (N11 and N13 negative there), exactly 0 elsewhere."""
+def planted(tmp_path_factory):
+    """(model folder, lake root): the tiny model whose L1/N7 and N9 fire at one token
+    each (N11 and N13 negative there), exactly 0 elsewhere, and a lake with its
+    activation statistics over corpus "c"."""
     from tests.labeling.test_scoring import planted_lake
 
-    return str(planted_lake(tmp_path_factory.mktemp("selfreport"))[1].root)
+    model, lake = planted_lake(tmp_path_factory.mktemp("selfreport"))
+    return model, str(lake.root)

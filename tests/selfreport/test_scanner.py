@@ -73,9 +73,9 @@ def test_label_scores_join_and_rank_order():
         ScanParams(threshold=1.5)
 
 
-def test_the_planted_neurons_come_first(planted_lake):
-    lake = Lake(planted_lake)
-    result = CliRunner().invoke(cli, ["self-report", "scan", "--lake", planted_lake,
+def test_the_planted_neurons_come_first(planted):
+    lake = Lake(planted[1])
+    result = CliRunner().invoke(cli, ["self-report", "scan", "--lake", planted[1],
                                       "--model", "tiny", "--top", "20"])
     assert result.exit_code == 0, result.output
     assert "self-report scan c:" in result.output

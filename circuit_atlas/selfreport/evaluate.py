@@ -1,0 +1,73 @@
+"""How well a neuron's activation is reported, and the honest baselines on the same
+split: a **linear probe** (ridge regression on the same layer's residual stream of the
+frozen model: the external reader a self-report must be compared with), a **bag of
+tokens** (ridge on the current token and the counts of the tokens before it, hashed
+into buckets: what the text alone says, with no model), and the **mean** (the training
+split's mean activation). Each ridge picks its penalty on the validation split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BUCKETS = 1024  # hashed token buckets of the bag-of-tokens baseline, per part
+PENALTIES = tuple(10.0 ** k for k in range(-4, 4))
+
+
+def r2(y: np.ndarray, p: np.ndarray) -> float:
+    """1 - residual / total sum of squares (0: the mean of y itself; below 0: worse)."""
+    y, p = np.asarray(y, np.float64), np.asarray(p, np.float64)
+    total = ((y - y.mean()) ** 2).sum()
+    return float(1 - ((y - p) ** 2).sum() / total) if total > 0 else float("nan")
+
+
+def pearson(y: np.ndarray, p: np.ndarray) -> float:
+    y, p = np.asarray(y, np.float64), np.asarray(p, np.float64)
+    if y.std() == 0 or p.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(y, p)[0, 1])
+
+
+def ridge(x: np.ndarray, y: np.ndarray, penalty: float) -> tuple[np.ndarray, float]:
+    """(weights, intercept) of ridge regression on centred features, in float64."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    mx, my = x.mean(0), y.mean()
+    xc = x - mx
+    gram = xc.T @ xc
+    gram[np.diag_indices_from(gram)] += penalty * len(x)
+    w = np.linalg.solve(gram, xc.T @ (y - my))
+    return w, float(my - mx @ w)
+
+
+def fit_ridge(splits: dict[str, tuple[np.ndarray, np.ndarray]]
+              ) -> tuple[dict[str, np.ndarray], float]:
+    """Predictions on every split of a ridge fit on "train", its penalty chosen by R² on
+    "val" (on "train" when there is no validation split); and that penalty."""
+    x, y = splits["train"]
+    pick = "val" if len(splits.get("val", ((), ()))[1]) else "train"
+    best = None
+    for penalty in PENALTIES:
+        w, b = ridge(x, y, penalty)
+        score = r2(splits[pick][1], splits[pick][0] @ w + b)
+        if best is None or score > best[0]:
+            best = (score, penalty, w, b)
+    _, penalty, w, b = best
+    return {s: xs @ w + b for s, (xs, _) in splits.items()}, penalty
+
+
+def bag_of_tokens(token_ids: list[np.ndarray]) -> np.ndarray:
+    """(tokens, 2 * BUCKETS) features per token of each window: its own token, one-hot,
+    and the tokens before it in the window as counts over their position, both hashed."""
+    rows = []
+    for ids in token_ids:
+        ids = np.asarray(ids, np.int64) % BUCKETS
+        current = np.zeros((len(ids), BUCKETS))
+        current[np.arange(len(ids)), ids] = 1
+        before = np.cumsum(current, 0) - current
+        before /= np.maximum(np.arange(len(ids)), 1)[:, None]
+        rows.append(np.concatenate([current, before], 1))
+    return np.concatenate(rows) if rows else np.zeros((0, 2 * BUCKETS))
+
+
+def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    return {"r2": r2(y, p), "pearson": pearson(y, p), "tokens": int(len(y))}

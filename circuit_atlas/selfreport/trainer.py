@@ -1,0 +1,257 @@
+"""Training a model to report one of its own neurons, with a regression head.
+
+The predictor is the model itself reading its residual stream after ``read_layer``
+blocks (default: its last hidden state), with a linear head that outputs the neuron's
+activation, standardised by the training split's mean and spread. ``unfreeze="head"``
+trains the head alone (the model frozen: its features are computed once, so this is a
+linear probe trained by gradient descent); ``"last:N"`` trains the model's last N
+blocks with it, so the model itself changes to report. A plain torch loop: AdamW, MSE
+on every token of the training windows, the validation loss after each epoch, the best
+epoch's weights kept, stopping after ``patience`` epochs without a better one; fixed
+seeds, so a run repeats exactly. The evaluation compares it on the test split with the
+baselines of :mod:`evaluate`, computed on the frozen model before training.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from circuit_atlas.compute.activations import Window, padded
+from circuit_atlas.errors import CircuitAtlasError
+from circuit_atlas.selfreport import evaluate as ev
+from circuit_atlas.selfreport.params import TrainParams
+from circuit_atlas.stage import Progress, Report, open_lake
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Data:
+    """One split's windows and the neuron's activation at each of their tokens."""
+
+    windows: list[Window]
+    targets: np.ndarray  # (tokens,) float32, in window order
+
+    @classmethod
+    def of(cls, table: pl.DataFrame) -> Data:
+        windows = [Window(w, d, s, tuple(t)) for w, d, s, t in table.select(
+            "window_id", "prompt_id", "start", "token_ids").iter_rows()]
+        acts = table["activations"].to_list()
+        return cls(windows, np.concatenate(acts).astype(np.float32) if acts else
+                   np.zeros(0, np.float32))
+
+
+def hidden(model, ids: torch.Tensor, read_layer: int) -> torch.Tensor:
+    """The residual stream (B, T, d) after ``read_layer`` blocks (-1: the last hidden
+    state, after the final norm)."""
+    out = model.model.base_model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    return out.hidden_states[read_layer]
+
+
+def features(model, windows: list[Window], read_layer: int, batch: int = 16) -> np.ndarray:
+    """(tokens, d) float32 residual stream of the frozen model at every token."""
+    rows = []
+    with torch.no_grad():
+        for lo in range(0, len(windows), batch):
+            group = windows[lo:lo + batch]
+            h = hidden(model, padded(group, model.adapter.device), read_layer)
+            rows.extend(h[i, :len(w.tokens)].float().cpu().numpy() for i, w in
+                        enumerate(group))
+    return np.concatenate(rows) if rows else np.zeros((0, model.adapter.d_model), np.float32)
+
+
+def _trainable(model, blocks: int) -> list[torch.nn.Parameter]:
+    for p in model.model.parameters():
+        p.requires_grad_(False)
+    if not blocks:
+        return []
+    base = model.model.base_model
+    if blocks > len(base.layers):
+        raise CircuitAtlasError(f"--unfreeze last:{blocks}: the model has "
+                                f"{len(base.layers)} blocks")
+    params = [p for layer in base.layers[-blocks:] for p in layer.parameters()]
+    params += list(base.norm.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def train(model, data: dict[str, Data], params: TrainParams,
+          on_epoch=None) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Train the head (and ``params.blocks`` blocks) in place; returns the predictions on
+    every split (in activation units) and one metrics row per epoch."""
+    torch.manual_seed(params.seed)
+    rng = np.random.default_rng(params.seed)
+    mean, std = float(data["train"].targets.mean()), float(data["train"].targets.std()) or 1.0
+    d, device = model.adapter.d_model, model.adapter.device
+    head = torch.nn.Linear(d, 1).to(device=device, dtype=torch.float32)
+    blocks = _trainable(model, params.blocks)
+    optim = torch.optim.AdamW([*head.parameters(), *blocks], lr=params.lr)
+    cached = {s: torch.as_tensor(features(model, data[s].windows, params.read_layer))
+              for s in SPLITS} if not params.blocks else None
+
+    def predict(split: str) -> np.ndarray:
+        with torch.no_grad():
+            if cached is not None:
+                return (head(cached[split].to(device))[:, 0].cpu().numpy() * std + mean)
+            h = torch.as_tensor(features(model, data[split].windows, params.read_layer))
+            return head(h.to(device))[:, 0].cpu().numpy() * std + mean
+
+    def step(group: list[int]) -> float:
+        windows = [data["train"].windows[i] for i in group]
+        if cached is not None:
+            x = torch.cat([cached["train"][offsets[i]:offsets[i + 1]] for i in group])
+        else:
+            h = hidden(model, padded(windows, device), params.read_layer).float()
+            x = torch.cat([h[j, :len(w.tokens)] for j, w in enumerate(windows)])
+        y = torch.as_tensor(np.concatenate([targets[offsets[i]:offsets[i + 1]]
+                                            for i in group]), device=x.device)
+        loss = torch.nn.functional.mse_loss(head(x.to(device))[:, 0], y.to(device))
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        return float(loss.detach())
+
+    lengths = [len(w.tokens) for w in data["train"].windows]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    targets = (data["train"].targets - mean) / std
+    best, best_state, since, rows = np.inf, None, 0, []
+    val = "val" if len(data["val"].targets) else "train"
+    for epoch in range(params.epochs):
+        t0 = time.perf_counter()
+        order = rng.permutation(len(lengths))
+        losses = [step(list(order[lo:lo + params.batch_windows]))
+                  for lo in range(0, len(order), params.batch_windows)]
+        pred = predict(val)
+        val_loss = float(np.mean(((pred - data[val].targets) / std) ** 2))
+        rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
+                     "val_loss": val_loss, "val_r2": ev.r2(data[val].targets, pred),
+                     "seconds": time.perf_counter() - t0,
+                     "windows_per_s": len(lengths) / (time.perf_counter() - t0)})
+        if on_epoch:
+            on_epoch(epoch)
+        if val_loss < best:
+            best, since = val_loss, 0
+            best_state = copy.deepcopy(({k: v.detach().clone() for k, v in head.state_dict()
+                                         .items()}, [p.detach().clone() for p in blocks]))
+        else:
+            since += 1
+            if since >= params.patience:
+                break
+    head.load_state_dict(best_state[0])
+    with torch.no_grad():
+        for p, saved in zip(blocks, best_state[1], strict=True):
+            p.copy_(saved)
+    return {s: predict(s) for s in SPLITS}, rows
+
+
+def baselines(model, data: dict[str, Data], read_layer: int) -> dict[str, dict[str, np.ndarray]]:
+    """Predictions of the linear probe, the bag of tokens and the mean on every split."""
+    probe, _ = ev.fit_ridge({s: (features(model, data[s].windows, read_layer), data[s].targets)
+                             for s in SPLITS})
+    bag, _ = ev.fit_ridge({s: (ev.bag_of_tokens([w.tokens for w in data[s].windows]),
+                               data[s].targets) for s in SPLITS})
+    mean = float(data["train"].targets.mean())
+    return {"linear probe": probe, "bag of tokens": bag,
+            "mean": {s: np.full(len(data[s].targets), mean) for s in SPLITS}}
+
+
+def publish_run(lake, model: str, corpus: str, spec, frame: pl.DataFrame, config: dict
+                ) -> None:
+    """A new version of a run table holding the earlier runs' rows and this run's, which
+    replace an earlier run of the same neuron and unfreezing; the manifest keeps every
+    run's configuration (the experiment's config, saved beside its results)."""
+    key = f"{config['neuron']} {config['unfreeze']}"
+    old = lake.optional_table(spec.name, model, corpus)
+    manifest = lake.table_manifest(model, corpus, spec.name) or {}
+    runs = {**manifest.get("inputs", {}).get("runs", {}), key: config}
+    if old is not None:
+        kept = old.collect().drop("model", "corpus", strict=False).filter(~(
+            (pl.col("layer") == frame["layer"][0]) & (pl.col("neuron") == frame["neuron"][0])
+            & (pl.col("unfreeze") == config["unfreeze"])))
+        frame = pl.concat([kept, frame.select(kept.columns)], how="vertical_relaxed")
+    version = lake.new_table_version(model, corpus, spec.name)
+    version.publish([version.write("runs.parquet", frame.to_arrow(), spec)],
+                    {"runs": runs, "model": model})
+
+
+@dataclass
+class TrainReport(Report):
+    corpus: str
+    neuron: str
+    unfreeze: str
+    epochs: int
+    results: dict[str, float]  # method -> test R²
+
+    def __str__(self) -> str:
+        shown = ", ".join(f"{m} {r:+.3f}" for m, r in self.results.items())
+        return (f"self-report train {self.corpus} {self.neuron} ({self.unfreeze}, "
+                f"{self.epochs} epochs): test R² {shown}")
+
+
+def run_train(lake, *, model, corpora=None, params: TrainParams | None = None,
+              cluster=None, progress: Progress | None = None) -> TrainReport:
+    """Train a regression head (and, with ``last:N``, the last blocks) to report the
+    neuron of a corpus's ``selfreport_dataset``; evaluate it and the baselines on the
+    test split; write ``selfreport_metrics`` and ``selfreport_results``."""
+    from circuit_atlas.compute.models import load_model
+    from circuit_atlas.lake.neurons import neuron_label, parse_neuron
+    from circuit_atlas.lake.schemas import SELFREPORT_METRICS, SELFREPORT_RESULTS
+    from circuit_atlas.names import model_name
+
+    lake, params = open_lake(lake), params or TrainParams()
+    name = model_name(model)
+    corpora = [corpora] if isinstance(corpora, str) else list(corpora or [])
+    if len(corpora) != 1:
+        raise CircuitAtlasError("give the corpus of the dataset: --corpus C")
+    corpus = corpora[0]
+    table = lake.optional_table("selfreport_dataset", name, corpus)
+    if table is None:
+        raise CircuitAtlasError(f"no self-report dataset for {name!r} / {corpus!r}; run: "
+                                "circuit-atlas self-report dataset --neuron L12/N345")
+    table = table.collect()
+    neurons = sorted(set(table.select("layer", "neuron").iter_rows()))
+    if params.neuron:
+        want = parse_neuron(params.neuron)
+        if want not in neurons:
+            held = ", ".join(neuron_label(*n) for n in neurons)
+            raise CircuitAtlasError(f"the dataset holds {held}, not {params.neuron}")
+        layer, neuron = want
+    elif len(neurons) == 1:
+        layer, neuron = neurons[0]
+    else:
+        raise CircuitAtlasError("the dataset holds several neurons: pick one with --neuron")
+    rows = table.filter((pl.col("layer") == layer) & (pl.col("neuron") == neuron))
+    data = {s: Data.of(rows.filter(pl.col("split") == s).sort("window_id")) for s in SPLITS}
+    if not len(data["train"].targets) or not len(data["test"].targets):
+        raise CircuitAtlasError("the dataset needs training and test windows (more texts, or "
+                                "a larger --test share)")
+    loaded = load_model(model, device=params.device, dtype="float32", stage="selfreport")
+    if progress:
+        progress.update("self-report baselines", 0, 1)
+    base = baselines(loaded, data, params.read_layer)
+    preds, metrics = train(loaded, data, params, on_epoch=(
+        lambda e: progress.update("self-report train", e + 1, params.epochs)) if progress
+        else None)
+    label = neuron_label(layer, neuron)
+    results = []
+    for method, p in {"self-report": preds, **base}.items():
+        for s in ("val", "test"):
+            if len(data[s].targets):
+                results.append({"layer": layer, "neuron": neuron, "method": method,
+                                "unfreeze": params.unfreeze, "split": s,
+                                **ev.scores(data[s].targets, p[s])})
+    config = {**{k: getattr(params, k) for k in params.__dataclass_fields__}, "neuron": label,
+              "model": loaded.name, "revision": loaded.revision}
+    for spec, frame in ((SELFREPORT_METRICS, pl.DataFrame(metrics).with_columns(
+            layer=pl.lit(layer, pl.Int16), neuron=pl.lit(neuron, pl.Int32),
+            unfreeze=pl.lit(params.unfreeze))), (SELFREPORT_RESULTS, pl.DataFrame(results))):
+        publish_run(lake, loaded.name, corpus, spec, frame, config)
+    test = {r["method"]: r["r2"] for r in results if r["split"] == "test"}
+    return TrainReport(corpus, label, params.unfreeze, len(metrics), test)
