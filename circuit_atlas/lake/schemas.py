@@ -401,8 +401,9 @@ SELFREPORT_METRICS = TableSpec(
     name="selfreport_metrics",
     version=1,
     fields=(
-        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("unfreeze", pa.string()),
-        _f("epoch", pa.int64()), _f("train_loss", pa.float64()), _f("val_loss", pa.float64()),
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("head", pa.string()),
+        _f("unfreeze", pa.string()), _f("epoch", pa.int64()), _f("train_loss", pa.float64()),
+        _f("val_loss", pa.float64()),
         _f("val_r2", pa.float64(), nullable=True), _f("seconds", pa.float64()),
         _f("windows_per_s", pa.float64()),
     ),
@@ -418,8 +419,9 @@ SELFREPORT_RESULTS = TableSpec(
     version=1,
     fields=(
         _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("method", pa.string()),
-        _f("unfreeze", pa.string()), _f("split", pa.string()),
+        _f("head", pa.string()), _f("unfreeze", pa.string()), _f("split", pa.string()),
         _f("r2", pa.float64(), nullable=True), _f("pearson", pa.float64(), nullable=True),
+        _f("accuracy", pa.float64()), _f("macro_f1", pa.float64(), nullable=True),
         _f("tokens", pa.int64()),
     ),
     partitions=_DERIVED,
@@ -427,7 +429,8 @@ SELFREPORT_RESULTS = TableSpec(
 document): method "self-report" (the trained model) beside the baselines "linear probe"
 (ridge on the same residual of the frozen model), "bag of tokens" (ridge on the current
 and preceding tokens, hashed) and "mean" (the training mean); R² and Pearson's r over
-every token of the split.""",
+every token of the split, and the accuracy and macro-F1 of the predicted activations'
+quantile bins (--bins of the training split). head: "regression" or "classification".""",
 )
 
 ROLES = TableSpec(

@@ -69,5 +69,19 @@ def bag_of_tokens(token_ids: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(rows) if rows else np.zeros((0, 2 * BUCKETS))
 
 
-def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    return {"r2": r2(y, p), "pearson": pearson(y, p), "tokens": int(len(y))}
+def macro_f1(true: np.ndarray, pred: np.ndarray) -> float:
+    """The mean over the classes present in ``true`` of each class's F1."""
+    f1 = []
+    for k in np.unique(true):
+        tp = float(((pred == k) & (true == k)).sum())
+        p, t = float((pred == k).sum()), float((true == k).sum())
+        f1.append(2 * tp / (p + t) if p + t else 0.0)
+    return float(np.mean(f1)) if f1 else float("nan")
+
+
+def scores(y: np.ndarray, p: np.ndarray, edges: np.ndarray) -> dict[str, float]:
+    """R² and Pearson of predictions ``p`` of activations ``y``, and the accuracy and
+    macro-F1 of their quantile bins (``edges``: the training split's)."""
+    true, pred = np.searchsorted(edges, y), np.searchsorted(edges, p)
+    return {"r2": r2(y, p), "pearson": pearson(y, p), "accuracy": float((true == pred).mean()),
+            "macro_f1": macro_f1(true, pred), "tokens": int(len(y))}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from circuit_atlas.errors import CircuitAtlasError
 
@@ -57,10 +58,16 @@ class DatasetParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    """A regression head trained to report the dataset's neuron, and the baselines."""
+    """A head trained to report the dataset's neuron, and the baselines."""
 
     neuron: str | None = None
     """The neuron whose dataset to train on (L12/N345; default: the only one)."""
+    head: Literal["regression", "classification"] = "regression"
+    """regression: the activation itself (MSE); classification: its quantile bin among
+    --bins (cross entropy), read back as the bin's mean activation."""
+    bins: int = 10
+    """Quantile bins of the training activations (classification, and the accuracy and
+    macro-F1 every method is scored by)."""
     read_layer: int = -1
     """The residual stream the head reads: after this many blocks (-1: the model's last
     hidden state, after its final norm)."""
@@ -79,8 +86,20 @@ class TrainParams:
     """Seed of the head's initialisation and the batch order."""
     device: str = "cpu"
     """Where training runs (float32)."""
+    checkpoints: str | None = None
+    """A local folder for a checkpoint after every epoch (head, trained blocks, optimiser
+    and random state), so that --resume continues a run that stopped."""
+    resume: bool = False
+    """Continue from the checkpoint in --checkpoints (its configuration must match)."""
+    plots: str | None = None
+    """A folder for the run's plots: learning curves, and predicted against true
+    activation on the test split (PNG)."""
 
     def __post_init__(self) -> None:
+        if self.bins < 2:
+            raise CircuitAtlasError("--bins must be at least 2")
+        if self.resume and not self.checkpoints:
+            raise CircuitAtlasError("--resume needs --checkpoints FOLDER")
         if self.unfreeze != "head" and not (self.unfreeze.startswith("last:")
                                             and self.unfreeze[5:].isdigit()
                                             and int(self.unfreeze[5:]) > 0):

@@ -8,8 +8,10 @@ linear probe trained by gradient descent); ``"last:N"`` trains the model's last 
 blocks with it, so the model itself changes to report. A plain torch loop: AdamW, MSE
 on every token of the training windows, the validation loss after each epoch, the best
 epoch's weights kept, stopping after ``patience`` epochs without a better one; fixed
-seeds, so a run repeats exactly. The evaluation compares it on the test split with the
-baselines of :mod:`evaluate`, computed on the frozen model before training.
+seeds, so a run repeats exactly; with ``checkpoints`` the whole state after every epoch,
+so that a resumed run ends where one straight through would. The evaluation compares
+it on the test split with the baselines of :mod:`evaluate`, computed on the frozen
+model before training.
 """
 
 from __future__ import annotations
@@ -88,20 +90,19 @@ def train(model, data: dict[str, Data], params: TrainParams,
     every split (in activation units) and one metrics row per epoch."""
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
-    mean, std = float(data["train"].targets.mean()), float(data["train"].targets.std()) or 1.0
     d, device = model.adapter.d_model, model.adapter.device
-    head = torch.nn.Linear(d, 1).to(device=device, dtype=torch.float32)
+    readout = Readout(params.head, data["train"].targets, params.bins)
+    head = torch.nn.Linear(d, readout.outputs).to(device=device, dtype=torch.float32)
     blocks = _trainable(model, params.blocks)
     optim = torch.optim.AdamW([*head.parameters(), *blocks], lr=params.lr)
     cached = {s: torch.as_tensor(features(model, data[s].windows, params.read_layer))
               for s in SPLITS} if not params.blocks else None
 
-    def predict(split: str) -> np.ndarray:
+    def outputs(split: str) -> torch.Tensor:
         with torch.no_grad():
-            if cached is not None:
-                return (head(cached[split].to(device))[:, 0].cpu().numpy() * std + mean)
-            h = torch.as_tensor(features(model, data[split].windows, params.read_layer))
-            return head(h.to(device))[:, 0].cpu().numpy() * std + mean
+            h = cached[split] if cached is not None else torch.as_tensor(
+                features(model, data[split].windows, params.read_layer))
+            return head(h.to(device)).cpu()
 
     def step(group: list[int]) -> float:
         windows = [data["train"].windows[i] for i in group]
@@ -110,9 +111,8 @@ def train(model, data: dict[str, Data], params: TrainParams,
         else:
             h = hidden(model, padded(windows, device), params.read_layer).float()
             x = torch.cat([h[j, :len(w.tokens)] for j, w in enumerate(windows)])
-        y = torch.as_tensor(np.concatenate([targets[offsets[i]:offsets[i + 1]]
-                                            for i in group]), device=x.device)
-        loss = torch.nn.functional.mse_loss(head(x.to(device))[:, 0], y.to(device))
+        y = torch.cat([targets[offsets[i]:offsets[i + 1]] for i in group])
+        loss = readout.loss(head(x.to(device)), y.to(device))
         optim.zero_grad()
         loss.backward()
         optim.step()
@@ -120,16 +120,31 @@ def train(model, data: dict[str, Data], params: TrainParams,
 
     lengths = [len(w.tokens) for w in data["train"].windows]
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    targets = (data["train"].targets - mean) / std
-    best, best_state, since, rows = np.inf, None, 0, []
+    targets = readout.encode(data["train"].targets)
+    best, best_state, since, rows, first = np.inf, None, 0, [], 0
     val = "val" if len(data["val"].targets) else "train"
-    for epoch in range(params.epochs):
+    saved = Checkpoint(params, len(lengths)) if params.checkpoints else None
+    if saved is not None and params.resume:
+        state = saved.load()
+        head.load_state_dict(state["head"])
+        with torch.no_grad():
+            for p, v in zip(blocks, state["blocks"], strict=True):
+                p.copy_(v)
+        optim.load_state_dict(state["optim"])
+        rng.bit_generator.state = state["rng"]
+        best, best_state, since, rows = (state["best"], state["best_state"], state["since"],
+                                         state["rows"])
+        first = state["epoch"] + 1
+        if since >= params.patience:
+            first = params.epochs  # it had stopped early: nothing left to do
+    for epoch in range(first, params.epochs):
         t0 = time.perf_counter()
         order = rng.permutation(len(lengths))
         losses = [step(list(order[lo:lo + params.batch_windows]))
                   for lo in range(0, len(order), params.batch_windows)]
-        pred = predict(val)
-        val_loss = float(np.mean(((pred - data[val].targets) / std) ** 2))
+        out = outputs(val)
+        val_loss = float(readout.loss(out, readout.encode(data[val].targets)))
+        pred = readout.decode(out)
         rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
                      "val_loss": val_loss, "val_r2": ev.r2(data[val].targets, pred),
                      "seconds": time.perf_counter() - t0,
@@ -142,13 +157,91 @@ def train(model, data: dict[str, Data], params: TrainParams,
                                          .items()}, [p.detach().clone() for p in blocks]))
         else:
             since += 1
-            if since >= params.patience:
-                break
+        if saved is not None:
+            saved.save({"epoch": epoch, "head": head.state_dict(),
+                        "blocks": [p.detach().clone() for p in blocks],
+                        "optim": optim.state_dict(), "rng": rng.bit_generator.state,
+                        "best": best, "best_state": best_state, "since": since,
+                        "rows": rows})
+        if since >= params.patience:
+            break
     head.load_state_dict(best_state[0])
     with torch.no_grad():
         for p, saved in zip(blocks, best_state[1], strict=True):
             p.copy_(saved)
-    return {s: predict(s) for s in SPLITS}, rows
+    return {s: readout.decode(outputs(s)) for s in SPLITS}, rows
+
+
+class Readout:
+    """What the head outputs and how that becomes an activation. ``regression``: one
+    output, the activation standardised by the training split's mean and spread (MSE).
+    ``classification``: one output per quantile bin of the training activations (cross
+    entropy), read back as the bin's mean training activation."""
+
+    def __init__(self, kind: str, train: np.ndarray, bins: int) -> None:
+        self.kind = kind
+        self.mean, self.std = float(train.mean()), float(train.std()) or 1.0
+        self.edges = quantile_edges(train, bins)
+        labels = np.searchsorted(self.edges, train)
+        self.centers = np.array([train[labels == k].mean() if (labels == k).any() else
+                                 np.nan for k in range(len(self.edges) + 1)])
+        self.outputs = 1 if kind == "regression" else len(self.centers)
+
+    def encode(self, y: np.ndarray) -> torch.Tensor:
+        if self.kind == "regression":
+            return torch.as_tensor((y - self.mean) / self.std, dtype=torch.float32)
+        return torch.as_tensor(np.searchsorted(self.edges, y))
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.kind == "regression":
+            return torch.nn.functional.mse_loss(out[:, 0], y)
+        return torch.nn.functional.cross_entropy(out, y)
+
+    def decode(self, out: torch.Tensor) -> np.ndarray:
+        if self.kind == "regression":
+            return out[:, 0].numpy() * self.std + self.mean
+        return self.centers[out.argmax(1).numpy()]
+
+
+def quantile_edges(train: np.ndarray, bins: int) -> np.ndarray:
+    """The inner edges of ``bins`` quantile bins of the training activations (fewer
+    where values repeat, as a neuron at 0 on most tokens does). A value equal to an edge
+    goes to the bin below it (``np.searchsorted``'s left side), so a neuron at exactly 0
+    but on its trigger still has a bin for 0 and one for what is above."""
+    return np.unique(np.quantile(train, np.linspace(0, 1, bins + 1)[1:-1]))
+
+
+class Checkpoint:
+    """The state of a training run after its last epoch, in one file of a local folder,
+    written whole (a temporary file renamed) so that a run killed while saving keeps the
+    previous one."""
+
+    def __init__(self, params: TrainParams, windows: int) -> None:
+        from pathlib import Path
+
+        self.folder = Path(params.checkpoints)
+        self.path = self.folder / "checkpoint.pt"
+        # what must match for a resumed run to be the same run
+        self.key = {k: getattr(params, k) for k in ("neuron", "head", "bins", "read_layer",
+                                                    "unfreeze", "lr", "batch_windows", "seed",
+                                                    "patience")}
+        self.key["windows"] = windows
+
+    def save(self, state: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({**state, "key": self.key}, tmp)
+        tmp.replace(self.path)
+
+    def load(self) -> dict:
+        if not self.path.is_file():
+            raise CircuitAtlasError(f"no checkpoint to resume from in {self.folder}")
+        state = torch.load(self.path, weights_only=False)
+        if state["key"] != self.key:
+            differ = sorted(k for k in self.key if state["key"].get(k) != self.key[k])
+            raise CircuitAtlasError(f"the checkpoint in {self.folder} is of another run "
+                                    f"({', '.join(differ)} differ)")
+        return state
 
 
 def baselines(model, data: dict[str, Data], read_layer: int) -> dict[str, dict[str, np.ndarray]]:
@@ -167,14 +260,14 @@ def publish_run(lake, model: str, corpus: str, spec, frame: pl.DataFrame, config
     """A new version of a run table holding the earlier runs' rows and this run's, which
     replace an earlier run of the same neuron and unfreezing; the manifest keeps every
     run's configuration (the experiment's config, saved beside its results)."""
-    key = f"{config['neuron']} {config['unfreeze']}"
+    key = f"{config['neuron']} {config['head']} {config['unfreeze']}"
     old = lake.optional_table(spec.name, model, corpus)
     manifest = lake.table_manifest(model, corpus, spec.name) or {}
     runs = {**manifest.get("inputs", {}).get("runs", {}), key: config}
     if old is not None:
         kept = old.collect().drop("model", "corpus", strict=False).filter(~(
             (pl.col("layer") == frame["layer"][0]) & (pl.col("neuron") == frame["neuron"][0])
-            & (pl.col("unfreeze") == config["unfreeze"])))
+            & (pl.col("head") == config["head"]) & (pl.col("unfreeze") == config["unfreeze"])))
         frame = pl.concat([kept, frame.select(kept.columns)], how="vertical_relaxed")
     version = lake.new_table_version(model, corpus, spec.name)
     version.publish([version.write("runs.parquet", frame.to_arrow(), spec)],
@@ -185,14 +278,15 @@ def publish_run(lake, model: str, corpus: str, spec, frame: pl.DataFrame, config
 class TrainReport(Report):
     corpus: str
     neuron: str
+    head: str
     unfreeze: str
     epochs: int
     results: dict[str, float]  # method -> test R²
 
     def __str__(self) -> str:
         shown = ", ".join(f"{m} {r:+.3f}" for m, r in self.results.items())
-        return (f"self-report train {self.corpus} {self.neuron} ({self.unfreeze}, "
-                f"{self.epochs} epochs): test R² {shown}")
+        return (f"self-report train {self.corpus} {self.neuron} ({self.head}, "
+                f"{self.unfreeze}, {self.epochs} epochs): test R² {shown}")
 
 
 def run_train(lake, *, model, corpora=None, params: TrainParams | None = None,
@@ -240,18 +334,26 @@ def run_train(lake, *, model, corpora=None, params: TrainParams | None = None,
         lambda e: progress.update("self-report train", e + 1, params.epochs)) if progress
         else None)
     label = neuron_label(layer, neuron)
+    edges = quantile_edges(data["train"].targets, params.bins)
     results = []
     for method, p in {"self-report": preds, **base}.items():
         for s in ("val", "test"):
             if len(data[s].targets):
                 results.append({"layer": layer, "neuron": neuron, "method": method,
-                                "unfreeze": params.unfreeze, "split": s,
-                                **ev.scores(data[s].targets, p[s])})
+                                "head": params.head, "unfreeze": params.unfreeze, "split": s,
+                                **ev.scores(data[s].targets, p[s], edges)})
     config = {**{k: getattr(params, k) for k in params.__dataclass_fields__}, "neuron": label,
               "model": loaded.name, "revision": loaded.revision}
     for spec, frame in ((SELFREPORT_METRICS, pl.DataFrame(metrics).with_columns(
             layer=pl.lit(layer, pl.Int16), neuron=pl.lit(neuron, pl.Int32),
-            unfreeze=pl.lit(params.unfreeze))), (SELFREPORT_RESULTS, pl.DataFrame(results))):
+            head=pl.lit(params.head), unfreeze=pl.lit(params.unfreeze))),
+            (SELFREPORT_RESULTS, pl.DataFrame(results))):
         publish_run(lake, loaded.name, corpus, spec, frame, config)
+    if params.plots:
+        from circuit_atlas.selfreport.plots import write_plots
+
+        write_plots(params.plots, f"{label} ({params.head}, {params.unfreeze})", metrics,
+                    data["test"].targets,
+                    {m: p["test"] for m, p in {"self-report": preds, **base}.items()})
     test = {r["method"]: r["r2"] for r in results if r["split"] == "test"}
-    return TrainReport(corpus, label, params.unfreeze, len(metrics), test)
+    return TrainReport(corpus, label, params.head, params.unfreeze, len(metrics), test)

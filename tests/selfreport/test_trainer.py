@@ -30,27 +30,32 @@ def results(root):
     return Lake(root).table("selfreport_results").filter(pl.col("split") == "test").collect()
 
 
-def test_the_planted_neuron_is_reported_on_held_out_documents(dataset):
+def test_the_planted_neuron_is_reported_on_held_out_documents(dataset, tmp_path):
     model, root = dataset
+    plots = tmp_path / "plots"
     # the head reads the residual entering the neuron's block: the planted direction is
     # there, so the probe (and the head, trained to it) read the neuron off linearly
     args = ["self-report", "train", "--lake", root, "--model", model, "--corpus", "c",
-            "--read-layer", "1", "--epochs", "60", "--lr", "0.05", "--patience", "5"]
+            "--read-layer", "1", "--epochs", "60", "--lr", "0.05", "--patience", "5",
+            "--plots", str(plots)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert "self-report train c L1/N7 (head" in result.output
+    for name in ("learning.png", "predicted.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "self-report train c L1/N7 (regression, head" in result.output
     report = run_train(root, model=model, corpora="c", params=TrainParams(
         unfreeze="last:1", epochs=30, lr=1e-2))
     assert report.results["self-report"] > 0.9
     test = results(root)
+    test = test.filter(pl.col("head") == "regression")
     r2 = {(r["method"], r["unfreeze"]): r["r2"] for r in test.iter_rows(named=True)}
     assert r2["self-report", "head"] > 0.9 and r2["linear probe", "head"] > 0.9
     assert r2["self-report", "last:1"] > 0.9
     assert r2["bag of tokens", "head"] > 0.8  # the neuron is a function of its token
     assert abs(r2["mean", "head"]) < 0.05
     manifest = Lake(root).table_manifest("tiny", "c", "selfreport_results")["inputs"]
-    assert set(manifest["runs"]) == {"L1/N7 head", "L1/N7 last:1"}
-    assert manifest["runs"]["L1/N7 head"]["read_layer"] == 1
+    assert {"L1/N7 regression head", "L1/N7 regression last:1"} <= set(manifest["runs"])
+    assert manifest["runs"]["L1/N7 regression head"]["read_layer"] == 1
     metrics = Lake(root).table("selfreport_metrics").collect()
     assert set(metrics["unfreeze"]) == {"head", "last:1"}
     assert (metrics["windows_per_s"] > 0).all()
@@ -91,3 +96,56 @@ def test_refusals(dataset, tmp_path):
         run_train(tmp_path / "empty", model=model, corpora="c")
     with pytest.raises(CircuitAtlasError, match="head or last:N"):
         TrainParams(unfreeze="lora")
+
+
+def test_a_resumed_run_ends_where_one_straight_through_does(dataset, tmp_path):
+    """Two epochs, stopped, resumed to five from the checkpoint: the same metrics and
+    test scores as five epochs in one go (same seed)."""
+    model, root = dataset
+
+    def run(epochs, folder, resume=False):
+        report = run_train(root, model=model, corpora="c", params=TrainParams(
+            unfreeze="last:1", epochs=epochs, lr=1e-2, seed=3, patience=10,
+            checkpoints=str(folder), resume=resume))
+        rows = Lake(root).table("selfreport_metrics").filter(
+            pl.col("unfreeze") == "last:1").sort("epoch").collect()
+        return report.results, rows["val_loss"].to_list()
+
+    straight = run(5, tmp_path / "a")
+    run(2, tmp_path / "b")
+    resumed = run(5, tmp_path / "b", resume=True)
+    assert resumed == straight
+    with pytest.raises(CircuitAtlasError, match="another run .*lr"):
+        run_train(root, model=model, corpora="c", params=TrainParams(
+            unfreeze="last:1", epochs=6, lr=1e-3, seed=3, patience=10,
+            checkpoints=str(tmp_path / "b"), resume=True))
+    with pytest.raises(CircuitAtlasError, match="no checkpoint"):
+        run_train(root, model=model, corpora="c", params=TrainParams(
+            checkpoints=str(tmp_path / "none"), resume=True))
+    with pytest.raises(CircuitAtlasError, match="--resume needs --checkpoints"):
+        TrainParams(resume=True)
+
+
+def test_the_classification_head_reads_the_bins(dataset):
+    """Quantile bins of a neuron at 0 on most tokens collapse to the distinct values: the
+    planted neuron's bins are 'quiet' and 'firing', and the head tells them apart on
+    held-out documents."""
+    model, root = dataset
+    report = run_train(root, model=model, corpora="c", params=TrainParams(
+        head="classification", read_layer=1, epochs=40, lr=0.05, patience=5))
+    assert report.head == "classification" and report.results["self-report"] > 0.9
+    test = results(root).filter((pl.col("head") == "classification")
+                                & (pl.col("method") == "self-report")).row(0, named=True)
+    assert test["accuracy"] > 0.97 and test["macro_f1"] > 0.9
+
+
+def test_bins_and_f1_equal_a_count():
+    train = np.array([0.0] * 90 + [5.0, 6.0, 7.0, 8.0, 9.0] * 2)
+    from circuit_atlas.selfreport.trainer import quantile_edges
+
+    edges = quantile_edges(train, 10)
+    assert edges[0] == 0.0 and len(edges) == len(set(edges))
+    true = np.array([0, 0, 1, 1, 2])
+    pred = np.array([0, 1, 1, 1, 0])
+    # class 0: tp 1, p 2, t 2 -> 0.5; class 1: tp 2, p 3, t 2 -> 0.8; class 2: 0
+    assert ev.macro_f1(true, pred) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
