@@ -8,13 +8,14 @@ import threading
 import time
 
 
-def measure(script: str, argv: list[str], cwd: str) -> tuple[float, float]:
+def measure(script: str, argv: list[str], cwd: str, stdout=None) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB, the process and all its children, Dask workers
-    included, sampled every 50 ms) of ``python script argv``."""
+    included, sampled every 50 ms) of ``python script argv`` (its output to ``stdout``,
+    an open file, where given)."""
     import psutil
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, script, *argv], cwd=cwd)
+    proc = subprocess.Popen([sys.executable, script, *argv], cwd=cwd, stdout=stdout)
     peak, p = 0, psutil.Process(proc.pid)
 
     def sample():

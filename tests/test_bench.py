@@ -18,6 +18,8 @@ SMOKE = {
     "parquet_options": ["--rows", "2000", "--repeat", "1"],
     "reduce": ["--graphs", "400", "--per-shard", "200", "--workers", "1"],
     "scoring": ["--neurons", "4", "--concurrency", "4"],
+    "selfreport": ["--windows", "10", "--context", "16", "--epochs", "2", "--strategies",
+                   "head,last:1"],
 }  # graphs, projections, wiring, effects, interventions, activations: through bench/gpu.py
 
 
