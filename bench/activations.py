@@ -33,24 +33,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    from circuit_atlas.compute.activations import (
-        activation_pass,
-        batches,
-        padded,
-        text_windows,
-    )
+    from bench._demo import demo_windows
+    from circuit_atlas.compute.activations import activation_pass, batches, padded
     from circuit_atlas.compute.models import load_model
-    from circuit_atlas.demo import DEMO_CORPORA, demo_corpus_file
-    from circuit_atlas.lake import read_prompt_file
 
     model = load_model("smollm2", device=args.device, dtype=args.dtype)
-    text = " ".join(r["text"] if isinstance(r, dict) else r for c in DEMO_CORPORA
-                    for r in read_prompt_file(demo_corpus_file(c)))
-    ids = model.tokenizer(text).input_ids
-    while len(ids) < args.windows * args.context:
-        ids = ids + ids
-    windows = text_windows("demo", ids[:args.windows * args.context], args.context,
-                           args.context)
+    windows = demo_windows(model.tokenizer, args.windows, args.context)
     tokens = sum(len(w.tokens) for w in windows)
     base = model.model.base_model
 

@@ -31,23 +31,15 @@ from circuit_atlas.machine import describe  # noqa: E402
 def child(args) -> None:
     import numpy as np
 
-    from circuit_atlas.compute.activations import text_windows
+    from bench._demo import demo_windows
     from circuit_atlas.compute.models import load_model
-    from circuit_atlas.demo import DEMO_CORPORA, demo_corpus_file
-    from circuit_atlas.lake import read_prompt_file
     from circuit_atlas.lake.neurons import parse_neuron
     from circuit_atlas.selfreport.dataset import neuron_activations
     from circuit_atlas.selfreport.params import TrainParams
     from circuit_atlas.selfreport.trainer import Data, train
 
     model = load_model("smollm2", device=args.device, dtype="float32")
-    text = " ".join(r["text"] if isinstance(r, dict) else r for c in DEMO_CORPORA
-                    for r in read_prompt_file(demo_corpus_file(c)))
-    ids = model.tokenizer(text).input_ids
-    while len(ids) < args.windows * args.context:
-        ids = ids + ids
-    windows = text_windows("demo", ids[:args.windows * args.context], args.context,
-                           args.context)
+    windows = demo_windows(model.tokenizer, args.windows, args.context)
     acts = neuron_activations(model, windows, *parse_neuron(args.neuron))
     cut = [int(0.8 * len(windows)), int(0.9 * len(windows))]
     parts = {"train": windows[:cut[0]], "val": windows[cut[0]:cut[1]],
