@@ -205,14 +205,16 @@ def write_edge_table(lake: Lake, table, model: str = MODEL, corpus: str = "c",
 WORDS = [f"w{i}" for i in range(63)]
 
 
-def tiny_model_dir(path, seed: int = 0, plant=None, **kwargs) -> str:
+def tiny_model_dir(path, seed: int = 0, plant=None, extra_words: tuple[str, ...] = (),
+                   **kwargs) -> str:
     """A tiny random llama saved as a model folder with a real word-level tokenizer
-    (one token per word of :data:`WORDS`, "[UNK]" for the rest), loadable by name like
-    any local model (by Dask workers too); ``plant`` may edit its weights first."""
+    (one token per word of :data:`WORDS` and ``extra_words``, "[UNK]" for the rest),
+    loadable by name like any local model (by Dask workers too); ``plant`` may edit its
+    weights first."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate((*WORDS, *extra_words))}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     model = tiny_llama(seed=seed, vocab=len(vocab), **kwargs)

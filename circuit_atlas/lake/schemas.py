@@ -422,7 +422,7 @@ SELFREPORT_RESULTS = TableSpec(
         _f("head", pa.string()), _f("unfreeze", pa.string()), _f("split", pa.string()),
         _f("r2", pa.float64(), nullable=True), _f("pearson", pa.float64(), nullable=True),
         _f("accuracy", pa.float64()), _f("macro_f1", pa.float64(), nullable=True),
-        _f("tokens", pa.int64()),
+        _f("parse_rate", pa.float64(), nullable=True), _f("tokens", pa.int64()),
     ),
     partitions=_DERIVED,
     doc="""A self-report run's evaluation on its validation and test splits (by
@@ -430,7 +430,10 @@ document): method "self-report" (the trained model) beside the baselines "linear
 (ridge on the same residual of the frozen model), "bag of tokens" (ridge on the current
 and preceding tokens, hashed) and "mean" (the training mean); R² and Pearson's r over
 every token of the split, and the accuracy and macro-F1 of the predicted activations'
-quantile bins (--bins of the training split). head: "regression" or "classification".""",
+quantile bins (--bins of the training split). head: "regression", "classification" or
+"token" (the model answers with a digit after a question: every method is then scored
+at the last token of each window, R² and Pearson over the answers that parse as a
+digit, parse_rate their share; 1 for the other methods).""",
 )
 
 ROLES = TableSpec(

@@ -79,9 +79,22 @@ def macro_f1(true: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean(f1)) if f1 else float("nan")
 
 
-def scores(y: np.ndarray, p: np.ndarray, edges: np.ndarray) -> dict[str, float]:
+def scores(y: np.ndarray, p: np.ndarray, edges: np.ndarray, centers: np.ndarray
+           ) -> dict[str, float]:
     """R² and Pearson of predictions ``p`` of activations ``y``, and the accuracy and
-    macro-F1 of their quantile bins (``edges``: the training split's)."""
-    true, pred = np.searchsorted(edges, y), np.searchsorted(edges, p)
-    return {"r2": r2(y, p), "pearson": pearson(y, p), "accuracy": float((true == pred).mean()),
-            "macro_f1": macro_f1(true, pred), "tokens": int(len(y))}
+    macro-F1 of their quantile bins: the true bin by the training split's ``edges``, the
+    predicted one the bin whose mean training activation (``centers``) is nearest (so
+    that a prediction of 0.01 for a neuron at exactly 0 is "quiet", not the bin above
+    0). A prediction that is NaN is an answer that did not parse (the token head): R²
+    and Pearson are over the parsed ones, ``parse_rate`` says how many, and an unparsed
+    answer is a wrong bin."""
+    ok = np.isfinite(p)
+    true = np.searchsorted(edges, y)
+    gap = np.abs(np.where(ok, p, 0)[:, None] - centers[None, :])
+    gap[:, ~np.isfinite(centers)] = np.inf
+    pred = np.where(ok, gap.argmin(1) if len(p) else np.zeros(0, np.int64), -1)
+    return {"r2": r2(y[ok], p[ok]) if ok.any() else float("nan"),
+            "pearson": pearson(y[ok], p[ok]) if ok.any() else float("nan"),
+            "accuracy": float((true == pred).mean()), "macro_f1": macro_f1(true, pred),
+            "parse_rate": float(ok.mean()) if len(ok) else float("nan"),
+            "tokens": int(len(y))}

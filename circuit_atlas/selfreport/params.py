@@ -62,9 +62,11 @@ class TrainParams:
 
     neuron: str | None = None
     """The neuron whose dataset to train on (L12/N345; default: the only one)."""
-    head: Literal["regression", "classification"] = "regression"
+    head: Literal["regression", "classification", "token"] = "regression"
     """regression: the activation itself (MSE); classification: its quantile bin among
-    --bins (cross entropy), read back as the bin's mean activation."""
+    --bins (cross entropy), read back as the bin's mean activation; token: the model
+    answers in text, the bin as a digit after a question at each window's last token
+    (trains the model's last blocks: needs --unfreeze last:N)."""
     bins: int = 10
     """Quantile bins of the training activations (classification, and the accuracy and
     macro-F1 every method is scored by)."""
@@ -96,8 +98,12 @@ class TrainParams:
     activation on the test split (PNG)."""
 
     def __post_init__(self) -> None:
-        if self.bins < 2:
-            raise CircuitAtlasError("--bins must be at least 2")
+        if self.bins < 2 or (self.head == "token" and self.bins > 10):
+            raise CircuitAtlasError("--bins must be at least 2 (at most 10 for the token "
+                                    "head: one digit)")
+        if self.head == "token" and (self.unfreeze == "head" or self.checkpoints):
+            raise CircuitAtlasError("the token head trains the model itself to answer: use "
+                                    "--unfreeze last:N (and no --checkpoints yet)")
         if self.resume and not self.checkpoints:
             raise CircuitAtlasError("--resume needs --checkpoints FOLDER")
         if self.unfreeze != "head" and not (self.unfreeze.startswith("last:")

@@ -48,6 +48,15 @@ class Data:
         return cls(windows, np.concatenate(acts).astype(np.float32) if acts else
                    np.zeros(0, np.float32))
 
+    @property
+    def ends(self) -> np.ndarray:
+        """The index of each window's last token in the per-token arrays."""
+        return np.cumsum([len(w.tokens) for w in self.windows]) - 1
+
+    def last(self) -> Data:
+        """The same windows with the activation at their last token only."""
+        return Data(self.windows, self.targets[self.ends])
+
 
 def hidden(model, ids: torch.Tensor, read_layer: int) -> torch.Tensor:
     """The residual stream (B, T, d) after ``read_layer`` blocks (-1: the last hidden
@@ -211,6 +220,104 @@ def quantile_edges(train: np.ndarray, bins: int) -> np.ndarray:
     return np.unique(np.quantile(train, np.linspace(0, 1, bins + 1)[1:-1]))
 
 
+QUESTION = " The activation of neuron {neuron} here, from 0 to {top}:"
+
+
+def answer_tokens(tokenizer, bins: int) -> list[int]:
+    """The token of each digit 0 .. bins-1 as an answer (" 5", else "5"), or a refusal
+    where the tokenizer has no single token for one."""
+    out = []
+    for d in range(bins):
+        for text in (f" {d}", f"{d}"):
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            # one token that reads back as the digit (not an unknown-token stand-in)
+            if len(ids) == 1 and tokenizer.decode(ids).strip() == str(d):
+                out.append(ids[0])
+                break
+        else:
+            raise CircuitAtlasError(f"the tokenizer has no single token for the digit {d}: "
+                                    "the token head answers in digits")
+    return out
+
+
+def train_token(model, data: dict[str, Data], params: TrainParams, label: str,
+                on_epoch=None) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """The token head: each window followed by a question, the model trained (its last
+    ``params.blocks`` blocks) to answer with the digit of the quantile bin of the
+    activation at the window's last token; ``data`` holds those activations. Returns,
+    per split, the answer read back as its bin's mean training activation (NaN where
+    the model's most likely next token is no digit) and the metrics per epoch."""
+    torch.manual_seed(params.seed)
+    rng = np.random.default_rng(params.seed)
+    tokenizer, device = model.tokenizer, model.adapter.device
+    answers = answer_tokens(tokenizer, params.bins)
+    question = tuple(tokenizer(QUESTION.format(neuron=label, top=params.bins - 1),
+                               add_special_tokens=False).input_ids)
+    readout = Readout("classification", data["train"].targets, params.bins)
+    blocks = _trainable(model, params.blocks)
+    optim = torch.optim.AdamW(blocks, lr=params.lr)
+    answer_ids = torch.as_tensor(answers, device=device)
+
+    def logits(windows: list[Window]) -> torch.Tensor:
+        asked = [Window(w.window, w.doc, w.start, w.tokens + question) for w in windows]
+        out = model.model(input_ids=padded(asked, device), use_cache=False).logits
+        at = torch.as_tensor([len(w.tokens) - 1 for w in asked], device=device)
+        return out[torch.arange(len(asked), device=device), at].float()
+
+    def answer(split: str) -> tuple[np.ndarray, float]:
+        ws, got, loss = data[split].windows, [], 0.0
+        labels = readout.encode(data[split].targets)
+        with torch.no_grad():
+            for lo in range(0, len(ws), params.batch_windows):
+                out = logits(ws[lo:lo + params.batch_windows])
+                loss += float(torch.nn.functional.cross_entropy(
+                    out, answer_ids[labels[lo:lo + params.batch_windows].to(device)],
+                    reduction="sum"))
+                got.append(out.argmax(1).cpu())
+        top = torch.cat(got).numpy() if got else np.zeros(0, np.int64)
+        digit = {int(t): k for k, t in enumerate(answers)}
+        pred = np.array([readout.centers[digit[t]] if t in digit else np.nan for t in top])
+        return pred, loss / max(len(ws), 1)
+
+    train_labels = readout.encode(data["train"].targets)
+    windows = data["train"].windows
+    best, best_state, since, rows = np.inf, None, 0, []
+    val = "val" if len(data["val"].targets) else "train"
+    for epoch in range(params.epochs):
+        t0 = time.perf_counter()
+        order = rng.permutation(len(windows))
+        losses = []
+        for lo in range(0, len(order), params.batch_windows):
+            group = order[lo:lo + params.batch_windows]
+            loss = torch.nn.functional.cross_entropy(
+                logits([windows[i] for i in group]),
+                answer_ids[train_labels[torch.as_tensor(group)].to(device)])
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+            losses.append(float(loss.detach()))
+        pred, val_loss = answer(val)
+        ok = np.isfinite(pred)
+        rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
+                     "val_loss": val_loss,
+                     "val_r2": ev.r2(data[val].targets[ok], pred[ok]) if ok.sum() > 1
+                     else None,
+                     "seconds": time.perf_counter() - t0,
+                     "windows_per_s": len(windows) / (time.perf_counter() - t0)})
+        if on_epoch:
+            on_epoch(epoch)
+        if val_loss < best:
+            best, since, best_state = val_loss, 0, [p.detach().clone() for p in blocks]
+        else:
+            since += 1
+            if since >= params.patience:
+                break
+    with torch.no_grad():
+        for p, saved in zip(blocks, best_state, strict=True):
+            p.copy_(saved)
+    return {s: answer(s)[0] for s in SPLITS}, rows
+
+
 class Checkpoint:
     """The state of a training run after its last epoch, in one file of a local folder,
     written whole (a temporary file renamed) so that a run killed while saving keeps the
@@ -244,11 +351,16 @@ class Checkpoint:
         return state
 
 
-def baselines(model, data: dict[str, Data], read_layer: int) -> dict[str, dict[str, np.ndarray]]:
-    """Predictions of the linear probe, the bag of tokens and the mean on every split."""
-    probe, _ = ev.fit_ridge({s: (features(model, data[s].windows, read_layer), data[s].targets)
-                             for s in SPLITS})
-    bag, _ = ev.fit_ridge({s: (ev.bag_of_tokens([w.tokens for w in data[s].windows]),
+def baselines(model, data: dict[str, Data], read_layer: int, last: bool = False
+              ) -> dict[str, dict[str, np.ndarray]]:
+    """Predictions of the linear probe, the bag of tokens and the mean on every split
+    (``last``: at each window's last token only, the targets being those)."""
+    def rows(x: np.ndarray, s: str) -> np.ndarray:
+        return x[data[s].ends] if last else x
+
+    probe, _ = ev.fit_ridge({s: (rows(features(model, data[s].windows, read_layer), s),
+                                 data[s].targets) for s in SPLITS})
+    bag, _ = ev.fit_ridge({s: (rows(ev.bag_of_tokens([w.tokens for w in data[s].windows]), s),
                                data[s].targets) for s in SPLITS})
     mean = float(data["train"].targets.mean())
     return {"linear probe": probe, "bag of tokens": bag,
@@ -329,19 +441,25 @@ def run_train(lake, *, model, corpora=None, params: TrainParams | None = None,
     loaded = load_model(model, device=params.device, dtype="float32", stage="selfreport")
     if progress:
         progress.update("self-report baselines", 0, 1)
-    base = baselines(loaded, data, params.read_layer)
-    preds, metrics = train(loaded, data, params, on_epoch=(
-        lambda e: progress.update("self-report train", e + 1, params.epochs)) if progress
-        else None)
     label = neuron_label(layer, neuron)
-    edges = quantile_edges(data["train"].targets, params.bins)
+    on_epoch = ((lambda e: progress.update("self-report train", e + 1, params.epochs))
+                if progress else None)
+    if params.head == "token":  # every method scored at each window's last token
+        data = {s: d.last() for s, d in data.items()}
+        base = baselines(loaded, data, params.read_layer, last=True)
+        preds, metrics = train_token(loaded, data, params, label, on_epoch)
+    else:
+        base = baselines(loaded, data, params.read_layer)
+        preds, metrics = train(loaded, data, params, on_epoch)
+    bins = Readout("classification", data["train"].targets, params.bins)
     results = []
     for method, p in {"self-report": preds, **base}.items():
         for s in ("val", "test"):
             if len(data[s].targets):
                 results.append({"layer": layer, "neuron": neuron, "method": method,
                                 "head": params.head, "unfreeze": params.unfreeze, "split": s,
-                                **ev.scores(data[s].targets, p[s], edges)})
+                                **ev.scores(data[s].targets, p[s], bins.edges,
+                                            bins.centers)})
     config = {**{k: getattr(params, k) for k in params.__dataclass_fields__}, "neuron": label,
               "model": loaded.name, "revision": loaded.revision}
     for spec, frame in ((SELFREPORT_METRICS, pl.DataFrame(metrics).with_columns(

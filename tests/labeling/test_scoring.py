@@ -74,10 +74,11 @@ def corpus(n: int = 160, seed: int = 0) -> list[str]:
     return out
 
 
-def planted_lake(root, n: int = 80, k: int = 16, sample_tokens: int = 1 << 14):
+def planted_lake(root, n: int = 80, k: int = 16, sample_tokens: int = 1 << 14,
+                 extra_words: tuple[str, ...] = ()):
     """(model folder, lake) of the planted tiny model with the activation statistics of
-    ``n`` texts of :func:`corpus` in corpus "c"."""
-    model = plant(tiny_model_dir(root / "tiny", seed=3))
+    ``n`` texts of :func:`corpus` in corpus "c" (``extra_words``: more tokens)."""
+    model = plant(tiny_model_dir(root / "tiny", seed=3, extra_words=extra_words))
     lake = Lake.init(root / "lake")
     lake.import_prompts([{"text": t} for t in corpus(n)], "c")
     run_activations(lake, model=model, corpora="c", params=ActivationsParams(

@@ -149,3 +149,42 @@ def test_bins_and_f1_equal_a_count():
     pred = np.array([0, 1, 1, 1, 0])
     # class 0: tp 1, p 2, t 2 -> 0.5; class 1: tp 2, p 3, t 2 -> 0.8; class 2: 0
     assert ev.macro_f1(true, pred) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_the_token_head_answers_in_digits(tmp_path):
+    """The verbal self-report: after each window, a question; the model (its last two
+    blocks trained) answers with the digit of the planted neuron's bin at the window's
+    last token. On held-out documents every answer parses and names the right bin; a
+    tokenizer without digit tokens is refused."""
+    from circuit_atlas.selfreport.dataset import run_dataset
+    from tests.factories import WORDS, tiny_model_dir
+    from tests.labeling.test_scoring import plant
+
+    model = plant(tiny_model_dir(tmp_path / "tiny", seed=3,
+                                 extra_words=tuple(str(d) for d in range(10))))
+    lake = Lake.init(tmp_path / "lake")
+    rng = np.random.default_rng(0)
+    plain = [w for w in WORDS if w not in ("w5", "w6")]
+    lake.import_prompts([{"text": " ".join("w5" if rng.random() < 0.3 else
+                                           str(rng.choice(plain)) for _ in range(12))}
+                         for _ in range(120)], "c")
+    run_dataset(lake, model=model, corpora="c", params=DatasetParams(
+        neuron="L1/N7", context=3, val=0.15, test=0.25))
+    report = run_train(lake, model=model, corpora="c", params=TrainParams(
+        head="token", bins=2, unfreeze="last:2", epochs=30, lr=1e-2, patience=5))
+    test = {r["method"]: r for r in Lake(lake.root).table("selfreport_results").filter(
+        pl.col("split") == "test").collect().iter_rows(named=True)}
+    got = test["self-report"]
+    assert got["parse_rate"] == 1.0 and got["accuracy"] > 0.95 and got["macro_f1"] > 0.95
+    assert report.results["self-report"] > 0.85
+    assert test["mean"]["parse_rate"] == 1.0 and test["mean"]["macro_f1"] < 0.6
+    from transformers import AutoTokenizer
+
+    from circuit_atlas.selfreport.trainer import answer_tokens
+
+    assert len(answer_tokens(AutoTokenizer.from_pretrained(model), 10)) == 10
+    no_digits = AutoTokenizer.from_pretrained(tiny_model_dir(tmp_path / "plain", seed=3))
+    with pytest.raises(CircuitAtlasError, match="no single token for the digit 0"):
+        answer_tokens(no_digits, 2)
+    with pytest.raises(CircuitAtlasError, match="--unfreeze last:N"):
+        TrainParams(head="token")
