@@ -12,13 +12,14 @@ from circuit_atlas.cli.options import (
     params_options,
     take_params,
 )
-from circuit_atlas.selfreport.params import DatasetParams, ScanParams, TrainParams
+from circuit_atlas.selfreport.params import DatasetParams, EvalParams, ScanParams, TrainParams
 
 
 @cli.group("self-report")
 def self_report() -> None:
     """Self-report: which neurons the model could learn to report (scan), their data
-    (dataset), and the model trained to report one, against baselines (train)."""
+    (dataset), the model trained to report one against baselines (train), and a run
+    evaluated again from its checkpoint (eval)."""
 
 
 @self_report.command()
@@ -68,3 +69,17 @@ def train(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) 
 
     display.run_stage(run_train, display.console(), lake_path, model=model,
                       corpora=corpora, params=take_params(TrainParams, options))
+
+
+@self_report.command("eval")
+@lake_option
+@model_option
+@corpora_option(help="The corpus of the dataset.")
+@params_options(EvalParams)
+def eval_(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) -> None:
+    """Evaluate a training run again from its checkpoint (its best epoch, its own
+    configuration) on the test split beside the baselines."""
+    from circuit_atlas.selfreport.trainer import run_eval
+
+    display.run_stage(run_eval, display.console(), lake_path, model=model,
+                      corpora=corpora, params=take_params(EvalParams, options))

@@ -118,3 +118,15 @@ class TrainParams:
     def blocks(self) -> int:
         """Blocks of the model that train."""
         return 0 if self.unfreeze == "head" else int(self.unfreeze[5:])
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    """A training run evaluated again from its checkpoint."""
+
+    checkpoints: str | None = None
+    """The run's checkpoint folder (self-report train --checkpoints)."""
+    plots: str | None = None
+    """A folder for the plots (as train --plots)."""
+    device: str = "cpu"
+    """Where the evaluation runs."""

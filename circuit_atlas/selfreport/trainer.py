@@ -27,7 +27,7 @@ import torch
 from circuit_atlas.compute.activations import Window, padded
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.selfreport import evaluate as ev
-from circuit_atlas.selfreport.params import TrainParams
+from circuit_atlas.selfreport.params import EvalParams, TrainParams
 from circuit_atlas.stage import Progress, Report, open_lake
 
 SPLITS = ("train", "val", "test")
@@ -326,6 +326,7 @@ class Checkpoint:
     def __init__(self, params: TrainParams, windows: int) -> None:
         from pathlib import Path
 
+        self.params = {k: getattr(params, k) for k in params.__dataclass_fields__}
         self.folder = Path(params.checkpoints)
         self.path = self.folder / "checkpoint.pt"
         # what must match for a resumed run to be the same run
@@ -337,7 +338,7 @@ class Checkpoint:
     def save(self, state: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save({**state, "key": self.key}, tmp)
+        torch.save({**state, "key": self.key, "params": self.params}, tmp)
         tmp.replace(self.path)
 
     def load(self) -> dict:
@@ -394,10 +395,11 @@ class TrainReport(Report):
     unfreeze: str
     epochs: int
     results: dict[str, float]  # method -> test R²
+    step: str = "train"  # or "eval": evaluated again from a checkpoint
 
     def __str__(self) -> str:
         shown = ", ".join(f"{m} {r:+.3f}" for m, r in self.results.items())
-        return (f"self-report train {self.corpus} {self.neuron} ({self.head}, "
+        return (f"self-report {self.step} {self.corpus} {self.neuron} ({self.head}, "
                 f"{self.unfreeze}, {self.epochs} epochs): test R² {shown}")
 
 
@@ -475,3 +477,27 @@ def run_train(lake, *, model, corpora=None, params: TrainParams | None = None,
                     {m: p["test"] for m, p in {"self-report": preds, **base}.items()})
     test = {r["method"]: r["r2"] for r in results if r["split"] == "test"}
     return TrainReport(corpus, label, params.head, params.unfreeze, len(metrics), test)
+
+
+def run_eval(lake, *, model, corpora=None, params: EvalParams | None = None, cluster=None,
+             progress: Progress | None = None) -> TrainReport:
+    """Evaluate a training run again from its checkpoint: its best epoch's head and
+    blocks, with the run's own configuration, on the test split beside the baselines,
+    training no further; the tables are written as train writes them."""
+    import dataclasses
+    from pathlib import Path
+
+    params = params or EvalParams()
+    if not params.checkpoints:
+        raise CircuitAtlasError("say which run: --checkpoints FOLDER (written by "
+                                "self-report train --checkpoints)")
+    path = Path(params.checkpoints) / "checkpoint.pt"
+    if not path.is_file():
+        raise CircuitAtlasError(f"no checkpoint in {params.checkpoints}")
+    state = torch.load(path, weights_only=False)
+    run = dataclasses.replace(TrainParams(**state["params"]), checkpoints=params.checkpoints,
+                              resume=True, epochs=state["epoch"] + 1, plots=params.plots,
+                              device=params.device)
+    report = run_train(lake, model=model, corpora=corpora, params=run, progress=progress)
+    report.step = "eval"
+    return report

@@ -115,6 +115,14 @@ def test_a_resumed_run_ends_where_one_straight_through_does(dataset, tmp_path):
     run(2, tmp_path / "b")
     resumed = run(5, tmp_path / "b", resume=True)
     assert resumed == straight
+    # evaluated again from its checkpoint, with nothing but the folder: the same scores
+    result = CliRunner().invoke(cli, ["self-report", "eval", "--lake", root, "--model", model,
+                                      "--corpus", "c", "--checkpoints", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "self-report eval c L1/N7 (regression, last:1, 5 epochs)" in result.output
+    again = results(root).filter((pl.col("unfreeze") == "last:1")
+                                 & (pl.col("method") == "self-report"))
+    assert again["r2"].to_list() == [straight[0]["self-report"]]
     with pytest.raises(CircuitAtlasError, match="another run .*lr"):
         run_train(root, model=model, corpora="c", params=TrainParams(
             unfreeze="last:1", epochs=6, lr=1e-3, seed=3, patience=10,
