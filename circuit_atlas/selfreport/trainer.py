@@ -1,8 +1,9 @@
-"""Training a model to report one of its own neurons, with a regression head.
+"""Training a model to report one of its own neurons.
 
 The predictor is the model itself reading its residual stream after ``read_layer``
 blocks (default: its last hidden state), with a linear head that outputs the neuron's
-activation, standardised by the training split's mean and spread. ``unfreeze="head"``
+activation (:class:`Readout`: the activation standardised, or its quantile bin), or the
+model answering a question with the bin's digit (:func:`train_token`). ``unfreeze="head"``
 trains the head alone (the model frozen: its features are computed once, so this is a
 linear probe trained by gradient descent); ``"last:N"`` trains the model's last N
 blocks with it, so the model itself changes to report. A plain torch loop: AdamW, MSE
@@ -77,6 +78,46 @@ def features(model, windows: list[Window], read_layer: int, batch: int = 16) -> 
     return np.concatenate(rows) if rows else np.zeros((0, model.adapter.d_model), np.float32)
 
 
+class Epochs:
+    """What both training loops keep from epoch to epoch: a metrics row per epoch, the
+    best validation loss and the state that reached it, and whether ``patience``
+    epochs have passed without a better one."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best, self.best_state, self.since, self.rows = np.inf, None, 0, []
+
+    def end(self, epoch: int, losses: list[float], val_loss: float, val_r2, t0: float,
+            windows: int, snapshot) -> None:
+        """Record an epoch; ``snapshot()`` is called to keep the state if it is best."""
+        seconds = time.perf_counter() - t0
+        self.rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
+                          "val_loss": val_loss, "val_r2": val_r2, "seconds": seconds,
+                          "windows_per_s": windows / seconds})
+        if val_loss < self.best:
+            self.best, self.since, self.best_state = val_loss, 0, snapshot()
+        else:
+            self.since += 1
+
+    @property
+    def done(self) -> bool:
+        return self.since >= self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_state": self.best_state, "since": self.since,
+                "rows": self.rows}
+
+    def restore(self, state: dict) -> None:
+        self.best, self.best_state = state["best"], state["best_state"]
+        self.since, self.rows = state["since"], state["rows"]
+
+
+def _copy_into(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
+
+
 def _trainable(model, blocks: int) -> list[torch.nn.Parameter]:
     for p in model.model.parameters():
         p.requires_grad_(False)
@@ -93,10 +134,13 @@ def _trainable(model, blocks: int) -> list[torch.nn.Parameter]:
     return params
 
 
-def train(model, data: dict[str, Data], params: TrainParams,
-          on_epoch=None) -> tuple[dict[str, np.ndarray], list[dict]]:
+def train(model, data: dict[str, Data], params: TrainParams, on_epoch=None,
+          frozen: dict[str, np.ndarray] | None = None
+          ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Train the head (and ``params.blocks`` blocks) in place; returns the predictions on
-    every split (in activation units) and one metrics row per epoch."""
+    every split (in activation units) and one metrics row per epoch. ``frozen``: the
+    frozen model's features of every split at ``read_layer`` where already computed
+    (the head alone trains on them)."""
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     d, device = model.adapter.d_model, model.adapter.device
@@ -104,8 +148,11 @@ def train(model, data: dict[str, Data], params: TrainParams,
     head = torch.nn.Linear(d, readout.outputs).to(device=device, dtype=torch.float32)
     blocks = _trainable(model, params.blocks)
     optim = torch.optim.AdamW([*head.parameters(), *blocks], lr=params.lr)
-    cached = {s: torch.as_tensor(features(model, data[s].windows, params.read_layer))
-              for s in SPLITS} if not params.blocks else None
+    cached = None
+    if not params.blocks:
+        frozen = frozen or {s: features(model, data[s].windows, params.read_layer)
+                            for s in SPLITS}
+        cached = {s: torch.as_tensor(frozen[s]) for s in SPLITS}
 
     def outputs(split: str) -> torch.Tensor:
         with torch.no_grad():
@@ -130,22 +177,18 @@ def train(model, data: dict[str, Data], params: TrainParams,
     lengths = [len(w.tokens) for w in data["train"].windows]
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     targets = readout.encode(data["train"].targets)
-    best, best_state, since, rows, first = np.inf, None, 0, [], 0
+    epochs, first = Epochs(params.patience), 0
     val = "val" if len(data["val"].targets) else "train"
     saved = Checkpoint(params, len(lengths)) if params.checkpoints else None
     if saved is not None and params.resume:
         state = saved.load()
         head.load_state_dict(state["head"])
-        with torch.no_grad():
-            for p, v in zip(blocks, state["blocks"], strict=True):
-                p.copy_(v)
+        _copy_into(blocks, state["blocks"])
         optim.load_state_dict(state["optim"])
         rng.bit_generator.state = state["rng"]
-        best, best_state, since, rows = (state["best"], state["best_state"], state["since"],
-                                         state["rows"])
-        first = state["epoch"] + 1
-        if since >= params.patience:
-            first = params.epochs  # it had stopped early: nothing left to do
+        epochs.restore(state)
+        # it had stopped early: nothing left to do
+        first = params.epochs if epochs.done else state["epoch"] + 1
     for epoch in range(first, params.epochs):
         t0 = time.perf_counter()
         order = rng.permutation(len(lengths))
@@ -153,32 +196,22 @@ def train(model, data: dict[str, Data], params: TrainParams,
                   for lo in range(0, len(order), params.batch_windows)]
         out = outputs(val)
         val_loss = float(readout.loss(out, readout.encode(data[val].targets)))
-        pred = readout.decode(out)
-        rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
-                     "val_loss": val_loss, "val_r2": ev.r2(data[val].targets, pred),
-                     "seconds": time.perf_counter() - t0,
-                     "windows_per_s": len(lengths) / (time.perf_counter() - t0)})
+        epochs.end(epoch, losses, val_loss, ev.r2(data[val].targets, readout.decode(out)),
+                   t0, len(lengths), lambda: copy.deepcopy((
+                       {k: v.detach().clone() for k, v in head.state_dict().items()},
+                       [p.detach().clone() for p in blocks])))
         if on_epoch:
             on_epoch(epoch)
-        if val_loss < best:
-            best, since = val_loss, 0
-            best_state = copy.deepcopy(({k: v.detach().clone() for k, v in head.state_dict()
-                                         .items()}, [p.detach().clone() for p in blocks]))
-        else:
-            since += 1
         if saved is not None:
             saved.save({"epoch": epoch, "head": head.state_dict(),
                         "blocks": [p.detach().clone() for p in blocks],
                         "optim": optim.state_dict(), "rng": rng.bit_generator.state,
-                        "best": best, "best_state": best_state, "since": since,
-                        "rows": rows})
-        if since >= params.patience:
+                        **epochs.state()})
+        if epochs.done:
             break
-    head.load_state_dict(best_state[0])
-    with torch.no_grad():
-        for p, saved in zip(blocks, best_state[1], strict=True):
-            p.copy_(saved)
-    return {s: readout.decode(outputs(s)) for s in SPLITS}, rows
+    head.load_state_dict(epochs.best_state[0])
+    _copy_into(blocks, epochs.best_state[1])
+    return {s: readout.decode(outputs(s)) for s in SPLITS}, epochs.rows
 
 
 class Readout:
@@ -281,7 +314,7 @@ def train_token(model, data: dict[str, Data], params: TrainParams, label: str,
 
     train_labels = readout.encode(data["train"].targets)
     windows = data["train"].windows
-    best, best_state, since, rows = np.inf, None, 0, []
+    epochs = Epochs(params.patience)
     val = "val" if len(data["val"].targets) else "train"
     for epoch in range(params.epochs):
         t0 = time.perf_counter()
@@ -298,24 +331,15 @@ def train_token(model, data: dict[str, Data], params: TrainParams, label: str,
             losses.append(float(loss.detach()))
         pred, val_loss = answer(val)
         ok = np.isfinite(pred)
-        rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
-                     "val_loss": val_loss,
-                     "val_r2": ev.r2(data[val].targets[ok], pred[ok]) if ok.sum() > 1
-                     else None,
-                     "seconds": time.perf_counter() - t0,
-                     "windows_per_s": len(windows) / (time.perf_counter() - t0)})
+        epochs.end(epoch, losses, val_loss,
+                   ev.r2(data[val].targets[ok], pred[ok]) if ok.sum() > 1 else None, t0,
+                   len(windows), lambda: [p.detach().clone() for p in blocks])
         if on_epoch:
             on_epoch(epoch)
-        if val_loss < best:
-            best, since, best_state = val_loss, 0, [p.detach().clone() for p in blocks]
-        else:
-            since += 1
-            if since >= params.patience:
-                break
-    with torch.no_grad():
-        for p, saved in zip(blocks, best_state, strict=True):
-            p.copy_(saved)
-    return {s: answer(s)[0] for s in SPLITS}, rows
+        if epochs.done:
+            break
+    _copy_into(blocks, epochs.best_state)
+    return {s: answer(s)[0] for s in SPLITS}, epochs.rows
 
 
 class Checkpoint:
@@ -352,15 +376,15 @@ class Checkpoint:
         return state
 
 
-def baselines(model, data: dict[str, Data], read_layer: int, last: bool = False
+def baselines(data: dict[str, Data], frozen: dict[str, np.ndarray], last: bool = False
               ) -> dict[str, dict[str, np.ndarray]]:
-    """Predictions of the linear probe, the bag of tokens and the mean on every split
-    (``last``: at each window's last token only, the targets being those)."""
+    """Predictions of the linear probe (on ``frozen``, the frozen model's features of
+    every split), the bag of tokens and the mean on every split (``last``: at each
+    window's last token only, the targets being those)."""
     def rows(x: np.ndarray, s: str) -> np.ndarray:
         return x[data[s].ends] if last else x
 
-    probe, _ = ev.fit_ridge({s: (rows(features(model, data[s].windows, read_layer), s),
-                                 data[s].targets) for s in SPLITS})
+    probe, _ = ev.fit_ridge({s: (rows(frozen[s], s), data[s].targets) for s in SPLITS})
     bag, _ = ev.fit_ridge({s: (rows(ev.bag_of_tokens([w.tokens for w in data[s].windows]), s),
                                data[s].targets) for s in SPLITS})
     mean = float(data["train"].targets.mean())
@@ -371,7 +395,7 @@ def baselines(model, data: dict[str, Data], read_layer: int, last: bool = False
 def publish_run(lake, model: str, corpus: str, spec, frame: pl.DataFrame, config: dict
                 ) -> None:
     """A new version of a run table holding the earlier runs' rows and this run's, which
-    replace an earlier run of the same neuron and unfreezing; the manifest keeps every
+    replace an earlier run of the same neuron, head and unfreezing; the manifest keeps every
     run's configuration (the experiment's config, saved beside its results)."""
     key = f"{config['neuron']} {config['head']} {config['unfreeze']}"
     old = lake.optional_table(spec.name, model, corpus)
@@ -405,20 +429,18 @@ class TrainReport(Report):
 
 def run_train(lake, *, model, corpora=None, params: TrainParams | None = None,
               cluster=None, progress: Progress | None = None) -> TrainReport:
-    """Train a regression head (and, with ``last:N``, the last blocks) to report the
-    neuron of a corpus's ``selfreport_dataset``; evaluate it and the baselines on the
-    test split; write ``selfreport_metrics`` and ``selfreport_results``."""
+    """Train a head (and, with ``last:N``, the last blocks) to report the neuron of a
+    corpus's ``selfreport_dataset``; evaluate it and the baselines on the test split;
+    write ``selfreport_metrics`` and ``selfreport_results``."""
     from circuit_atlas.compute.models import load_model
     from circuit_atlas.lake.neurons import neuron_label, parse_neuron
     from circuit_atlas.lake.schemas import SELFREPORT_METRICS, SELFREPORT_RESULTS
     from circuit_atlas.names import model_name
+    from circuit_atlas.selfreport.dataset import one_corpus
 
     lake, params = open_lake(lake), params or TrainParams()
     name = model_name(model)
-    corpora = [corpora] if isinstance(corpora, str) else list(corpora or [])
-    if len(corpora) != 1:
-        raise CircuitAtlasError("give the corpus of the dataset: --corpus C")
-    corpus = corpora[0]
+    corpus = one_corpus(corpora, "of the dataset")
     table = lake.optional_table("selfreport_dataset", name, corpus)
     if table is None:
         raise CircuitAtlasError(f"no self-report dataset for {name!r} / {corpus!r}; run: "
@@ -446,13 +468,15 @@ def run_train(lake, *, model, corpora=None, params: TrainParams | None = None,
     label = neuron_label(layer, neuron)
     on_epoch = ((lambda e: progress.update("self-report train", e + 1, params.epochs))
                 if progress else None)
+    # the frozen model's features, once: the probe's, and the head's when it trains alone
+    frozen = {s: features(loaded, data[s].windows, params.read_layer) for s in SPLITS}
     if params.head == "token":  # every method scored at each window's last token
         data = {s: d.last() for s, d in data.items()}
-        base = baselines(loaded, data, params.read_layer, last=True)
+        base = baselines(data, frozen, last=True)
         preds, metrics = train_token(loaded, data, params, label, on_epoch)
     else:
-        base = baselines(loaded, data, params.read_layer)
-        preds, metrics = train(loaded, data, params, on_epoch)
+        base = baselines(data, frozen)
+        preds, metrics = train(loaded, data, params, on_epoch, frozen)
     bins = Readout("classification", data["train"].targets, params.bins)
     results = []
     for method, p in {"self-report": preds, **base}.items():
