@@ -1,7 +1,7 @@
 """Self-report training speed: windows per second and peak memory per unfreezing
 strategy, on SmolLM2.
 
-    .venv/bin/python bench/selfreport.py                      # head, last:1, last:2 on the CPU
+    .venv/bin/python bench/selfreport.py              # head, last:1, last:2, lora:8 on the CPU
     python bench/selfreport.py --device cuda --strategies head,last:2,last:8
 
 Windows of ``--context`` tokens cut from the demo corpora, split 80/10/10, the
@@ -40,7 +40,8 @@ def child(args) -> None:
 
     model = load_model("smollm2", device=args.device, dtype="float32")
     windows = demo_windows(model.tokenizer, args.windows, args.context)
-    acts = neuron_activations(model, windows, *parse_neuron(args.neuron))
+    acts = neuron_activations(model, windows, [parse_neuron(args.neuron)])[
+        parse_neuron(args.neuron)]
     cut = [int(0.8 * len(windows)), int(0.9 * len(windows))]
     parts = {"train": windows[:cut[0]], "val": windows[cut[0]:cut[1]],
              "test": windows[cut[1]:]}
@@ -63,7 +64,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--neuron", default="L29/N66")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--strategies", default="head,last:1,last:2")
+    ap.add_argument("--strategies", default="head,last:1,last:2,lora:8")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -12,14 +12,21 @@ from circuit_atlas.cli.options import (
     params_options,
     take_params,
 )
-from circuit_atlas.selfreport.params import DatasetParams, EvalParams, ScanParams, TrainParams
+from circuit_atlas.selfreport.params import (
+    DatasetParams,
+    EvalParams,
+    ScanParams,
+    TrainParams,
+    TransferParams,
+)
 
 
 @cli.group("self-report")
 def self_report() -> None:
     """Self-report: which neurons the model could learn to report (scan), their data
-    (dataset), the model trained to report one against baselines (train), and a run
-    evaluated again from its checkpoint (eval)."""
+    (dataset), the model trained to report one against baselines (train), a run
+    evaluated again from its checkpoint (eval), and one head shared by many neurons
+    scored on neurons it never trained on (transfer)."""
 
 
 @self_report.command()
@@ -48,8 +55,9 @@ def scan(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) -
 @corpora_option(help="The corpus to take texts from.")
 @params_options(DatasetParams)
 def dataset(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) -> None:
-    """Cut a corpus's texts into windows with one neuron's activation at every token,
-    split train / val / test by document, into the selfreport_dataset table."""
+    """Cut a corpus's texts into windows with one neuron's (or several neurons')
+    activation at every token, split train / val / test by document, into the
+    selfreport_dataset table."""
     from circuit_atlas.selfreport.dataset import run_dataset
 
     display.run_stage(run_dataset, display.console(), lake_path, model=model,
@@ -83,3 +91,19 @@ def eval_(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) 
 
     display.run_stage(run_eval, display.console(), lake_path, model=model,
                       corpora=corpora, params=take_params(EvalParams, options))
+
+
+@self_report.command()
+@lake_option
+@model_option
+@corpora_option(help="The corpus of the dataset (of several neurons).")
+@params_options(TransferParams)
+def transfer(lake_path: str, model: str, corpora: tuple[str, ...], **options: Any) -> None:
+    """Train one head, told which neuron by its input weights (or a learned vector), on
+    some of the dataset's neurons; score it on every neuron's test documents, those it
+    never trained on included, beside each neuron's own linear probe, its mean and the
+    nearest trained neuron's probe; write selfreport_transfer."""
+    from circuit_atlas.selfreport.transfer import run_transfer
+
+    display.run_stage(run_transfer, display.console(), lake_path, model=model,
+                      corpora=corpora, params=take_params(TransferParams, options))

@@ -436,6 +436,29 @@ at the last token of each window, R² and Pearson over the answers that parse as
 digit, parse_rate their share; 1 for the other methods).""",
 )
 
+SELFREPORT_TRANSFER = TableSpec(
+    name="selfreport_transfer",
+    version=1,
+    fields=(
+        _f("layer", pa.int16()), _f("neuron", pa.int32()), _f("role", pa.string()),
+        _f("identity", pa.string()), _f("method", pa.string()), _f("split", pa.string()),
+        _f("r2", pa.float64(), nullable=True), _f("pearson", pa.float64(), nullable=True),
+        _f("accuracy", pa.float64()), _f("macro_f1", pa.float64(), nullable=True),
+        _f("tokens", pa.int64()),
+    ),
+    partitions=_DERIVED,
+    doc="""One self-report head shared by a dataset's neurons and told which one to report
+(see circuit_atlas.selfreport.transfer), scored per neuron on its validation and test
+documents. role: "trained" (the head trained on this neuron's training windows) or
+"held out" (never trained on it); identity: how the head is told the neuron ("weights":
+its input weights; "embedding": a vector learned per neuron); method "self-report" (the
+shared head), "linear probe" (ridge on the same residual, fit on this neuron's own
+training labels), "mean" (its training mean) and, for held-out neurons, "nearest neuron"
+(the probe of the trained neuron with the most alike input weights). Scores as in
+selfreport_results (bins: 10 quantiles of the neuron's training activations). The
+manifest holds each run's configuration, its held-out neurons and its learning curve.""",
+)
+
 ROLES = TableSpec(
     name="roles",
     version=1,
@@ -835,7 +858,7 @@ DERIVED: dict[str, TableSpec] = {
                         NEGATIVES, LABEL_SCORES, INTERVENTIONS, NEURON_CAUSAL,
                         CIRCUIT_EFFECTS, INVESTIGATIONS, WIRING, WIRING_AGREEMENT,
                         SELFREPORT_CANDIDATES, SELFREPORT_DATASET, SELFREPORT_METRICS,
-                        SELFREPORT_RESULTS)}
+                        SELFREPORT_RESULTS, SELFREPORT_TRANSFER)}
 
 # The tables a graph shard holds, written together and committed together.
 SHARD_TABLES: tuple[str, ...] = ("graphs", "graph_nodes", "graph_edges")

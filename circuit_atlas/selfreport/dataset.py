@@ -1,7 +1,8 @@
 """The dataset of a self-report experiment: a corpus's texts cut into windows, each
-mapped to one neuron's activation at every token, split into train, validation and test
-**by document** (``lake.splits.document_split``: a text's windows all land in one split,
-so no test text is ever trained on, and the split is the same in every run).
+mapped to one neuron's (or several neurons') activation at every token, split into
+train, validation and test **by document** (``lake.splits.document_split``: a text's
+windows all land in one split, so no test text is ever trained on, and the split is the
+same in every run).
 
 The activations are read where the neuron is computed: the input of its layer's
 ``down_proj``, during a batched forward of the model's base (windows right-padded; in a
@@ -32,6 +33,21 @@ def one_corpus(corpora, what: str) -> str:
     return corpora[0]
 
 
+def read_dataset(lake, model, corpora, example: str) -> tuple[str, pl.DataFrame,
+                                                              list[tuple[int, int]]]:
+    """(corpus, the collected selfreport_dataset, its neurons sorted) of the one corpus
+    given; a refusal naming the dataset command (with ``example`` neurons) without one."""
+    from circuit_atlas.names import model_name
+
+    name, corpus = model_name(model), one_corpus(corpora, "of the dataset")
+    table = lake.optional_table("selfreport_dataset", name, corpus)
+    if table is None:
+        raise CircuitAtlasError(f"no self-report dataset for {name!r} / {corpus!r}; run: "
+                                f"circuit-atlas self-report dataset --neuron {example}")
+    table = table.collect()
+    return corpus, table, sorted(set(table.select("layer", "neuron").iter_rows()))
+
+
 def corpus_windows(tokenizer, texts: list[tuple[str, str]], context: int) -> list[Window]:
     """Consecutive windows of ``context`` tokens of every text (prompt_id, text)."""
     out = []
@@ -43,52 +59,96 @@ def corpus_windows(tokenizer, texts: list[tuple[str, str]], context: int) -> lis
 
 
 @torch.no_grad()
-def neuron_activations(model, windows: list[Window], layer: int, neuron: int,
-                       batch_tokens: int = 4096) -> dict[int, np.ndarray]:
-    """{window id: (len,) float32} the neuron's activation at every token of each
-    window."""
+def neuron_activations(model, windows: list[Window], neurons: list[tuple[int, int]],
+                       batch_tokens: int = 4096) -> dict[tuple[int, int], dict[int, np.ndarray]]:
+    """{(layer, neuron): {window id: (len,) float32}} each neuron's activation at every
+    token of each window, all neurons read in the same forward passes."""
     a = model.adapter
-    if not (0 <= layer < a.n_layers and 0 <= neuron < a.n_neurons):
-        raise CircuitAtlasError(f"{neuron_label(layer, neuron)} is not in this model "
-                                f"({a.n_layers} layers of {a.n_neurons} neurons)")
+    for layer, neuron in neurons:
+        if not (0 <= layer < a.n_layers and 0 <= neuron < a.n_neurons):
+            raise CircuitAtlasError(f"{neuron_label(layer, neuron)} is not in this model "
+                                    f"({a.n_layers} layers of {a.n_neurons} neurons)")
     down = [m for name, m in model.model.named_modules() if name.endswith("mlp.down_proj")]
-    seen: list[torch.Tensor] = []
-    hook = down[layer].register_forward_pre_hook(
-        lambda _m, args: seen.append(args[0][..., neuron].float().cpu()))
-    out: dict[int, np.ndarray] = {}
+    by_layer: dict[int, list[int]] = {}
+    for layer, neuron in neurons:
+        by_layer.setdefault(layer, []).append(neuron)
+    seen: dict[int, torch.Tensor] = {}
+
+    def reader(layer: int, index: torch.Tensor):
+        def hook(_m, args):
+            seen[layer] = args[0][..., index].float().cpu()
+        return hook
+
+    hooks = [down[layer].register_forward_pre_hook(reader(layer, torch.as_tensor(idx)))
+             for layer, idx in by_layer.items()]
+    out: dict[tuple[int, int], dict[int, np.ndarray]] = {n: {} for n in neurons}
     try:
         for group in batches(windows, batch_tokens):
-            seen.clear()
             model.model.base_model(input_ids=padded(group, a.device), use_cache=False)
-            for w, row in zip(group, seen[0], strict=True):
-                out[w.window] = row[:len(w.tokens)].numpy().astype(np.float32)
+            for layer, idx in by_layer.items():
+                for i, w in enumerate(group):
+                    row = seen[layer][i, :len(w.tokens)].numpy().astype(np.float32)
+                    for j, neuron in enumerate(idx):
+                        out[layer, neuron][w.window] = np.ascontiguousarray(row[:, j])
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     return out
 
 
-def dataset_table(windows: list[Window], acts: dict[int, np.ndarray], layer: int,
-                  neuron: int, val: float, test: float) -> pl.DataFrame:
-    """One row per window: its split (by document), tokens and activations."""
-    frame = pl.DataFrame({
-        "layer": pl.Series([layer] * len(windows), dtype=pl.Int16),
-        "neuron": pl.Series([neuron] * len(windows), dtype=pl.Int32),
+def dataset_table(windows: list[Window], acts: dict[tuple[int, int], dict[int, np.ndarray]],
+                  neurons: list[tuple[int, int]], val: float, test: float) -> pl.DataFrame:
+    """One row per neuron and window: its split (by document), tokens and the neuron's
+    activations (the windows' columns built once, whatever the number of neurons)."""
+    import pyarrow as pa
+
+    base = pl.DataFrame({
         "window_id": pl.Series([w.window for w in windows], dtype=pl.Int64),
         "prompt_id": [w.doc for w in windows],
         "start": pl.Series([w.start for w in windows], dtype=pl.Int32),
         "token_ids": pl.Series([list(w.tokens) for w in windows], dtype=pl.List(pl.Int32)),
-        "activations": pl.Series([acts[w.window].tolist() for w in windows],
-                                 dtype=pl.List(pl.Float32)),
-    })
-    return frame.with_columns(split=document_split(pl.col("prompt_id"), val, test)).select(
-        "layer", "neuron", "split", "window_id", "prompt_id", "start", "token_ids",
-        "activations")
+    }).with_columns(split=document_split(pl.col("prompt_id"), val, test))
+    lengths = np.array([len(w.tokens) for w in windows], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(np.tile(lengths, len(neurons)))])
+    flat = np.concatenate([acts[n][w.window] for n in neurons for w in windows]
+                          ) if windows else np.zeros(0, np.float32)
+    values = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                      pa.array(flat.astype(np.float32)))
+    frame = base[np.tile(np.arange(len(windows)), len(neurons))].with_columns(
+        layer=pl.Series(np.repeat([n[0] for n in neurons], len(windows)), dtype=pl.Int16),
+        neuron=pl.Series(np.repeat([n[1] for n in neurons], len(windows)), dtype=pl.Int32),
+        activations=pl.Series(values).cast(pl.List(pl.Float32)))
+    return frame.select("layer", "neuron", "split", "window_id", "prompt_id", "start",
+                        "token_ids", "activations")
+
+
+def chosen_neurons(lake, model: str, corpus: str, spec: str, n_neurons: int,
+                   n_layers: int) -> list[tuple[int, int]]:
+    """The neurons ``--neuron`` names: one (L12/N345), several (L12/N345,L3/N7), every
+    neuron of a layer (L12/*) or the scan's best N (top:N, from selfreport_candidates)."""
+    out: list[tuple[int, int]] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part.startswith("top:") and part[4:].isdigit() and int(part[4:]) > 0:
+            table = lake.optional_table("selfreport_candidates", model, corpus)
+            if table is None:
+                raise CircuitAtlasError(f"--neuron {part} takes the best of the scan: run "
+                                        "circuit-atlas self-report scan first")
+            out += table.sort("rank").head(int(part[4:])).select(
+                "layer", "neuron").collect().rows()
+        elif part.endswith("/*"):
+            layer = parse_neuron(part[:-2] + "/N0")[0]
+            if not 0 <= layer < n_layers:
+                raise CircuitAtlasError(f"--neuron {part}: the model has {n_layers} layers")
+            out += [(layer, n) for n in range(n_neurons)]
+        else:
+            out.append(parse_neuron(part))
+    return sorted(set(out))
 
 
 @dataclass
 class DatasetReport(Report):
     corpus: str
-    neuron: str
+    neurons: list[str]
     windows: dict[str, int]
     documents: dict[str, int]
     tokens: int
@@ -96,21 +156,25 @@ class DatasetReport(Report):
     def __str__(self) -> str:
         parts = ", ".join(f"{s} {self.windows.get(s, 0):,} windows of "
                           f"{self.documents.get(s, 0):,} texts" for s in ("train", "val", "test"))
-        return (f"self-report dataset {self.corpus} {self.neuron}: {parts}; "
+        shown = (", ".join(self.neurons) if len(self.neurons) <= 4 else
+                 f"{len(self.neurons):,} neurons ({self.neurons[0]} .. {self.neurons[-1]})")
+        return (f"self-report dataset {self.corpus} {shown}: {parts}; "
                 f"{self.tokens:,} tokens")
 
 
 def run_dataset(lake, *, model, corpora=None, params: DatasetParams | None = None,
                 cluster=None, progress: Progress | None = None) -> DatasetReport:
-    """Map the windows of a corpus's texts to ``params.neuron``'s activations and write
-    the ``selfreport_dataset`` table (train / val / test by document)."""
+    """Map the windows of a corpus's texts to the activations of ``params.neuron`` (one
+    neuron or several) and write the ``selfreport_dataset`` table (train / val / test by
+    document), replacing the corpus's earlier dataset."""
     from circuit_atlas.compute.models import load_model
     from circuit_atlas.lake.schemas import SELFREPORT_DATASET
+    from circuit_atlas.names import model_name
 
     lake, params = open_lake(lake), params or DatasetParams()
     if not params.neuron:
-        raise CircuitAtlasError("say which neuron to report: --neuron L12/N345")
-    layer, neuron = parse_neuron(params.neuron)
+        raise CircuitAtlasError("say which neuron to report: --neuron L12/N345 (or several: "
+                                "L12/N345,L3/N7, L12/*, top:8)")
     corpus = one_corpus(corpora, "to take texts from")
     texts = (lake.scan("prompts", corpus=corpus).select("prompt_id", "text")
              .sort("prompt_id").collect().rows())
@@ -119,25 +183,30 @@ def run_dataset(lake, *, model, corpora=None, params: DatasetParams | None = Non
         raise CircuitAtlasError(f"corpus {corpus!r} has no texts; run: circuit-atlas prompts "
                                 "import FILE --corpus " + corpus)
     loaded = load_model(model, device=params.device, dtype=params.dtype, stage="selfreport")
+    a = loaded.adapter
+    neurons = chosen_neurons(lake, model_name(model), corpus, params.neuron, a.n_neurons,
+                             a.n_layers)
     windows = corpus_windows(loaded.tokenizer, texts, params.context)
     if progress:
         progress.update("self-report dataset", 0, len(windows))
-    acts = neuron_activations(loaded, windows, layer, neuron, params.batch_tokens)
+    acts = neuron_activations(loaded, windows, neurons, params.batch_tokens)
     if progress:
         progress.update("self-report dataset", len(windows), len(windows))
-    table = dataset_table(windows, acts, layer, neuron, params.val, params.test)
     version = lake.new_table_version(loaded.name, corpus, "selfreport_dataset")
-    name = version.write(f"{neuron_label(layer, neuron).replace('/', '-')}.parquet",
-                         table.to_arrow(), SELFREPORT_DATASET)
-    counts = table.group_by("split").agg(windows=pl.len(), documents=pl.col(
+    names, table = [], None
+    for layer in sorted({n[0] for n in neurons}):  # one file per layer
+        table = dataset_table(windows, acts, [n for n in neurons if n[0] == layer],
+                              params.val, params.test)
+        names.append(version.write(f"L{layer}.parquet", table.to_arrow(), SELFREPORT_DATASET))
+    one = table.filter(pl.col("neuron") == table["neuron"][0])  # every neuron's windows
+    counts = one.group_by("split").agg(windows=pl.len(), documents=pl.col(
         "prompt_id").n_unique())
-    version.publish([name], {"neuron": neuron_label(layer, neuron), "model": loaded.name,
-                             "revision": loaded.revision, "dtype": loaded.dtype_name,
-                             "params": {"context": params.context, "val": params.val,
-                                        "test": params.test, "limit": params.limit},
-                             "windows": dict(counts.select("split", "windows").rows())})
-    return DatasetReport(corpus, neuron_label(layer, neuron),
-                         dict(counts.select("split", "windows").rows()),
+    labels = [neuron_label(*n) for n in neurons]
+    version.publish(names, {"neurons": labels, "model": loaded.name,
+                            "revision": loaded.revision, "dtype": loaded.dtype_name,
+                            "params": {"context": params.context, "val": params.val,
+                                       "test": params.test, "limit": params.limit},
+                            "windows": dict(counts.select("split", "windows").rows())})
+    return DatasetReport(corpus, labels, dict(counts.select("split", "windows").rows()),
                          dict(counts.select("split", "documents").rows()),
                          int(sum(len(w.tokens) for w in windows)))
-

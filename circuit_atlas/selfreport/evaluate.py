@@ -28,31 +28,37 @@ def pearson(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.corrcoef(y, p)[0, 1])
 
 
-def ridge(x: np.ndarray, y: np.ndarray, penalty: float) -> tuple[np.ndarray, float]:
-    """(weights, intercept) of ridge regression on centred features, in float64."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    mx, my = x.mean(0), y.mean()
-    xc = x - mx
-    gram = xc.T @ xc
-    gram[np.diag_indices_from(gram)] += penalty * len(x)
-    w = np.linalg.solve(gram, xc.T @ (y - my))
-    return w, float(my - mx @ w)
-
-
 def fit_ridge(splits: dict[str, tuple[np.ndarray, np.ndarray]]
               ) -> tuple[dict[str, np.ndarray], float]:
     """Predictions on every split of a ridge fit on "train", its penalty chosen by R² on
     "val" (on "train" when there is no validation split); and that penalty."""
-    x, y = splits["train"]
+    preds, penalties = fit_ridges({s: (x, y[:, None]) for s, (x, y) in splits.items()})
+    return {s: p[:, 0] for s, p in preds.items()}, float(penalties[0])
+
+
+def fit_ridges(splits: dict[str, tuple[np.ndarray, np.ndarray]]
+               ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """:func:`fit_ridge` for many targets on the same features at once (``y`` of shape
+    (rows, targets)), each target's penalty chosen on its own: one eigendecomposition of
+    the training features' Gram matrix serves every penalty and every target."""
+    x, y = (np.asarray(a, np.float64) for a in splits["train"])
     pick = "val" if len(splits.get("val", ((), ()))[1]) else "train"
-    best = None
+    mx, my = x.mean(0), y.mean(0)
+    xc = x - mx
+    vals, vecs = np.linalg.eigh(xc.T @ xc)
+    proj = vecs.T @ (xc.T @ (y - my))  # (features, targets) in the eigenbasis
+    xv, yv = np.asarray(splits[pick][0], np.float64), np.asarray(splits[pick][1], np.float64)
+    total = ((yv - yv.mean(0)) ** 2).sum(0)
+    best, weights = np.full(y.shape[1], -np.inf), np.zeros((x.shape[1], y.shape[1]))
+    chosen = np.zeros(y.shape[1])
     for penalty in PENALTIES:
-        w, b = ridge(x, y, penalty)
-        score = r2(splits[pick][1], splits[pick][0] @ w + b)
-        if best is None or score > best[0]:
-            best = (score, penalty, w, b)
-    _, penalty, w, b = best
-    return {s: xs @ w + b for s, (xs, _) in splits.items()}, penalty
+        w = vecs @ (proj / (np.maximum(vals, 0) + penalty * len(x))[:, None])
+        resid = ((yv - ((xv - mx) @ w + my)) ** 2).sum(0)
+        score = np.where(total > 0, 1 - resid / np.where(total > 0, total, 1), -resid)
+        better = score > best
+        best[better], chosen[better], weights[:, better] = score[better], penalty, w[:, better]
+    return {s: (np.asarray(xs, np.float64) - mx) @ weights + my
+            for s, (xs, _) in splits.items()}, chosen
 
 
 def bag_of_tokens(token_ids: list[np.ndarray]) -> np.ndarray:

@@ -32,7 +32,8 @@ class DatasetParams:
     """Text windows of a corpus mapped to one neuron's activation at every token."""
 
     neuron: str | None = None
-    """The neuron to report (L12/N345)."""
+    """The neuron to report (L12/N345), or several for self-report transfer: a comma
+    list (L12/N345,L3/N7), a whole layer (L12/*) or the scan's best N (top:N)."""
     context: int = 64
     """Tokens per window (texts are cut into consecutive windows of this length)."""
     val: float = 0.1
@@ -74,8 +75,10 @@ class TrainParams:
     """The residual stream the head reads: after this many blocks (-1: the model's last
     hidden state, after its final norm)."""
     unfreeze: str = "head"
-    """What trains: "head" (the model frozen: a probe trained by gradient descent) or
-    "last:N" (the head and the model's last N blocks)."""
+    """What trains: "head" (the model frozen: a probe trained by gradient descent),
+    "last:N" (the head and the model's last N blocks) or "lora:R" (the head and
+    rank-R low-rank adapters on every linear map of every block, the model's own
+    weights frozen)."""
     epochs: int = 20
     """Passes over the training windows at most."""
     patience: int = 3
@@ -103,21 +106,33 @@ class TrainParams:
                                     "head: one digit)")
         if self.head == "token" and (self.unfreeze == "head" or self.checkpoints):
             raise CircuitAtlasError("the token head trains the model itself to answer: use "
-                                    "--unfreeze last:N (and no --checkpoints yet)")
+                                    "--unfreeze last:N or lora:R (and no --checkpoints "
+                                    "yet)")
         if self.resume and not self.checkpoints:
             raise CircuitAtlasError("--resume needs --checkpoints FOLDER")
-        if self.unfreeze != "head" and not (self.unfreeze.startswith("last:")
-                                            and self.unfreeze[5:].isdigit()
-                                            and int(self.unfreeze[5:]) > 0):
-            raise CircuitAtlasError(f"--unfreeze {self.unfreeze!r}: use head or last:N")
+        kind, _, n = self.unfreeze.partition(":")
+        if self.unfreeze != "head" and not (kind in ("last", "lora") and n.isdigit()
+                                            and int(n) > 0):
+            raise CircuitAtlasError(f"--unfreeze {self.unfreeze!r}: use head, last:N or "
+                                    "lora:R")
         if self.epochs < 1 or self.patience < 1 or self.batch_windows < 1 or self.lr <= 0:
             raise CircuitAtlasError("--epochs, --patience, --batch-windows and --lr must "
                                     "be positive")
 
     @property
     def blocks(self) -> int:
-        """Blocks of the model that train."""
-        return 0 if self.unfreeze == "head" else int(self.unfreeze[5:])
+        """Blocks of the model that train whole (last:N)."""
+        return int(self.unfreeze[5:]) if self.unfreeze.startswith("last:") else 0
+
+    @property
+    def lora_rank(self) -> int:
+        """The rank of the adapters (lora:R; 0: none)."""
+        return int(self.unfreeze[5:]) if self.unfreeze.startswith("lora:") else 0
+
+    @property
+    def trains_model(self) -> bool:
+        """Whether anything of the model trains (its features change as it does)."""
+        return self.unfreeze != "head"
 
 
 @dataclass(frozen=True)
@@ -130,3 +145,64 @@ class EvalParams:
     """A folder for the plots (as train --plots)."""
     device: str = "cpu"
     """Where the evaluation runs."""
+
+
+@dataclass(frozen=True)
+class TransferParams:
+    """One head shared by the dataset's neurons, told which neuron to report, and
+    scored on neurons it never trained on."""
+
+    identity: Literal["weights", "embedding"] = "weights"
+    """How the head is told the neuron: "weights", the neuron's own input weights (its
+    gate and up rows through the norm before its MLP), which a neuron never trained on
+    has too; "embedding", a vector learned per neuron (one head for many neurons, no
+    transfer to new ones)."""
+    held_out: str = "0.25"
+    """Neurons of the dataset the head never trains on, scored on the test split: a
+    share of them (drawn with --seed) or a comma list (L12/N345,L12/N7); 0 with
+    --identity embedding."""
+    read_layer: int = -1
+    """The residual stream the head reads (as self-report train)."""
+    width: int = 256
+    """Width of the head's product features and hidden layer."""
+    neurons_per_step: int = 64
+    """Training neurons drawn for each step (all of them where fewer)."""
+    epochs: int = 50
+    """Passes over the training windows at most."""
+    patience: int = 5
+    """Epochs without a better validation loss before stopping."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    batch_windows: int = 16
+    """Windows per training step."""
+    seed: int = 0
+    """Seed of the held-out draw, the head's initialisation and the batch order."""
+    device: str = "cpu"
+    """Where training runs (float32)."""
+    plots: str | None = None
+    """A folder for the learning curves and the per-neuron test R² (PNG)."""
+
+    def __post_init__(self) -> None:
+        share = _share(self.held_out)
+        if share is not None and not 0 <= share < 1:
+            raise CircuitAtlasError("--held-out: a share of the neurons in [0, 1), or a "
+                                    "comma list of neurons")
+        if self.identity == "embedding" and share != 0:
+            raise CircuitAtlasError("--identity embedding learns a vector per trained "
+                                    "neuron: it has none for a held-out one (--held-out 0)")
+        if min(self.width, self.neurons_per_step, self.epochs, self.patience,
+               self.batch_windows) < 1 or self.lr <= 0:
+            raise CircuitAtlasError("--width, --neurons-per-step, --epochs, --patience, "
+                                    "--batch-windows and --lr must be positive")
+
+    @property
+    def held_out_share(self) -> float | None:
+        """The share asked for, or None where --held-out lists neurons."""
+        return _share(self.held_out)
+
+
+def _share(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None

@@ -3,16 +3,17 @@
 The predictor is the model itself reading its residual stream after ``read_layer``
 blocks (default: its last hidden state), with a linear head that outputs the neuron's
 activation (:class:`Readout`: the activation standardised, or its quantile bin), or the
-model answering a question with the bin's digit (:func:`train_token`). ``unfreeze="head"``
-trains the head alone (the model frozen: its features are computed once, so this is a
-linear probe trained by gradient descent); ``"last:N"`` trains the model's last N
-blocks with it, so the model itself changes to report. A plain torch loop: AdamW, MSE
-on every token of the training windows, the validation loss after each epoch, the best
-epoch's weights kept, stopping after ``patience`` epochs without a better one; fixed
-seeds, so a run repeats exactly; with ``checkpoints`` the whole state after every epoch,
-so that a resumed run ends where one straight through would. The evaluation compares
-it on the test split with the baselines of :mod:`evaluate`, computed on the frozen
-model before training.
+model answering a question with the bin's digit (:func:`train_token`).
+``unfreeze="head"`` trains the head alone (the model frozen: its features are computed
+once, so this is a linear probe trained by gradient descent); ``"last:N"`` trains the
+model's last N blocks with it, so the model itself changes to report; ``"lora:R"`` adds
+rank-R adapters to every block (:mod:`lora`) and trains those, the weights frozen. A
+plain torch loop: AdamW, MSE on every token of the training windows, the validation loss
+after each epoch, the best epoch's weights kept, stopping after ``patience`` epochs
+without a better one; fixed seeds, so a run repeats exactly; with ``checkpoints`` the
+whole state after every epoch, so that a resumed run ends where one straight through
+would. The evaluation compares it on the test split with the baselines of
+:mod:`evaluate`, computed on the frozen model before training.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from circuit_atlas.compute.activations import Window, padded
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.selfreport import evaluate as ev
 from circuit_atlas.selfreport.params import EvalParams, TrainParams
+from circuit_atlas.selfreport.tracking import Tracker
 from circuit_atlas.stage import Progress, Report, open_lake
 
 SPLITS = ("train", "val", "test")
@@ -64,6 +66,116 @@ def hidden(model, ids: torch.Tensor, read_layer: int) -> torch.Tensor:
     state, after the final norm)."""
     out = model.model.base_model(input_ids=ids, output_hidden_states=True, use_cache=False)
     return out.hidden_states[read_layer]
+
+
+class _Given(torch.nn.Module):
+    """Stands in for a frozen block while only later blocks train: the block just before
+    the first trained one hands over the residual computed once (``value``), the ones
+    before it pass their input through (none of it is used)."""
+
+    def __init__(self, block: torch.nn.Module, hand_over: bool) -> None:
+        super().__init__()
+        self.attention_type = getattr(block, "attention_type", None)
+        self.hand_over, self.value = hand_over, None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.value if self.hand_over else hidden_states
+
+
+class Reader:
+    """How training reads the model. With ``last:N`` the blocks before the first
+    trained one never change, so the residual entering it is computed once per window
+    and those blocks are skipped at every step (the forward then costs N blocks, not
+    all of them); otherwise each read is a full forward."""
+
+    def __init__(self, model, params: TrainParams, windows: list[Window],
+                 batch: int = 16) -> None:
+        self.model, self.read_layer = model, params.read_layer
+        layers = model.model.base_model.layers
+        first = len(layers) - params.blocks if params.blocks else 0
+        # a read before the first trained block does not depend on the trained ones
+        self.first = first if first > 0 and (self.read_layer < 0 or
+                                             self.read_layer > first) else 0
+        self.prefix: dict[int, torch.Tensor] = {}
+        if self.first:
+            seen = []
+            hook = layers[self.first].register_forward_pre_hook(
+                lambda _m, args, kwargs: seen.append(
+                    (args[0] if args else kwargs["hidden_states"]).detach()),
+                with_kwargs=True)
+            try:
+                with torch.no_grad():
+                    for lo in range(0, len(windows), batch):
+                        group = windows[lo:lo + batch]
+                        seen.clear()
+                        model.model.base_model(input_ids=padded(group, model.adapter.device),
+                                               use_cache=False)
+                        for i, w in enumerate(group):
+                            self.prefix[w.window] = seen[0][i, :len(w.tokens)].clone()
+            finally:
+                hook.remove()
+
+    def _skipping(self, windows: list[Window]):
+        """The base model with its frozen blocks swapped out, the residual of ``windows``
+        handed over; restored by calling the returned function."""
+        layers = self.model.model.base_model.layers
+        kept = [layers[i] for i in range(self.first)]
+        given = [_Given(b, i == self.first - 1) for i, b in enumerate(kept)]
+        T = max(len(w.tokens) for w in windows)
+        value = torch.zeros(len(windows), T, self.model.adapter.d_model,
+                            dtype=self.prefix[windows[0].window].dtype,
+                            device=self.prefix[windows[0].window].device)
+        for i, w in enumerate(windows):
+            value[i, :len(w.tokens)] = self.prefix[w.window]
+        given[-1].value = value
+        for i, g in enumerate(given):
+            layers[i] = g
+
+        def restore() -> None:
+            for i, b in enumerate(kept):
+                layers[i] = b
+        return restore
+
+    def read(self, windows: list[Window]) -> torch.Tensor:
+        """The residual (B, T, d) at ``read_layer`` (-1: after the final norm)."""
+        ids = padded(windows, self.model.adapter.device)
+        if not self.first:
+            return hidden(self.model, ids, self.read_layer)
+        layers, got = self.model.model.base_model.layers, []
+        # after every block the read is the final norm's output, as hidden() gives it
+        inner = 0 <= self.read_layer < len(layers)
+        hook = (layers[self.read_layer - 1].register_forward_hook(
+            lambda _m, _a, out: got.append(out[0] if isinstance(out, tuple) else out))
+            if inner else None)
+        restore = self._skipping(windows)
+        try:
+            out = self.model.model.base_model(input_ids=ids, use_cache=False)
+        finally:
+            restore()
+            if hook is not None:
+                hook.remove()
+        return got[0] if hook is not None else out.last_hidden_state
+
+    def logits(self, windows: list[Window]) -> torch.Tensor:
+        """The model's logits (B, T, vocab)."""
+        ids = padded(windows, self.model.adapter.device)
+        if not self.first:
+            return self.model.model(input_ids=ids, use_cache=False).logits
+        restore = self._skipping(windows)
+        try:
+            return self.model.model(input_ids=ids, use_cache=False).logits
+        finally:
+            restore()
+
+    def features(self, windows: list[Window], batch: int = 16) -> torch.Tensor:
+        """(tokens, d) float32 :meth:`read` at every token, without gradients."""
+        rows = []
+        with torch.no_grad():
+            for lo in range(0, len(windows), batch):
+                group = windows[lo:lo + batch]
+                h = self.read(group).float()
+                rows.extend(h[i, :len(w.tokens)] for i, w in enumerate(group))
+        return torch.cat(rows) if rows else torch.zeros(0, self.model.adapter.d_model)
 
 
 def features(model, windows: list[Window], read_layer: int, batch: int = 16) -> np.ndarray:
@@ -118,12 +230,17 @@ def _copy_into(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> 
             p.copy_(v)
 
 
-def _trainable(model, blocks: int) -> list[torch.nn.Parameter]:
+def _trainable(model, params: TrainParams) -> list[torch.nn.Parameter]:
+    """Freeze the model, then unfreeze (or add) what ``params.unfreeze`` trains."""
+    from circuit_atlas.selfreport.lora import attach
+
     for p in model.model.parameters():
         p.requires_grad_(False)
+    base, blocks = model.model.base_model, params.blocks
+    if params.lora_rank:
+        return attach(base.layers, params.lora_rank)
     if not blocks:
         return []
-    base = model.model.base_model
     if blocks > len(base.layers):
         raise CircuitAtlasError(f"--unfreeze last:{blocks}: the model has "
                                 f"{len(base.layers)} blocks")
@@ -137,7 +254,8 @@ def _trainable(model, blocks: int) -> list[torch.nn.Parameter]:
 def train(model, data: dict[str, Data], params: TrainParams, on_epoch=None,
           frozen: dict[str, np.ndarray] | None = None
           ) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Train the head (and ``params.blocks`` blocks) in place; returns the predictions on
+    """Train the head (and the blocks or adapters ``params.unfreeze`` names) in place;
+    returns the predictions on
     every split (in activation units) and one metrics row per epoch. ``frozen``: the
     frozen model's features of every split at ``read_layer`` where already computed
     (the head alone trains on them)."""
@@ -146,18 +264,20 @@ def train(model, data: dict[str, Data], params: TrainParams, on_epoch=None,
     d, device = model.adapter.d_model, model.adapter.device
     readout = Readout(params.head, data["train"].targets, params.bins)
     head = torch.nn.Linear(d, readout.outputs).to(device=device, dtype=torch.float32)
-    blocks = _trainable(model, params.blocks)
+    blocks = _trainable(model, params)
     optim = torch.optim.AdamW([*head.parameters(), *blocks], lr=params.lr)
-    cached = None
-    if not params.blocks:
+    cached = reader = None
+    if not params.trains_model:
         frozen = frozen or {s: features(model, data[s].windows, params.read_layer)
                             for s in SPLITS}
         cached = {s: torch.as_tensor(frozen[s]) for s in SPLITS}
+    else:
+        reader = Reader(model, params, [w for s in SPLITS for w in data[s].windows])
 
     def outputs(split: str) -> torch.Tensor:
         with torch.no_grad():
-            h = cached[split] if cached is not None else torch.as_tensor(
-                features(model, data[split].windows, params.read_layer))
+            h = cached[split] if cached is not None else reader.features(
+                data[split].windows)
             return head(h.to(device)).cpu()
 
     def step(group: list[int]) -> float:
@@ -165,7 +285,7 @@ def train(model, data: dict[str, Data], params: TrainParams, on_epoch=None,
         if cached is not None:
             x = torch.cat([cached["train"][offsets[i]:offsets[i + 1]] for i in group])
         else:
-            h = hidden(model, padded(windows, device), params.read_layer).float()
+            h = reader.read(windows).float()
             x = torch.cat([h[j, :len(w.tokens)] for j, w in enumerate(windows)])
         y = torch.cat([targets[offsets[i]:offsets[i + 1]] for i in group])
         loss = readout.loss(head(x.to(device)), y.to(device))
@@ -201,7 +321,7 @@ def train(model, data: dict[str, Data], params: TrainParams, on_epoch=None,
                        {k: v.detach().clone() for k, v in head.state_dict().items()},
                        [p.detach().clone() for p in blocks])))
         if on_epoch:
-            on_epoch(epoch)
+            on_epoch(epoch, epochs.rows[-1])
         if saved is not None:
             saved.save({"epoch": epoch, "head": head.state_dict(),
                         "blocks": [p.detach().clone() for p in blocks],
@@ -275,11 +395,11 @@ def answer_tokens(tokenizer, bins: int) -> list[int]:
 
 def train_token(model, data: dict[str, Data], params: TrainParams, label: str,
                 on_epoch=None) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """The token head: each window followed by a question, the model trained (its last
-    ``params.blocks`` blocks) to answer with the digit of the quantile bin of the
-    activation at the window's last token; ``data`` holds those activations. Returns,
-    per split, the answer read back as its bin's mean training activation (NaN where
-    the model's most likely next token is no digit) and the metrics per epoch."""
+    """The token head: each window followed by a question, the model trained (the blocks or
+    adapters ``params.unfreeze`` names) to answer with the digit of the quantile bin of
+    the activation at the window's last token; ``data`` holds those activations.
+    Returns, per split, the answer read back as its bin's mean training activation (NaN
+    where the model's most likely next token is no digit) and the metrics per epoch."""
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     tokenizer, device = model.tokenizer, model.adapter.device
@@ -287,13 +407,15 @@ def train_token(model, data: dict[str, Data], params: TrainParams, label: str,
     question = tuple(tokenizer(QUESTION.format(neuron=label, top=params.bins - 1),
                                add_special_tokens=False).input_ids)
     readout = Readout("classification", data["train"].targets, params.bins)
-    blocks = _trainable(model, params.blocks)
+    blocks = _trainable(model, params)
     optim = torch.optim.AdamW(blocks, lr=params.lr)
     answer_ids = torch.as_tensor(answers, device=device)
+    reader = Reader(model, params, [Window(w.window, w.doc, w.start, w.tokens + question)
+                                    for s in SPLITS for w in data[s].windows])
 
     def logits(windows: list[Window]) -> torch.Tensor:
         asked = [Window(w.window, w.doc, w.start, w.tokens + question) for w in windows]
-        out = model.model(input_ids=padded(asked, device), use_cache=False).logits
+        out = reader.logits(asked)
         at = torch.as_tensor([len(w.tokens) - 1 for w in asked], device=device)
         return out[torch.arange(len(asked), device=device), at].float()
 
@@ -335,7 +457,7 @@ def train_token(model, data: dict[str, Data], params: TrainParams, label: str,
                    ev.r2(data[val].targets[ok], pred[ok]) if ok.sum() > 1 else None, t0,
                    len(windows), lambda: [p.detach().clone() for p in blocks])
         if on_epoch:
-            on_epoch(epoch)
+            on_epoch(epoch, epochs.rows[-1])
         if epochs.done:
             break
     _copy_into(blocks, epochs.best_state)
@@ -392,19 +514,17 @@ def baselines(data: dict[str, Data], frozen: dict[str, np.ndarray], last: bool =
             "mean": {s: np.full(len(data[s].targets), mean) for s in SPLITS}}
 
 
-def publish_run(lake, model: str, corpus: str, spec, frame: pl.DataFrame, config: dict
-                ) -> None:
+def publish_run(lake, model: str, corpus: str, spec, frame: pl.DataFrame, config: dict,
+                key: str, same: pl.Expr) -> None:
     """A new version of a run table holding the earlier runs' rows and this run's, which
-    replace an earlier run of the same neuron, head and unfreezing; the manifest keeps every
-    run's configuration (the experiment's config, saved beside its results)."""
-    key = f"{config['neuron']} {config['head']} {config['unfreeze']}"
+    replace the earlier rows ``same`` selects (the same run again); the manifest keeps
+    every run's configuration under its ``key`` (the experiment's config, saved beside
+    its results)."""
     old = lake.optional_table(spec.name, model, corpus)
     manifest = lake.table_manifest(model, corpus, spec.name) or {}
     runs = {**manifest.get("inputs", {}).get("runs", {}), key: config}
     if old is not None:
-        kept = old.collect().drop("model", "corpus", strict=False).filter(~(
-            (pl.col("layer") == frame["layer"][0]) & (pl.col("neuron") == frame["neuron"][0])
-            & (pl.col("head") == config["head"]) & (pl.col("unfreeze") == config["unfreeze"])))
+        kept = old.collect().drop("model", "corpus", strict=False).filter(~same)
         frame = pl.concat([kept, frame.select(kept.columns)], how="vertical_relaxed")
     version = lake.new_table_version(model, corpus, spec.name)
     version.publish([version.write("runs.parquet", frame.to_arrow(), spec)],
@@ -429,24 +549,16 @@ class TrainReport(Report):
 
 def run_train(lake, *, model, corpora=None, params: TrainParams | None = None,
               cluster=None, progress: Progress | None = None) -> TrainReport:
-    """Train a head (and, with ``last:N``, the last blocks) to report the neuron of a
-    corpus's ``selfreport_dataset``; evaluate it and the baselines on the test split;
-    write ``selfreport_metrics`` and ``selfreport_results``."""
+    """Train a head (and, with ``last:N`` or ``lora:R``, blocks or adapters) to report
+    the neuron of a corpus's ``selfreport_dataset``; evaluate it and the baselines on
+    the test split; write ``selfreport_metrics`` and ``selfreport_results``."""
     from circuit_atlas.compute.models import load_model
     from circuit_atlas.lake.neurons import neuron_label, parse_neuron
     from circuit_atlas.lake.schemas import SELFREPORT_METRICS, SELFREPORT_RESULTS
-    from circuit_atlas.names import model_name
-    from circuit_atlas.selfreport.dataset import one_corpus
+    from circuit_atlas.selfreport.dataset import read_dataset
 
     lake, params = open_lake(lake), params or TrainParams()
-    name = model_name(model)
-    corpus = one_corpus(corpora, "of the dataset")
-    table = lake.optional_table("selfreport_dataset", name, corpus)
-    if table is None:
-        raise CircuitAtlasError(f"no self-report dataset for {name!r} / {corpus!r}; run: "
-                                "circuit-atlas self-report dataset --neuron L12/N345")
-    table = table.collect()
-    neurons = sorted(set(table.select("layer", "neuron").iter_rows()))
+    corpus, table, neurons = read_dataset(lake, model, corpora, "L12/N345")
     if params.neuron:
         want = parse_neuron(params.neuron)
         if want not in neurons:
@@ -466,17 +578,25 @@ def run_train(lake, *, model, corpora=None, params: TrainParams | None = None,
     if progress:
         progress.update("self-report baselines", 0, 1)
     label = neuron_label(layer, neuron)
-    on_epoch = ((lambda e: progress.update("self-report train", e + 1, params.epochs))
-                if progress else None)
-    # the frozen model's features, once: the probe's, and the head's when it trains alone
-    frozen = {s: features(loaded, data[s].windows, params.read_layer) for s in SPLITS}
-    if params.head == "token":  # every method scored at each window's last token
-        data = {s: d.last() for s, d in data.items()}
-        base = baselines(data, frozen, last=True)
-        preds, metrics = train_token(loaded, data, params, label, on_epoch)
-    else:
-        base = baselines(data, frozen)
-        preds, metrics = train(loaded, data, params, on_epoch, frozen)
+    config = {**{k: getattr(params, k) for k in params.__dataclass_fields__}, "neuron": label,
+              "model": loaded.name, "revision": loaded.revision}
+    tracker = Tracker(f"{label} {params.head} {params.unfreeze}", config)
+    on_epoch = tracker.on_epoch(progress, "self-report train", params.epochs)
+
+    try:
+        # the frozen model's features, once: the probe's, and the head's when it trains
+        # alone
+        frozen = {s: features(loaded, data[s].windows, params.read_layer) for s in SPLITS}
+        if params.head == "token":  # every method scored at each window's last token
+            data = {s: d.last() for s, d in data.items()}
+            base = baselines(data, frozen, last=True)
+            preds, metrics = train_token(loaded, data, params, label, on_epoch)
+        else:
+            base = baselines(data, frozen)
+            preds, metrics = train(loaded, data, params, on_epoch, frozen)
+    except BaseException:
+        tracker.finish()
+        raise
     bins = Readout("classification", data["train"].targets, params.bins)
     results = []
     for method, p in {"self-report": preds, **base}.items():
@@ -486,13 +606,14 @@ def run_train(lake, *, model, corpora=None, params: TrainParams | None = None,
                                 "head": params.head, "unfreeze": params.unfreeze, "split": s,
                                 **ev.scores(data[s].targets, p[s], bins.edges,
                                             bins.centers)})
-    config = {**{k: getattr(params, k) for k in params.__dataclass_fields__}, "neuron": label,
-              "model": loaded.name, "revision": loaded.revision}
+    same = ((pl.col("layer") == layer) & (pl.col("neuron") == neuron)
+            & (pl.col("head") == params.head) & (pl.col("unfreeze") == params.unfreeze))
     for spec, frame in ((SELFREPORT_METRICS, pl.DataFrame(metrics).with_columns(
             layer=pl.lit(layer, pl.Int16), neuron=pl.lit(neuron, pl.Int32),
             head=pl.lit(params.head), unfreeze=pl.lit(params.unfreeze))),
             (SELFREPORT_RESULTS, pl.DataFrame(results))):
-        publish_run(lake, loaded.name, corpus, spec, frame, config)
+        publish_run(lake, loaded.name, corpus, spec, frame, config,
+                    f"{label} {params.head} {params.unfreeze}", same)
     if params.plots:
         from circuit_atlas.selfreport.plots import write_plots
 
@@ -500,6 +621,7 @@ def run_train(lake, *, model, corpora=None, params: TrainParams | None = None,
                     data["test"].targets,
                     {m: p["test"] for m, p in {"self-report": preds, **base}.items()})
     test = {r["method"]: r["r2"] for r in results if r["split"] == "test"}
+    tracker.finish({f"test_r2/{m}": r for m, r in test.items()})
     return TrainReport(corpus, label, params.head, params.unfreeze, len(metrics), test)
 
 

@@ -22,7 +22,9 @@ def test_activations_equal_the_mlp_on_each_window_alone(planted):
     model = load_model(planted[0], dtype="float64")
     texts = lake.scan("prompts", corpus="c").select("prompt_id", "text").collect().rows()[:12]
     windows = corpus_windows(model.tokenizer, texts, context=5)
-    got = neuron_activations(model, windows, 2, 17, batch_tokens=23)  # several batches
+    # several batches; neurons of two layers read in the same forwards
+    both = neuron_activations(model, windows, [(2, 17), (0, 3), (2, 5)], batch_tokens=23)
+    got = both[2, 17]
     mlp = model.model.model.layers[2].mlp
     seen = []
     hook = mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
@@ -31,11 +33,16 @@ def test_activations_equal_the_mlp_on_each_window_alone(planted):
         with torch.no_grad():
             model.model(torch.tensor([w.tokens]))
         x = seen[0][0]
-        want = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))[:, 17].numpy()
-        np.testing.assert_allclose(got[w.window], want, rtol=1e-6, atol=1e-9)
+        want = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        np.testing.assert_allclose(got[w.window], want[:, 17].numpy(), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(both[2, 5][w.window], want[:, 5].numpy(), rtol=1e-6,
+                                   atol=1e-9)
     hook.remove()
+    alone = neuron_activations(model, windows, [(0, 3)])[0, 3]
+    for w in windows:
+        np.testing.assert_array_equal(both[0, 3][w.window], alone[w.window])
     with pytest.raises(CircuitAtlasError, match="L2/N999 is not in this model"):
-        neuron_activations(model, windows, 2, 999)
+        neuron_activations(model, windows, [(2, 999)])
 
 
 def test_the_split_is_by_document_and_the_planted_neuron_fires_at_its_token(planted):
