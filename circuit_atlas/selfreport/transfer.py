@@ -39,6 +39,7 @@ from circuit_atlas.selfreport.trainer import SPLITS, Epochs, Readout, features
 from circuit_atlas.stage import Progress, Report, open_lake
 
 CHUNK = 1024  # tokens per forward of the head outside training (bounds its memory)
+VALIDATION_NEURONS = 128  # trained neurons whose validation loss decides early stopping
 
 
 @dataclass
@@ -126,8 +127,9 @@ def train_transfer(frozen: dict[str, np.ndarray], data: dict[str, Many],
                    params: TransferParams, on_epoch=None
                    ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Train the shared head on the ``trained`` neurons (column indices) of the training
-    windows; returns its predictions of every neuron on every split (activation units)
-    and one metrics row per epoch (the validation loss over the trained neurons)."""
+    windows; returns its predictions of every neuron on the validation and test splits
+    (activation units) and one metrics row per epoch (the validation loss over a fixed
+    draw of up to ``VALIDATION_NEURONS`` trained neurons)."""
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     device = torch.device(params.device)
@@ -160,6 +162,10 @@ def train_transfer(frozen: dict[str, np.ndarray], data: dict[str, Many],
     y = torch.as_tensor((data["train"].targets - centre) / scale, dtype=torch.float32)
     epochs = Epochs(params.patience)
     val = "val" if len(data["val"].targets) else "train"
+    # the validation loss over a fixed draw of trained neurons: the head's cost grows
+    # with tokens x neurons, and all of them each epoch would outweigh the training
+    watched = np.sort(rng.choice(trained, size=min(VALIDATION_NEURONS, len(trained)),
+                                 replace=False))
     for epoch in range(params.epochs):
         t0 = time.perf_counter()
         order = rng.permutation(len(lengths))
@@ -177,8 +183,8 @@ def train_transfer(frozen: dict[str, np.ndarray], data: dict[str, Many],
             loss.backward()
             optim.step()
             losses.append(float(loss.detach()))
-        pred = predict(val, trained)
-        truth = data[val].targets[:, trained]
+        pred = predict(val, watched)
+        truth = data[val].targets[:, watched]
         val_loss = float((((pred - truth) / scale) ** 2).mean())
         epochs.end(epoch, losses, val_loss, ev.r2(truth.ravel(), pred.ravel()), t0,
                    len(lengths), lambda: {n: v.detach().clone()
@@ -189,7 +195,7 @@ def train_transfer(frozen: dict[str, np.ndarray], data: dict[str, Many],
             break
     head.load_state_dict(epochs.best_state)
     every = np.arange(k)
-    return {s: predict(s, every) for s in SPLITS}, epochs.rows
+    return {s: predict(s, every) for s in ("val", "test")}, epochs.rows
 
 
 def nearest_trained(identity: np.ndarray, trained: np.ndarray) -> np.ndarray:
@@ -266,7 +272,7 @@ def run_transfer(lake, *, model, corpora=None, params: TransferParams | None = N
         train_k = data["train"].targets[:, k]
         bins = Readout("classification", train_k, 10)
         role = "held out" if (layer, neuron) in held else "trained"
-        methods = {"self-report": {s: preds[s][:, k] for s in SPLITS},
+        methods = {"self-report": {s: preds[s][:, k] for s in ("val", "test")},
                    "linear probe": {s: probes[s][:, k] for s in SPLITS},
                    "mean": {s: np.full(len(data[s].targets), train_k.mean()) for s in SPLITS}}
         if role == "held out" and nearest is not None:
