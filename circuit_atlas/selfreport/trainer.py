@@ -167,27 +167,28 @@ class Reader:
         finally:
             restore()
 
-    def features(self, windows: list[Window], batch: int = 16) -> torch.Tensor:
+    def features(self, windows: list[Window]) -> torch.Tensor:
         """(tokens, d) float32 :meth:`read` at every token, without gradients."""
-        rows = []
-        with torch.no_grad():
-            for lo in range(0, len(windows), batch):
-                group = windows[lo:lo + batch]
-                h = self.read(group).float()
-                rows.extend(h[i, :len(w.tokens)] for i, w in enumerate(group))
-        return torch.cat(rows) if rows else torch.zeros(0, self.model.adapter.d_model)
+        return _per_token(self.read, windows, self.model.adapter.d_model)
 
 
-def features(model, windows: list[Window], read_layer: int, batch: int = 16) -> np.ndarray:
-    """(tokens, d) float32 residual stream of the frozen model at every token."""
+def _per_token(read, windows: list[Window], d: int, batch: int = 16) -> torch.Tensor:
+    """(tokens, d) float32 on the CPU: ``read(group)`` (B, T, d) of each batch of
+    windows, without gradients, each window's padding dropped."""
     rows = []
     with torch.no_grad():
         for lo in range(0, len(windows), batch):
             group = windows[lo:lo + batch]
-            h = hidden(model, padded(group, model.adapter.device), read_layer)
-            rows.extend(h[i, :len(w.tokens)].float().cpu().numpy() for i, w in
-                        enumerate(group))
-    return np.concatenate(rows) if rows else np.zeros((0, model.adapter.d_model), np.float32)
+            h = read(group).float().cpu()
+            rows.extend(h[i, :len(w.tokens)] for i, w in enumerate(group))
+    return torch.cat(rows) if rows else torch.zeros(0, d)
+
+
+def features(model, windows: list[Window], read_layer: int) -> np.ndarray:
+    """(tokens, d) float32 residual stream of the frozen model at every token."""
+    return _per_token(lambda group: hidden(model, padded(group, model.adapter.device),
+                                           read_layer),
+                      windows, model.adapter.d_model).numpy()
 
 
 class Epochs:
@@ -255,10 +256,9 @@ def train(model, data: dict[str, Data], params: TrainParams, on_epoch=None,
           frozen: dict[str, np.ndarray] | None = None
           ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Train the head (and the blocks or adapters ``params.unfreeze`` names) in place;
-    returns the predictions on
-    every split (in activation units) and one metrics row per epoch. ``frozen``: the
-    frozen model's features of every split at ``read_layer`` where already computed
-    (the head alone trains on them)."""
+    returns the predictions on every split (in activation units) and one metrics row
+    per epoch. ``frozen``: the frozen model's features of every split at ``read_layer``
+    where already computed (the head alone trains on them)."""
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     d, device = model.adapter.d_model, model.adapter.device
