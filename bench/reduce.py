@@ -107,25 +107,58 @@ def ensure_lake(lake_path: str, graphs: int, per_shard: int, seed: int) -> None:
         print(f"generated {lake_path} in {time.perf_counter() - t0:.1f} s")
 
 
-def run_duckdb(lake_path: str, out: str, threads: int) -> None:
+DUCKDB_SQL = """
+-- the four tables of circuit-atlas's reduce, as one SQL user would write them
+CREATE TEMP VIEW edge_rows AS SELECT * FROM read_parquet({edges}) WHERE src_neuron <> -1;
+CREATE TEMP VIEW node_rows AS SELECT * FROM read_parquet({nodes}) WHERE neuron <> -1;
+CREATE TEMP VIEW graph_rows AS SELECT graph_id, input_tokens, target_tokens[1] AS top_output
+    FROM read_parquet({graphs});
+COPY (SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, count(*) AS count,
+        count(DISTINCT graph_id) AS graph_count, sum(weight::DOUBLE) AS weight_sum,
+        sum(abs(weight::DOUBLE)) AS weight_abs_sum,
+        sum(weight::DOUBLE * weight::DOUBLE) AS weight_sq_sum,
+        min(weight) AS weight_min, max(weight) AS weight_max,
+        sum(weight::DOUBLE) / count(*) AS mean_weight,
+        sum(abs(weight::DOUBLE)) / count(*) AS mean_abs_weight
+      FROM edge_rows GROUP BY ALL) TO '{out}/edges.parquet' (FORMAT parquet);
+COPY (SELECT layer, neuron, count(DISTINCT graph_id) AS graph_count, count(*) AS position_count,
+        avg(activation::DOUBLE) AS activation_mean, max(activation) AS activation_max,
+        sum(activation::DOUBLE * activation::DOUBLE) AS activation_sq_sum,
+        avg(score::DOUBLE) AS score_mean, avg(abs(score::DOUBLE)) AS score_abs_mean,
+        max(score) AS score_max, sum(score::DOUBLE * score::DOUBLE) AS score_sq_sum
+      FROM node_rows GROUP BY ALL) TO '{out}/neurons.parquet' (FORMAT parquet);
+COPY (SELECT layer, neuron, '{corpus}' AS corpus_name, count(DISTINCT graph_id) AS graph_count
+      FROM node_rows GROUP BY ALL) TO '{out}/neuron_corpora.parquet' (FORMAT parquet);
+COPY (WITH counted AS (
+        SELECT layer, neuron, 'input' AS kind,
+               input_tokens[least(position, len(input_tokens) - 1) + 1] AS token_id,
+               count(*) AS count
+          FROM node_rows JOIN graph_rows USING (graph_id) GROUP BY ALL
+        UNION ALL
+        SELECT layer, neuron, 'output' AS kind, top_output AS token_id, count(*) AS count
+          FROM (SELECT DISTINCT graph_id, layer, neuron FROM node_rows)
+          JOIN graph_rows USING (graph_id) GROUP BY ALL)
+      SELECT layer, neuron, kind,
+             row_number() OVER (PARTITION BY layer, neuron, kind
+                                ORDER BY count DESC, token_id) - 1 AS rank, token_id, count
+        FROM counted QUALIFY rank < {top_k}) TO '{out}/neuron_tokens.parquet' (FORMAT parquet);
+"""
+
+
+def run_duckdb(lake_path: str, out: str, threads: int, memory: str | None = None) -> None:
+    """DuckDB computes what our reduce writes: all four tables (the lake's graphs hold
+    no graph twice, so the reduce's skipping of repeated graphs has nothing to do)."""
     import duckdb
 
     from circuit_atlas.lake import Lake
 
     lake = Lake(lake_path)
-    edges = [f"'{f}'" for f in lake.files("graph_edges", MODEL, CORPUS, validate=False)]
-    nodes = [f"'{f}'" for f in lake.files("graph_nodes", MODEL, CORPUS, validate=False)]
-    con = duckdb.connect(config={"threads": threads})
-    con.sql(f"""COPY (SELECT src_layer, src_neuron, tgt_layer, tgt_neuron, count(*) AS count,
-            count(DISTINCT graph_id) AS graph_count, sum(weight::DOUBLE) AS weight_sum,
-            sum(abs(weight::DOUBLE)) AS weight_abs_sum,
-            sum(weight::DOUBLE * weight::DOUBLE) AS weight_sq_sum,
-            min(weight) AS weight_min, max(weight) AS weight_max
-            FROM read_parquet([{', '.join(edges)}]) WHERE src_neuron <> -1 GROUP BY ALL)
-            TO '{out}/edges.parquet' (FORMAT parquet)""")
-    con.sql(f"""COPY (SELECT layer, neuron, count(DISTINCT graph_id) AS graph_count
-            FROM read_parquet([{', '.join(nodes)}]) WHERE neuron <> -1 GROUP BY ALL)
-            TO '{out}/neurons.parquet' (FORMAT parquet)""")
+    files = {t: "[" + ", ".join(f"'{f}'" for f in lake.files(t, MODEL, CORPUS, validate=False))
+             + "]" for t in ("graph_edges", "graph_nodes", "graphs")}
+    con = duckdb.connect(config={"threads": threads,
+                                 **({"memory_limit": memory} if memory else {})})
+    con.execute(DUCKDB_SQL.format(edges=files["graph_edges"], nodes=files["graph_nodes"],
+                                  graphs=files["graphs"], out=out, corpus=CORPUS, top_k=10))
 
 
 def run_ours(lake_path: str, workers: int, worker_memory: str | None, chunk: int) -> None:
@@ -149,28 +182,34 @@ def measure(argv: list[str]) -> tuple[float, float]:
     return run(__file__, argv, ROOT)
 
 
-def compare(lake_path: str, duck_out: str) -> int:
+KEYS = {"edges": ["src_layer", "src_neuron", "tgt_layer", "tgt_neuron"],
+        "neurons": ["layer", "neuron"], "neuron_corpora": ["layer", "neuron", "corpus_name"],
+        "neuron_tokens": ["layer", "neuron", "kind", "rank"]}
+
+
+def compare(lake_path: str, duck_out: str) -> dict[str, int]:
+    """Rows per table, after checking that the two engines' tables hold the same rows:
+    keys, counts, minima and maxima exactly, float sums and means to 1e-9."""
     import polars as pl
 
     from circuit_atlas.lake import Lake
+    from circuit_atlas.lake.schemas import DERIVED
 
-    key = ["src_layer", "src_neuron", "tgt_layer", "tgt_neuron"]
-    ours = Lake(lake_path).table("edges", MODEL, CORPUS).select(
-        *key, "count", "graph_count", "weight_sum", "weight_min", "weight_max").collect()
-    duck = pl.read_parquet(f"{duck_out}/edges.parquet").select(
-        *key, "count", "graph_count", "weight_sum", "weight_min", "weight_max")
-    ours, duck = ours.sort(key), duck.with_columns(
-        pl.col(c).cast(ours.schema[c]) for c in duck.columns).sort(key)
-    assert ours.height == duck.height, (ours.height, duck.height)
-    for c in (*key, "count", "graph_count", "weight_min", "weight_max"):
-        assert (ours[c] == duck[c]).all(), c
-    np.testing.assert_allclose(ours["weight_sum"].to_numpy(), duck["weight_sum"].to_numpy(),
-                               rtol=1e-9, atol=1e-9)
-    neurons_ours = Lake(lake_path).table("neurons", MODEL, CORPUS).filter(
-        pl.col("layer").is_between(0, LAYERS - 1)).select("layer", "neuron", "graph_count")
-    neurons_duck = pl.read_parquet(f"{duck_out}/neurons.parquet")
-    assert neurons_ours.collect().height == neurons_duck.height
-    return ours.height
+    rows = {}
+    for table, key in KEYS.items():
+        names = DERIVED[table].schema.names
+        ours = Lake(lake_path).table(table, MODEL, CORPUS).select(names).collect()
+        duck = pl.read_parquet(f"{duck_out}/{table}.parquet").select(names)
+        ours, duck = ours.sort(key), duck.cast(dict(ours.schema)).sort(key)
+        assert ours.height == duck.height, (table, ours.height, duck.height)
+        for c in ours.columns:
+            if ours.schema[c] == pl.Float64:
+                np.testing.assert_allclose(ours[c].to_numpy(), duck[c].to_numpy(), rtol=1e-9,
+                                           atol=1e-9, err_msg=f"{table}.{c}")
+            else:
+                assert (ours[c] == duck[c]).all(), f"{table}.{c} differs"
+        rows[table] = ours.height
+    return rows
 
 
 def lake_arguments(ap: argparse.ArgumentParser) -> None:
@@ -186,7 +225,7 @@ def main() -> None:
     lake_arguments(ap)
     ap.add_argument("--workers", type=int, default=None, help="default: one per core")
     ap.add_argument("--worker-memory", default=None)
-    ap.add_argument("--chunk", type=int, default=64, help="shards folded per task (ours)")
+    ap.add_argument("--chunk", type=int, default=256, help="shards folded per task (ours)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="DuckDB threads")
     ap.add_argument("--repeat", type=int, default=1,
                     help="alternate the engines this many times; medians are reported")
@@ -215,7 +254,7 @@ def main() -> None:
     try:
         for _ in range(args.repeat):  # alternate: the shared machine's load drifts
             runs.append((*measure(duck_argv), *measure(ours_argv)))
-        unique = compare(lake_path, duck_out)
+        rows = compare(lake_path, duck_out)
     finally:
         shutil.rmtree(duck_out, ignore_errors=True)
     med = [statistics.median(r[i] for r in runs) for i in range(4)]
@@ -223,7 +262,7 @@ def main() -> None:
     ratios = [r[2] / r[0] for r in runs]
     print(json.dumps({
         "machine": f"{describe()}", "graphs": info["graphs"],
-        "edge_rows": info["edges"], "unique_edges": unique, "shards": info["shards"],
+        "edge_rows": info["edges"], "tables_rows": rows, "shards": info["shards"],
         "duckdb_s": round(duck_s, 2), "duckdb_peak_gb": round(duck_gb, 2),
         "ours_s": round(ours_s, 2), "ours_peak_gb": round(ours_gb, 2),
         "ratio_ours_to_duckdb": round(statistics.median(ratios), 3),

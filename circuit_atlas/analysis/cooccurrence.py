@@ -15,9 +15,15 @@ the graphs are therefore left out of pair counting; they keep their counts in th
 out, a graph of m neurons adds at most m(m-1) pairs, and the total is bounded by the
 graphs' sizes, not by the hubs.
 
-Memory: each shard's pairs are split into buckets by the first neuron and written to
-scratch; one task per bucket sums its pairs and keeps each neuron's top k, so no task
-holds more than a bucket.
+**How.** Pairs are never listed per graph (a graph of m neurons has m(m-1) of them,
+~150M rows for 20,000 graphs of ~100 neurons). Each shard's task writes its graphs'
+neuron sets as an incidence list (graph, neuron index) to scratch. The neurons are
+split into buckets, contiguous ranges of the sorted neuron keys of about equal
+expected work; a bucket's task reads the incidence of a few shards at a time, as a
+sparse graph x neuron matrix X, and adds up ``X[:, bucket]^T X`` (scipy's sparse
+product: joint counts of the bucket's neurons with every neuron). Its memory is
+bounded by the bucket's distinct pairs and one chunk's product; joint counts are
+integers, so the sums are exact in any order.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from circuit_atlas.lake.neurons import layer_of, neuron_label, neuron_of, pack, 
 from circuit_atlas.stage import Progress, Report, atlas_corpora, connect, open_lake
 
 RANK_BY = ("jaccard", "npmi", "joint_count")
-PAIR_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("joint", pa.int64())])
+INCIDENCE_SCHEMA = pa.schema([("graph", pa.int32()), ("neuron", pa.int32())])
 
 
 def key(layer: pl.Expr | np.ndarray, neuron: pl.Expr | np.ndarray):
@@ -53,28 +59,44 @@ def graph_neurons(nodes: pl.DataFrame, n_layers: int, skip: list[int] = ()) -> p
             .select("graph_id", key=key(pl.col("layer"), pl.col("neuron"))).unique())
 
 
-def pair_counts(members: pl.DataFrame, hubs: np.ndarray) -> pl.DataFrame:
-    """(a, b, joint) for every ordered pair a != b of non-hub neurons sharing a graph."""
+def incidence(members: pl.DataFrame, keys: np.ndarray) -> pa.Table:
+    """(graph, neuron) of ``members`` as int32 indices: graphs numbered 0.. in id order,
+    neurons by their position in the sorted ``keys`` (members not in it, hubs, left out)."""
+    k = members["key"].to_numpy()
+    at = np.searchsorted(keys, k)
+    known = at < len(keys)
+    known[known] = keys[at[known]] == k[known]
+    _, graph = np.unique(members["graph_id"].to_numpy()[known], return_inverse=True)
+    return pa.table({"graph": graph.astype(np.int32), "neuron": at[known].astype(np.int32)},
+                    schema=INCIDENCE_SCHEMA)
+
+
+def joint_counts(parts: list[pa.Table], n_neurons: int, lo: int, hi: int):
+    """Joint graph counts of neurons ``lo:hi`` with every neuron, over incidence
+    ``parts`` (each its own graphs): a (hi - lo) x n_neurons sparse int matrix."""
     from scipy import sparse
 
-    members = members.filter(~pl.col("key").is_in(hubs.tolist()))
-    if members.is_empty():
-        return pl.from_arrow(PAIR_SCHEMA.empty_table())
-    graphs, g = np.unique(members["graph_id"].to_numpy(), return_inverse=True)
-    keys, n = np.unique(members["key"].to_numpy(), return_inverse=True)
-    x = sparse.csr_matrix((np.ones(len(g), np.int64), (g, n)), shape=(len(graphs), len(keys)))
-    c = (x.T @ x).tocoo()
-    off = c.row != c.col
-    return pl.DataFrame({"a": keys[c.row[off]], "b": keys[c.col[off]],
-                         "joint": c.data[off].astype(np.int64)})
+    offsets = np.cumsum([0] + [_graphs(p) for p in parts])
+    graph = np.concatenate([p.column("graph").to_numpy() + o
+                            for p, o in zip(parts, offsets, strict=False)] or [np.zeros(0, int)])
+    neuron = np.concatenate([p.column("neuron").to_numpy() for p in parts]
+                            or [np.zeros(0, int)])
+    x = sparse.csc_matrix((np.ones(len(graph), np.int32), (graph, neuron)),
+                          shape=(int(offsets[-1]), n_neurons))
+    return (x[:, lo:hi].T.tocsr() @ x.tocsr()).tocsr()
+
+
+def _graphs(part: pa.Table) -> int:
+    graph = part.column("graph").to_numpy()
+    return int(graph.max()) + 1 if len(graph) else 0
 
 
 def top_pairs(pairs: pl.DataFrame, counts: pl.DataFrame, n_graphs: int, k: int,
               min_count: int, rank_by: str) -> pl.DataFrame:
-    """Sum ``pairs`` (a, b, joint), add the metrics, keep each a's top ``k`` by
-    ``rank_by`` (ties: larger joint count, then smaller other neuron)."""
-    summed = pairs.group_by("a", "b").agg(pl.col("joint").sum()).filter(
-        pl.col("joint") >= min_count)
+    """Of summed ``pairs`` (a, b, joint), those seen ``min_count`` times, with the
+    metrics; each a's top ``k`` by ``rank_by`` (ties: larger joint count, then smaller
+    other neuron)."""
+    summed = pairs.filter(pl.col("joint") >= min_count)
     ca = counts.rename({"key": "a", "count": "count"})
     cb = counts.rename({"key": "b", "count": "other_count"})
     n = float(n_graphs)
@@ -112,36 +134,59 @@ class CooccurrenceReport(Report):
                 f"neuron(s) left out, {self.rows:,} rows, {self.seconds:.1f} s")
 
 
-def _shard_task(lake, shard, n_layers: int, skip: list[int], hubs: np.ndarray,
-                buckets: int, path: str, version) -> list[list[int]]:
-    """One shard's pairs, split into buckets, written to one scratch file; returns each
-    bucket's record batches there."""
+def _shard_task(lake, shard, n_layers: int, skip: list[int], keys: np.ndarray, path: str,
+                version) -> int:
+    """One shard's incidence to a scratch file; returns its pair count (sum of its
+    graphs' squared sizes), which sizes the buckets and chunks."""
     from circuit_atlas.lake import GRAPH_NODES
     from circuit_atlas.lake.validate import read_parquet
 
     nodes = pl.from_arrow(read_parquet(shard.file("graph_nodes"), GRAPH_NODES, lake.fs,
                                        ["graph_id", "layer", "neuron"]))
-    pairs = pair_counts(graph_neurons(nodes, n_layers, skip), hubs).with_columns(
-        bucket=((layer_of(pl.col("a")) * 1_000_003 + neuron_of(pl.col("a"))) % buckets)
-        .cast(pl.Int32)).sort("bucket")
-    parts = [pairs.filter(pl.col("bucket") == b).drop("bucket").to_arrow().cast(PAIR_SCHEMA)
-             for b in range(buckets)]
-    return version.write_scratch(path, parts, PAIR_SCHEMA)
+    table = incidence(graph_neurons(nodes, n_layers, skip), keys)
+    version.write_scratch(path, [table], INCIDENCE_SCHEMA)
+    sizes = np.bincount(table.column("graph").to_numpy())
+    return int((sizes.astype(np.int64) ** 2).sum())
 
 
-def _bucket_task(paths: list[str], bucket: int, counts: pl.DataFrame, n_graphs: int,
-                 k: int, min_count: int, rank_by: str, version,
-                 batches: list[list[list[int]]]) -> tuple[str, int]:
-    """One bucket's pairs from every shard's scratch file, to its top pairs."""
+def _bucket_task(paths: list[list[str]], lo: int, hi: int, counts: pl.DataFrame,
+                 n_graphs: int, k: int, min_count: int, rank_by: str, version,
+                 *done: int) -> tuple[str, int]:
+    """Neurons ``lo:hi``: their joint counts with every neuron, summed over chunks of
+    shards, to their top pairs. ``done``: the shard tasks' results (they must have run)."""
     from circuit_atlas.lake.schemas import COOCCURRENCE
 
-    frames = [pl.from_arrow(version.read_scratch(p, b[bucket]))
-              for p, b in zip(paths, batches, strict=True)]
-    table = top_pairs(pl.concat(frames), counts, n_graphs, k, min_count, rank_by).sort(
+    keys = counts["key"].to_numpy()
+    total = None
+    for chunk in paths:
+        part = joint_counts([version.read_scratch(p) for p in chunk], len(keys), lo, hi)
+        total = part if total is None else total + part
+    c = total.tocoo()
+    row, col = c.row.astype(np.int64) + lo, c.col.astype(np.int64)
+    keep = (row != col) & (c.data >= min_count)
+    pairs = pl.DataFrame({"a": keys[row[keep]], "b": keys[col[keep]],
+                          "joint": c.data[keep].astype(np.int64)})
+    table = top_pairs(pairs, counts, n_graphs, k, min_count, rank_by).sort(
         ["layer", "neuron", rank_by, "joint_count", "other_layer", "other_neuron"],
         descending=[False, False, True, True, False, False])
-    name = version.write(f"bucket-{bucket:04d}.parquet", table.to_arrow(), COOCCURRENCE)
+    name = version.write(f"bucket-{lo:09d}.parquet", table.to_arrow(), COOCCURRENCE)
     return name, len(table)
+
+
+# Peak bytes per distinct pair in a bucket task (sparse product and sum, COO, the
+# pairs frame with metrics, its sort): kept loose.
+BYTES_PER_PAIR = 200
+MEMORY_SHARE = 0.25  # of a worker's memory limit, for one bucket task
+
+
+def plan_buckets(weights: np.ndarray, n_buckets: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of neuron indices, about equal in summed ``weights``."""
+    if not len(weights):
+        return []
+    edges = np.searchsorted(np.cumsum(weights, dtype=np.float64),
+                            np.linspace(0, float(np.sum(weights)), n_buckets + 1)[1:-1])
+    bounds = np.unique(np.r_[0, np.minimum(edges + 1, len(weights)), len(weights)])
+    return [(int(a), int(b)) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int = 20,
@@ -168,18 +213,35 @@ def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int 
         (pl.col("layer") >= 0) & (pl.col("layer") < n_layers)).select(
         key=key(pl.col("layer"), pl.col("neuron")), count="graph_count").collect()
     hubs = neurons.filter(pl.col("count") > max_share * n_graphs)["key"].to_numpy()
-    counts = neurons.filter(~pl.col("key").is_in(hubs.tolist()))
-    workers = len(client.scheduler_info(n_workers=-1)["workers"]) or 1
-    buckets = buckets or max(1, min(256, 4 * workers, len(counts) // 1000 + 1))
+    counts = neurons.filter(~pl.col("key").is_in(hubs.tolist())).sort("key")
+    keys = counts["key"].to_numpy()
     version = lake.new_table_version(model, ck, "cooccurrence")
     scratch = [version.scratch(f"shard-{i:06d}.arrow") for i in range(len(shards))]
     skips = repeated_graphs(lake, shards)
-    parts = [client.submit(_shard_task, lake, s, n_layers, skip, hubs, buckets, path,
-                           version, pure=False)
+    keys_f = client.scatter(keys, broadcast=True)
+    parts = [client.submit(_shard_task, lake, s, n_layers, skip, keys_f, path, version,
+                           pure=False)
              for s, skip, path in zip(shards, skips, scratch, strict=True)]
+    pair_counts = client.gather(parts)
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    memory = min((w.get("memory_limit") or 0 for w in workers), default=0) or 4 * 2**30
+    budget = max(100_000, int(memory * MEMORY_SHARE / BYTES_PER_PAIR))
+    # a neuron's pairs are about its graph count times a graph's size: buckets of equal
+    # expected pairs, enough that one holds the budget, and chunks of shards per bucket
+    n_buckets = buckets or max(4 * len(workers), -(-sum(pair_counts) // budget))
+    ranges = plan_buckets(counts["count"].to_numpy(), min(n_buckets, max(1, len(keys))))
+    per_bucket = [n / max(1, len(ranges)) for n in pair_counts]
+    chunks, current, rows = [], [], 0.0
+    for path, n in zip(scratch, per_bucket, strict=True):
+        if current and rows + n > budget:
+            chunks.append(current)
+            current, rows = [], 0.0
+        current.append(path)
+        rows += n
+    chunks += [current] if current else []
     counts_f = client.scatter(counts, broadcast=True)
-    finals = [client.submit(_bucket_task, scratch, b, counts_f, n_graphs, k, min_count,
-                            rank_by, version, parts, pure=False) for b in range(buckets)]
+    finals = [client.submit(_bucket_task, chunks, lo, hi, counts_f, n_graphs, k, min_count,
+                            rank_by, version, *parts, pure=False) for lo, hi in ranges]
     total = len(parts) + len(finals)
     for done, _ in enumerate(as_completed([*parts, *finals]), start=1):
         if on_progress:

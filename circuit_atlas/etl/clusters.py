@@ -25,20 +25,24 @@ from typing import Any
 from circuit_atlas.errors import CircuitAtlasError
 
 SLURM_KEYS = ("queue", "account", "cores", "processes", "memory", "walltime",
-              "job_extra_directives", "worker_extra_args", "local_directory", "log_directory",
+              "job_extra_directives", "worker_extra_args", "job_script_prologue",
+              "local_directory", "log_directory",
               "interface", "scheduler_options", "death_timeout")
 WAIT_S = 300.0  # for the first worker of a SLURM cluster
 
 
-def _load_profiles() -> None:
+def _load_profiles() -> tuple[str, ...]:
+    """Load our Dask config defaults; returns the worker environment variables they set."""
     import dask.config
     import yaml
 
     with open(os.path.join(os.path.dirname(__file__), "jobqueue.yaml")) as f:
-        dask.config.update_defaults(yaml.safe_load(f))
+        defaults = yaml.safe_load(f)
+    dask.config.update_defaults(defaults)
+    return tuple(defaults["distributed"]["nanny"]["pre-spawn-environ"])
 
 
-_load_profiles()
+WORKER_ENVIRON = _load_profiles()
 
 
 def local_cluster_kwargs(n_workers: int | None = None, memory_limit: str | None = None
@@ -133,7 +137,22 @@ def slurm_settings(profile: str | None = None, gpus: int = 0, **overrides: Any
         if "--resources" not in args:
             args += ["--resources", f"GPU={gpus}"]
         kwargs.update(job_extra_directives=directives, worker_extra_args=args)
-    return kwargs
+    return {**kwargs, "job_script_prologue": _with_worker_environ(kwargs)}
+
+
+def _with_worker_environ(kwargs: dict[str, Any]) -> list[str]:
+    """The job script prologue, exporting the worker environment of jobqueue.yaml (a
+    SLURM job's nanny reads its own Dask config, not ours); a variable the prologue
+    already sets is left to it."""
+    import dask.config
+
+    prologue = list(kwargs.get("job_script_prologue") or dask.config.get(
+        "jobqueue.slurm.job-script-prologue", default=[]) or [])
+    for name in WORKER_ENVIRON:
+        value = dask.config.get(f"distributed.nanny.pre-spawn-environ.{name}", default=None)
+        if value is not None and not any(name in line for line in prologue):
+            prologue.append(f"export {name}={value}")
+    return prologue
 
 
 def slurm_cluster(profile: str | None = None, check: bool = True, gpus: int = 0,

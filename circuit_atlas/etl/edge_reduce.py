@@ -10,11 +10,10 @@ every graph, so their sum across graphs means nothing.
 
 Phases:
 
-1. :func:`shard_rows`: one shard's rows with the four key columns packed into one
-   int64, split by source layer (no sort by key yet).
-2. :func:`fold_layer`: a layer's rows from many shards, sorted once by key, to
-   partial aggregates per (key, shard) -- a shard holds whole graphs, so its
-   distinct-graph counts add across shards without a shuffle -- then folded with
+1. :func:`shard_partials`: one shard's rows, the four key columns packed into one
+   int64, aggregated per key (a shard holds whole graphs, so its distinct-graph
+   counts add across shards without a shuffle) and split by source layer.
+2. :func:`fold_layer`: many shards' partials of some layers merged with
    :data:`EDGE_MERGE`: each key's float sums added in shard order, so a reduce that
    folds new shards onto a stored state equals a reduce from scratch bit for bit.
 3. :func:`finalize`: the state to the published table (min-count filter, means,
@@ -63,59 +62,38 @@ def src_layer_of(key: np.ndarray) -> np.ndarray:
     return ((key >> 52) & ((1 << _LAYER_BITS) - 1)) - 1
 
 
-RAW_SCHEMA = pa.schema([("key", pa.int64()), ("graph_id", pa.int64()), ("weight", pa.float32())])
+def shard_partials(edges: pa.Table) -> dict[int, pa.Table]:
+    """One shard's edge rows aggregated per key, split by source layer (each sorted by key).
 
-
-def shard_rows(edges: pa.Table) -> dict[int, pa.Table]:
-    """One shard's edge rows as (key, graph_id, weight), split by source layer.
-
-    Rows keep their order, except that a shard whose graphs are not in runs is put in
-    graph order first (graph_count relies on each graph's rows being together).
+    A shard holds whole graphs, so its distinct-graph counts add across shards. One
+    stable sort by the packed key orders the shard by source layer and key at once
+    and keeps a key's rows in their order; each key's float sums therefore add the
+    same rows in the same order whichever shards a run folds together. A shard whose
+    graphs are not in runs is put in graph order first (graph_count relies on each
+    graph's rows being together).
     """
     col = {n: edges.column(n).to_numpy() for n in (
         "graph_id", "src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "weight")}
     keep = col["src_neuron"] != -1
     if not keep.all():
         col = {n: c[keep] for n, c in col.items()}
+    if not len(col["graph_id"]):
+        return {}
     graph = col["graph_id"]
-    runs = np.flatnonzero(np.r_[True, graph[1:] != graph[:-1]]) if len(graph) else []
+    runs = np.flatnonzero(np.r_[True, graph[1:] != graph[:-1]])
     if len(np.unique(graph[runs])) != len(runs):
         order = np.argsort(graph, kind="stable")
         col = {n: c[order] for n, c in col.items()}
     key = pack(col["src_layer"], col["src_neuron"], col["tgt_layer"], col["tgt_neuron"])
-    by_layer = np.argsort(col["src_layer"], kind="stable")  # int16: a radix sort
-    layer = col["src_layer"][by_layer]
-    bounds = [0, *(np.flatnonzero(layer[1:] != layer[:-1]) + 1), len(layer)] if len(
-        layer) else [0]
-    key, graph, weight = key[by_layer], col["graph_id"][by_layer], col["weight"][by_layer]
-    # copies, not views: Dask sizes a view by its parent's buffer
-    return {int(layer[a]): pa.table({"key": key[a:b].copy(), "graph_id": graph[a:b].copy(),
-                                     "weight": weight[a:b].copy()}, schema=RAW_SCHEMA)
-            for a, b in zip(bounds, bounds[1:], strict=False)}
-
-
-def layer_partials(pieces: list[pa.Table]) -> pa.Table:
-    """Partial aggregates per (key, piece) of raw rows, pieces in shard order.
-
-    One stable sort by key keeps, within a key, the pieces in order and each piece's
-    rows in order; a (key, piece) partial therefore sums exactly the rows, in the
-    order, that it would summing that shard alone. Sorted by key, then piece.
-    """
-    parts = [p for p in pieces if p.num_rows]
-    if not parts:
-        return PARTIAL_SCHEMA.empty_table()
-    t = pa.concat_tables(parts)
-    piece = np.repeat(np.arange(len(parts)), [p.num_rows for p in parts])
-    key = t.column("key").to_numpy()
     order = np.argsort(key, kind="stable")
-    key, piece = key[order], piece[order]
-    graph, w32 = t.column("graph_id").to_numpy()[order], t.column("weight").to_numpy()[order]
-    new_seg = np.r_[True, (key[1:] != key[:-1]) | (piece[1:] != piece[:-1])]
-    starts = np.flatnonzero(new_seg)
-    new_graph = new_seg | np.r_[True, graph[1:] != graph[:-1]]
+    key, graph, w32 = key[order], col["graph_id"][order], col["weight"][order]
+    new_key = np.r_[True, key[1:] != key[:-1]]
+    starts = np.flatnonzero(new_key)
+    new_graph = new_key | np.r_[True, graph[1:] != graph[:-1]]
     w = w32.astype(np.float64)
-    return pa.table({
-        "key": key[starts],
+    keys = key[starts]
+    partial = pa.table({
+        "key": keys,
         "count": np.diff(np.r_[starts, len(key)]),
         "graph_count": np.add.reduceat(new_graph.astype(np.int64), starts),
         "weight_sum": np.add.reduceat(w, starts),
@@ -124,14 +102,16 @@ def layer_partials(pieces: list[pa.Table]) -> pa.Table:
         "weight_min": np.minimum.reduceat(w32, starts),
         "weight_max": np.maximum.reduceat(w32, starts),
     }, schema=PARTIAL_SCHEMA)
+    layer = src_layer_of(keys)
+    bounds = [0, *(np.flatnonzero(layer[1:] != layer[:-1]) + 1), len(layer)]
+    return {int(layer[a]): partial.slice(a, b - a) for a, b in zip(bounds, bounds[1:],
+                                                                   strict=False)}
 
 
-def fold_layer(state: pa.Table | None, pieces: list[pa.Table]) -> pa.Table:
-    """Fold raw pieces (in shard order) onto a layer's state (or start one)."""
-    partials = layer_partials(pieces)
-    if state is None:
-        return fold([partials], EDGE_MERGE, presorted=True)
-    return fold([state, partials], EDGE_MERGE)
+def fold_layer(state: pa.Table | None, partials: list[pa.Table]) -> pa.Table:
+    """Fold shards' partials of some source layers (in shard order) onto a state (or
+    start one)."""
+    return fold([state, *partials] if state is not None else partials, EDGE_MERGE)
 
 
 EDGE_MERGE = Merge(PARTIAL_SCHEMA, float_sums=("weight_sum", "weight_abs_sum", "weight_sq_sum"),

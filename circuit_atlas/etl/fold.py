@@ -34,39 +34,43 @@ def segments(sorted_key: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
 
 
-def fold(partials: list[pa.Table], merge: Merge, presorted: bool = False) -> pa.Table:
+def fold(partials: list[pa.Table], merge: Merge) -> pa.Table:
     """Merge the rows of ``partials`` by ``key``: float sums added per key in row order
-    (list order, then order within a table). Sorted by key. ``presorted``: the rows
-    already are (one table, sorted by key), which saves the sort."""
+    (list order, then order within a table). Sorted by key.
+
+    Partials that are each sorted by key make the sort a merge of sorted runs, which
+    numpy's stable sort (timsort) finds."""
     parts = [p for p in partials if p.num_rows]
     if not parts:
         return merge.schema.empty_table()
     t = pa.concat_tables(parts)
     key = t.column("key").to_numpy()
-    if presorted:
-        order = np.arange(len(key))
-    else:
-        order = np.argsort(key, kind="stable")  # stable: a key's rows stay in list order
-        key = key[order]
+    order = np.argsort(key, kind="stable")  # stable: a key's rows stay in list order
+    key = key[order]
     starts = segments(key)
     if len(key) == len(starts):  # no key repeats: nothing to merge
-        return pa.Table.from_arrays([t.column(n).take(order) if not presorted else t.column(n)
-                                     for n in merge.schema.names], schema=merge.schema)
-    seg = np.cumsum(np.r_[True, key[1:] != key[:-1]]) - 1
+        return pa.Table.from_arrays([t.column(n).take(order) for n in merge.schema.names],
+                                    schema=merge.schema)
     out: dict[str, np.ndarray] = {"key": key[starts]}
     for names, ufunc in ((merge.int_sums, np.add), (merge.mins, np.minimum),
                          (merge.maxs, np.maximum)):
         for name in names:
             out[name] = ufunc.reduceat(t.column(name).to_numpy()[order], starts)
     if merge.float_sums:
-        rank = np.arange(len(key)) - starts[seg]
-        by_rank = np.argsort(rank, kind="stable")
-        bounds = np.searchsorted(rank[by_rank], np.arange(rank.max() + 2))
+        # A left fold, one addition per key per round: round r adds each key's r-th
+        # row. Keys ordered by their number of rows, longest first, make the keys
+        # still adding in round r a prefix, so a round is one gather and one add.
+        length = np.diff(np.r_[starts, len(key)])
+        small = length.max() < 2**15  # int16: numpy's stable sort is then a radix sort
+        by_length = np.argsort(-length.astype(np.int16 if small else np.int64), kind="stable")
+        first = starts[by_length]  # each key's r-th row is at first + r, sorted
+        # keys with more than r rows: length >= r + 1, a prefix of by_length
+        still = np.searchsorted(-length[by_length], -np.arange(2, length.max() + 1), "right")
         for name in merge.float_sums:
             values = t.column(name).to_numpy()[order]
-            acc = values[starts].copy()
-            for r in range(1, len(bounds) - 1):
-                rows = by_rank[bounds[r]:bounds[r + 1]]
-                acc[seg[rows]] += values[rows]  # one addition per key per round
-            out[name] = acc
+            acc = values[first]
+            for r, m in enumerate(still, start=1):
+                acc[:m] += values[first[:m] + r]
+            out[name] = np.empty_like(acc)
+            out[name][by_length] = acc
     return pa.table({n: out[n] for n in merge.schema.names}, schema=merge.schema)

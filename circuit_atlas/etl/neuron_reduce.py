@@ -128,11 +128,20 @@ def finalize_tokens(counts: pa.Table, top_k: int) -> pa.Table:
     """The top_k tokens per (neuron, kind) by count (ties: lower token id first)."""
     key = counts.column("key").to_numpy()
     count = counts.column("count").to_numpy()
-    group = key >> 22  # neuron key << 1 | kind
-    order = np.lexsort((key & ((1 << 22) - 1), -count, group))
-    group, key, count = group[order], key[order], count[order]
+    if len(key) and (key[1:] < key[:-1]).any():  # a fold's state is sorted already
+        order = np.argsort(key, kind="stable")
+        key, count = key[order], count[order]
+    group = key >> 22  # neuron key << 1 | kind; within a group, tokens ascending
     starts = segments(group)
-    rank = np.arange(len(group)) - np.repeat(starts, np.diff(np.r_[starts, len(group)]))
+    seg = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(group)]))
+    top = int(count.max()) if len(count) else 0
+    if len(starts) * (top + 1) < 2**62:
+        # one stable sort: groups in order, counts descending, ties keep token order
+        order = np.argsort(seg * (top + 1) + (top - count), kind="stable")
+    else:
+        order = np.lexsort((key & ((1 << 22) - 1), -count, group))
+    group, key, count = group[order], key[order], count[order]
+    rank = np.arange(len(group)) - starts[seg]
     top = rank < top_k
     layer, index = unpack_neuron(group[top] >> 1)
     kinds = pa.array(TOKEN_KINDS, pa.string()).take(pa.array(group[top] & 1))

@@ -14,8 +14,8 @@ class ReduceParams:
     """Publish only edges seen at least this often (the original atlas used 3)."""
     top_k: int = 10
     """Token associations per neuron."""
-    chunk: int = 64
-    """Shards folded per task (bounds the memory of one task)."""
+    chunk: int = 256
+    """Shards folded per task, at most (the workers' memory limit bounds it too)."""
     params_hash: tuple[str, ...] = ()
     """Only the shards of this graph parameter set (repeatable; the hashes the refusal
     lists). Default: refuse a corpus whose shards were computed with several."""

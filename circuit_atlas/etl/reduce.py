@@ -102,11 +102,11 @@ def _without(table: pa.Table, skip: list[int]) -> pa.Table:
 
 def shard_task(lake: Lake, shard: Shard, corpus_id: int, skip: list[int], version
                ) -> dict[str, Any]:
-    """One shard: its edge rows split by source layer and its neuron partials, written
-    to scratch files of the edges table ``version``; returns where, and the rows per
-    layer. Nothing waits in worker memory for the folds. ``skip``: graph ids already
-    counted from an earlier shard."""
-    by_layer = er.shard_rows(_without(
+    """One shard: its edge partials split by source layer and its neuron partials,
+    written to scratch files of the edges table ``version``; returns where, and the
+    partial rows per layer. Nothing waits in worker memory for the folds. ``skip``:
+    graph ids already counted from an earlier shard."""
+    by_layer = er.shard_partials(_without(
         _read(lake, shard.file("graph_edges"), GRAPH_EDGES, EDGE_COLUMNS), skip))
     stats, tokens = nr.shard_partials(
         _without(_read(lake, shard.file("graph_nodes"), GRAPH_NODES, NODE_COLUMNS), skip),
@@ -114,7 +114,8 @@ def shard_task(lake: Lake, shard: Shard, corpus_id: int, skip: list[int], versio
                        ["graph_id", "input_tokens", "target_tokens"]), skip))
     base = f"{shard.corpus}-{shard.shard}"
     paths = {t: version.scratch(f"{base}.{t}.arrow") for t in MERGES}
-    batches = version.write_scratch(paths["edges"], list(by_layer.values()), er.RAW_SCHEMA)
+    batches = version.write_scratch(paths["edges"], list(by_layer.values()),
+                                    er.PARTIAL_SCHEMA)
     for table, data in (("neurons", stats), ("neuron_tokens", tokens),
                         ("neuron_corpora", nr.corpus_partial(stats, corpus_id))):
         version.write_scratch(paths[table], [data], data.schema)
@@ -124,13 +125,13 @@ def shard_task(lake: Lake, shard: Shard, corpus_id: int, skip: list[int], versio
 
 
 def read_part(result: dict[str, Any], table: str, layers: list[int] | None) -> pa.Table:
-    """A shard's scratch partial of ``table``; for edges, its rows of ``layers``."""
+    """A shard's scratch partial of ``table``; for edges, its partials of ``layers``."""
     version = result["version"]
     if layers is None:
         return version.read_scratch(result["paths"][table])
     batches = [i for x in layers for i in result["batches"].get(x, [])]
     if not batches:
-        return er.RAW_SCHEMA.empty_table()
+        return er.PARTIAL_SCHEMA.empty_table()
     return version.read_scratch(result["paths"][table], batches)
 
 
@@ -146,6 +147,11 @@ BYTES_PER_ROW = 300
 FOLD_MEMORY_SHARE = 0.25
 
 
+# Buckets per worker, at least: with several, the last fold chains to finish are short
+# (at 2 per worker, a 2-core reduce of 20,000 graphs idled a worker for its last 1-2 s).
+BUCKETS_PER_WORKER = 4
+
+
 def plan_folds(counts: list[dict[int, int]], layers: list[int], n_workers: int,
                budget_rows: int, max_shards: int) -> list[tuple[list[int], list[list[int]]]]:
     """Buckets of layers and, per bucket, chunks of shard indices to fold at a time.
@@ -154,7 +160,7 @@ def plan_folds(counts: list[dict[int, int]], layers: list[int], n_workers: int,
     work; chunks that add at most ``budget_rows`` rows (and ``max_shards`` shards).
     """
     total = {layer: sum(c.get(layer, 0) for c in counts) for layer in layers}
-    n_buckets = max(-(-sum(total.values()) // budget_rows), 2 * n_workers)
+    n_buckets = max(-(-sum(total.values()) // budget_rows), BUCKETS_PER_WORKER * n_workers)
     buckets = [list(b) for b in np.array_split(np.array(layers, int),
                                                min(len(layers), n_buckets)) if len(b)]
     plan = []
@@ -177,7 +183,7 @@ def fold_task(lake: Lake, table: str, layers: list[int] | None, state: pa.Table 
               *results: dict[str, Any]) -> pa.Table:
     """Fold the scratch partials of ``results`` (shards, in commit order) onto ``state``."""
     parts = [read_part(r, table, layers) for r in results]
-    if table == "edges":  # raw rows of some source layers
+    if table == "edges":  # partials of some source layers
         return er.fold_layer(state, parts)
     return fold([state, *parts] if state is not None else parts, MERGES[table])
 
@@ -238,7 +244,7 @@ def finish_task(version, table: str, layers: list[int] | None, state: pa.Table,
 
 
 def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_count: int = 1,
-                top_k: int = 10, chunk: int = 64, params_hash: tuple[str, ...] = (),
+                top_k: int = 10, chunk: int = 256, params_hash: tuple[str, ...] = (),
                 mixed_params: bool = False,
                 on_progress: Callable[[int, int], None] | None = None) -> ReduceReport:
     """Reduce the committed shards of ``model`` over ``corpora`` into the derived tables.

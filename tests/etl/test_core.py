@@ -6,8 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from circuit_atlas.etl.edge_reduce import PARTIAL_SCHEMA as PARTIAL
-from circuit_atlas.etl.edge_reduce import RAW_SCHEMA as RAW
-from circuit_atlas.etl.edge_reduce import finalize, fold_layer, pack, shard_rows, unpack
+from circuit_atlas.etl.edge_reduce import finalize, fold_layer, pack, shard_partials, unpack
 from circuit_atlas.lake import GRAPH_EDGES
 from tests.etl.oracle import assert_same, edge_oracle
 
@@ -39,8 +38,9 @@ def test_partials_and_fold_equal_duckdb(seed, shards, graphs, rows, neurons, shu
     rng = np.random.default_rng(seed)
     tables = [random_edges(rng, graphs, rows, neurons, first_graph=100 * s, shuffle=shuffle)
               for s in range(shards)]
-    layers = sorted({layer for t in tables for layer in shard_rows(t)})
-    states = [fold_layer(None, [shard_rows(t).get(layer, RAW.empty_table()) for t in tables])
+    layers = sorted({layer for t in tables for layer in shard_partials(t)})
+    empty = PARTIAL.empty_table()
+    states = [fold_layer(None, [shard_partials(t).get(layer, empty) for t in tables])
               for layer in layers]
     ours = finalize(pa.concat_tables(states) if states else PARTIAL.empty_table(), min_count)
     assert_same(ours, edge_oracle(pa.concat_tables(tables), min_count))
@@ -50,8 +50,8 @@ def test_partials_and_fold_equal_duckdb(seed, shards, graphs, rows, neurons, shu
 @given(seed=st.integers(0, 2**32 - 1), shards=st.integers(2, 12), split=st.data())
 def test_folding_onto_a_state_is_bitwise_equal_to_scratch(seed, shards, split):
     rng = np.random.default_rng(seed)
-    pieces = [shard_rows(random_edges(rng, 3, 30, 3, first_graph=10 * s)).get(0, RAW.empty_table())
-              for s in range(shards)]
+    pieces = [shard_partials(random_edges(rng, 3, 30, 3, first_graph=10 * s)).get(
+        0, PARTIAL.empty_table()) for s in range(shards)]
     scratch = fold_layer(None, pieces)
     cut = sorted(split.draw(st.sets(st.integers(1, shards - 1), max_size=3)))
     state = None
@@ -96,3 +96,39 @@ def test_fold_plan_respects_the_budget(counts, budget, workers, max_shards):
             rows = sum(counts[i].get(x, 0) for i in chunk for x in bucket)
             assert len(chunk) <= max_shards
             assert rows <= budget or len(chunk) == 1  # a single shard may exceed it
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), tables=st.integers(1, 8), rows=st.integers(0, 60),
+       keys=st.integers(1, 12))
+def test_fold_is_a_left_fold_in_list_order(seed, tables, rows, keys):
+    """Float sums per key are added one row at a time, in list order then row order
+    (compared bit for bit with Python's own additions); counts, minima and maxima
+    merge as they should; the result is sorted by key."""
+    from circuit_atlas.etl.edge_reduce import EDGE_MERGE
+    from circuit_atlas.etl.fold import fold
+
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _ in range(tables):
+        n = int(rng.integers(0, rows + 1))
+        w = rng.normal(size=(3, n)) * 10.0 ** rng.integers(-8, 8, (3, n))
+        parts.append(pa.table({
+            "key": rng.integers(0, keys, n), "count": rng.integers(1, 5, n),
+            "graph_count": rng.integers(1, 3, n), "weight_sum": w[0], "weight_abs_sum": w[1],
+            "weight_sq_sum": w[2], "weight_min": rng.normal(size=n).astype(np.float32),
+            "weight_max": rng.normal(size=n).astype(np.float32)}, schema=PARTIAL))
+    want: dict[int, dict[str, float]] = {}
+    for row in (r for p in parts for r in p.to_pylist()):
+        if row["key"] not in want:
+            want[row["key"]] = row
+            continue
+        acc = want[row["key"]]
+        for c in ("count", "graph_count", "weight_sum", "weight_abs_sum", "weight_sq_sum"):
+            acc[c] += row[c]
+        acc["weight_min"] = min(acc["weight_min"], row["weight_min"])
+        acc["weight_max"] = max(acc["weight_max"], row["weight_max"])
+    got = fold(parts, EDGE_MERGE)
+    assert got.column("key").to_pylist() == sorted(want)
+    assert got.to_pylist() == [want[k] for k in sorted(want)]  # float sums bit for bit
+

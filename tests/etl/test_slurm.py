@@ -148,3 +148,16 @@ def test_cancelled_graph_job_is_recomputed_and_its_debris_cleaned(tmp_path, slur
     assert uncommitted_shards(lake), "the cancelled worker was writing a shard"
     lake.cleanup(min_age_s=0)
     assert uncommitted_shards(lake) == []
+
+
+def test_slurm_workers_start_with_the_worker_environment(tmp_path, slurm):
+    """A job's nanny reads its own Dask config, so the job script exports what
+    jobqueue.yaml sets for workers, and the workers run with it."""
+    import os
+
+    out = CliRunner().invoke(cli, ["slurm", "script", "--cores", "1", "--memory", "1GB"])
+    assert "export MALLOC_MMAP_THRESHOLD_=33554432" in out.output, out.output
+    with slurm_client(tmp_path, jobs=1) as sc:
+        seen = sc.run(lambda: (os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                               os.environ.get("POLARS_MAX_THREADS")))
+    assert set(seen.values()) == {("33554432", "1")}
