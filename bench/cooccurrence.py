@@ -33,18 +33,20 @@ from reduce import CORPUS, LAYERS, MODEL, bench_lake, ensure_lake, lake_argument
 from circuit_atlas.machine import describe  # noqa: E402
 
 
-def run_ours(lake_path: str, k: int, min_count: int, workers: int | None) -> None:
+def run_ours(lake_path: str, k: int, min_count: int, workers: int | None,
+             worker_memory: str | None) -> None:
     from circuit_atlas.analysis.cooccurrence import cooccurrence_lake
     from circuit_atlas.etl.clusters import dask_client
     from circuit_atlas.lake import Lake
 
-    with dask_client(n_workers=workers, echo=None) as client:
+    with dask_client(n_workers=workers, memory_limit=worker_memory, echo=None) as client:
         report = cooccurrence_lake(Lake(lake_path), MODEL, [CORPUS], client, k=k,
                                    min_count=min_count)
     print(json.dumps({"hubs": report.hubs, "graphs": report.graphs}))
 
 
-def run_duckdb(lake_path: str, out: str, k: int, min_count: int, threads: int) -> None:
+def run_duckdb(lake_path: str, out: str, k: int, min_count: int, threads: int,
+               memory: str | None) -> None:
     import duckdb
 
     from circuit_atlas.lake import Lake
@@ -52,6 +54,8 @@ def run_duckdb(lake_path: str, out: str, k: int, min_count: int, threads: int) -
     files = Lake(lake_path).files("graph_nodes", MODEL, CORPUS)
     con = duckdb.connect()
     con.execute(f"SET threads = {threads}")
+    if memory:  # DuckDB's own default is 80% of RAM; it spills beyond the limit
+        con.execute(f"SET memory_limit = '{memory}'")
     con.execute(f"""
         CREATE TABLE gn AS SELECT DISTINCT graph_id, layer::BIGINT * 4294967296 + "neuron" AS k
         FROM read_parquet({files!r}) WHERE layer >= 0 AND layer < {LAYERS} AND "neuron" >= 0""")
@@ -119,6 +123,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--min-count", type=int, default=2)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--worker-memory", default=None, help="our workers' memory limit")
+    ap.add_argument("--duckdb-memory", default=None, help="DuckDB's memory_limit")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="DuckDB threads")
     ap.add_argument("--repeat", type=int, default=1,
                     help="alternate the engines this many times; medians are reported")
@@ -127,12 +133,16 @@ def main() -> None:
     args = ap.parse_args()
     lake_path = bench_lake(args.dir, args.graphs, args.per_shard, args.seed)
     if args.engine == "ours":
-        return run_ours(lake_path, args.k, args.min_count, args.workers)
+        return run_ours(lake_path, args.k, args.min_count, args.workers, args.worker_memory)
     if args.engine == "duckdb":
-        return run_duckdb(lake_path, args.out, args.k, args.min_count, args.threads)
+        return run_duckdb(lake_path, args.out, args.k, args.min_count, args.threads,
+                          args.duckdb_memory)
     ensure_lake(lake_path, args.graphs, args.per_shard, args.seed)
     ensure_reduced(lake_path)
     out = tempfile.mkdtemp(prefix="duck-co-")
+    duck_memory = ["--duckdb-memory", args.duckdb_memory] if args.duckdb_memory else []
+    ours_options = [*(["--workers", str(args.workers)] if args.workers else []),
+                    *(["--worker-memory", args.worker_memory] if args.worker_memory else [])]
     common = ["--graphs", str(args.graphs), "--per-shard", str(args.per_shard), "--seed",
               str(args.seed), "--dir", args.dir, "--k", str(args.k), "--min-count",
               str(args.min_count)]
@@ -140,18 +150,22 @@ def main() -> None:
     try:
         for _ in range(args.repeat):  # alternate: the shared machine's load drifts
             runs.append((*measure(__file__, ["--engine", "duckdb", "--out", out, "--threads",
-                                             str(args.threads), *common], ROOT),
-                         *measure(__file__, ["--engine", "ours", *common, *(
-                             ["--workers", str(args.workers)] if args.workers else [])], ROOT)))
+                                             str(args.threads), *duck_memory, *common], ROOT,
+                                  per_process=True),
+                         *measure(__file__, ["--engine", "ours", *common, *ours_options], ROOT,
+                                  per_process=True)))
         rows = compare(lake_path, out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    duck_s, duck_gb, ours_s, ours_gb = (statistics.median(r[i] for r in runs) for i in range(4))
-    ratios = [r[2] / r[0] for r in runs]
+    duck_s, duck_gb, _, ours_s, ours_gb, ours_one = (statistics.median(r[i] for r in runs)
+                                                      for i in range(6))
+    ratios = [r[3] / r[0] for r in runs]
     print(json.dumps({
         "machine": f"{describe()}", "graphs": args.graphs,
         "rows": rows, "duckdb_s": round(duck_s, 2), "duckdb_peak_gb": round(duck_gb, 2),
         "ours_s": round(ours_s, 2), "ours_peak_gb": round(ours_gb, 2),
+        "ours_largest_process_gb": round(ours_one, 2),
+        "worker_memory": args.worker_memory,
         "ratio_ours_to_duckdb": round(statistics.median(ratios), 3),
         "ratios": [round(r, 3) for r in ratios]}, indent=1))
 

@@ -175,11 +175,12 @@ def run_ours(lake_path: str, workers: int, worker_memory: str | None, chunk: int
         reduce_lake(lake, MODEL, [CORPUS], client, chunk=chunk)
 
 
-def measure(argv: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB, process tree) of this script run with ``argv``."""
+def measure(argv: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS of the process tree and of its largest process (GB) of
+    this script run with ``argv``."""
     from _measure import measure as run
 
-    return run(__file__, argv, ROOT)
+    return run(__file__, argv, ROOT, per_process=True)
 
 
 KEYS = {"edges": ["src_layer", "src_neuron", "tgt_layer", "tgt_neuron"],
@@ -257,14 +258,17 @@ def main() -> None:
         rows = compare(lake_path, duck_out)
     finally:
         shutil.rmtree(duck_out, ignore_errors=True)
-    med = [statistics.median(r[i] for r in runs) for i in range(4)]
-    duck_s, duck_gb, ours_s, ours_gb = med
-    ratios = [r[2] / r[0] for r in runs]
+    duck_s, duck_gb, _, ours_s, ours_gb, ours_one = (statistics.median(r[i] for r in runs)
+                                                      for i in range(6))
+    ratios = [r[3] / r[0] for r in runs]
     print(json.dumps({
         "machine": f"{describe()}", "graphs": info["graphs"],
         "edge_rows": info["edges"], "tables_rows": rows, "shards": info["shards"],
         "duckdb_s": round(duck_s, 2), "duckdb_peak_gb": round(duck_gb, 2),
         "ours_s": round(ours_s, 2), "ours_peak_gb": round(ours_gb, 2),
+        "ours_largest_process_gb": round(ours_one, 2),
+        "seconds_per_million_rows": {"duckdb": round(duck_s / info["edges"] * 1e6, 3),
+                                     "ours": round(ours_s / info["edges"] * 1e6, 3)},
         "ratio_ours_to_duckdb": round(statistics.median(ratios), 3),
         "ratios": [round(r, 3) for r in ratios],
         "workers": args.workers, "worker_memory": args.worker_memory,

@@ -2,14 +2,14 @@
 tables (and ``neuron_corpora``, ``neuron_tokens``). A thin wrapper around
 :mod:`edge_reduce` and :mod:`neuron_reduce`:
 
-1. one task per shard splits its edge rows by source layer (keys packed) and
-   computes its neuron partials;
-2. per bucket of source layers, a chain of tasks folds the shards' rows in commit
-   order (each row is sorted once, there). Buckets and chunks are sized from the
-   workers' memory limit (:func:`plan_folds`), so no task holds more than a bucket's
-   state and a budget of rows;
-3. per layer, a task finalises and writes the published part and the unfiltered
-   state; the neuron tables go the same way with one chain each;
+1. one task per shard aggregates its edge rows per key (keys packed) and computes
+   its neuron partials, each split by layer (for edges, the source layer);
+2. per table and bucket of layers, a chain of tasks folds the shards' partials in
+   commit order. Buckets and chunks are sized from the workers' memory limit
+   (:func:`plan_folds`), so no task holds more than a bucket's state and a budget of
+   rows, however many graphs the lake holds;
+3. per bucket, a task finalises and writes the published parts and the state, one
+   file per layer;
 4. the client publishes each table's manifest, which records the shards folded in,
    in order, the parameters, and the state files.
 
@@ -50,6 +50,9 @@ from circuit_atlas.lake.shards import (
 from circuit_atlas.lake.validate import read_parquet
 from circuit_atlas.stage import Progress, Report, as_corpora, connect, open_lake
 
+# The stored state's files: one per table and layer. A state of an older layout is
+# not extended (its parameters differ): the reduce starts over.
+STATE_LAYOUT = "per-layer"
 EDGE_COLUMNS = ["graph_id", "src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "weight"]
 NODE_COLUMNS = ["graph_id", "layer", "neuron", "position", "activation", "score"]
 MERGES = {"edges": er.EDGE_MERGE, "neurons": nr.STATS_MERGE, "neuron_tokens": nr.COUNT_MERGE,
@@ -100,47 +103,59 @@ def _without(table: pa.Table, skip: list[int]) -> pa.Table:
                                            value_set=pa.array(skip, pa.int64()))))
 
 
+def _layer_of(table: str, key: np.ndarray) -> np.ndarray:
+    return er.src_layer_of(key) if table == "edges" else nr.layer_of(key, table)
+
+
+def by_layer(table: str, data: pa.Table) -> dict[int, pa.Table]:
+    """A partial or state sorted by key, split into its layers (each a run of keys)."""
+    layer = _layer_of(table, data.column("key").to_numpy())
+    if not len(layer):
+        return {}
+    bounds = [0, *(np.flatnonzero(layer[1:] != layer[:-1]) + 1), len(layer)]
+    return {int(layer[a]): data.slice(a, b - a) for a, b in zip(bounds, bounds[1:],
+                                                                strict=False)}
+
+
 def shard_task(lake: Lake, shard: Shard, corpus_id: int, skip: list[int], version
                ) -> dict[str, Any]:
-    """One shard: its edge partials split by source layer and its neuron partials,
-    written to scratch files of the edges table ``version``; returns where, and the
-    partial rows per layer. Nothing waits in worker memory for the folds. ``skip``:
-    graph ids already counted from an earlier shard."""
-    by_layer = er.shard_partials(_without(
+    """One shard: its edge and neuron partials split by layer, written to scratch files
+    of the edges table ``version``; returns where, and the partial rows per table and
+    layer. Nothing waits in worker memory for the folds. ``skip``: graph ids already
+    counted from an earlier shard."""
+    edges = er.shard_partials(_without(
         _read(lake, shard.file("graph_edges"), GRAPH_EDGES, EDGE_COLUMNS), skip))
     stats, tokens = nr.shard_partials(
         _without(_read(lake, shard.file("graph_nodes"), GRAPH_NODES, NODE_COLUMNS), skip),
         _without(_read(lake, shard.file("graphs"), GRAPHS,
                        ["graph_id", "input_tokens", "target_tokens"]), skip))
+    split = {"edges": edges, "neurons": by_layer("neurons", stats),
+             "neuron_tokens": by_layer("neuron_tokens", tokens),
+             "neuron_corpora": by_layer("neuron_corpora", nr.corpus_partial(stats, corpus_id))}
     base = f"{shard.corpus}-{shard.shard}"
     paths = {t: version.scratch(f"{base}.{t}.arrow") for t in MERGES}
-    batches = version.write_scratch(paths["edges"], list(by_layer.values()),
-                                    er.PARTIAL_SCHEMA)
-    for table, data in (("neurons", stats), ("neuron_tokens", tokens),
-                        ("neuron_corpora", nr.corpus_partial(stats, corpus_id))):
-        version.write_scratch(paths[table], [data], data.schema)
-    return {"paths": paths, "version": version,
-            "batches": dict(zip(by_layer, batches, strict=True)),
-            "rows": {layer: t.num_rows for layer, t in by_layer.items()}}
+    batches, rows = {}, {}
+    for table, parts in split.items():
+        ids = version.write_scratch(paths[table], list(parts.values()), MERGES[table].schema)
+        batches[table] = dict(zip(parts, ids, strict=True))
+        rows[table] = {layer: t.num_rows for layer, t in parts.items()}
+    return {"paths": paths, "version": version, "batches": batches, "rows": rows}
 
 
-def read_part(result: dict[str, Any], table: str, layers: list[int] | None) -> pa.Table:
-    """A shard's scratch partial of ``table``; for edges, its partials of ``layers``."""
-    version = result["version"]
-    if layers is None:
-        return version.read_scratch(result["paths"][table])
-    batches = [i for x in layers for i in result["batches"].get(x, [])]
+def read_part(result: dict[str, Any], table: str, layers: list[int]) -> pa.Table:
+    """A shard's scratch partial of ``table``, its rows of ``layers``."""
+    batches = [i for x in layers for i in result["batches"][table].get(x, [])]
     if not batches:
-        return er.PARTIAL_SCHEMA.empty_table()
-    return version.read_scratch(result["paths"][table], batches)
+        return MERGES[table].schema.empty_table()
+    return result["version"].read_scratch(result["paths"][table], batches)
 
 
-def layer_rows(result: dict[str, Any]) -> dict[int, int]:
+def layer_rows(result: dict[str, Any]) -> dict[str, dict[int, int]]:
     return result["rows"]
 
 
-# Peak bytes per edge row while a fold runs (inputs, their sorted copies, sort
-# indices, float64 temporaries, partial rows, the state): measured ~175, kept loose.
+# Peak bytes per partial row while a fold runs (inputs, their sorted copies, sort
+# indices, float64 temporaries, the state): kept loose.
 BYTES_PER_ROW = 300
 # A fold may use this share of its worker's memory limit: the worker also holds shard
 # rows waiting for later folds (Dask spills those) and runs other tasks.
@@ -179,17 +194,24 @@ def plan_folds(counts: list[dict[int, int]], layers: list[int], n_workers: int,
     return plan
 
 
-def fold_task(lake: Lake, table: str, layers: list[int] | None, state: pa.Table | None,
+def fold_task(lake: Lake, table: str, layers: list[int], state: pa.Table | None,
               *results: dict[str, Any]) -> pa.Table:
-    """Fold the scratch partials of ``results`` (shards, in commit order) onto ``state``."""
+    """Fold the scratch partials of ``layers`` of ``results`` (shards, in commit order)
+    onto ``state``."""
     parts = [read_part(r, table, layers) for r in results]
-    if table == "edges":  # partials of some source layers
-        return er.fold_layer(state, parts)
     return fold([state, *parts] if state is not None else parts, MERGES[table])
 
 
+def fold_and_finish(lake: Lake, version, table: str, layers: list[int], params: dict[str, Any],
+                    state: pa.Table | None, *results: dict[str, Any]
+                    ) -> tuple[list[str], list[str], int]:
+    """The last fold of a bucket, then :func:`finish_task` on its state."""
+    return finish_task(version, table, layers, fold_task(lake, table, layers, state, *results),
+                       params)
+
+
 def read_state(lake: Lake, paths: list[str], table: str) -> pa.Table:
-    """The stored state of ``table`` from its files (for edges: some layers, in order)."""
+    """The stored state of ``table`` from its files (some layers, in order)."""
     parts = []
     for path in paths:
         with lake.fs.open(path, "rb") as f:
@@ -204,42 +226,32 @@ def read_state(lake: Lake, paths: list[str], table: str) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def layer_file(layer: int) -> str:
-    return f"src_layer-{layer:03d}.parquet"
+def layer_file(table: str, layer: int) -> str:
+    """A layer's file of ``table`` (published part and state)."""
+    return f"src_layer-{layer:03d}.parquet" if table == "edges" else f"layer-{layer:03d}.parquet"
 
 
-def _by_layer(state: pa.Table, layers: list[int]) -> dict[int, pa.Table]:
-    """A sorted edge state split into its source layers (each a run of keys)."""
-    src = er.src_layer_of(state.column("key").to_numpy())
-    bounds = np.searchsorted(src, [*layers, layers[-1] + 1])
-    return {layer: state.slice(a, b - a) for layer, a, b in zip(layers, bounds, bounds[1:],
-                                                              strict=False)}
-
-
-def finish_task(version, table: str, layers: list[int] | None, state: pa.Table,
+def finish_task(version, table: str, layers: list[int], state: pa.Table,
                 params: dict[str, Any]) -> tuple[list[str], list[str], int]:
-    """Write the published parts and the state; returns (part files, state files, rows).
-
-    Edges get one file per source layer. With min_count 1 the published edge part
-    holds the whole state (keys unpacked), so it is its own state file."""
-    if table != "edges":
-        if table == "neurons":
-            out, spec = nr.finalize_neurons(state), NEURON_STATS
-        elif table == "neuron_tokens":
-            out, spec = nr.finalize_tokens(state, params["top_k"]), NEURON_TOKENS
-        else:
-            out, spec = nr.finalize_corpora(state, params["corpora"]), NEURON_CORPORA
-        name = f"{table}.parquet"
-        state_file = version.write_state(name, state)
-        return [version.write(name, out, spec)], [state_file], out.num_rows
+    """Write the published parts and the state, one file per layer; returns (part
+    files, state files, rows). With min_count 1 the published edge part holds the
+    whole state (keys unpacked), so it is its own state file."""
     parts, states, rows = [], [], 0
-    for layer, layer_state in _by_layer(state, layers).items():
-        out = er.finalize(layer_state, params["min_count"])
-        part = version.write(layer_file(layer), out, EDGE_STATS)
+    for layer, layer_state in by_layer(table, state).items():
+        name = layer_file(table, layer)
+        if table == "edges":
+            out, spec = er.finalize(layer_state, params["min_count"]), EDGE_STATS
+        elif table == "neurons":
+            out, spec = nr.finalize_neurons(layer_state), NEURON_STATS
+        elif table == "neuron_tokens":
+            out, spec = nr.finalize_tokens(layer_state, params["top_k"]), NEURON_TOKENS
+        else:
+            out, spec = nr.finalize_corpora(layer_state, params["corpora"]), NEURON_CORPORA
+        part = version.write(name, out, spec)
         parts.append(part)
         rows += out.num_rows
-        states.append(version.part_path(part) if params["min_count"] == 1
-                      else version.write_state(layer_file(layer), layer_state))
+        states.append(version.part_path(part) if table == "edges" and params["min_count"] == 1
+                      else version.write_state(name, layer_state))
     return parts, states, rows
 
 
@@ -272,6 +284,7 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
             "run `circuit-atlas graphs` first")
     shards = one_parameter_set(shards, corpora, params_hash, mixed_params)
     params = {"min_count": min_count, "top_k": top_k, "corpora": corpora,
+              "layout": STATE_LAYOUT,
               "graph_params": {h: e["params"] for h, e in parameter_sets(shards).items()}}
     ids = [f"{s.corpus}/{s.shard}" for s in shards]
     shape = model_shape(shards)
@@ -288,27 +301,31 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
                          [skips[i] for i in fresh],
                          [versions["edges"]] * len(fresh), pure=False)
     counts = client.gather(client.map(layer_rows, results))
-    layers = sorted({layer for c in counts for layer in c}
-                    | {_layer_of(n) for n in _state_names(manifests["edges"], old)})
     workers = client.scheduler_info()["workers"].values()
     memory = min((w.get("memory_limit") or 0 for w in workers), default=0) or 4 * 2**30
     budget = max(10_000, int(memory * FOLD_MEMORY_SHARE / BYTES_PER_ROW))
-    plan = plan_folds(counts, layers, len(workers), budget, chunk)
-    all_shards = [list(range(len(results)))[i:i + chunk] for i in range(0, len(results), chunk)]
-    jobs: list[tuple[str, list[int] | None, Any]] = []  # (table, layers, final state)
+    jobs: list[tuple[str, list[int], Any]] = []  # (table, layers, its finish)
     for table in MERGES:
-        for bucket, chunks in (plan if table == "edges" else [(None, all_shards)]):
-            names = [layer_file(x) for x in bucket] if bucket else [f"{table}.parquet"]
-            stored = [n for n in names if n in _state_names(manifests[table], old)]
+        stored_names = _state_names(manifests[table], old)
+        table_rows = [c[table] for c in counts]
+        layers = sorted({layer for c in table_rows for layer in c}
+                        | {_file_layer(n) for n in stored_names})
+        if not layers:  # no rows at all
+            continue
+        for bucket, chunks in plan_folds(table_rows, layers, len(workers), budget, chunk):
+            stored = [n for n in (layer_file(table, x) for x in bucket) if n in stored_names]
             state = client.submit(read_state, lake, [
                 _state_path(lake, manifests[table], n) for n in stored], table,
                 pure=False) if stored else None
-            for shard_ids in chunks:
+            *first, last = chunks
+            for shard_ids in first:
                 state = client.submit(fold_task, lake, table, bucket, state,
                                       *[results[i] for i in shard_ids], pure=False)
-            jobs.append((table, bucket, state))
-    finishes = [client.submit(finish_task, versions[t], t, bucket, state, params, pure=False)
-                for t, bucket, state in jobs]
+            # the last fold writes the bucket: no finished state waits in memory
+            jobs.append((table, bucket, client.submit(
+                fold_and_finish, lake, versions[table], table, bucket, params, state,
+                *[results[i] for i in last], pure=False)))
+    finishes = [job for _, _, job in jobs]
     total = len(results) + len(finishes)
     for done, _ in enumerate(as_completed([*results, *finishes]), start=1):
         if on_progress:
@@ -338,8 +355,8 @@ def model_shape(shards: list) -> dict[str, int] | None:
     return json.loads(shapes.pop()) if shapes else None
 
 
-def _layer_of(name: str) -> int:
-    return int(name.removeprefix("src_layer-").removesuffix(".parquet"))
+def _file_layer(name: str) -> int:
+    return int(name.removesuffix(".parquet").split("-", 1)[1])
 
 
 def one_parameter_set(shards: list[Shard], corpora: list[str], wanted: tuple[str, ...],

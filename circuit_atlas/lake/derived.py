@@ -107,13 +107,16 @@ class TableVersion:
         Parquet's encoding and compression cost more than the bytes they save (they
         were half of a reduce's shard tasks)."""
         out, n = [], 0
-        with self.lake.fs.open(path, "wb") as f, pa.ipc.new_file(f, schema) as writer:
+        sink = pa.BufferOutputStream()  # one write to the file system, not one per buffer
+        with pa.ipc.new_file(sink, schema) as writer:
             for part in parts:
                 batches = part.to_batches()
                 for batch in batches:
                     writer.write_batch(batch)
                 out.append(list(range(n, n + len(batches))))
                 n += len(batches)
+        with self.lake.fs.open(path, "wb") as f:
+            f.write(sink.getvalue())
         return out
 
     def read_scratch(self, path: str, batches: list[int] | None = None) -> pa.Table:
