@@ -16,6 +16,9 @@ class ReduceParams:
     """Token associations per neuron."""
     chunk: int = 256
     """Shards folded per task, at most (the workers' memory limit bounds it too)."""
+    fold_rows: int | None = None
+    """Partial rows one fold task may hold (its bucket's state, and the shards it adds);
+    default: from the workers' memory limit, ~900,000 per GiB."""
     params_hash: tuple[str, ...] = ()
     """Only the shards of this graph parameter set (repeatable; the hashes the refusal
     lists). Default: refuse a corpus whose shards were computed with several."""

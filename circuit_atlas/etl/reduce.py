@@ -3,13 +3,15 @@ tables (and ``neuron_corpora``, ``neuron_tokens``). A thin wrapper around
 :mod:`edge_reduce` and :mod:`neuron_reduce`:
 
 1. one task per shard aggregates its edge rows per key (keys packed) and computes
-   its neuron partials, each split by layer (for edges, the source layer);
-2. per table and bucket of layers, a chain of tasks folds the shards' partials in
-   commit order. Buckets and chunks are sized from the workers' memory limit
-   (:func:`plan_folds`), so no task holds more than a bucket's state and a budget of
-   rows, however many graphs the lake holds;
-3. per bucket, a task finalises and writes the published parts and the state, one
-   file per layer;
+   its neuron partials, each split by layer (for edges, the source layer), and counts
+   their rows per layer and block of neurons;
+2. per table and bucket of parts (layers, or neuron ranges of a layer too big for
+   one fold), a chain of tasks folds the shards' partials in commit order. Parts,
+   buckets and chunks are sized from the workers' memory limit (:mod:`plan`), so no
+   task holds more than a bucket's state and a budget of rows, however many graphs
+   the lake holds;
+3. per bucket, its last fold finalises and writes the published parts and the state,
+   one file per part;
 4. the client publishes each table's manifest, which records the shards folded in,
    in order, the parameters, and the state files.
 
@@ -36,8 +38,10 @@ import pyarrow.parquet as pq
 from circuit_atlas.errors import CircuitAtlasError
 from circuit_atlas.etl import edge_reduce as er
 from circuit_atlas.etl import neuron_reduce as nr
+from circuit_atlas.etl import plan
 from circuit_atlas.etl.fold import fold
 from circuit_atlas.etl.params import ReduceParams
+from circuit_atlas.etl.plan import Part
 from circuit_atlas.lake import GRAPH_EDGES, GRAPH_NODES, GRAPHS, Lake, layout
 from circuit_atlas.lake.schemas import EDGE_STATS, NEURON_CORPORA, NEURON_STATS, NEURON_TOKENS
 from circuit_atlas.lake.shards import (
@@ -50,9 +54,9 @@ from circuit_atlas.lake.shards import (
 from circuit_atlas.lake.validate import read_parquet
 from circuit_atlas.stage import Progress, Report, as_corpora, connect, open_lake
 
-# The stored state's files: one per table and layer. A state of an older layout is
+# The stored state's files: one per table and part. A state of an older layout is
 # not extended (its parameters differ): the reduce starts over.
-STATE_LAYOUT = "per-layer"
+STATE_LAYOUT = "per-part"
 EDGE_COLUMNS = ["graph_id", "src_layer", "src_neuron", "tgt_layer", "tgt_neuron", "weight"]
 NODE_COLUMNS = ["graph_id", "layer", "neuron", "position", "activation", "score"]
 MERGES = {"edges": er.EDGE_MERGE, "neurons": nr.STATS_MERGE, "neuron_tokens": nr.COUNT_MERGE,
@@ -87,7 +91,8 @@ def run_reduce(lake, *, model, corpora, params: ReduceParams | None = None, clus
     with connect(cluster, default="local", progress=progress) as client:
         return reduce_lake(lake, model_name(model), as_corpora(corpora), client,
                            min_count=params.min_count, top_k=params.top_k,
-                           chunk=params.chunk, params_hash=params.params_hash,
+                           chunk=params.chunk, fold_rows=params.fold_rows,
+                           params_hash=params.params_hash,
                            mixed_params=params.mixed_params,
                            on_progress=lambda d, t: progress.update("reduce", d, t))
 
@@ -103,13 +108,9 @@ def _without(table: pa.Table, skip: list[int]) -> pa.Table:
                                            value_set=pa.array(skip, pa.int64()))))
 
 
-def _layer_of(table: str, key: np.ndarray) -> np.ndarray:
-    return er.src_layer_of(key) if table == "edges" else nr.layer_of(key, table)
-
-
 def by_layer(table: str, data: pa.Table) -> dict[int, pa.Table]:
     """A partial or state sorted by key, split into its layers (each a run of keys)."""
-    layer = _layer_of(table, data.column("key").to_numpy())
+    layer = plan.layer_of(table, data.column("key").to_numpy())
     if not len(layer):
         return {}
     bounds = [0, *(np.flatnonzero(layer[1:] != layer[:-1]) + 1), len(layer)]
@@ -117,12 +118,12 @@ def by_layer(table: str, data: pa.Table) -> dict[int, pa.Table]:
                                                                 strict=False)}
 
 
-def shard_task(lake: Lake, shard: Shard, corpus_id: int, skip: list[int], version
-               ) -> dict[str, Any]:
+def shard_task(lake: Lake, shard: Shard, corpus_id: int, skip: list[int], version,
+               bits: int) -> dict[str, Any]:
     """One shard: its edge and neuron partials split by layer, written to scratch files
-    of the edges table ``version``; returns where, and the partial rows per table and
-    layer. Nothing waits in worker memory for the folds. ``skip``: graph ids already
-    counted from an earlier shard."""
+    of the edges table ``version``; returns where, and the partial rows per table,
+    layer and block of ``2**bits`` neurons. Nothing waits in worker memory for the
+    folds. ``skip``: graph ids already counted from an earlier shard."""
     edges = er.shard_partials(_without(
         _read(lake, shard.file("graph_edges"), GRAPH_EDGES, EDGE_COLUMNS), skip))
     stats, tokens = nr.shard_partials(
@@ -134,84 +135,56 @@ def shard_task(lake: Lake, shard: Shard, corpus_id: int, skip: list[int], versio
              "neuron_corpora": by_layer("neuron_corpora", nr.corpus_partial(stats, corpus_id))}
     base = f"{shard.corpus}-{shard.shard}"
     paths = {t: version.scratch(f"{base}.{t}.arrow") for t in MERGES}
-    batches, rows = {}, {}
+    batches, hist = {}, {}
     for table, parts in split.items():
         ids = version.write_scratch(paths[table], list(parts.values()), MERGES[table].schema)
         batches[table] = dict(zip(parts, ids, strict=True))
-        rows[table] = {layer: t.num_rows for layer, t in parts.items()}
-    return {"paths": paths, "version": version, "batches": batches, "rows": rows}
+        hist[table] = {layer: plan.histogram(table, t.column("key").to_numpy(), bits)[layer]
+                       for layer, t in parts.items() if t.num_rows}
+    return {"paths": paths, "version": version, "batches": batches, "hist": hist}
 
 
-def read_part(result: dict[str, Any], table: str, layers: list[int]) -> pa.Table:
-    """A shard's scratch partial of ``table``, its rows of ``layers``."""
+def in_range(table: str, data: pa.Table, parts: list[Part]) -> pa.Table:
+    """The rows of ``data`` (sorted by key) that lie in a run of parts."""
+    lo, hi = plan.key_range(table, parts)
+    key = data.column("key").to_numpy()
+    a, b = np.searchsorted(key, [lo, hi])
+    return data.slice(int(a), int(b - a))
+
+
+def read_part(result: dict[str, Any], table: str, parts: list[Part]) -> pa.Table:
+    """A shard's scratch partial of ``table``, its rows in ``parts``."""
+    layers = sorted({p.layer for p in parts})
     batches = [i for x in layers for i in result["batches"][table].get(x, [])]
     if not batches:
         return MERGES[table].schema.empty_table()
-    return result["version"].read_scratch(result["paths"][table], batches)
+    data = result["version"].read_scratch(result["paths"][table], batches)
+    return data if all(p.whole for p in parts) else in_range(table, data, parts)
 
 
-def layer_rows(result: dict[str, Any]) -> dict[str, dict[int, int]]:
-    return result["rows"]
+def histograms(result: dict[str, Any]) -> dict[str, dict[int, np.ndarray]]:
+    return result["hist"]
 
 
-# Peak bytes per partial row while a fold runs (inputs, their sorted copies, sort
-# indices, float64 temporaries, the state): kept loose.
-BYTES_PER_ROW = 300
-# A fold may use this share of its worker's memory limit: the worker also holds shard
-# rows waiting for later folds (Dask spills those) and runs other tasks.
-FOLD_MEMORY_SHARE = 0.25
-
-
-# Buckets per worker, at least: with several, the last fold chains to finish are short
-# (at 2 per worker, a 2-core reduce of 20,000 graphs idled a worker for its last 1-2 s).
-BUCKETS_PER_WORKER = 4
-
-
-def plan_folds(counts: list[dict[int, int]], layers: list[int], n_workers: int,
-               budget_rows: int, max_shards: int) -> list[tuple[list[int], list[list[int]]]]:
-    """Buckets of layers and, per bucket, chunks of shard indices to fold at a time.
-
-    Enough buckets that one holds at most ``budget_rows`` rows and every worker has
-    work; chunks that add at most ``budget_rows`` rows (and ``max_shards`` shards).
-    """
-    total = {layer: sum(c.get(layer, 0) for c in counts) for layer in layers}
-    n_buckets = max(-(-sum(total.values()) // budget_rows), BUCKETS_PER_WORKER * n_workers)
-    buckets = [list(b) for b in np.array_split(np.array(layers, int),
-                                               min(len(layers), n_buckets)) if len(b)]
-    plan = []
-    for bucket in buckets:
-        chunks, current, rows = [], [], 0
-        for i, c in enumerate(counts):
-            n = sum(c.get(layer, 0) for layer in bucket)
-            if current and (rows + n > budget_rows or len(current) >= max_shards):
-                chunks.append(current)
-                current, rows = [], 0
-            current.append(i)
-            rows += n
-        if current:
-            chunks.append(current)
-        plan.append((bucket, chunks))
-    return plan
-
-
-def fold_task(lake: Lake, table: str, layers: list[int], state: pa.Table | None,
+def fold_task(lake: Lake, table: str, parts: list[Part], state: pa.Table | None,
               *results: dict[str, Any]) -> pa.Table:
-    """Fold the scratch partials of ``layers`` of ``results`` (shards, in commit order)
+    """Fold the scratch partials in ``parts`` of ``results`` (shards, in commit order)
     onto ``state``."""
-    parts = [read_part(r, table, layers) for r in results]
-    return fold([state, *parts] if state is not None else parts, MERGES[table])
+    partials = [read_part(r, table, parts) for r in results]
+    return fold([state, *partials] if state is not None else partials, MERGES[table])
 
 
-def fold_and_finish(lake: Lake, version, table: str, layers: list[int], params: dict[str, Any],
+def fold_and_finish(lake: Lake, version, table: str, parts: list[Part], params: dict[str, Any],
                     state: pa.Table | None, *results: dict[str, Any]
                     ) -> tuple[list[str], list[str], int]:
     """The last fold of a bucket, then :func:`finish_task` on its state."""
-    return finish_task(version, table, layers, fold_task(lake, table, layers, state, *results),
+    return finish_task(version, table, parts, fold_task(lake, table, parts, state, *results),
                        params)
 
 
-def read_state(lake: Lake, paths: list[str], table: str) -> pa.Table:
-    """The stored state of ``table`` from its files (some layers, in order)."""
+def read_state(lake: Lake, paths: list[str], table: str, wanted: list[Part]) -> pa.Table:
+    """The stored state of ``table`` in the parts ``wanted``, from its files (in key
+    order)."""
     parts = []
     for path in paths:
         with lake.fs.open(path, "rb") as f:
@@ -223,22 +196,20 @@ def read_state(lake: Lake, paths: list[str], table: str) -> pa.Table:
                                             for n in er.PARTIAL_SCHEMA.names[1:]}},
                             schema=er.PARTIAL_SCHEMA)
         parts.append(data)
-    return pa.concat_tables(parts)
+    return in_range(table, pa.concat_tables(parts), wanted)
 
 
-def layer_file(table: str, layer: int) -> str:
-    """A layer's file of ``table`` (published part and state)."""
-    return f"src_layer-{layer:03d}.parquet" if table == "edges" else f"layer-{layer:03d}.parquet"
-
-
-def finish_task(version, table: str, layers: list[int], state: pa.Table,
+def finish_task(version, table: str, bucket: list[Part], state: pa.Table,
                 params: dict[str, Any]) -> tuple[list[str], list[str], int]:
-    """Write the published parts and the state, one file per layer; returns (part
-    files, state files, rows). With min_count 1 the published edge part holds the
-    whole state (keys unpacked), so it is its own state file."""
+    """Write the published parts and the state, one file per part with rows; returns
+    (part files, state files, rows). With min_count 1 the published edge part holds
+    the whole state (keys unpacked), so it is its own state file."""
     parts, states, rows = [], [], 0
-    for layer, layer_state in by_layer(table, state).items():
-        name = layer_file(table, layer)
+    for part in bucket:
+        layer_state = in_range(table, state, [part])
+        if not layer_state.num_rows:
+            continue
+        name = plan.file_name(table, part)
         if table == "edges":
             out, spec = er.finalize(layer_state, params["min_count"]), EDGE_STATS
         elif table == "neurons":
@@ -257,7 +228,7 @@ def finish_task(version, table: str, layers: list[int], state: pa.Table,
 
 def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_count: int = 1,
                 top_k: int = 10, chunk: int = 256, params_hash: tuple[str, ...] = (),
-                mixed_params: bool = False,
+                mixed_params: bool = False, fold_rows: int | None = None,
                 on_progress: Callable[[int, int], None] | None = None) -> ReduceReport:
     """Reduce the committed shards of ``model`` over ``corpora`` into the derived tables.
 
@@ -265,7 +236,8 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     different graph parameter sets (e.g. --candidates 500 and 100) are not mixed
     silently: ``params_hash`` picks sets, ``mixed_params`` folds them all; otherwise
     several sets are refused with a line listing them. The tables' manifests record
-    the sets they hold (``graph_params``).
+    the sets they hold (``graph_params``). ``fold_rows``: the rows one fold may
+    hold (default: from the workers' memory limit).
     """
     from distributed import as_completed
 
@@ -296,36 +268,40 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     fold_order = (old or []) + [ids[i] for i in fresh]
     versions = {t: lake.new_table_version(model, corpus_key, t) for t in MERGES}
     skips = repeated_graphs(lake, shards)
+    bits = plan.block_bits(shape)
     results = client.map(shard_task, [lake] * len(fresh), [shards[i] for i in fresh],
                          [corpora.index(shards[i].corpus) for i in fresh],
                          [skips[i] for i in fresh],
-                         [versions["edges"]] * len(fresh), pure=False)
-    counts = client.gather(client.map(layer_rows, results))
+                         [versions["edges"]] * len(fresh), [bits] * len(fresh), pure=False)
+    hists = client.gather(client.map(histograms, results))
     workers = client.scheduler_info()["workers"].values()
     memory = min((w.get("memory_limit") or 0 for w in workers), default=0) or 4 * 2**30
-    budget = max(10_000, int(memory * FOLD_MEMORY_SHARE / BYTES_PER_ROW))
-    jobs: list[tuple[str, list[int], Any]] = []  # (table, layers, its finish)
+    budget = fold_rows or max(10_000, int(memory * plan.FOLD_MEMORY_SHARE / plan.BYTES_PER_ROW))
+    jobs: list[tuple[str, Any]] = []  # (table, its bucket's finish)
     for table in MERGES:
-        stored_names = _state_names(manifests[table], old)
-        table_rows = [c[table] for c in counts]
-        layers = sorted({layer for c in table_rows for layer in c}
-                        | {_file_layer(n) for n in stored_names})
-        if not layers:  # no rows at all
+        stored = {part: _state_path(lake, manifests[table], name) for name, part in
+                  plan.parts_of_files(_state_names(manifests[table], old)).items()}
+        stored_rows = {part: _rows(lake, path) for part, path in stored.items()}
+        table_hists = [h[table] for h in hists]
+        if not stored and not any(table_hists):  # no rows at all
             continue
-        for bucket, chunks in plan_folds(table_rows, layers, len(workers), budget, chunk):
-            stored = [n for n in (layer_file(table, x) for x in bucket) if n in stored_names]
-            state = client.submit(read_state, lake, [
-                _state_path(lake, manifests[table], n) for n in stored], table,
-                pure=False) if stored else None
+        for bucket, chunks in plan.plan_folds(table_hists, len(workers), budget, chunk, bits,
+                                              stored_rows):
+            lo, hi = plan.key_range(table, bucket)
+            files = [path for part, path in sorted(stored.items())
+                     if plan.key_range(table, [part])[0] < hi
+                     and plan.key_range(table, [part])[1] > lo]
+            state = client.submit(read_state, lake, files, table, bucket,
+                                  pure=False) if files else None
             *first, last = chunks
             for shard_ids in first:
                 state = client.submit(fold_task, lake, table, bucket, state,
                                       *[results[i] for i in shard_ids], pure=False)
             # the last fold writes the bucket: no finished state waits in memory
-            jobs.append((table, bucket, client.submit(
+            jobs.append((table, client.submit(
                 fold_and_finish, lake, versions[table], table, bucket, params, state,
                 *[results[i] for i in last], pure=False)))
-    finishes = [job for _, _, job in jobs]
+    finishes = [job for _, job in jobs]
     total = len(results) + len(finishes)
     for done, _ in enumerate(as_completed([*results, *finishes]), start=1):
         if on_progress:
@@ -334,7 +310,7 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     versions["edges"].drop_scratch()
     rows: dict[str, int] = {}
     for table in MERGES:
-        mine = [w for (t, _, _), w in zip(jobs, written, strict=True) if t == table]
+        mine = [w for (t, _), w in zip(jobs, written, strict=True) if t == table]
         rows[table] = sum(w[2] for w in mine)
         versions[table].publish(
             [f for w in mine for f in w[0]],
@@ -355,8 +331,9 @@ def model_shape(shards: list) -> dict[str, int] | None:
     return json.loads(shapes.pop()) if shapes else None
 
 
-def _file_layer(name: str) -> int:
-    return int(name.removesuffix(".parquet").split("-", 1)[1])
+def _rows(lake: Lake, path: str) -> int:
+    with lake.fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def one_parameter_set(shards: list[Shard], corpora: list[str], wanted: tuple[str, ...],

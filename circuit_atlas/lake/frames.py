@@ -62,10 +62,11 @@ def dask_frame(lake: Lake, spec: TableSpec, parts: list[tuple[str, list[int]]]) 
     files = [f for f, _ in parts]
     divisions = None
     if index is not None and files:
-        # the files are src_layer-NNN.parquet: one source layer each, in order
-        layers = [int(f.rsplit("/", 1)[-1].removeprefix(f"{index}-").removesuffix(".parquet"))
+        # the files are src_layer-NNN[.from-NEURON].parquet: one source layer or a
+        # range of its neurons each, in order; divisions only where layers do not repeat
+        layers = [int(f.rsplit("/", 1)[-1].removeprefix(f"{index}-").split(".")[0])
                   for f in files]
-        if layers == sorted(layers):
+        if all(a < b for a, b in zip(layers, layers[1:], strict=False)):
             divisions = (*layers, layers[-1])
     if not files:
         return dd.from_pandas(meta, npartitions=1)

@@ -192,7 +192,9 @@ EDGE_STATS = TableSpec(
 count: edge rows (position-level observations); graph_count: distinct graphs;
 weight_sum / weight_abs_sum / weight_sq_sum / weight_min / weight_max over those rows;
 mean_weight = weight_sum / count; mean_abs_weight = weight_abs_sum / count.
-One file per source layer (src_layer-NN.parquet), sorted by the four node-id columns.""",
+One file per source layer (src_layer-NNN.parquet), or per range of its source neurons
+where one layer is too big for one fold (src_layer-NNN.from-NEURON.parquet), sorted by
+the four node-id columns.""",
 )
 
 NEURON_STATS = TableSpec(

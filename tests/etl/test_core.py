@@ -80,22 +80,76 @@ def test_out_of_range_ids_are_refused():
         pack([0], [5_000_000], [1], [0])
 
 
-@settings(max_examples=50, deadline=None)
-@given(counts=st.lists(st.dictionaries(st.integers(-1, 5), st.integers(0, 1000), max_size=7),
-                       min_size=1, max_size=30),
-       budget=st.integers(500, 5000), workers=st.integers(1, 4), max_shards=st.integers(1, 9))
-def test_fold_plan_respects_the_budget(counts, budget, workers, max_shards):
-    from circuit_atlas.etl.reduce import plan_folds
+hists = st.lists(st.dictionaries(
+    st.integers(-1, 5), st.lists(st.integers(0, 800), min_size=1, max_size=6).map(np.array),
+    max_size=7), min_size=1, max_size=30)
 
-    layers = sorted({layer for c in counts for layer in c}) or [0]
-    plan = plan_folds(counts, layers, workers, budget, max_shards)
-    assert [x for bucket, _ in plan for x in bucket] == layers  # each layer once, in order
+
+@settings(max_examples=80, deadline=None)
+@given(hist=hists, budget=st.integers(500, 5000), workers=st.integers(1, 4),
+       max_shards=st.integers(1, 9), bits=st.integers(0, 3),
+       stored_cuts=st.dictionaries(st.integers(-1, 5), st.sets(st.integers(1, 40), max_size=3),
+                                   max_size=3))
+def test_fold_plan_respects_the_budget(hist, budget, workers, max_shards, bits, stored_cuts):
+    """Parts tile each layer in order, cut within a layer where it holds more than the
+    budget and at every stored part's start; buckets and chunks stay in the budget
+    (a single block or shard may exceed it)."""
+    from circuit_atlas.etl.plan import FULL, Part, plan_folds
+
+    stored = {}
+    for layer, cuts in stored_cuts.items():
+        edges = [-1, *sorted(cuts), FULL]
+        stored.update({Part(layer, a, b): 100 for a, b in zip(edges, edges[1:], strict=False)})
+    plan = plan_folds(hist, workers, budget, max_shards, bits, stored)
+    parts = [p for bucket, _ in plan for p in bucket]
+    layers = sorted({x for h in hist for x in h} | set(stored_cuts))
+    assert sorted({p.layer for p in parts}) == layers and parts == sorted(parts)
+    for layer in layers:
+        mine = [p for p in parts if p.layer == layer]
+        assert mine[0].lo == -1 and mine[-1].hi == FULL
+        assert all(a.hi == b.lo for a, b in zip(mine, mine[1:], strict=False))
+        for s in stored:  # each new part inside one stored part
+            if s.layer == layer:
+                assert all(p.hi <= s.lo or p.lo >= s.hi or s.lo <= p.lo < p.hi <= s.hi
+                           for p in mine)
+
+    def rows(shard, layer, part):
+        a = shard.get(layer, np.zeros(0, int))
+        return sum(int(n) for b, n in enumerate(a)
+                   if (part.lo <= 0 or (b << bits) >= part.lo)
+                   and (part.hi == FULL or (b << bits) < part.hi))
+
     for bucket, chunks in plan:
-        assert [i for chunk in chunks for i in chunk] == list(range(len(counts)))  # in order
+        assert [i for chunk in chunks for i in chunk] == list(range(len(hist)))  # in order
+        for p in bucket:
+            total = sum((np.resize(h.get(p.layer, np.zeros(0, int)), 64) * (np.arange(64) < len(
+                h.get(p.layer, []))) for h in hist), np.zeros(64, int))
+            blocks = [n for b, n in enumerate(total) if n and (p.lo <= 0 or (b << bits) >= p.lo)
+                      and (p.hi == FULL or (b << bits) < p.hi)]
+            if p.layer not in stored_cuts and sum(blocks) > budget:
+                assert len(blocks) == 1  # too big, yet not cut: a single block
         for chunk in chunks:
-            rows = sum(counts[i].get(x, 0) for i in chunk for x in bucket)
+            n = sum(rows(hist[i], p.layer, p) for i in chunk for p in bucket)
             assert len(chunk) <= max_shards
-            assert rows <= budget or len(chunk) == 1  # a single shard may exceed it
+            assert n <= budget or len(chunk) == 1  # a single shard may exceed it
+
+
+def test_part_files_name_and_tile_their_layer():
+    from circuit_atlas.etl.plan import FULL, Part, bound, file_name, key_range, parts_of_files
+
+    parts = [Part(-1), Part(3, -1, 512), Part(3, 512, 2048), Part(3, 2048, FULL)]
+    names = [file_name("edges", p) for p in parts]
+    assert names == ["src_layer--01.parquet", "src_layer-003.from-0000000.parquet",
+                     "src_layer-003.from-0000512.parquet", "src_layer-003.from-0002048.parquet"]
+    assert names == sorted(names)  # file order is key order
+    assert parts_of_files(names) == dict(zip(names, parts, strict=False))
+    # a middle part without rows has no file: its neighbour covers its range
+    assert parts_of_files([names[1], names[3]])[names[1]] == Part(3, -1, 2048)
+    assert file_name("neurons", Part(0)) == "layer-000.parquet"
+    lo, hi = key_range("edges", [Part(3, 512, 2048)])
+    keys = pack([3, 3, 3, 3, 4], [511, 512, 2047, 2048, 0], [5] * 5, [9] * 5)
+    assert list((keys >= lo) & (keys < hi)) == [False, True, True, False, False]
+    assert key_range("edges", [Part(3)]) == (bound("edges", 3, -1), bound("edges", 4, -1))
 
 
 @settings(max_examples=60, deadline=None)

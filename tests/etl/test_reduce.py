@@ -109,6 +109,42 @@ def test_incremental_equals_scratch_byte_for_byte(tmp_path, client, min_count):
     assert reduce_lake(lake, MODEL, ["c"], client, min_count=min_count + 1).from_scratch
 
 
+def sorted_table(lake, table):
+    t = published(lake, table)
+    keys = [c for c in ("layer", "neuron", *KEY, "kind", "token_id", "corpus_name")
+            if c in t.column_names]
+    return t.sort_by([(k, "ascending") for k in keys])
+
+
+def test_layers_too_big_for_one_fold_are_cut_into_neuron_ranges(tmp_path, client):
+    """With a fold budget below a layer's rows, layers are folded and written in
+    neuron ranges; extending that state under another budget (other cuts) equals a
+    reduce from scratch, bit for bit."""
+    lake = Lake.init(tmp_path / "l")  # neurons over the whole layer: many blocks to cut at
+    for s in range(3):
+        write_shard(lake, "c", prompts_of(5 + s, f"c{s}"), seed=s)
+    reduce_lake(lake, MODEL, ["c"], client, fold_rows=40, chunk=2)
+    names = [f.rsplit("/", 1)[-1] for f in lake.files("edges")]
+    assert sum(".from-" in n for n in names) > 3, names
+    raw = lake.read("graph_edges")
+    assert_same(published(lake, "edges").select(edge_oracle(raw).column_names),
+                edge_oracle(raw))
+    nodes = lake.read("graph_nodes")
+    assert_same(published(lake, "neurons").select(neuron_oracle(nodes).column_names),
+                neuron_oracle(nodes))
+    for s in range(3, 6):
+        write_shard(lake, "c", prompts_of(5 + s, f"c{s}"), seed=s)
+    again = reduce_lake(lake, MODEL, ["c"], client, fold_rows=25)
+    assert not again.from_scratch and again.new_shards == 3
+    scratch_lake = Lake.init(tmp_path / "scratch")
+    for area in (*layout.GRAPH_TABLES, f"{layout.LOG}/shards"):
+        shutil.copytree(lake.path(area), scratch_lake.path(area))
+    reduce_lake(scratch_lake, MODEL, ["c"], client)
+    assert not any(".from-" in f for f in scratch_lake.files("edges"))
+    for table in ("edges", "neurons", "neuron_tokens", "neuron_corpora"):
+        assert sorted_table(lake, table).equals(sorted_table(scratch_lake, table)), table
+
+
 def test_a_killed_worker_does_not_change_the_result(tmp_path, client):
     lake = make_lake(tmp_path / "l", shards=6)
     pids = list(client.run(os.getpid).values())
