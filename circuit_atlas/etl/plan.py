@@ -2,11 +2,17 @@
 graphs the lake holds.
 
 A table's rows are ordered by a packed int64 key whose top fields are a layer and a
-neuron (for edges, the source's). The unit of output is a **part**: a layer, or a
-range of its neurons when one layer alone holds more rows than a fold may (a lake of
-200,000 graphs puts ~6M edge keys in its busiest source layer). A **bucket** is a run
-of consecutive parts folded by one chain of tasks; a **chunk** is the shards one task
-of that chain folds at a time. Both are sized from a budget of rows.
+neuron (for edges, the source's). A **part** is a layer, or a range of its neurons
+when one layer alone holds more rows than a fold may (a lake of 200,000 graphs puts
+~6M edge keys in its busiest source layer). A **bucket** is a run of consecutive
+parts folded by one chain of tasks; a **chunk** is the shards one task of that chain
+folds at a time. Both are sized from a budget of rows.
+
+The parts' starts cut the whole key line: a part (and a bucket) holds the keys from
+its start to the next one's, so every key has one place, whichever layers hold rows.
+A file is named by its start and holds the keys up to the next file's: the edges
+table writes one per part (a source layer, or a neuron range of one), the neuron
+tables one per bucket.
 
 Sizes come from per-shard histograms: rows per layer and block of neurons (a block
 is ``2**block_bits`` neurons, ~16 blocks per MLP layer), so a layer is cut where its
@@ -35,21 +41,20 @@ BYTES_PER_ROW = 300
 # tasks and Dask's own memory.
 FOLD_MEMORY_SHARE = 0.25
 # Buckets per worker, at least: with several, the last fold chains to finish are short
-# (at 2 per worker, a 2-core reduce of 20,000 graphs idled a worker for its last 1-2 s).
+# (at 2 per worker, a 2-core reduce of 20,000 graphs idled a worker for its last 1-2 s);
+# but no smaller than this, where each bucket's fixed costs (its files) would dominate.
 BUCKETS_PER_WORKER = 4
+MIN_BUCKET_ROWS = 1_000_000
+LAST_KEY = 2**63 - 1
 
 
 @dataclass(frozen=True, order=True)
 class Part:
-    """A layer's keys with neuron in [lo, hi); (-1, FULL) is the whole layer."""
+    """A layer's neurons [lo, hi); (-1, FULL) is the whole layer."""
 
     layer: int
     lo: int = -1
     hi: int = FULL
-
-    @property
-    def whole(self) -> bool:
-        return self.lo == -1 and self.hi == FULL
 
 
 def layer_of(table: str, key: np.ndarray) -> np.ndarray:
@@ -66,9 +71,15 @@ def bound(table: str, layer: int, neuron: int) -> int:
     return (((layer + 1) << NEURON_BITS) + neuron + 1) << SHIFT[table]
 
 
-def key_range(table: str, parts: list[Part]) -> tuple[int, int]:
-    """The keys of a run of consecutive parts: [lo, hi)."""
-    return bound(table, parts[0].layer, parts[0].lo), bound(table, parts[-1].layer, parts[-1].hi)
+def start(table: str, part: Part) -> int:
+    return bound(table, part.layer, part.lo)
+
+
+def bucket_ranges(table: str, buckets: list[list[Part]]) -> list[tuple[int, int]]:
+    """Each bucket's keys, [lo, hi): from its first part's start to the next bucket's;
+    the first from the first key, the last to the last, so the buckets tile the keys."""
+    starts = [0, *(start(table, b[0]) for b in buckets[1:]), LAST_KEY]
+    return list(zip(starts, starts[1:], strict=False))
 
 
 def block_bits(shape: dict[str, int] | None) -> int:
@@ -78,40 +89,35 @@ def block_bits(shape: dict[str, int] | None) -> int:
 
 
 def histogram(table: str, key: np.ndarray, bits: int) -> dict[int, np.ndarray]:
-    """Rows per layer and block of neurons of a partial sorted by key."""
+    """Rows per layer and block of neurons of a partial (any key order)."""
     if not len(key):
         return {}
-    layer = layer_of(table, key)
     block = np.maximum(neuron_of(table, key), 0) >> bits
-    cuts = [0, *(np.flatnonzero(layer[1:] != layer[:-1]) + 1), len(key)]
-    return {int(layer[a]): np.bincount(block[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)}
+    width = int(block.max()) + 1
+    counts = np.bincount((layer_of(table, key) + 1) * width + block)
+    out = {}
+    for row in np.flatnonzero(np.add.reduceat(counts, np.arange(0, len(counts), width))):
+        a = counts[row * width:(row + 1) * width]
+        out[int(row) - 1] = a[:np.flatnonzero(a)[-1] + 1]
+    return out
 
 
 def file_name(table: str, part: Part) -> str:
-    """A part's file (published and state): ``src_layer-005.parquet`` for a whole
-    layer, ``src_layer-005.from-0003584.parquet`` for its neurons from 3584 on."""
+    """The file that starts at ``part`` (published and state): ``src_layer-005.parquet``
+    for a whole layer 5; ``src_layer-005.from-0000000.parquet``,
+    ``src_layer-005.from-0003584.parquet`` for its neurons from 0 and from 3584, so
+    that names sort as keys do."""
     name = f"{PREFIX.get(table, 'layer')}-{part.layer:03d}"
-    return f"{name}.parquet" if part.whole else f"{name}.from-{max(part.lo, 0):07d}.parquet"
+    if part.lo == -1 and part.hi == FULL:
+        return f"{name}.parquet"
+    return f"{name}.from-{max(part.lo, 0):07d}.parquet"
 
 
-def parts_of_files(names: list[str]) -> dict[str, Part]:
-    """The parts that stored files cover, by name. A layer's files tile it: each from
-    its own start to the next one's (a part with no rows has no file; its neighbour's
-    range covers it, truthfully, as no key lies there)."""
-    starts: dict[int, list[tuple[int, str]]] = {}
-    for name in names:
-        stem, *rest = name.removesuffix(".parquet").split(".")
-        layer = int(stem.split("-", 1)[1])
-        starts.setdefault(layer, []).append((int(rest[0].removeprefix("from-")) if rest else -1,
-                                             name))
-    out = {}
-    for layer, runs in starts.items():
-        runs.sort()
-        for i, (_, name) in enumerate(runs):
-            lo = -1 if i == 0 else runs[i][0]
-            hi = runs[i + 1][0] if i + 1 < len(runs) else FULL
-            out[name] = Part(layer, lo, hi)
-    return out
+def start_of_file(name: str) -> Part:
+    """Where a file named by :func:`file_name` starts (it ends where the next starts)."""
+    stem, *rest = name.removesuffix(".parquet").split(".")
+    lo = int(rest[0].removeprefix("from-")) if rest else 0
+    return Part(int(stem.split("-", 1)[1]), lo if lo > 0 else -1)
 
 
 def _block_sum(hist: np.ndarray, bits: int, lo: int, hi: int) -> int:
@@ -124,8 +130,8 @@ def _block_sum(hist: np.ndarray, bits: int, lo: int, hi: int) -> int:
 def cut_layer(layer: int, hist: np.ndarray, bits: int, budget: int,
               stored: list[Part]) -> list[Part]:
     """A layer's parts: cut between blocks so that each holds at most ``budget`` rows
-    (a single block may hold more: it is not cut), and at every stored part's start,
-    so that each new part lies in one stored file."""
+    (a single block may hold more: it is not cut), and at every stored file's start,
+    so that no stored file starts inside a part."""
     cuts = {p.lo for p in stored if p.lo > 0}
     if hist.sum() > budget:
         rows = 0
@@ -143,10 +149,11 @@ def plan_folds(hists: list[dict[int, np.ndarray]], n_workers: int, budget: int,
                ) -> list[tuple[list[Part], list[list[int]]]]:
     """Buckets of parts and, per bucket, chunks of shard indices to fold at a time.
 
-    ``hists``: per shard, rows per layer and block; ``stored``: the stored state's
-    parts and their rows (counted in the bucket's size, not in its chunks). Enough
-    buckets that one holds at most ``budget`` rows and every worker has work; chunks
-    that add at most ``budget`` rows (and ``max_shards`` shards).
+    ``hists``: per shard, rows per layer and block; ``stored``: where the stored
+    state's files start, and their rows (counted in the bucket's size, not in its
+    chunks). Enough buckets that one holds at most ``budget`` rows and, for a table
+    big enough, every worker has work; chunks that add at most ``budget`` rows (and
+    ``max_shards`` shards).
     """
     stored = stored or {}
     layers = sorted({layer for h in hists for layer in h} | {p.layer for p in stored})
@@ -167,7 +174,8 @@ def plan_folds(hists: list[dict[int, np.ndarray]], n_workers: int, budget: int,
         for part in cut_layer(layer, layer_hist, bits, budget, held):
             parts.append(part)
             part_rows.append(_block_sum(layer_hist, bits, part.lo, part.hi))
-    n_buckets = max(-(-sum(part_rows) // budget), BUCKETS_PER_WORKER * n_workers)
+    n_buckets = max(-(-sum(part_rows) // budget),
+                    min(BUCKETS_PER_WORKER * n_workers, -(-sum(part_rows) // MIN_BUCKET_ROWS)), 1)
     target = sum(part_rows) / n_buckets
     buckets: list[list[int]] = []
     rows = 0

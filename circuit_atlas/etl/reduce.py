@@ -108,83 +108,77 @@ def _without(table: pa.Table, skip: list[int]) -> pa.Table:
                                            value_set=pa.array(skip, pa.int64()))))
 
 
-def by_layer(table: str, data: pa.Table) -> dict[int, pa.Table]:
-    """A partial or state sorted by key, split into its layers (each a run of keys)."""
-    layer = plan.layer_of(table, data.column("key").to_numpy())
-    if not len(layer):
-        return {}
-    bounds = [0, *(np.flatnonzero(layer[1:] != layer[:-1]) + 1), len(layer)]
-    return {int(layer[a]): data.slice(a, b - a) for a, b in zip(bounds, bounds[1:],
-                                                                strict=False)}
-
-
 def shard_task(lake: Lake, shard: Shard, corpus_id: int, skip: list[int], version,
                bits: int) -> dict[str, Any]:
-    """One shard: its edge and neuron partials split by layer, written to scratch files
-    of the edges table ``version``; returns where, and the partial rows per table,
-    layer and block of ``2**bits`` neurons. Nothing waits in worker memory for the
-    folds. ``skip``: graph ids already counted from an earlier shard."""
+    """One shard: its edge partial (one batch per source layer: a fold reads only its
+    layers') and neuron partials (one batch each: they are small), written to scratch
+    files of the edges table ``version``; returns where, and the partial rows per
+    table, layer and block of ``2**bits`` neurons. Nothing waits in worker memory for
+    the folds. ``skip``: graph ids already counted from an earlier shard."""
     edges = er.shard_partials(_without(
         _read(lake, shard.file("graph_edges"), GRAPH_EDGES, EDGE_COLUMNS), skip))
     stats, tokens = nr.shard_partials(
         _without(_read(lake, shard.file("graph_nodes"), GRAPH_NODES, NODE_COLUMNS), skip),
         _without(_read(lake, shard.file("graphs"), GRAPHS,
                        ["graph_id", "input_tokens", "target_tokens"]), skip))
-    split = {"edges": edges, "neurons": by_layer("neurons", stats),
-             "neuron_tokens": by_layer("neuron_tokens", tokens),
-             "neuron_corpora": by_layer("neuron_corpora", nr.corpus_partial(stats, corpus_id))}
+    split = {"edges": edges, "neurons": {ALL: stats}, "neuron_tokens": {ALL: tokens},
+             "neuron_corpora": {ALL: nr.corpus_partial(stats, corpus_id)}}
     base = f"{shard.corpus}-{shard.shard}"
     paths = {t: version.scratch(f"{base}.{t}.arrow") for t in MERGES}
     batches, hist = {}, {}
     for table, parts in split.items():
         ids = version.write_scratch(paths[table], list(parts.values()), MERGES[table].schema)
         batches[table] = dict(zip(parts, ids, strict=True))
-        hist[table] = {layer: plan.histogram(table, t.column("key").to_numpy(), bits)[layer]
-                       for layer, t in parts.items() if t.num_rows}
+        keys = [t.column("key").to_numpy() for t in parts.values()]
+        hist[table] = plan.histogram(table, np.concatenate(keys) if keys else np.zeros(0, int),
+                                     bits)
     return {"paths": paths, "version": version, "batches": batches, "hist": hist}
 
 
-def in_range(table: str, data: pa.Table, parts: list[Part]) -> pa.Table:
-    """The rows of ``data`` (sorted by key) that lie in a run of parts."""
-    lo, hi = plan.key_range(table, parts)
+ALL = -2  # the scratch batches of a partial not split by layer
+
+
+def in_range(data: pa.Table, lo: int, hi: int) -> pa.Table:
+    """The rows of ``data`` (sorted by key) with key in [lo, hi)."""
     key = data.column("key").to_numpy()
     a, b = np.searchsorted(key, [lo, hi])
-    return data.slice(int(a), int(b - a))
+    return data if (a, b) == (0, len(key)) else data.slice(int(a), int(b - a))
 
 
-def read_part(result: dict[str, Any], table: str, parts: list[Part]) -> pa.Table:
-    """A shard's scratch partial of ``table``, its rows in ``parts``."""
-    layers = sorted({p.layer for p in parts})
-    batches = [i for x in layers for i in result["batches"][table].get(x, [])]
+def read_part(result: dict[str, Any], table: str, parts: list[Part], lo: int, hi: int
+              ) -> pa.Table:
+    """A shard's scratch partial of ``table``, its rows in ``parts`` (keys [lo, hi))."""
+    held = result["batches"][table]
+    batches = held[ALL] if ALL in held else [
+        i for x in sorted({p.layer for p in parts}) for i in held.get(x, [])]
     if not batches:
         return MERGES[table].schema.empty_table()
-    data = result["version"].read_scratch(result["paths"][table], batches)
-    return data if all(p.whole for p in parts) else in_range(table, data, parts)
+    return in_range(result["version"].read_scratch(result["paths"][table], batches), lo, hi)
 
 
 def histograms(result: dict[str, Any]) -> dict[str, dict[int, np.ndarray]]:
     return result["hist"]
 
 
-def fold_task(lake: Lake, table: str, parts: list[Part], state: pa.Table | None,
-              *results: dict[str, Any]) -> pa.Table:
-    """Fold the scratch partials in ``parts`` of ``results`` (shards, in commit order)
-    onto ``state``."""
-    partials = [read_part(r, table, parts) for r in results]
+def fold_task(lake: Lake, table: str, parts: list[Part], keys: tuple[int, int],
+              state: pa.Table | None, *results: dict[str, Any]) -> pa.Table:
+    """Fold the scratch partials of ``results`` (shards, in commit order) in a bucket
+    (its ``parts``, ``keys`` [lo, hi)) onto ``state``."""
+    partials = [read_part(r, table, parts, *keys) for r in results]
     return fold([state, *partials] if state is not None else partials, MERGES[table])
 
 
-def fold_and_finish(lake: Lake, version, table: str, parts: list[Part], params: dict[str, Any],
-                    state: pa.Table | None, *results: dict[str, Any]
+def fold_and_finish(lake: Lake, version, table: str, parts: list[Part], keys: tuple[int, int],
+                    params: dict[str, Any], state: pa.Table | None, *results: dict[str, Any]
                     ) -> tuple[list[str], list[str], int]:
     """The last fold of a bucket, then :func:`finish_task` on its state."""
-    return finish_task(version, table, parts, fold_task(lake, table, parts, state, *results),
-                       params)
+    return finish_task(version, table, parts,
+                       fold_task(lake, table, parts, keys, state, *results), params)
 
 
-def read_state(lake: Lake, paths: list[str], table: str, wanted: list[Part]) -> pa.Table:
-    """The stored state of ``table`` in the parts ``wanted``, from its files (in key
-    order)."""
+def read_state(lake: Lake, paths: list[str], table: str, keys: tuple[int, int]) -> pa.Table:
+    """The stored state of ``table`` with keys in [lo, hi), from the files that hold
+    them (in key order)."""
     parts = []
     for path in paths:
         with lake.fs.open(path, "rb") as f:
@@ -196,17 +190,21 @@ def read_state(lake: Lake, paths: list[str], table: str, wanted: list[Part]) -> 
                                             for n in er.PARTIAL_SCHEMA.names[1:]}},
                             schema=er.PARTIAL_SCHEMA)
         parts.append(data)
-    return in_range(table, pa.concat_tables(parts), wanted)
+    return in_range(pa.concat_tables(parts), *keys)
 
 
 def finish_task(version, table: str, bucket: list[Part], state: pa.Table,
                 params: dict[str, Any]) -> tuple[list[str], list[str], int]:
-    """Write the published parts and the state, one file per part with rows; returns
-    (part files, state files, rows). With min_count 1 the published edge part holds
-    the whole state (keys unpacked), so it is its own state file."""
+    """Write a bucket's published files and state files, each named by where it
+    starts: for edges one per part (from its start to the next part's), for the
+    neuron tables one; returns (part files, state files, rows). With min_count 1 the
+    published edge part holds the whole state (keys unpacked), so it is its own state
+    file."""
     parts, states, rows = [], [], 0
-    for part in bucket:
-        layer_state = in_range(table, state, [part])
+    starts = bucket if table == "edges" else bucket[:1]
+    cuts = [0, *(plan.start(table, p) for p in starts[1:]), plan.LAST_KEY]
+    for part, lo, hi in zip(starts, cuts, cuts[1:], strict=False):
+        layer_state = in_range(state, lo, hi)
         if not layer_state.num_rows:
             continue
         name = plan.file_name(table, part)
@@ -279,28 +277,29 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     budget = fold_rows or max(10_000, int(memory * plan.FOLD_MEMORY_SHARE / plan.BYTES_PER_ROW))
     jobs: list[tuple[str, Any]] = []  # (table, its bucket's finish)
     for table in MERGES:
-        stored = {part: _state_path(lake, manifests[table], name) for name, part in
-                  plan.parts_of_files(_state_names(manifests[table], old)).items()}
-        stored_rows = {part: _rows(lake, path) for part, path in stored.items()}
+        stored = sorted((plan.start_of_file(name), _state_path(lake, manifests[table], name))
+                        for name in _state_names(manifests[table], old))
         table_hists = [h[table] for h in hists]
         if not stored and not any(table_hists):  # no rows at all
             continue
-        for bucket, chunks in plan.plan_folds(table_hists, len(workers), budget, chunk, bits,
-                                              stored_rows):
-            lo, hi = plan.key_range(table, bucket)
-            files = [path for part, path in sorted(stored.items())
-                     if plan.key_range(table, [part])[0] < hi
-                     and plan.key_range(table, [part])[1] > lo]
-            state = client.submit(read_state, lake, files, table, bucket,
+        # a stored file holds the keys from its start to the next one's
+        starts = [plan.start(table, p) for p, _ in stored] + [plan.LAST_KEY]
+        stored_rows = {p: _rows(lake, path) for p, path in stored}
+        plans = plan.plan_folds(table_hists, len(workers), budget, chunk, bits, stored_rows)
+        ranges = plan.bucket_ranges(table, [parts for parts, _ in plans])
+        for (bucket, chunks), (lo, hi) in zip(plans, ranges, strict=True):
+            files = [path for (_, path), a, b in zip(stored, starts, starts[1:], strict=False)
+                     if a < hi and b > lo]
+            state = client.submit(read_state, lake, files, table, (lo, hi),
                                   pure=False) if files else None
             *first, last = chunks
             for shard_ids in first:
-                state = client.submit(fold_task, lake, table, bucket, state,
+                state = client.submit(fold_task, lake, table, bucket, (lo, hi), state,
                                       *[results[i] for i in shard_ids], pure=False)
             # the last fold writes the bucket: no finished state waits in memory
             jobs.append((table, client.submit(
-                fold_and_finish, lake, versions[table], table, bucket, params, state,
-                *[results[i] for i in last], pure=False)))
+                fold_and_finish, lake, versions[table], table, bucket, (lo, hi), params,
+                state, *[results[i] for i in last], pure=False)))
     finishes = [job for _, job in jobs]
     total = len(results) + len(finishes)
     for done, _ in enumerate(as_completed([*results, *finishes]), start=1):

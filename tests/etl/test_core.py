@@ -96,10 +96,8 @@ def test_fold_plan_respects_the_budget(hist, budget, workers, max_shards, bits, 
     (a single block or shard may exceed it)."""
     from circuit_atlas.etl.plan import FULL, Part, plan_folds
 
-    stored = {}
-    for layer, cuts in stored_cuts.items():
-        edges = [-1, *sorted(cuts), FULL]
-        stored.update({Part(layer, a, b): 100 for a, b in zip(edges, edges[1:], strict=False)})
+    stored = {Part(layer, lo): 100 for layer, cuts in stored_cuts.items()
+              for lo in (-1, *cuts)}
     plan = plan_folds(hist, workers, budget, max_shards, bits, stored)
     parts = [p for bucket, _ in plan for p in bucket]
     layers = sorted({x for h in hist for x in h} | set(stored_cuts))
@@ -108,10 +106,9 @@ def test_fold_plan_respects_the_budget(hist, budget, workers, max_shards, bits, 
         mine = [p for p in parts if p.layer == layer]
         assert mine[0].lo == -1 and mine[-1].hi == FULL
         assert all(a.hi == b.lo for a, b in zip(mine, mine[1:], strict=False))
-        for s in stored:  # each new part inside one stored part
+        for s in stored:  # no stored file starts inside a new part
             if s.layer == layer:
-                assert all(p.hi <= s.lo or p.lo >= s.hi or s.lo <= p.lo < p.hi <= s.hi
-                           for p in mine)
+                assert s.lo in {p.lo for p in mine}
 
     def rows(shard, layer, part):
         a = shard.get(layer, np.zeros(0, int))
@@ -134,22 +131,35 @@ def test_fold_plan_respects_the_budget(hist, budget, workers, max_shards, bits, 
             assert n <= budget or len(chunk) == 1  # a single shard may exceed it
 
 
-def test_part_files_name_and_tile_their_layer():
-    from circuit_atlas.etl.plan import FULL, Part, bound, file_name, key_range, parts_of_files
+def test_parts_name_their_files_and_tile_the_keys():
+    from circuit_atlas.etl.plan import (
+        LAST_KEY,
+        Part,
+        bucket_ranges,
+        file_name,
+        histogram,
+        start,
+        start_of_file,
+    )
 
-    parts = [Part(-1), Part(3, -1, 512), Part(3, 512, 2048), Part(3, 2048, FULL)]
+    parts = [Part(-1), Part(3, -1, 512), Part(3, 512, 2048), Part(3, 2048), Part(4)]
     names = [file_name("edges", p) for p in parts]
     assert names == ["src_layer--01.parquet", "src_layer-003.from-0000000.parquet",
-                     "src_layer-003.from-0000512.parquet", "src_layer-003.from-0002048.parquet"]
+                     "src_layer-003.from-0000512.parquet", "src_layer-003.from-0002048.parquet",
+                     "src_layer-004.parquet"]
     assert names == sorted(names)  # file order is key order
-    assert parts_of_files(names) == dict(zip(names, parts, strict=False))
-    # a middle part without rows has no file: its neighbour covers its range
-    assert parts_of_files([names[1], names[3]])[names[1]] == Part(3, -1, 2048)
+    assert [start_of_file(n) for n in names] == [Part(p.layer, p.lo) for p in parts]
     assert file_name("neurons", Part(0)) == "layer-000.parquet"
-    lo, hi = key_range("edges", [Part(3, 512, 2048)])
-    keys = pack([3, 3, 3, 3, 4], [511, 512, 2047, 2048, 0], [5] * 5, [9] * 5)
-    assert list((keys >= lo) & (keys < hi)) == [False, True, True, False, False]
-    assert key_range("edges", [Part(3)]) == (bound("edges", 3, -1), bound("edges", 4, -1))
+    ranges = bucket_ranges("edges", [parts[:2], parts[2:4], parts[4:]])
+    assert ranges[0][0] == 0 and ranges[-1][1] == LAST_KEY
+    assert [b for _, b in ranges[:-1]] == [a for a, _ in ranges[1:]]  # no gap, no overlap
+    keys = pack([3, 3, 3, 3, 4, 9], [511, 512, 2047, 2048, 0, 7], [5] * 6, [9] * 6)
+    lo, hi = ranges[1]
+    assert list((keys >= lo) & (keys < hi)) == [False, True, True, True, False, False]
+    assert start("edges", Part(3, 512)) <= keys[1]
+    # rows per layer and block of 2**9 neurons, whatever the key order
+    hist = histogram("edges", keys[::-1], 9)
+    assert {k: list(v) for k, v in hist.items()} == {3: [1, 1, 0, 1, 1], 4: [1], 9: [1]}
 
 
 @settings(max_examples=60, deadline=None)
