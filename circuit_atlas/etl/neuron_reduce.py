@@ -46,11 +46,6 @@ TOKEN_KINDS = ("input", "output")
 KEY_SHIFT = {"neurons": 0, "neuron_tokens": 23, "neuron_corpora": 8}
 
 
-def layer_of(key: np.ndarray, table: str) -> np.ndarray:
-    """The layer of a neuron table's partial keys (-1: embeddings)."""
-    return (key >> (22 + KEY_SHIFT[table])) - 1
-
-
 def neuron_key(layer, index) -> np.ndarray:
     return ((np.asarray(layer, np.int64) + 1) << 22) | (np.asarray(index, np.int64) + 1)
 

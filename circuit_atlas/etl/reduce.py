@@ -2,16 +2,16 @@
 tables (and ``neuron_corpora``, ``neuron_tokens``). A thin wrapper around
 :mod:`edge_reduce` and :mod:`neuron_reduce`:
 
-1. one task per shard aggregates its edge rows per key (keys packed) and computes
-   its neuron partials, each split by layer (for edges, the source layer), and counts
-   their rows per layer and block of neurons;
+1. one task per shard aggregates its edge rows per key (keys packed, split by source
+   layer) and computes its neuron partials, and counts their rows per layer and
+   block of neurons;
 2. per table and bucket of parts (layers, or neuron ranges of a layer too big for
    one fold), a chain of tasks folds the shards' partials in commit order. Parts,
    buckets and chunks are sized from the workers' memory limit (:mod:`plan`), so no
    task holds more than a bucket's state and a budget of rows, however many graphs
    the lake holds;
-3. per bucket, its last fold finalises and writes the published parts and the state,
-   one file per part;
+3. per bucket, its last fold finalises and writes the published files and the state:
+   for edges one file per part, for the neuron tables one per bucket;
 4. the client publishes each table's manifest, which records the shards folded in,
    in order, the parameters, and the state files.
 
@@ -204,23 +204,23 @@ def finish_task(version, table: str, bucket: list[Part], state: pa.Table,
     starts = bucket if table == "edges" else bucket[:1]
     cuts = [0, *(plan.start(table, p) for p in starts[1:]), plan.LAST_KEY]
     for part, lo, hi in zip(starts, cuts, cuts[1:], strict=False):
-        layer_state = in_range(state, lo, hi)
-        if not layer_state.num_rows:
+        part_state = in_range(state, lo, hi)
+        if not part_state.num_rows:
             continue
         name = plan.file_name(table, part)
         if table == "edges":
-            out, spec = er.finalize(layer_state, params["min_count"]), EDGE_STATS
+            out, spec = er.finalize(part_state, params["min_count"]), EDGE_STATS
         elif table == "neurons":
-            out, spec = nr.finalize_neurons(layer_state), NEURON_STATS
+            out, spec = nr.finalize_neurons(part_state), NEURON_STATS
         elif table == "neuron_tokens":
-            out, spec = nr.finalize_tokens(layer_state, params["top_k"]), NEURON_TOKENS
+            out, spec = nr.finalize_tokens(part_state, params["top_k"]), NEURON_TOKENS
         else:
-            out, spec = nr.finalize_corpora(layer_state, params["corpora"]), NEURON_CORPORA
+            out, spec = nr.finalize_corpora(part_state, params["corpora"]), NEURON_CORPORA
         part = version.write(name, out, spec)
         parts.append(part)
         rows += out.num_rows
         states.append(version.part_path(part) if table == "edges" and params["min_count"] == 1
-                      else version.write_state(name, layer_state))
+                      else version.write_state(name, part_state))
     return parts, states, rows
 
 
