@@ -226,7 +226,7 @@ def main() -> None:
     lake_arguments(ap)
     ap.add_argument("--workers", type=int, default=None, help="default: one per core")
     ap.add_argument("--worker-memory", default=None)
-    ap.add_argument("--chunk", type=int, default=256, help="shards folded per task (ours)")
+    ap.add_argument("--chunk", type=int, default=4096, help="shards folded per task (ours)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="DuckDB threads")
     ap.add_argument("--repeat", type=int, default=1,
                     help="alternate the engines this many times; medians are reported")

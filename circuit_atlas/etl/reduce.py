@@ -112,9 +112,11 @@ def shard_task(lake: Lake, shard: Shard, corpus_id: int, skip: list[int], versio
                bits: int) -> dict[str, Any]:
     """One shard: its edge partial (one batch per source layer: a fold reads only its
     layers') and neuron partials (one batch each: they are small), written to scratch
-    files of the edges table ``version``; returns where, and the partial rows per
-    table, layer and block of ``2**bits`` neurons. Nothing waits in worker memory for
-    the folds. ``skip``: graph ids already counted from an earlier shard."""
+    files of the edges table ``version``; returns, per table, the file's name, its
+    batches (per layer, or ALL) and the partial's rows per layer and block of
+    ``2**bits`` neurons. Plain data: the client gathers it, and the folds take only
+    the names and batches they read (no task waits on a thousand others' results).
+    ``skip``: graph ids already counted from an earlier shard."""
     edges = er.shard_partials(_without(
         _read(lake, shard.file("graph_edges"), GRAPH_EDGES, EDGE_COLUMNS), skip))
     stats, tokens = nr.shard_partials(
@@ -123,16 +125,16 @@ def shard_task(lake: Lake, shard: Shard, corpus_id: int, skip: list[int], versio
                        ["graph_id", "input_tokens", "target_tokens"]), skip))
     split = {"edges": edges, "neurons": {ALL: stats}, "neuron_tokens": {ALL: tokens},
              "neuron_corpora": {ALL: nr.corpus_partial(stats, corpus_id)}}
-    base = f"{shard.corpus}-{shard.shard}"
-    paths = {t: version.scratch(f"{base}.{t}.arrow") for t in MERGES}
-    batches, hist = {}, {}
+    out = {}
     for table, parts in split.items():
-        ids = version.write_scratch(paths[table], list(parts.values()), MERGES[table].schema)
-        batches[table] = dict(zip(parts, ids, strict=True))
+        name = f"{shard.corpus}-{shard.shard}.{table}.arrow"
+        ids = version.write_scratch(version.scratch(name), list(parts.values()),
+                                    MERGES[table].schema)
         keys = [t.column("key").to_numpy() for t in parts.values()]
-        hist[table] = plan.histogram(table, np.concatenate(keys) if keys else np.zeros(0, int),
-                                     bits)
-    return {"paths": paths, "version": version, "batches": batches, "hist": hist}
+        out[table] = {"name": name, "batches": dict(zip(parts, ids, strict=True)),
+                      "hist": plan.histogram(table, np.concatenate(keys) if keys
+                                             else np.zeros(0, int), bits)}
+    return out
 
 
 ALL = -2  # the scratch batches of a partial not split by layer
@@ -145,35 +147,39 @@ def in_range(data: pa.Table, lo: int, hi: int) -> pa.Table:
     return data if (a, b) == (0, len(key)) else data.slice(int(a), int(b - a))
 
 
-def read_part(result: dict[str, Any], table: str, parts: list[Part], lo: int, hi: int
-              ) -> pa.Table:
-    """A shard's scratch partial of ``table``, its rows in ``parts`` (keys [lo, hi))."""
-    held = result["batches"][table]
+def scratch_reads(scratch: dict[str, Any], parts: list[Part]) -> tuple[str, list[int]]:
+    """A shard's scratch file of a table (as :func:`shard_task` described it) and
+    the batches of it that hold ``parts``."""
+    held = scratch["batches"]
     batches = held[ALL] if ALL in held else [
         i for x in sorted({p.layer for p in parts}) for i in held.get(x, [])]
+    return scratch["name"], batches
+
+
+def read_part(version, table: str, name: str, batches: list[int], lo: int, hi: int
+              ) -> pa.Table:
+    """The rows with key in [lo, hi) of ``batches`` of a shard's scratch partial."""
     if not batches:
         return MERGES[table].schema.empty_table()
-    return in_range(result["version"].read_scratch(result["paths"][table], batches), lo, hi)
+    return version.read_scratch(version.scratch(name, create=False), batches,
+                                keep=lambda data: in_range(data, lo, hi))
 
 
-def histograms(result: dict[str, Any]) -> dict[str, dict[int, np.ndarray]]:
-    return result["hist"]
-
-
-def fold_task(lake: Lake, table: str, parts: list[Part], keys: tuple[int, int],
-              state: pa.Table | None, *results: dict[str, Any]) -> pa.Table:
-    """Fold the scratch partials of ``results`` (shards, in commit order) in a bucket
-    (its ``parts``, ``keys`` [lo, hi)) onto ``state``."""
-    partials = [read_part(r, table, parts, *keys) for r in results]
+def fold_task(version, table: str, keys: tuple[int, int], state: pa.Table | None,
+              reads: list[tuple[str, list[int]]]) -> pa.Table:
+    """Fold the scratch partials ``reads`` (shards' files and batches, in commit
+    order) with keys in [lo, hi) onto ``state``."""
+    partials = [read_part(version, table, name, batches, *keys) for name, batches in reads]
     return fold([state, *partials] if state is not None else partials, MERGES[table])
 
 
-def fold_and_finish(lake: Lake, version, table: str, parts: list[Part], keys: tuple[int, int],
-                    params: dict[str, Any], state: pa.Table | None, *results: dict[str, Any]
-                    ) -> tuple[list[str], list[str], int]:
-    """The last fold of a bucket, then :func:`finish_task` on its state."""
+def fold_and_finish(scratch, version, table: str, parts: list[Part], keys: tuple[int, int],
+                    params: dict[str, Any], state: pa.Table | None,
+                    reads: list[tuple[str, list[int]]]) -> tuple[list[str], list[str], int]:
+    """The last fold of a bucket (``scratch``: the version holding the scratch
+    files), then :func:`finish_task` on its state."""
     return finish_task(version, table, parts,
-                       fold_task(lake, table, parts, keys, state, *results), params)
+                       fold_task(scratch, table, keys, state, reads), params)
 
 
 def read_state(lake: Lake, paths: list[str], table: str, keys: tuple[int, int]) -> pa.Table:
@@ -225,7 +231,7 @@ def finish_task(version, table: str, bucket: list[Part], state: pa.Table,
 
 
 def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_count: int = 1,
-                top_k: int = 10, chunk: int = 256, params_hash: tuple[str, ...] = (),
+                top_k: int = 10, chunk: int = 4096, params_hash: tuple[str, ...] = (),
                 mixed_params: bool = False, fold_rows: int | None = None,
                 on_progress: Callable[[int, int], None] | None = None) -> ReduceReport:
     """Reduce the committed shards of ``model`` over ``corpora`` into the derived tables.
@@ -237,8 +243,6 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     the sets they hold (``graph_params``). ``fold_rows``: the rows one fold may
     hold (default: from the workers' memory limit).
     """
-    from distributed import as_completed
-
     t0 = time.perf_counter()
     corpora = sorted(set(corpora))
     corpus_key = layout.corpus_key(corpora)
@@ -267,11 +271,45 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     versions = {t: lake.new_table_version(model, corpus_key, t) for t in MERGES}
     skips = repeated_graphs(lake, shards)
     bits = plan.block_bits(shape)
-    results = client.map(shard_task, [lake] * len(fresh), [shards[i] for i in fresh],
+    futures = client.map(shard_task, [lake] * len(fresh), [shards[i] for i in fresh],
                          [corpora.index(shards[i].corpus) for i in fresh],
                          [skips[i] for i in fresh],
                          [versions["edges"]] * len(fresh), [bits] * len(fresh), pure=False)
-    hists = client.gather(client.map(histograms, results))
+    scratch = versions["edges"]
+    try:
+        jobs = _fold_all(lake, client, futures, scratch, versions, manifests, old, params,
+                         bits, chunk, fold_rows, on_progress)
+        written = client.gather([job for _, job in jobs])
+    finally:  # a failed run leaves no scratch behind (a killed one: `lake cleanup`)
+        scratch.drop_scratch()
+    rows: dict[str, int] = {}
+    for table in MERGES:
+        mine = [w for (t, _), w in zip(jobs, written, strict=True) if t == table]
+        rows[table] = sum(w[2] for w in mine)
+        versions[table].publish(
+            [f for w in mine for f in w[0]],
+            {"shards": fold_order, "params": params,
+             "state": sorted(f for w in mine for f in w[1]), "model": model,
+             "model_shape": shape})
+    return ReduceReport(corpus_key, len(shards), len(fresh), old is None, rows,
+                        time.perf_counter() - t0)
+
+
+def _fold_all(lake: Lake, client: Any, futures: list, scratch, versions: dict,
+              manifests: dict, old: list[str] | None, params: dict[str, Any], bits: int,
+              chunk: int, fold_rows: int | None,
+              on_progress: Callable[[int, int], None] | None) -> list[tuple[str, Any]]:
+    """Wait for the shard tasks, plan each table's folds from their histograms and
+    submit them; returns (table, finish) per bucket, once all have finished."""
+    from distributed import as_completed
+
+    results: list[Any] = [None] * len(futures)
+    index = {f.key: i for i, f in enumerate(futures)}
+    for done, (future, result) in enumerate(as_completed(futures, with_results=True), 1):
+        results[index[future.key]] = result
+        if on_progress:
+            on_progress(done, len(futures))
+    del futures  # their results are here now: nothing stays on the workers
     workers = client.scheduler_info()["workers"].values()
     memory = min((w.get("memory_limit") or 0 for w in workers), default=0) or 4 * 2**30
     budget = fold_rows or max(10_000, int(memory * plan.FOLD_MEMORY_SHARE / plan.BYTES_PER_ROW))
@@ -279,7 +317,7 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     for table in MERGES:
         stored = sorted((plan.start_of_file(name), _state_path(lake, manifests[table], name))
                         for name in _state_names(manifests[table], old))
-        table_hists = [h[table] for h in hists]
+        table_hists = [r[table]["hist"] for r in results]
         if not stored and not any(table_hists):  # no rows at all
             continue
         # a stored file holds the keys from its start to the next one's
@@ -292,32 +330,19 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
                      if a < hi and b > lo]
             state = client.submit(read_state, lake, files, table, (lo, hi),
                                   pure=False) if files else None
-            *first, last = chunks
-            for shard_ids in first:
-                state = client.submit(fold_task, lake, table, bucket, (lo, hi), state,
-                                      *[results[i] for i in shard_ids], pure=False)
+            reads = [[scratch_reads(results[i][table], bucket) for i in c] for c in chunks]
+            for shard_reads in reads[:-1]:
+                state = client.submit(fold_task, scratch, table, (lo, hi), state,
+                                      shard_reads, pure=False)
             # the last fold writes the bucket: no finished state waits in memory
             jobs.append((table, client.submit(
-                fold_and_finish, lake, versions[table], table, bucket, (lo, hi), params,
-                state, *[results[i] for i in last], pure=False)))
-    finishes = [job for _, job in jobs]
-    total = len(results) + len(finishes)
-    for done, _ in enumerate(as_completed([*results, *finishes]), start=1):
+                fold_and_finish, scratch, versions[table], table, bucket, (lo, hi), params,
+                state, reads[-1], pure=False)))
+    total = len(results) + len(jobs)
+    for done, _ in enumerate(as_completed([job for _, job in jobs]), start=len(results) + 1):
         if on_progress:
             on_progress(done, total)
-    written = client.gather(finishes)
-    versions["edges"].drop_scratch()
-    rows: dict[str, int] = {}
-    for table in MERGES:
-        mine = [w for (t, _), w in zip(jobs, written, strict=True) if t == table]
-        rows[table] = sum(w[2] for w in mine)
-        versions[table].publish(
-            [f for w in mine for f in w[0]],
-            {"shards": fold_order, "params": params,
-             "state": sorted(f for w in mine for f in w[1]), "model": model,
-             "model_shape": shape})
-    return ReduceReport(corpus_key, len(shards), len(fresh), old is None, rows,
-                        time.perf_counter() - t0)
+    return jobs
 
 
 def model_shape(shards: list) -> dict[str, int] | None:

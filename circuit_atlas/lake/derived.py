@@ -20,7 +20,9 @@ A version directory that no record names is a run still writing, or debris.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -90,10 +92,12 @@ class TableVersion:
         """A part (as :meth:`write` returned it) relative to the root."""
         return f"{self.dir}/{part}"
 
-    def scratch(self, name: str) -> str:
-        """A path for intermediate data of this run, removed by :meth:`drop_scratch`."""
+    def scratch(self, name: str, create: bool = True) -> str:
+        """A path for intermediate data of this run, removed by :meth:`drop_scratch`
+        (``create``: make its folder, for a writer)."""
         path = self.lake.path(f"{self._scratch_dir()}/{name}")
-        self.lake.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if create:
+            self.lake.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         return path
 
     def _scratch_dir(self) -> str:
@@ -119,19 +123,40 @@ class TableVersion:
             f.write(sink.getvalue())
         return out
 
-    def read_scratch(self, path: str, batches: list[int] | None = None) -> pa.Table:
-        """A scratch file written by :meth:`write_scratch`, whole or some batches."""
-        with self.lake.fs.open(path, "rb") as f:
-            reader = pa.ipc.open_file(f)
-            if batches is None:
-                return reader.read_all()
-            return pa.Table.from_batches([reader.get_batch(i) for i in batches],
-                                         schema=reader.schema)
+    def read_scratch(self, path: str, batches: list[int] | None = None,
+                     keep: Callable[[pa.Table], pa.Table] | None = None) -> pa.Table:
+        """A scratch file written by :meth:`write_scratch`, whole or some batches;
+        ``keep`` selects the rows wanted (a slice, say).
+
+        A local file is memory-mapped and only what ``keep`` returns is copied out
+        before the map closes: a fold reads a thousand shards' files and keeps a key
+        range of each, so this reads half as long as Python's file objects, and the
+        mapped pages (which count in the memory Dask's limit watches) go at once."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        keep = keep or (lambda t: t)
+        if not isinstance(self.lake.fs, LocalFileSystem):
+            with self.lake.fs.open(path, "rb") as f:
+                return keep(_batches(pa.ipc.open_file(f), batches))
+        with pa.memory_map(path, "r") as mapped:
+            return _copy(keep(_batches(pa.ipc.open_file(mapped), batches)))
 
     def drop_scratch(self) -> None:
+        """Remove this run's scratch. Local files are unlinked by several threads: a
+        reduce of 200,000 graphs leaves 9 GB in 4,000 files, which one thread took 10 s
+        to free (the kernel's work, in parallel)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from fsspec.implementations.local import LocalFileSystem
+
         path = self.lake.path(self._scratch_dir())
-        if self.lake.fs.exists(path):
-            self.lake.fs.rm(path, recursive=True)
+        if not self.lake.fs.exists(path):
+            return
+        if isinstance(self.lake.fs, LocalFileSystem):
+            files = [f"{d}/{n}" for d, _, names in os.walk(path) for n in names]
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(os.unlink, files))
+        self.lake.fs.rm(path, recursive=True)
 
     def carry(self, current: dict[str, Any] | None, names: list[str]) -> list[str]:
         """Copy the files ``names`` of the ``current`` version (its record) into this
@@ -280,3 +305,22 @@ def table_files(lake: Lake, table: str, model: str | None = None, corpus: str | 
                     f"{f}: missing: version {seq} of {table} lists it, but it was removed "
                     "(by lake cleanup after the retention period, or by hand)") from None
     return [f for f, _ in files]
+
+
+def _batches(reader: pa.ipc.RecordBatchFileReader, batches: list[int] | None) -> pa.Table:
+    if batches is None:
+        return reader.read_all()
+    return pa.Table.from_batches([reader.get_batch(i) for i in batches], schema=reader.schema)
+
+
+def _copy(table: pa.Table) -> pa.Table:
+    """``table`` in memory of its own (not a view of a file about to close)."""
+    import numpy as np
+
+    cols = []
+    for col in table.columns:
+        if pa.types.is_primitive(col.type) and not col.null_count:
+            cols.append(pa.array(np.copy(col.to_numpy()), col.type))
+        else:
+            cols.append(col.take(pa.array(np.arange(len(col)))))
+    return pa.Table.from_arrays(cols, schema=table.schema)

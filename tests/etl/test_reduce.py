@@ -173,6 +173,8 @@ def test_bad_shards(tmp_path, client):
         f.truncate(100)
     with pytest.raises(LakeError, match=r"graph_edges/.*part-0.parquet: not a readable Parquet"):
         reduce_lake(lake, MODEL, ["c"], client, min_count=2)
+    # the other shard's scratch partials went with the failed run
+    assert lake.fs.glob(lake.path("_scratch/**/*.arrow")) == []
     with pytest.raises(CircuitAtlasError, match="no committed graphs of model 'other'"):
         reduce_lake(lake, "other", ["c"], client)
     with pytest.raises(CircuitAtlasError, match="for corpus nope .*graphs held: "
