@@ -34,12 +34,25 @@ WAIT_S = 300.0  # for the first worker of a SLURM cluster
 def _load_profiles() -> tuple[str, ...]:
     """Load our Dask config defaults; returns the worker environment variables they set."""
     import dask.config
+    import distributed  # noqa: F401  (loads its defaults: ours go over them, not under)
     import yaml
 
     with open(os.path.join(os.path.dirname(__file__), "jobqueue.yaml")) as f:
         defaults = yaml.safe_load(f)
+    key = "distributed.nanny.pre-spawn-environ"
+    theirs = dict(dask.config.get(key, default={}) or {})  # Dask's defaults, or the user's
     dask.config.update_defaults(defaults)
-    return tuple(defaults["distributed"]["nanny"]["pre-spawn-environ"])
+    ours = defaults["distributed"]["nanny"]["pre-spawn-environ"]
+    # a default of Dask's own (its trim threshold) gives way to ours; a user's setting
+    # (their config files or DASK_* variables) stays
+    dask_own = {}
+    for d in dask.config.defaults:
+        dask_own.update(d.get("distributed", {}).get("nanny", {}).get("pre-spawn-environ", {}))
+    override = {n: v for n, v in ours.items()
+                if n in theirs and n in dask_own and theirs[n] == dask_own[n]}
+    if override:
+        dask.config.set({f"{key}.{n}": v for n, v in override.items()})
+    return tuple(ours)
 
 
 WORKER_ENVIRON = _load_profiles()
@@ -148,10 +161,16 @@ def _with_worker_environ(kwargs: dict[str, Any]) -> list[str]:
 
     prologue = list(kwargs.get("job_script_prologue") or dask.config.get(
         "jobqueue.slurm.job-script-prologue", default=[]) or [])
+    mine = {}
     for name in WORKER_ENVIRON:
         value = dask.config.get(f"distributed.nanny.pre-spawn-environ.{name}", default=None)
         if value is not None and not any(name in line for line in prologue):
             prologue.append(f"export {name}={value}")
+            mine[name] = str(value)
+    # the job's nanny sets its own pre-spawn environment over what the job exports
+    # (MALLOC_TRIM_THRESHOLD_ among it): give it ours in its own config too
+    if mine:
+        prologue.append(f'export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="{mine!r}"')
     return prologue
 
 

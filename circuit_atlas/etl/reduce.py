@@ -138,6 +138,18 @@ def shard_task(lake: Lake, shard: Shard, corpus_id: int, skip: list[int], versio
 
 
 ALL = -2  # the scratch batches of a partial not split by layer
+# Shards per shard task, at most: a Dask task costs ~30-80 ms beyond its work on a
+# 2-core machine (scheduling, the worker's bookkeeping), a third of a shard's work;
+# a lake with few shards per worker keeps one per task (every core busy).
+SHARDS_PER_TASK = 8
+
+
+def shards_task(lake: Lake, shards: list[tuple[Shard, int, list[int]]], version, bits: int
+                ) -> list[dict[str, Any]]:
+    """:func:`shard_task` for each (shard, corpus index, graphs to skip)."""
+    return [shard_task(lake, shard, corpus_id, skip, version, bits)
+            for shard, corpus_id, skip in shards]
+
 
 
 def in_range(data: pa.Table, lo: int, hi: int) -> pa.Table:
@@ -271,10 +283,12 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     versions = {t: lake.new_table_version(model, corpus_key, t) for t in MERGES}
     skips = repeated_graphs(lake, shards)
     bits = plan.block_bits(shape)
-    futures = client.map(shard_task, [lake] * len(fresh), [shards[i] for i in fresh],
-                         [corpora.index(shards[i].corpus) for i in fresh],
-                         [skips[i] for i in fresh],
-                         [versions["edges"]] * len(fresh), [bits] * len(fresh), pure=False)
+    n_workers = max(1, len(client.scheduler_info()["workers"]))
+    group = min(SHARDS_PER_TASK, max(1, len(fresh) // (n_workers * 16)))
+    tasks = [[(shards[i], corpora.index(shards[i].corpus), skips[i]) for i in fresh[a:a + group]]
+             for a in range(0, len(fresh), group)]
+    futures = client.map(shards_task, [lake] * len(tasks), tasks,
+                         [versions["edges"]] * len(tasks), [bits] * len(tasks), pure=False)
     scratch = versions["edges"]
     try:
         jobs = _fold_all(lake, client, futures, scratch, versions, manifests, old, params,
@@ -303,13 +317,14 @@ def _fold_all(lake: Lake, client: Any, futures: list, scratch, versions: dict,
     submit them; returns (table, finish) per bucket, once all have finished."""
     from distributed import as_completed
 
-    results: list[Any] = [None] * len(futures)
+    grouped: list[Any] = [None] * len(futures)
     index = {f.key: i for i, f in enumerate(futures)}
     for done, (future, result) in enumerate(as_completed(futures, with_results=True), 1):
-        results[index[future.key]] = result
+        grouped[index[future.key]] = result
         if on_progress:
             on_progress(done, len(futures))
     del futures  # their results are here now: nothing stays on the workers
+    results = [r for group in grouped for r in group]
     workers = client.scheduler_info()["workers"].values()
     memory = min((w.get("memory_limit") or 0 for w in workers), default=0) or 4 * 2**30
     budget = fold_rows or max(10_000, int(memory * plan.FOLD_MEMORY_SHARE / plan.BYTES_PER_ROW))
@@ -338,8 +353,8 @@ def _fold_all(lake: Lake, client: Any, futures: list, scratch, versions: dict,
             jobs.append((table, client.submit(
                 fold_and_finish, scratch, versions[table], table, bucket, (lo, hi), params,
                 state, reads[-1], pure=False)))
-    total = len(results) + len(jobs)
-    for done, _ in enumerate(as_completed([job for _, job in jobs]), start=len(results) + 1):
+    total = len(grouped) + len(jobs)
+    for done, _ in enumerate(as_completed([job for _, job in jobs]), start=len(grouped) + 1):
         if on_progress:
             on_progress(done, total)
     return jobs

@@ -280,7 +280,7 @@ def test_local_workers_start_with_the_worker_environment(client):
 
     seen = client.run(lambda: {k: os.environ.get(k) for k in (
         "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "POLARS_MAX_THREADS")})
-    assert all(v == {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "65536",
+    assert all(v == {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "67108864",
                      "POLARS_MAX_THREADS": "1"} for v in seen.values()), seen
 
 
@@ -289,5 +289,8 @@ def test_a_prologue_of_ones_own_is_kept_and_not_doubled():
 
     mine = slurm_settings(job_script_prologue=["module load python",
                                                "export POLARS_MAX_THREADS=4"])
-    assert mine["job_script_prologue"] == ["module load python", "export POLARS_MAX_THREADS=4",
-                                           "export MALLOC_MMAP_THRESHOLD_=33554432"]
+    assert mine["job_script_prologue"] == [
+        "module load python", "export POLARS_MAX_THREADS=4",
+        "export MALLOC_MMAP_THRESHOLD_=33554432", "export MALLOC_TRIM_THRESHOLD_=67108864",
+        "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=\"{'MALLOC_MMAP_THRESHOLD_': "
+        "'33554432', 'MALLOC_TRIM_THRESHOLD_': '67108864'}\""]

@@ -159,5 +159,6 @@ def test_slurm_workers_start_with_the_worker_environment(tmp_path, slurm):
     assert "export MALLOC_MMAP_THRESHOLD_=33554432" in out.output, out.output
     with slurm_client(tmp_path, jobs=1) as sc:
         seen = sc.run(lambda: (os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                               os.environ.get("MALLOC_TRIM_THRESHOLD_"),
                                os.environ.get("POLARS_MAX_THREADS")))
-    assert set(seen.values()) == {("33554432", "1")}
+    assert set(seen.values()) == {("33554432", "67108864", "1")}
