@@ -151,7 +151,6 @@ def shards_task(lake: Lake, shards: list[tuple[Shard, int, list[int]]], version,
             for shard, corpus_id, skip in shards]
 
 
-
 def in_range(data: pa.Table, lo: int, hi: int) -> pa.Table:
     """The rows of ``data`` (sorted by key) with key in [lo, hi)."""
     key = data.column("key").to_numpy()
@@ -283,16 +282,14 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
     versions = {t: lake.new_table_version(model, corpus_key, t) for t in MERGES}
     skips = repeated_graphs(lake, shards)
     bits = plan.block_bits(shape)
-    n_workers = max(1, len(client.scheduler_info()["workers"]))
-    group = min(SHARDS_PER_TASK, max(1, len(fresh) // (n_workers * 16)))
+    workers = list(client.scheduler_info()["workers"].values())
+    group = min(SHARDS_PER_TASK, max(1, len(fresh) // (max(1, len(workers)) * 16)))
     tasks = [[(shards[i], corpora.index(shards[i].corpus), skips[i]) for i in fresh[a:a + group]]
              for a in range(0, len(fresh), group)]
-    futures = client.map(shards_task, [lake] * len(tasks), tasks,
-                         [versions["edges"]] * len(tasks), [bits] * len(tasks), pure=False)
     scratch = versions["edges"]
     try:
-        jobs = _fold_all(lake, client, futures, scratch, versions, manifests, old, params,
-                         bits, chunk, fold_rows, on_progress)
+        jobs = _fold_all(lake, client, workers, tasks, scratch, versions, manifests, old,
+                         params, bits, chunk, fold_rows, on_progress)
         written = client.gather([job for _, job in jobs])
     finally:  # a failed run leaves no scratch behind (a killed one: `lake cleanup`)
         scratch.drop_scratch()
@@ -309,13 +306,17 @@ def reduce_lake(lake: Lake, model: str, corpora: list[str], client: Any, min_cou
                         time.perf_counter() - t0)
 
 
-def _fold_all(lake: Lake, client: Any, futures: list, scratch, versions: dict,
-              manifests: dict, old: list[str] | None, params: dict[str, Any], bits: int,
-              chunk: int, fold_rows: int | None,
+def _fold_all(lake: Lake, client: Any, workers: list[dict], tasks: list, scratch,
+              versions: dict, manifests: dict, old: list[str] | None, params: dict[str, Any],
+              bits: int, chunk: int, fold_rows: int | None,
               on_progress: Callable[[int, int], None] | None) -> list[tuple[str, Any]]:
-    """Wait for the shard tasks, plan each table's folds from their histograms and
-    submit them; returns (table, finish) per bucket, once all have finished."""
+    """Run the shard tasks (``tasks``: their groups of shards), plan each table's folds
+    from their histograms and submit them; returns (table, finish) per bucket, once all
+    have finished."""
     from distributed import as_completed
+
+    futures = client.map(shards_task, [lake] * len(tasks), tasks, [scratch] * len(tasks),
+                         [bits] * len(tasks), pure=False)
 
     grouped: list[Any] = [None] * len(futures)
     index = {f.key: i for i, f in enumerate(futures)}
@@ -325,7 +326,6 @@ def _fold_all(lake: Lake, client: Any, futures: list, scratch, versions: dict,
             on_progress(done, len(futures))
     del futures  # their results are here now: nothing stays on the workers
     results = [r for group in grouped for r in group]
-    workers = client.scheduler_info()["workers"].values()
     memory = min((w.get("memory_limit") or 0 for w in workers), default=0) or 4 * 2**30
     budget = fold_rows or max(10_000, int(memory * plan.FOLD_MEMORY_SHARE / plan.BYTES_PER_ROW))
     jobs: list[tuple[str, Any]] = []  # (table, its bucket's finish)
