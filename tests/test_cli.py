@@ -96,9 +96,12 @@ def test_demo_then_lake_info_lists_the_demo_corpora(tmp_path, demo_run):
     data = json.loads(runner.invoke(cli, ["lake", "info", "--lake", lake, "--json"]).output)
     assert data["corpora"]["medical"]["prompts"] >= 30
     assert data["corpora"]["general"]["prompts"] >= 30
-    # the demo is re-runnable and adds nothing the second time
-    assert runner.invoke(cli, ["demo", "--lake", lake, "--limit", "1", "--label-neurons",
-                               "0"]).exit_code == 0
+    # the demo is re-runnable and adds nothing the second time (the wiring, on the same
+    # weights and exemplar windows, is kept)
+    rerun = runner.invoke(cli, ["demo", "--lake", lake, "--limit", "1", "--label-neurons",
+                                "0"])
+    assert rerun.exit_code == 0, rerun.output
+    assert "up to date: kept" in " ".join(rerun.output.split())
     again = json.loads(runner.invoke(cli, ["lake", "info", "--lake", lake, "--json"]).output)
     assert again["corpora"] == data["corpora"]
     listed = runner.invoke(cli, ["prompts", "list", "--lake", lake, "--corpus", "medical",

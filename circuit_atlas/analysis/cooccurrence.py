@@ -16,14 +16,18 @@ out, a graph of m neurons adds at most m(m-1) pairs, and the total is bounded by
 graphs' sizes, not by the hubs.
 
 **How.** Pairs are never listed per graph (a graph of m neurons has m(m-1) of them,
-~150M rows for 20,000 graphs of ~100 neurons). Each shard's task writes its graphs'
-neuron sets as an incidence list (graph, neuron index) to scratch. The neurons are
-split into buckets, contiguous ranges of the sorted neuron keys of about equal
-expected work; a bucket's task reads the incidence of a few shards at a time, as a
-sparse graph x neuron matrix X, and adds up ``X[:, bucket]^T X`` (scipy's sparse
-product: joint counts of the bucket's neurons with every neuron). Its memory is
-bounded by the bucket's distinct pairs and one chunk's product; joint counts are
-integers, so the sums are exact in any order.
+~150M rows for 20,000 graphs of ~100 neurons). Tasks over groups of shards write their
+graphs' neuron sets to scratch as an incidence list (graph, neuron index), twice: in
+graph order and in neuron order. The neurons are split into buckets, contiguous
+ranges of the sorted neuron keys of about equal expected work. A bucket's task finds,
+in each group's neuron-ordered list, the graphs that hold one of its neurons, takes
+those graphs' whole neuron sets from the graph-ordered list as a sparse graph x neuron
+matrix X, and adds up ``X[:, bucket]^T X`` (scipy's sparse product: joint counts of
+the bucket's neurons with every neuron). So a bucket reads and builds only the graphs
+it touches, and the work of all buckets together stays within a small factor of the
+pairs themselves, however many buckets memory asks for. Its memory is bounded by the
+bucket's distinct pairs and one chunk's product; joint counts are integers, so the
+sums are exact in any order.
 """
 
 from __future__ import annotations
@@ -43,7 +47,12 @@ from circuit_atlas.lake.neurons import layer_of, neuron_label, neuron_of, pack, 
 from circuit_atlas.stage import Progress, Report, atlas_corpora, connect, open_lake
 
 RANK_BY = ("jaccard", "npmi", "joint_count")
-INCIDENCE_SCHEMA = pa.schema([("graph", pa.int32()), ("neuron", pa.int32())])
+# one file per group of shards: (graph, neuron) in graph order, and the same pairs in
+# neuron order (by_neuron, by_neuron_graph); graphs numbered 0.. within the group
+INCIDENCE_SCHEMA = pa.schema([("graph", pa.int32()), ("neuron", pa.int32()),
+                              ("by_neuron", pa.int32()), ("by_neuron_graph", pa.int32())])
+TOUCHED_SCHEMA = pa.schema([("graph", pa.int32()), ("neuron", pa.int32())])
+SHARDS_PER_GROUP = 256  # at most, per incidence task and file
 
 
 def key(layer: pl.Expr | np.ndarray, neuron: pl.Expr | np.ndarray):
@@ -60,35 +69,56 @@ def graph_neurons(nodes: pl.DataFrame, n_layers: int, skip: list[int] = ()) -> p
 
 
 def incidence(members: pl.DataFrame, keys: np.ndarray) -> pa.Table:
-    """(graph, neuron) of ``members`` as int32 indices: graphs numbered 0.. in id order,
-    neurons by their position in the sorted ``keys`` (members not in it, hubs, left out)."""
+    """(graph, neuron) of ``members`` as int32 indices, in graph order and again in neuron
+    order (see ``INCIDENCE_SCHEMA``): graphs numbered 0.. in id order, neurons by their
+    position in the sorted ``keys`` (members not in it, hubs, left out)."""
     k = members["key"].to_numpy()
     at = np.searchsorted(keys, k)
     known = at < len(keys)
     known[known] = keys[at[known]] == k[known]
     _, graph = np.unique(members["graph_id"].to_numpy()[known], return_inverse=True)
-    return pa.table({"graph": graph.astype(np.int32), "neuron": at[known].astype(np.int32)},
+    graph, neuron = graph.astype(np.int32), at[known].astype(np.int32)
+    by_graph, by_neuron = np.lexsort((neuron, graph)), np.lexsort((graph, neuron))
+    return pa.table({"graph": graph[by_graph], "neuron": neuron[by_graph],
+                     "by_neuron": neuron[by_neuron], "by_neuron_graph": graph[by_neuron]},
                     schema=INCIDENCE_SCHEMA)
 
 
+def touched(table: pa.Table, lo: int, hi: int) -> pa.Table:
+    """Of an ``incidence`` table, the whole neuron sets (graph, neuron, in graph order)
+    of the graphs that hold a neuron in ``lo:hi``: the rows a bucket's product needs."""
+    def col(name: str) -> np.ndarray:  # a view of the (mapped) file, not a copy
+        c = table.column(name)
+        return (c.chunk(0) if c.num_chunks == 1 else c.combine_chunks()).to_numpy()
+
+    i, j = np.searchsorted(col("by_neuron"), [lo, hi])
+    graphs = np.unique(col("by_neuron_graph")[i:j])
+    graph = col("graph")
+    start = np.searchsorted(graph, graphs)
+    length = np.searchsorted(graph, graphs, side="right") - start
+    at = np.repeat(start - np.cumsum(length) + length, length) + np.arange(length.sum())
+    return pa.table({"graph": graph[at], "neuron": col("neuron")[at]}, schema=TOUCHED_SCHEMA)
+
+
 def joint_counts(parts: list[pa.Table], n_neurons: int, lo: int, hi: int):
-    """Joint graph counts of neurons ``lo:hi`` with every neuron, over incidence
-    ``parts`` (each its own graphs): a (hi - lo) x n_neurons sparse int matrix."""
+    """Joint graph counts of neurons ``lo:hi`` with every neuron, over ``parts`` (each
+    its own graphs' neuron sets, in graph order, as ``touched`` gives them): a
+    (hi - lo) x n_neurons sparse int matrix."""
     from scipy import sparse
 
-    offsets = np.cumsum([0] + [_graphs(p) for p in parts])
-    graph = np.concatenate([p.column("graph").to_numpy() + o
-                            for p, o in zip(parts, offsets, strict=False)] or [np.zeros(0, int)])
-    neuron = np.concatenate([p.column("neuron").to_numpy() for p in parts]
-                            or [np.zeros(0, int)])
-    x = sparse.csc_matrix((np.ones(len(graph), np.int32), (graph, neuron)),
-                          shape=(int(offsets[-1]), n_neurons))
-    return (x[:, lo:hi].T.tocsr() @ x.tocsr()).tocsr()
-
-
-def _graphs(part: pa.Table) -> int:
-    graph = part.column("graph").to_numpy()
-    return int(graph.max()) + 1 if len(graph) else 0
+    graph, neuron, offset = [], [], 0
+    for p in parts:
+        g = p.column("graph").to_numpy()
+        graph.append(g.astype(np.int64) + offset)
+        neuron.append(p.column("neuron").to_numpy())
+        offset += int(g[-1]) + 1 if len(g) else 0
+    graph = np.concatenate(graph or [np.zeros(0, np.int64)])
+    neuron = np.concatenate(neuron or [np.zeros(0, np.int32)])
+    # rows sorted by graph, neurons sorted within each: the CSR matrix directly
+    first = np.flatnonzero(np.r_[True, graph[1:] != graph[:-1]]) if len(graph) else graph
+    x = sparse.csr_matrix((np.ones(len(neuron), np.int32), neuron, np.r_[first, len(graph)]),
+                          shape=(len(first), n_neurons))
+    return (x[:, lo:hi].T.tocsr() @ x).tocsr()
 
 
 def top_pairs(pairs: pl.DataFrame, counts: pl.DataFrame, n_graphs: int, k: int,
@@ -134,16 +164,17 @@ class CooccurrenceReport(Report):
                 f"neuron(s) left out, {self.rows:,} rows, {self.seconds:.1f} s")
 
 
-def _shard_task(lake, shard, n_layers: int, skip: list[int], keys: np.ndarray, path: str,
-                version) -> int:
-    """One shard's incidence to a scratch file; returns its pair count (sum of its
-    graphs' squared sizes), which sizes the buckets and chunks."""
+def _incidence_task(lake, group: list[tuple[Any, list[int]]], n_layers: int,
+                    keys: np.ndarray, path: str, version) -> int:
+    """A group of (shard, graphs to skip)'s incidence to one scratch file; returns its
+    pair count (sum of its graphs' squared sizes), which sizes the buckets and chunks."""
     from circuit_atlas.lake import GRAPH_NODES
     from circuit_atlas.lake.validate import read_parquet
 
-    nodes = pl.from_arrow(read_parquet(shard.file("graph_nodes"), GRAPH_NODES, lake.fs,
-                                       ["graph_id", "layer", "neuron"]))
-    table = incidence(graph_neurons(nodes, n_layers, skip), keys)
+    members = pl.concat([graph_neurons(pl.from_arrow(read_parquet(
+        shard.file("graph_nodes"), GRAPH_NODES, lake.fs, ["graph_id", "layer", "neuron"])),
+        n_layers, skip) for shard, skip in group])
+    table = incidence(members, keys)
     version.write_scratch(path, [table], INCIDENCE_SCHEMA)
     sizes = np.bincount(table.column("graph").to_numpy())
     return int((sizes.astype(np.int64) ** 2).sum())
@@ -153,14 +184,15 @@ def _bucket_task(paths: list[list[str]], lo: int, hi: int, counts: pl.DataFrame,
                  n_graphs: int, k: int, min_count: int, rank_by: str, version
                  ) -> tuple[str, int]:
     """Neurons ``lo:hi``: their joint counts with every neuron, summed over chunks of
-    shards, to their top pairs (submitted once every shard task has written its file:
-    no futures as arguments, which cost the reduce 11-24 s at 1,000 shards)."""
+    incidence files, to their top pairs (submitted once every incidence task has written
+    its file: no futures as arguments, which cost the reduce 11-24 s at 1,000 shards)."""
     from circuit_atlas.lake.schemas import COOCCURRENCE
 
     keys = counts["key"].to_numpy()
     total = None
     for chunk in paths:
-        part = joint_counts([version.read_scratch(p) for p in chunk], len(keys), lo, hi)
+        part = joint_counts([version.read_scratch(p, keep=lambda t: touched(t, lo, hi))
+                             for p in chunk], len(keys), lo, hi)
         total = part if total is None else total + part
     c = total.tocoo()
     row, col = c.row.astype(np.int64) + lo, c.col.astype(np.int64)
@@ -172,6 +204,15 @@ def _bucket_task(paths: list[list[str]], lo: int, hi: int, counts: pl.DataFrame,
         descending=[False, False, True, True, False, False])
     name = version.write(f"bucket-{lo:09d}.parquet", table.to_arrow(), COOCCURRENCE)
     return name, len(table)
+
+
+def shard_groups(n_shards: int, threads: int) -> list[range]:
+    """Consecutive shards in groups for the incidence tasks: a few tasks per thread, at
+    most ``SHARDS_PER_GROUP`` shards each. Every bucket reads every group's file, so
+    fewer, larger groups keep those reads (groups x buckets) small."""
+    n = min(n_shards, max(4 * threads, -(-n_shards // SHARDS_PER_GROUP)))
+    bounds = np.linspace(0, n_shards, n + 1).round().astype(int) if n else [0]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 # Peak bytes per distinct pair in a bucket task (sparse product and sum, COO, the
@@ -190,48 +231,32 @@ def plan_buckets(weights: np.ndarray, n_buckets: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int = 20,
-                      min_count: int = 2, max_share: float = 0.5, rank_by: str = "jaccard",
-                      buckets: int | None = None,
-                      on_progress: Callable[[int, int], None] | None = None
-                      ) -> CooccurrenceReport:
-    """The ``cooccurrence`` table of (model, corpora) on a Dask cluster."""
+def _pairs_on_cluster(client: Any, lake, shards: list, n_layers: int, counts: pl.DataFrame,
+                      n_graphs: int, k: int, min_count: int, rank_by: str,
+                      buckets: int | None, version,
+                      on_progress: Callable[[int, int], None] | None) -> list[tuple[str, int]]:
+    """The incidence tasks, then the bucket tasks: each bucket's file and row count."""
     from distributed import as_completed
 
-    from circuit_atlas.analysis.inputs import reduced
     from circuit_atlas.lake.shards import repeated_graphs
 
-    t0 = time.perf_counter()
-    if rank_by not in RANK_BY:
-        raise CircuitAtlasError(f"unknown ranking {rank_by!r}; choose one of {', '.join(RANK_BY)}")
-    if k < 1 or min_count < 1 or not 0 < max_share <= 1:
-        raise CircuitAtlasError("k and min count must be >= 1 and max share in (0, 1]")
-    inputs = reduced(lake, model, corpora)
-    ck, n_layers, shards, n_graphs = (inputs.corpus, inputs.n_layers, inputs.shards,
-                                      inputs.n_graphs)
-    held = [f"{s.corpus}/{s.shard}" for s in shards]
-    neurons = lake.table("neurons", model, ck).filter(
-        (pl.col("layer") >= 0) & (pl.col("layer") < n_layers)).select(
-        key=key(pl.col("layer"), pl.col("neuron")), count="graph_count").collect()
-    hubs = neurons.filter(pl.col("count") > max_share * n_graphs)["key"].to_numpy()
-    counts = neurons.filter(~pl.col("key").is_in(hubs.tolist())).sort("key")
     keys = counts["key"].to_numpy()
-    version = lake.new_table_version(model, ck, "cooccurrence")
-    scratch = [version.scratch(f"shard-{i:06d}.arrow") for i in range(len(shards))]
     skips = repeated_graphs(lake, shards)
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    groups = shard_groups(len(shards), sum(w.get("nthreads", 1) for w in workers))
+    scratch = [version.scratch(f"incidence-{i:06d}.arrow") for i in range(len(groups))]
     keys_f = client.scatter(keys, broadcast=True)
-    parts = [client.submit(_shard_task, lake, s, n_layers, skip, keys_f, path, version,
-                           pure=False)
-             for s, skip, path in zip(shards, skips, scratch, strict=True)]
+    parts = [client.submit(_incidence_task, lake, [(shards[i], skips[i]) for i in group],
+                           n_layers, keys_f, path, version, pure=False)
+             for group, path in zip(groups, scratch, strict=True)]
     for done, _ in enumerate(as_completed(parts), start=1):
         if on_progress:
             on_progress(done, len(parts))
     pair_counts = client.gather(parts)
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
     memory = min((w.get("memory_limit") or 0 for w in workers), default=0) or 4 * 2**30
     budget = max(100_000, int(memory * MEMORY_SHARE / BYTES_PER_PAIR))
     # a neuron's pairs are about its graph count times a graph's size: buckets of equal
-    # expected pairs, enough that one holds the budget, and chunks of shards per bucket
+    # expected pairs, enough that one holds the budget, and chunks of incidence files per bucket
     n_buckets = buckets or max(4 * len(workers), -(-sum(pair_counts) // budget))
     ranges = plan_buckets(counts["count"].to_numpy(), min(n_buckets, max(1, len(keys))))
     per_bucket = [n / max(1, len(ranges)) for n in pair_counts]
@@ -251,8 +276,37 @@ def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int 
     for done, _ in enumerate(as_completed(finals), start=len(pair_counts) + 1):
         if on_progress:
             on_progress(done, total)
-    written = client.gather(finals)
-    version.drop_scratch()
+    return client.gather(finals)
+
+
+def cooccurrence_lake(lake, model: str, corpora: list[str], client: Any, k: int = 20,
+                      min_count: int = 2, max_share: float = 0.5, rank_by: str = "jaccard",
+                      buckets: int | None = None,
+                      on_progress: Callable[[int, int], None] | None = None
+                      ) -> CooccurrenceReport:
+    """The ``cooccurrence`` table of (model, corpora) on a Dask cluster."""
+    from circuit_atlas.analysis.inputs import reduced
+
+    t0 = time.perf_counter()
+    if rank_by not in RANK_BY:
+        raise CircuitAtlasError(f"unknown ranking {rank_by!r}; choose one of {', '.join(RANK_BY)}")
+    if k < 1 or min_count < 1 or not 0 < max_share <= 1:
+        raise CircuitAtlasError("k and min count must be >= 1 and max share in (0, 1]")
+    inputs = reduced(lake, model, corpora)
+    ck, n_layers, shards, n_graphs = (inputs.corpus, inputs.n_layers, inputs.shards,
+                                      inputs.n_graphs)
+    held = [f"{s.corpus}/{s.shard}" for s in shards]
+    neurons = lake.table("neurons", model, ck).filter(
+        (pl.col("layer") >= 0) & (pl.col("layer") < n_layers)).select(
+        key=key(pl.col("layer"), pl.col("neuron")), count="graph_count").collect()
+    hubs = neurons.filter(pl.col("count") > max_share * n_graphs)["key"].to_numpy()
+    counts = neurons.filter(~pl.col("key").is_in(hubs.tolist())).sort("key")
+    version = lake.new_table_version(model, ck, "cooccurrence")
+    try:
+        written = _pairs_on_cluster(client, lake, shards, n_layers, counts, n_graphs, k,
+                                    min_count, rank_by, buckets, version, on_progress)
+    finally:  # a failed run leaves no scratch behind
+        version.drop_scratch()
     hub_ids = [neuron_label(a, b) for a, b in zip(*unpack(hubs), strict=True)]
     version.publish([w[0] for w in written], {
         "shards": held, "graphs": n_graphs, "hubs": hub_ids, "model": model,

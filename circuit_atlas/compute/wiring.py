@@ -435,29 +435,35 @@ def run_wiring(lake, *, model, corpora=None, params: WiringParams | None = None,
                 f"no exemplar windows for {model.name!r} in {', '.join(corpora)}; run: "
                 f"circuit-atlas "
                 f"activations --corpus ... first, or use --operating-point weights")
-    if windows:
-        total = sum(len(w.tokens) for w in windows)
-        point = corpus_point(model, windows, params,
-                             _counter(progress, "operating points", total))
-        described = (f"corpus {key} ({point.tokens:,} tokens, {point.fallback:,} neurons at "
-                     f"the weight-only point)")
-    else:
-        point, described = weight_point(model.adapter), "weights"
     a = model.adapter
-    cols = wire(a, params, point,
-                on_pair=lambda d, t: progress.update("wiring layer pairs", d, t))
-    where = key if point.source == "corpus" else STATIC_CORPUS
-    version = lake.new_table_version(model.name, where, "wiring")
-    files, rows = [], 0
-    for layer, c in cols.items():
-        table = wiring_table(c)
-        files.append(version.write(f"layer-{layer:03d}.parquet", table, WIRING))
-        rows += table.num_rows
-    version.publish(files, {"params": params.to_dict(), "model": model.name,
-                            "model_revision": model.revision, "model_shape": model.shape,
-                            "operating_point": point.source, "operating_corpus": key
-                            if point.source == "corpus" else None,
-                            "operating_tokens": point.tokens, "fallback": point.fallback})
+    where = key if windows else STATIC_CORPUS
+    basis = {"params": params.to_dict(), "model": model.name,
+             "model_revision": model.revision, "model_shape": model.shape,
+             "windows": window_versions(lake, model.name, corpora) if windows else None}
+    current = up_to_date(lake, model.name, where, basis)
+    if current is not None:
+        rows, described = current["rows"], current["described"] + ", up to date: kept"
+    else:
+        if windows:
+            total = sum(len(w.tokens) for w in windows)
+            point = corpus_point(model, windows, params,
+                                 _counter(progress, "operating points", total))
+            described = (f"corpus {key} ({point.tokens:,} tokens, {point.fallback:,} "
+                         f"neurons at the weight-only point)")
+        else:
+            point, described = weight_point(a), "weights"
+        cols = wire(a, params, point,
+                    on_pair=lambda d, t: progress.update("wiring layer pairs", d, t))
+        version = lake.new_table_version(model.name, where, "wiring")
+        files, rows = [], 0
+        for layer, c in cols.items():
+            table = wiring_table(c)
+            files.append(version.write(f"layer-{layer:03d}.parquet", table, WIRING))
+            rows += table.num_rows
+        version.publish(files, {**basis, "operating_point": point.source,
+                                "operating_corpus": key if point.source == "corpus" else None,
+                                "operating_tokens": point.tokens, "fallback": point.fallback,
+                                "rows": rows, "described": described})
     summary = None
     if key is not None and lake.table_manifest(model.name, key, "edges") is not None:
         table = agreement(lake, model.name, key, a.n_layers, a.n_neurons, where)
@@ -465,6 +471,38 @@ def run_wiring(lake, *, model, corpora=None, params: WiringParams | None = None,
         summary = table.row(0, named=True)
     return WiringReport(model.name, rows, a.n_layers * a.n_neurons, params, described, where,
                         time.perf_counter() - start, summary)
+
+
+def window_versions(lake, model: str, corpora: list[str]) -> dict[str, str]:
+    """The current version of each corpus's exemplar windows: what a corpus operating
+    point was measured on."""
+    out = {}
+    for corpus in corpora:
+        manifest = lake.table_manifest(model, corpus, "exemplar_windows")
+        if manifest is not None:
+            out[corpus] = manifest["version"]
+    return out
+
+
+def up_to_date(lake, model: str, where: str, basis: dict) -> dict | None:
+    """The inputs of the current wiring table when it was built from ``basis`` (the
+    same parameters, model revision and exemplar windows) by this code version, else
+    None. A model without a revision (a local folder) is never up to date: its weights
+    may have changed in place."""
+    import json
+
+    from circuit_atlas._version import __version__
+
+    basis = json.loads(json.dumps(basis))  # as the manifest holds it (tuples as lists)
+    if basis["model_revision"] in (None, "", "local"):
+        return None
+    manifest = lake.table_manifest(model, where, "wiring")
+    if manifest is None or manifest.get("code_version") != __version__:
+        return None
+    inputs = manifest["inputs"]
+    if "rows" not in inputs or any(inputs.get(k) != v for k, v in basis.items()):
+        return None
+    return inputs
 
 
 def _counter(progress: Progress, task: str, total: int) -> Callable[[int], None]:

@@ -3,9 +3,18 @@
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from circuit_atlas import CircuitAtlasError
-from circuit_atlas.analysis.cooccurrence import cooccurrence_lake
+from circuit_atlas.analysis.cooccurrence import (
+    cooccurrence_lake,
+    incidence,
+    joint_counts,
+    plan_buckets,
+    shard_groups,
+    touched,
+)
 from circuit_atlas.etl.reduce import reduce_lake
 from circuit_atlas.lake import Lake
 from tests.factories import MODEL, N_LAYERS, prompts_of, write_shard
@@ -53,6 +62,42 @@ def oracle(lake, k, min_count, max_share, rank_by):
         for cand in sorted(cands)[:k]:
             rows.append((*names[a], *cand[2], *cand[3:]))
     return rows, [names[i] for i in np.flatnonzero(hub)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(sets=st.lists(st.sets(st.integers(0, 14), max_size=9), max_size=14),
+       cut=st.integers(0, 14), buckets=st.integers(1, 6), chunk=st.integers(1, 3))
+def test_bucket_products_equal_dense_counts(sets, cut, buckets, chunk):
+    """The bucket products over groups' touched graphs equal a dense X^T X: every
+    bucket, every grouping of graphs, chunks of files summed, hubs (keys 0 and 7) out."""
+    keys = np.array([k for k in range(15) if k not in (0, 7)], np.int64) * 10
+    n = len(keys)
+    dense = np.zeros((len(sets), n), np.int64)
+    for g, neurons in enumerate(sets):
+        for k in neurons:
+            if k not in (0, 7):
+                dense[g, np.searchsorted(keys, k * 10)] = 1
+    want = dense.T @ dense
+    groups = [range(0, min(cut, len(sets))), range(min(cut, len(sets)), len(sets))]
+    files = []
+    for group in groups:  # graph ids not consecutive: numbered within the group
+        members = pl.DataFrame({"graph_id": [1000 - 3 * g for g in group for _ in sets[g]],
+                                "key": [10 * k for g in group for k in sorted(sets[g])]},
+                               schema={"graph_id": pl.Int64, "key": pl.Int64})
+        files.append(incidence(members, keys))
+    for lo, hi in plan_buckets(np.ones(n), buckets):
+        parts = [touched(f, lo, hi) for f in files]
+        chunks = [parts[i:i + chunk] for i in range(0, len(parts), chunk)]
+        got = sum(joint_counts(c, n, lo, hi).toarray() for c in chunks)
+        np.testing.assert_array_equal(got, want[lo:hi])
+
+
+def test_shard_groups_cover_every_shard_once():
+    for shards, threads in [(0, 2), (1, 2), (5, 2), (100, 2), (3560, 64), (100_000, 4)]:
+        groups = shard_groups(shards, threads)
+        assert [i for g in groups for i in g] == list(range(shards))
+        assert all(0 < len(g) <= 256 for g in groups)
+        assert len(groups) == min(shards, max(4 * threads, -(-shards // 256)))
 
 
 @pytest.mark.parametrize(("rank_by", "max_share", "neurons"), [

@@ -449,3 +449,25 @@ def test_the_demo_lake_wiring_agreement_profile_and_atlas(demo_run):
         ORDER BY e.mean_abs_weight DESC""").fetchall()
     assert members and largest[0][0] == top
     assert all(isinstance(r[4], float) for r in within)
+
+
+def test_a_rerun_on_the_same_inputs_keeps_the_table(demo_run):
+    """The demo's wiring table is up to date for the basis it recorded, and stops being
+    so when the parameters, the model's revision or the exemplar windows change, or the
+    model is a local folder whose weights may have changed in place."""
+    from circuit_atlas.compute.wiring import up_to_date
+
+    lake, key = Lake(str(demo_run[0])), "general+medical"
+    model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    inputs = lake.table_manifest(model, key, "wiring")["inputs"]
+    basis = {k: inputs[k] for k in ("params", "model", "model_revision", "model_shape",
+                                    "windows")}
+    assert set(basis["windows"]) == {"general", "medical"}
+    assert up_to_date(lake, model, key, basis)["rows"] == lake.table(
+        "wiring", model, key).select(pl.len()).collect().item()
+    changed = [{**basis, "params": {**basis["params"], "k": 3}},
+               {**basis, "model_revision": "gguf-sha256:0"},
+               {**basis, "model_revision": "local"},
+               {**basis, "windows": {**basis["windows"], "general": "another"}}]
+    assert all(up_to_date(lake, model, key, b) is None for b in changed)
+    assert up_to_date(lake, model, "static", basis) is None
