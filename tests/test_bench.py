@@ -84,3 +84,18 @@ def test_the_gpu_checks_catch_a_wrong_forward_and_a_raising_path():
 
     c.guard("graph", "llama", "float32", boom)
     assert not c.rows[-1]["ok"] and "same device" in c.rows[-1]["error"]
+
+
+@pytest.mark.slurm
+def test_the_slurm_reduce_benchmark_cancels_a_job_and_finds_the_tables_equal(tmp_path,
+                                                                              slurm):
+    import json
+
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "reduce_slurm.py"),
+                             "--graphs", "400", "--per-shard", "50", "--dir", str(tmp_path),
+                             "--cancel-at", "0.25"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    out = json.loads(result.stdout[result.stdout.index("{\n"):])
+    assert out["tables_equal"] and out["tables_rows"]["edges"] > 0
+    assert len(out["slurm"]["cancelled"]) == 1 and "core(s)" in out["machine"]
