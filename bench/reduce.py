@@ -161,18 +161,26 @@ def run_duckdb(lake_path: str, out: str, threads: int, memory: str | None = None
                                   graphs=files["graphs"], out=out, corpus=CORPUS, top_k=10))
 
 
-def run_ours(lake_path: str, workers: int, worker_memory: str | None, chunk: int) -> None:
-    from circuit_atlas.etl.clusters import dask_client
-    from circuit_atlas.etl.reduce import reduce_lake
+def from_scratch(lake_path: str) -> None:
+    """The four reduce tables removed: their versions, their log and the fold state."""
     from circuit_atlas.lake import Lake
 
     lake = Lake(lake_path)
     where = f"model={MODEL.replace('/', '--')}/corpus={CORPUS}"
-    for table in ("edges", "neurons", "neuron_tokens", "neuron_corpora"):  # from scratch:
-        for area in ("tables", "_log/tables", "_state"):  # versions, their log, fold state
+    for table in ("edges", "neurons", "neuron_tokens", "neuron_corpora"):
+        for area in ("tables", "_log/tables", "_state"):
             shutil.rmtree(lake.path(f"{area}/{where}/{table}"), ignore_errors=True)
+
+
+def run_ours(lake_path: str, workers: int, worker_memory: str | None, chunk: int = 4096
+             ) -> None:
+    from circuit_atlas.etl.clusters import dask_client
+    from circuit_atlas.etl.reduce import reduce_lake
+    from circuit_atlas.lake import Lake
+
+    from_scratch(lake_path)
     with dask_client(n_workers=workers, memory_limit=worker_memory, echo=None) as client:
-        reduce_lake(lake, MODEL, [CORPUS], client, chunk=chunk)
+        reduce_lake(Lake(lake_path), MODEL, [CORPUS], client, chunk=chunk)
 
 
 def measure(argv: list[str]) -> tuple[float, float, float]:

@@ -30,11 +30,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
-from reduce import CORPUS, KEYS, LAYERS, MODEL, bench_lake, ensure_lake  # noqa: E402
+from reduce import CORPUS, KEYS, LAYERS, MODEL, bench_lake, ensure_lake, run_ours  # noqa: E402
 
 from circuit_atlas.machine import describe  # noqa: E402
 
-TABLES = tuple(KEYS)
 GRAPH_TABLES = ("graphs", "graph_nodes", "graph_edges")
 
 
@@ -49,17 +48,6 @@ def twin(lake_path: str, path: str) -> str:
     for table in GRAPH_TABLES:
         os.symlink(os.path.join(lake_path, table), os.path.join(path, table))
     return path
-
-
-def from_scratch(lake_path: str) -> None:
-    """The four reduce tables removed (versions, their log, the fold state)."""
-    from circuit_atlas.lake import Lake
-
-    lake = Lake(lake_path)
-    where = f"model={MODEL.replace('/', '--')}/corpus={CORPUS}"
-    for table in TABLES:
-        for area in ("tables", "_log/tables", "_state"):
-            shutil.rmtree(lake.path(f"{area}/{where}/{table}"), ignore_errors=True)
 
 
 def worker_jobs() -> list[str]:
@@ -108,17 +96,6 @@ def on_slurm(lake_path: str, jobs: int, memory: str, cancel_at: float, tmp: str)
             "surviving_workers_peak_rss_gb": sorted(round(v, 2) for v in rss.values())}
 
 
-def on_local(lake_path: str, workers: int, memory: str) -> float:
-    from circuit_atlas.etl.clusters import dask_client
-    from circuit_atlas.etl.reduce import reduce_lake
-    from circuit_atlas.lake import Lake
-
-    t0 = time.perf_counter()
-    with dask_client(n_workers=workers, memory_limit=memory, echo=None) as c:
-        reduce_lake(Lake(lake_path), MODEL, [CORPUS], c)
-    return round(time.perf_counter() - t0, 2)
-
-
 def equal_tables(a_path: str, b_path: str) -> dict[str, int]:
     """Rows per table, after checking that the two lakes' tables are equal, every
     column exactly, four layers at a time (bounded memory at 200,000 graphs)."""
@@ -158,8 +135,9 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="slurm-bench-", dir=args.dir)
     try:
         slurm = on_slurm(twin_path, args.jobs, args.worker_memory, args.cancel_at, tmp)
-        from_scratch(lake_path)
-        local_s = on_local(lake_path, args.jobs, args.worker_memory)
+        t0 = time.perf_counter()
+        run_ours(lake_path, args.jobs, args.worker_memory)
+        local_s = round(time.perf_counter() - t0, 2)
         rows = equal_tables(twin_path, lake_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

